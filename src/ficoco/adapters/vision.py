@@ -1,0 +1,184 @@
+"""Running a :class:`~ficoco.methods.VisionReduction` inside a CLIP/SigLIP vision encoder.
+
+Hooks, all on the attached model's own modules and removed on detach:
+
+- ``q_proj`` / ``k_proj`` forward hooks of each reducing layer keep that layer's queries and keys
+  (the attention itself stays SDPA);
+- a forward pre-hook on the layer's ``layer_norm2`` runs the reduction on the residual stream after
+  self-attention: merged targets are written back into that tensor, which the layer also holds as
+  its MLP residual, and the order of survivors is remembered;
+- a forward hook on the layer (placed first) keeps only the surviving rows of the layer's output,
+  so later layers, ``output_hidden_states`` and LLaVA's feature selection all see the shorter
+  sequence;
+- with proportional attention, a forward pre-hook on each later layer passes ``log(size)`` of every
+  key as an additive attention mask.
+
+Per-call state (sizes, grid positions) lives on this object and is reset by a pre-hook on the
+vision tower at the start of every image batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..methods import VisionReduction
+from ..stages import AttentionProbe, ReductionResult, TokenGroup
+from ..stages.tokens import gather_rows
+from .hooks import HookSet, replace_hidden_output, write_rows
+
+
+@dataclass
+class VisionTrace:
+    """What the encoder did to one batch of images.
+
+    Attributes:
+        positions: ``[B, N']`` raster position of each token handed on (-1 for fused tokens).
+        sizes: ``[B, N']`` patches each of them stands for.
+        steps: per reducing layer, ``(layer, ReductionResult)`` when recording is on.
+    """
+
+    positions: Tensor
+    sizes: Tensor
+    steps: list[tuple[int, ReductionResult]]
+
+
+class VisionSide:
+    """Hooks a vision reduction into ``encoder_layers`` of ``vision_tower``."""
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        encoder_layers: nn.ModuleList,
+        stage: VisionReduction,
+        removals: dict[int, int],
+        *,
+        grid: tuple[int, int],
+        has_cls: bool,
+        record: bool = False,
+    ) -> None:
+        self.tower, self.layers, self.stage = vision_tower, encoder_layers, stage
+        self.removals, self.grid, self.has_cls, self.record = removals, grid, has_cls, record
+        self.offset = 1 if has_cls else 0
+        self._reset()
+        self.last: VisionTrace | None = None
+
+    def _reset(self) -> None:
+        self.sizes: Tensor | None = None  # [B, N] of the current candidates
+        self.positions: Tensor | None = None
+        self.queries: Tensor | None = None
+        self.keys: Tensor | None = None
+        self.pending_keep: Tensor | None = None
+        self.steps: list[tuple[int, ReductionResult]] = []
+
+    # -- installation ---------------------------------------------------------------------------
+
+    def install(self, hooks: HookSet) -> None:
+        if not self.removals:
+            return
+        hooks.pre(self.tower, self._start_batch)
+        first = min(self.removals)
+        for index, layer in enumerate(self.layers):
+            if self.stage.proportional_attention and index > first:
+                hooks.pre(layer, self._size_bias, with_kwargs=True)
+            if index in self.removals:
+                attn = layer.self_attn
+                hooks.post(attn.q_proj, self._keep_queries)
+                hooks.post(attn.k_proj, self._keep_keys)
+                hooks.pre(layer.layer_norm2, self._reducer(index, self.removals[index], attn))
+                hooks.post(layer, self._drop_rows, prepend=True)
+        hooks.post(self.tower, self._finish_batch)
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _start_batch(self, module, args) -> None:
+        self._reset()
+
+    def _finish_batch(self, module, args, output) -> None:
+        if self.sizes is not None:
+            self.last = VisionTrace(self.positions, self.sizes, self.steps)
+        self._reset()
+
+    def _keep_queries(self, module, args, output) -> None:
+        self.queries = output
+
+    def _keep_keys(self, module, args, output) -> None:
+        self.keys = output
+
+    def _ensure_state(self, hidden: Tensor) -> None:
+        if self.sizes is not None:
+            return
+        b, l, _ = hidden.shape
+        n = l - self.offset
+        if n != self.grid[0] * self.grid[1]:
+            raise ValueError(
+                f"the vision encoder produced {n} patch tokens, not the {self.grid[0]}x{self.grid[1]} grid "
+                f"its config describes: non-square or resized images are not supported"
+            )
+        self.sizes = torch.ones(b, n, device=hidden.device, dtype=torch.float32)
+        self.positions = torch.arange(n, device=hidden.device).expand(b, n)
+
+    def _key_bias(self) -> Tensor | None:
+        """``[B, L]`` log-size of every key ([CLS] has size 1) when proportional attention is on."""
+        if not self.stage.proportional_attention or self.sizes is None:
+            return None
+        bias = self.sizes.log()
+        if self.has_cls:
+            bias = torch.cat([bias.new_zeros(bias.shape[0], 1), bias], dim=1)
+        return bias
+
+    def _size_bias(self, module, args, kwargs):
+        bias = self._key_bias()
+        if bias is None:
+            return None
+        hidden = args[0]
+        mask = bias.to(hidden.dtype)[:, None, None, :]
+        if len(args) > 1:
+            existing = args[1]
+            args = (args[0], mask if existing is None else existing + mask, *args[2:])
+        else:
+            existing = kwargs.get("attention_mask")
+            kwargs["attention_mask"] = mask if existing is None else existing + mask
+        return args, kwargs
+
+    def _reducer(self, index: int, count: int, attn: nn.Module):
+        def reduce_after_attention(module, args) -> None:
+            residual = args[0]  # [B, L, D]: the layer's residual stream after self-attention
+            self._ensure_state(residual)
+            b, l, _ = residual.shape
+            heads, head_dim = attn.num_heads, attn.head_dim
+            n = l - self.offset
+            candidates = torch.arange(self.offset, l, device=residual.device).expand(b, n)
+            probe = AttentionProbe(
+                self.queries.view(b, l, heads, head_dim),
+                self.keys.view(b, l, heads, head_dim),
+                attn.scale,
+                candidates,
+                cls_index=0 if self.has_cls else None,
+                key_bias=self._key_bias(),
+            )
+            tokens = TokenGroup(residual[:, self.offset:], self.sizes, self.positions, self.grid)
+            result = self.stage.reduction(tokens, probe, count)
+            self.queries = self.keys = None
+            kept_rows = candidates.gather(1, result.kept)
+            num_kept = kept_rows.shape[1]
+            write_rows(residual, kept_rows, result.tokens.features[:, :num_kept])
+            order = [torch.arange(self.offset, device=residual.device).expand(b, self.offset), kept_rows]
+            if result.new_token_slot is not None:
+                slot = (self.offset + result.new_token_slot)[:, None]
+                write_rows(residual, slot, result.tokens.features[:, num_kept:])
+                order.append(slot)  # the fused token goes after every kept token (EViT)
+            self.pending_keep = torch.cat(order, dim=1)
+            self.sizes, self.positions = result.tokens.sizes, result.tokens.positions
+            if self.record:
+                self.steps.append((index, result))
+
+        return reduce_after_attention
+
+    def _drop_rows(self, module, args, output):
+        keep, self.pending_keep = self.pending_keep, None
+        if keep is None:
+            return None
+        return replace_hidden_output(output, lambda h: gather_rows(h, keep))

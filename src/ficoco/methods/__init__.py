@@ -1,0 +1,49 @@
+"""Method registry: every method by name, each a short composition of the stages.
+
+``get_method("ficoco-v", retain=128)`` builds a :class:`Method`; ``available_methods()`` lists
+them with a one-line summary. Custom compositions are built directly from
+:class:`VisionReduction` / :class:`LanguageReduction` and :class:`~ficoco.stages.TokenReduction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import MappingProxyType
+
+from .base import LanguageReduction, Method, ModelGeometry, ResolvedPlan, VisionReduction
+from .baselines import evit, fastv, random_drop, tome
+from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
+
+_REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingProxyType({
+    "ficoco-v": (ficoco_v, "FiCoCo-V: local-penalty filter, token-adaptive correlate, self-preserving merge in the vision encoder"),
+    "ficoco-l": (ficoco_l, "FiCoCo-L: text-aware filter and text-mediated correlate inside the LLM decoder"),
+    "ficoco-vl": (ficoco_vl, "FiCoCo-VL: FiCoCo-V in the encoder followed by FiCoCo-L in the decoder"),
+    "tome": (tome, "ToMe: bipartite matching of similar keys, size-weighted merging (encoder)"),
+    "evit": (evit, "EViT: keep tokens [CLS] attends to, fuse the rest into one token (encoder)"),
+    "fastv": (fastv, "FastV: drop visual tokens the last token ignores, after LLM layer K-1"),
+    "random": (random_drop, "random dropping, a floor for every other method"),
+})
+
+
+def available_methods() -> dict[str, str]:
+    """``{name: one-line summary}`` of every registered method."""
+    return {name: summary for name, (_, summary) in _REGISTRY.items()}
+
+
+def get_method(name: str, **options) -> Method:
+    """Build the method ``name`` with ``options`` (e.g. ``retain=128``, ``schedule={12: 40}``)."""
+    try:
+        factory, _ = _REGISTRY[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}") from None
+    try:
+        return factory(**options)
+    except TypeError as err:  # an option the factory does not take
+        raise ValueError(f"bad option for method {name!r}: {err}") from None
+
+
+__all__ = [
+    "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan", "VisionReduction", "available_methods",
+    "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
+    "get_method", "random_drop", "tome",
+]

@@ -1,0 +1,83 @@
+"""ToMe, EViT, FastV and random dropping recast as filter/correlate/compress compositions (SPEC §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from ..stages import (
+    ArgmaxSimilarityCorrelate,
+    BipartiteSimilarityFilter,
+    CLSAttentionFilter,
+    ConvergentCorrelate,
+    DropCompress,
+    FuseCompress,
+    LastTokenAttentionFilter,
+    NoCorrelate,
+    RandomFilter,
+    SizeWeightedCompress,
+    TokenReduction,
+)
+from .base import LanguageReduction, Method, VisionReduction
+
+
+def tome(
+    retain: int | None = 192,
+    *,
+    schedule: Mapping[int, int] | None = None,
+    start_layer: int = 12,
+    end_layer: int | None = None,
+    proportional_attention: bool = True,
+) -> Method:
+    """ToMe: bipartite soft matching in the encoder (K = 1), size-weighted merging, proportional
+    attention on by default as in ToMe. Same default layers as FiCoCo-V for like-for-like budgets."""
+    reduction = TokenReduction(BipartiteSimilarityFilter(), ArgmaxSimilarityCorrelate(), SizeWeightedCompress())
+    vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule,
+                             proportional_attention=proportional_attention)
+    return Method("tome", vision=vision, description="ToMe: bipartite merging of the most similar tokens in the encoder")
+
+
+def evit(
+    retain: int | None = 192,
+    *,
+    schedule: Mapping[int, int] | None = None,
+    start_layer: int = 12,
+    end_layer: int | None = None,
+) -> Method:
+    """EViT: keep the tokens [CLS] attends to most; fuse the rest into one token (counted in ``retain``)."""
+    reduction = TokenReduction(CLSAttentionFilter(), ConvergentCorrelate(), FuseCompress())
+    vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule)
+    return Method("evit", vision=vision, description="EViT: keep [CLS]-attentive tokens, fuse the rest into one")
+
+
+def fastv(retain: int | None = 192, *, k: int = 2, schedule: Mapping[int, int] | None = None) -> Method:
+    """FastV: after layer ``k - 1`` (0-based), drop the visual tokens the last token attends to
+    least; layers ``k`` and later see ``retain`` visual tokens with their original positions."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"FastV's k must be an integer >= 1, got {k!r}")
+    reduction = TokenReduction(LastTokenAttentionFilter(), NoCorrelate(), DropCompress())
+    language = LanguageReduction(reduction, None if schedule is not None else retain, k - 1, k - 1, schedule)
+    return Method("fastv", language=language, description="FastV: prune by last-token attention after LLM layer K-1")
+
+
+def random_drop(
+    retain: int | None = 192,
+    *,
+    side: Literal["vision", "language"] = "vision",
+    seed: int = 0,
+    layer: int | None = None,
+    schedule: Mapping[int, int] | None = None,
+) -> Method:
+    """A floor: drop visual tokens at random, once, at ``layer`` (default: the encoder layer the
+    LLM reads, so the LLM simply sees a random subset; or LLM layer 1 with ``side='language'``)."""
+    reduction = TokenReduction(RandomFilter(seed=seed), NoCorrelate(), DropCompress())
+    retain = None if schedule is not None else retain
+    if side == "vision":
+        layer = -1 if layer is None else layer
+        return Method("random", vision=VisionReduction(reduction, retain, layer, layer, schedule),
+                      description="random dropping (a floor)")
+    if side == "language":
+        layer = 1 if layer is None else layer
+        return Method("random", language=LanguageReduction(reduction, retain, layer, layer, schedule),
+                      description="random dropping (a floor)")
+    raise ValueError(f"side must be 'vision' or 'language', got {side!r}")

@@ -1,0 +1,117 @@
+"""FiCoCo-V, FiCoCo-L and FiCoCo-VL (SPEC §3–§5) as compositions of the three stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from ..stages import (
+    AttentionQuantileCorrelate,
+    AveragingCompress,
+    FiCoCoLanguageFilter,
+    FiCoCoVisionFilter,
+    SelfPreservingCompress,
+    TextMediatedQuantileCorrelate,
+    TokenReduction,
+)
+from .base import LanguageReduction, Method, VisionReduction
+
+#: LLaVA-1.5's visual tokens per image, for splitting FiCoCo-VL's budget when no model is at hand.
+LLAVA_PATCHES = 576
+
+
+def _compressor(compress: str):
+    if compress == "self_preserving":
+        return SelfPreservingCompress()
+    if compress == "average":
+        return AveragingCompress()
+    raise ValueError(f"compress must be 'self_preserving' or 'average', got {compress!r}")
+
+
+def ficoco_v_reduction(
+    *,
+    lam: float = 0.35,
+    eps: float = 0.998,
+    vision_term: Literal["logits", "received"] = "logits",
+    semantic_term: Literal["cls", "key_proxy"] = "cls",
+    swap_weights: bool = False,
+    local_penalty: bool = True,
+    compress: str = "self_preserving",
+) -> TokenReduction:
+    """FiCoCo-V's filter (+ local penalty), token-adaptive attention correlate, self-preserving compress."""
+    return TokenReduction(
+        FiCoCoVisionFilter(lam=lam, vision_term=vision_term, semantic_term=semantic_term,
+                           swap_weights=swap_weights, local_penalty=local_penalty),
+        AttentionQuantileCorrelate(eps=eps),
+        _compressor(compress),
+    )
+
+
+def ficoco_l_reduction(*, beta: float = 0.6, gamma: float = 0.6, eps: float = 0.998, compress: str = "self_preserving") -> TokenReduction:
+    """FiCoCo-L's filter (visual logits + text attention received), text-mediated correlate, self-preserving compress."""
+    return TokenReduction(FiCoCoLanguageFilter(beta=beta), TextMediatedQuantileCorrelate(gamma=gamma, eps=eps), _compressor(compress))
+
+
+def ficoco_v(
+    retain: int | None = 192,
+    *,
+    schedule: Mapping[int, int] | None = None,
+    start_layer: int = 12,
+    end_layer: int | None = None,
+    proportional_attention: bool = False,
+    **stage_options,
+) -> Method:
+    """FiCoCo-V: reduction in the vision encoder from layer 12 (0-based) on.
+
+    ``stage_options`` go to :func:`ficoco_v_reduction` (``lam``, ``eps``, ``vision_term``,
+    ``semantic_term``, ``swap_weights``, ``local_penalty``, ``compress``).
+    """
+    retain = None if schedule is not None else retain
+    vision = VisionReduction(ficoco_v_reduction(**stage_options), retain, start_layer, end_layer, schedule,
+                             proportional_attention=proportional_attention)
+    return Method("ficoco-v", vision=vision, description="FiCoCo-V: filter/correlate/compress inside the vision encoder")
+
+
+def ficoco_l(
+    retain: int | None = 192,
+    *,
+    schedule: Mapping[int, int] | None = None,
+    start_layer: int = 5,
+    end_layer: int | None = None,
+    **stage_options,
+) -> Method:
+    """FiCoCo-L: reduction in the LLM decoder from layer 5 (0-based) on, spread to ``end_layer``
+    (default: the second-to-last layer). ``stage_options``: ``beta``, ``gamma``, ``eps``, ``compress``."""
+    retain = None if schedule is not None else retain
+    language = LanguageReduction(ficoco_l_reduction(**stage_options), retain, start_layer, end_layer, schedule)
+    return Method("ficoco-l", language=language, description="FiCoCo-L: filter/correlate/compress inside the LLM decoder")
+
+
+def ficoco_vl(
+    retain: int = 64,
+    *,
+    vision_retain: int | None = None,
+    vision_fraction: float = 0.5,
+    num_patches: int = LLAVA_PATCHES,
+    vision_start_layer: int = 12,
+    language_start_layer: int = 5,
+    language_end_layer: int | None = None,
+    vision_options: Mapping | None = None,
+    language_options: Mapping | None = None,
+) -> Method:
+    """FiCoCo-VL: FiCoCo-V in the encoder down to ``vision_retain`` tokens, then FiCoCo-L in the
+    decoder down to ``retain``. By default the encoder does ``vision_fraction`` of the removals
+    (the paper does not publish its split)."""
+    if not 0.0 <= vision_fraction <= 1.0:
+        raise ValueError(f"vision_fraction must be in [0, 1], got {vision_fraction}")
+    if not isinstance(retain, int) or retain <= 0:
+        raise ValueError(f"retain must be a positive integer, got {retain!r}")
+    if vision_retain is None:
+        vision_retain = num_patches - round(vision_fraction * (num_patches - retain))
+    if vision_retain < retain:
+        raise ValueError(f"vision_retain={vision_retain} is below the final retain={retain}")
+    vision = VisionReduction(ficoco_v_reduction(**dict(vision_options or {})), vision_retain, vision_start_layer)
+    language = LanguageReduction(ficoco_l_reduction(**dict(language_options or {})), retain, language_start_layer,
+                                 language_end_layer)
+    return Method("ficoco-vl", vision=vision, language=language,
+                  description="FiCoCo-VL: FiCoCo-V in the encoder, then FiCoCo-L in the decoder")

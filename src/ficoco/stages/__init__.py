@@ -1,0 +1,42 @@
+"""The three stages of the paradigm, each a small swappable component.
+
+- filters: which tokens to discard (:mod:`ficoco.stages.filters`)
+- correlates: where their information goes (:mod:`ficoco.stages.correlates`)
+- compressors: how kept tokens absorb it (:mod:`ficoco.stages.compressors`)
+
+:class:`TokenReduction` composes one of each; :class:`AttentionProbe` supplies the attention
+statistics they read.
+"""
+
+from .compressors import AveragingCompress, Compress, DropCompress, FuseCompress, SelfPreservingCompress, SizeWeightedCompress
+from .correlates import (
+    ArgmaxSimilarityCorrelate,
+    AttentionQuantileCorrelate,
+    ConvergentCorrelate,
+    Correlate,
+    NoCorrelate,
+    TextMediatedQuantileCorrelate,
+    quantile_targets,
+)
+from .filters import (
+    BipartiteSimilarityFilter,
+    CLSAttentionFilter,
+    FiCoCoLanguageFilter,
+    FiCoCoVisionFilter,
+    Filter,
+    LastTokenAttentionFilter,
+    RandomFilter,
+    local_penalty,
+)
+from .pipeline import TokenReduction
+from .probe import AttentionProbe
+from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
+
+__all__ = [
+    "ArgmaxSimilarityCorrelate", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
+    "BipartiteSimilarityFilter", "CLSAttentionFilter", "Compress", "ConvergentCorrelate", "Correlate",
+    "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
+    "FuseCompress", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
+    "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
+    "TokenReduction", "local_penalty", "quantile_targets",
+]

@@ -1,0 +1,112 @@
+"""Compress stage: update the kept tokens from the discarded ones and the correlation.
+
+A compressor maps ``(targets, sources, correlation)`` (each a :class:`TokenGroup`) to the surviving
+tokens: the targets, updated in place of order, plus a new fused token when the correlation made one.
+Arithmetic runs in float32 and is cast back to the features' dtype.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .tokens import NO_POSITION, Correlation, TokenGroup
+
+
+class Compress(ABC):
+    """Base class of the compress stage."""
+
+    #: whether this compressor can build the new token of a convergent correlation
+    accepts_new_token: bool = False
+    #: whether it uses the correlation weights (pure dropping does not)
+    uses_weights: bool = True
+
+    @abstractmethod
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup: ...
+
+
+def _normalized_rows(weights: Tensor) -> Tensor:
+    """``alpha_ij = C_ij / sum_j' C_ij'`` over each source's targets (``[B, r, T]``)."""
+    w = weights.float()
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weight: Tensor, share: Tensor) -> TokenGroup:
+    """``x_j <- (w_j x_j + sum_i a_ij x_i) / (w_j + sum_i a_ij)``.
+
+    Args:
+        weights: ``a``, ``[B, r, T]`` weight of source ``i``'s features in target ``j``.
+        self_weight: ``w``, ``[B, T]`` weight of each target's own features.
+        share: ``[B, r, T]`` fraction of source ``i`` that target ``j`` absorbs (rows sum to 1);
+            sizes grow by ``sum_i share_ij * size_i``.
+    """
+    x_t, x_s = targets.features.float(), sources.features.float()
+    incoming = weights.transpose(1, 2) @ x_s  # [B, T, D]
+    mass = weights.sum(dim=1)  # [B, T]
+    merged = (self_weight[..., None] * x_t + incoming) / (self_weight + mass)[..., None]
+    sizes = targets.sizes + (share.transpose(1, 2) @ sources.sizes[..., None].float())[..., 0]
+    return TokenGroup(merged.to(targets.features.dtype), sizes, targets.positions, targets.grid)
+
+
+@dataclass
+class SelfPreservingCompress(Compress):
+    """FiCoCo's compression (SPEC §3): with ``alpha_ij = C_ij / sum_{j' in J_i} C_ij'``,
+    ``x_j <- (x_j + sum_i alpha_ij x_i) / (1 + sum_i alpha_ij)``: a target keeps weight 1 for itself."""
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        alpha = _normalized_rows(correlation.weights)
+        return _merge(targets, sources, alpha, torch.ones_like(targets.sizes), alpha)
+
+
+@dataclass
+class AveragingCompress(Compress):
+    """Plain averaging (the paper's ablation): ``x_j <- mean({x_j} + {x_i : j in J_i})``, every
+    token with weight 1, whatever the correlation weight."""
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        chosen = (correlation.weights > 0).float()
+        return _merge(targets, sources, chosen, torch.ones_like(targets.sizes), _normalized_rows(chosen))
+
+
+@dataclass
+class SizeWeightedCompress(Compress):
+    """ToMe's compression: a size-weighted average, ``x_j <- (s_j x_j + sum_i a_ij s_i x_i) /
+    (s_j + sum_i a_ij s_i)``, with ``a`` the row-normalised correlation (one-hot for ToMe)."""
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        share = _normalized_rows(correlation.weights)
+        return _merge(targets, sources, share * sources.sizes[..., None], targets.sizes, share)
+
+
+@dataclass
+class FuseCompress(Compress):
+    """EViT's compression: the sources become one new token, the weighted average
+    ``sum_i w_i x_i / sum_i w_i`` (``w`` = [CLS] attention), appended after the targets."""
+
+    accepts_new_token = True
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        w = correlation.weights[..., 0].float()  # [B, r]
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        fused = (w[:, None, :] @ sources.features.float()).to(targets.features.dtype)  # [B, 1, D]
+        size = sources.sizes.sum(dim=1, keepdim=True)
+        position = torch.full_like(size, NO_POSITION, dtype=torch.long)
+        return TokenGroup(
+            torch.cat([targets.features, fused], dim=1),
+            torch.cat([targets.sizes, size], dim=1),
+            torch.cat([targets.positions, position], dim=1),
+            targets.grid,
+        )
+
+
+@dataclass
+class DropCompress(Compress):
+    """Pruning: the targets are returned unchanged."""
+
+    uses_weights = False
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        return targets

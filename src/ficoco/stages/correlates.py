@@ -1,0 +1,117 @@
+"""Correlate stage: for each discarded token, which kept tokens receive its information and how much.
+
+A correlate maps ``(tokens, probe, filter_result)`` to a :class:`~ficoco.stages.tokens.Correlation`
+whose weights are ``[B, r, T]`` (``r`` sources, ``T`` targets).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .probe import AttentionProbe
+from .tokens import Correlation, FilterResult, TokenGroup, gather_rows
+
+
+class Correlate(ABC):
+    """Base class of the correlate stage."""
+
+    #: the correlation sends sources into one new token instead of existing targets
+    creates_token: bool = False
+
+    @abstractmethod
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation: ...
+
+
+def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Tensor:
+    """Token-adaptive target selection (SPEC §3): keep ``C_ij`` where ``C_ij >= tau_i``,
+    ``tau_i = quantile_eps({C_ij : j allowed})``, per source row; zero elsewhere.
+
+    Args:
+        c: ``[B, r, T]`` non-negative correlations.
+        eps: quantile level in ``[0, 1]`` (0.998).
+        allowed: optional ``[B, T]`` bool, targets that may receive.
+    Returns:
+        ``[B, r, T]`` with at least one non-zero entry per row (the row maximum is always kept).
+    """
+    c = c.float()
+    if allowed is not None:
+        c = c.masked_fill(~allowed[:, None, :], float("nan"))
+        tau = torch.nanquantile(c, eps, dim=-1, keepdim=True)
+    else:
+        tau = torch.quantile(c, eps, dim=-1, keepdim=True)
+    keep = c >= tau  # NaN compares False, so disallowed targets drop out
+    return torch.where(keep, c, torch.zeros((), device=c.device))
+
+
+@dataclass
+class AttentionQuantileCorrelate(Correlate):
+    """FiCoCo-V correlate: ``C_ij = A_ij`` (attention of discarded token ``i`` to kept token ``j``,
+    softmax over all keys), targets chosen per token by the ``eps`` quantile."""
+
+    eps: float = 0.998
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
+        c = gather_cols(probe.attention_rows(split.sources), split.targets)
+        return Correlation(quantile_targets(c, self.eps, split.receivers))
+
+
+@dataclass
+class TextMediatedQuantileCorrelate(Correlate):
+    """FiCoCo-L correlate (SPEC §4): direct plus indirect correlation through the text,
+    ``C_ij = gamma * A_ij + (1 - gamma) * (1/M) sum_k A_ki A_kj``, targets by the ``eps`` quantile."""
+
+    gamma: float = 0.6
+    eps: float = 0.998
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
+        direct = gather_cols(probe.attention_rows(split.sources), split.targets)
+        text = probe.text_attention  # [B, M, N]
+        t_src = text.gather(2, split.sources[:, None, :].expand(-1, text.shape[1], -1))
+        t_tgt = text.gather(2, split.targets[:, None, :].expand(-1, text.shape[1], -1))
+        indirect = torch.einsum("bms,bmt->bst", t_src, t_tgt) / probe.num_text[:, :, None]
+        c = self.gamma * direct + (1 - self.gamma) * indirect
+        return Correlation(quantile_targets(c, self.eps, split.receivers))
+
+
+@dataclass
+class ArgmaxSimilarityCorrelate(Correlate):
+    """ToMe correlate: each source goes to its single most similar receiver (cosine similarity of
+    head-averaged keys), weight 1."""
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
+        k = F.normalize(probe.mean_keys, dim=-1)
+        sim = gather_rows(k, split.sources) @ gather_rows(k, split.targets).transpose(1, 2)  # [B, r, T]
+        if split.receivers is not None:
+            sim = sim.masked_fill(~split.receivers[:, None, :], float("-inf"))
+        best = sim.argmax(dim=-1, keepdim=True)
+        return Correlation(torch.zeros_like(sim).scatter_(-1, best, 1.0))
+
+
+@dataclass
+class ConvergentCorrelate(Correlate):
+    """EViT correlate: every discarded token converges into one new fused token, weighted by the
+    attention [CLS] pays it."""
+
+    creates_token = True
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
+        w = probe.cls_attention.gather(1, split.sources)
+        return Correlation(w[:, :, None], into_new_token=True)
+
+
+@dataclass
+class NoCorrelate(Correlate):
+    """Pure pruning: discarded tokens pass their information nowhere (FastV, random)."""
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
+        return Correlation(None)
+
+
+def gather_cols(rows: Tensor, cols: Tensor) -> Tensor:
+    """``[B, r, N]`` gathered at columns ``cols`` (``[B, T]``) → ``[B, r, T]``."""
+    return rows.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))

@@ -1,0 +1,213 @@
+"""Filter stage: score every candidate for redundancy and split it into sources S and targets T.
+
+A filter maps ``(tokens, probe, r)`` to a :class:`~ficoco.stages.tokens.FilterResult`; the ``r``
+highest redundancy scores form S. Scores only need what the probe provides, so any filter runs in
+the vision encoder or the LLM wherever its statistics exist.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .probe import AttentionProbe
+from .tokens import NO_POSITION, FilterResult, TokenGroup, complement
+
+
+class Filter(ABC):
+    """Base class: subclasses define :meth:`scores`; the top ``r`` scores are discarded."""
+
+    @abstractmethod
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        """``[B, N]`` redundancy scores; higher means more discardable."""
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
+        s = self.scores(tokens, probe)
+        return split_top(s, num_sources)
+
+
+def split_top(scores: Tensor, num_sources: int) -> FilterResult:
+    """Sources = the ``num_sources`` highest scores; targets = the rest, in ascending order."""
+    n = scores.shape[1]
+    if not 0 <= num_sources <= n:
+        raise ValueError(f"cannot discard {num_sources} of {n} tokens")
+    sources = scores.topk(num_sources, dim=1, sorted=False).indices
+    return FilterResult(sources=sources, targets=complement(sources, n), scores=scores)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Divide ``[B, N]`` scores by their L2 norm over the token axis."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def local_penalty(scores: Tensor, positions: Tensor, grid: tuple[int, int], window: int = 2) -> Tensor:
+    """FiCoCo-V's local penalty (SPEC §3).
+
+    Lays the scores on the patch grid, cuts it into non-overlapping ``window x window`` cells and,
+    in each cell, makes the single most redundant present token more discardable: score x2 if
+    positive, /2 if negative. Ties go to the lowest raster position. Tokens without a grid position
+    are left alone.
+
+    Args:
+        scores: ``[B, N]`` redundancy scores.
+        positions: ``[B, N]`` raster positions on ``grid`` (or ``NO_POSITION``).
+    Returns:
+        ``[B, N]`` penalised scores.
+    """
+    b, n = scores.shape
+    gh, gw = grid
+    cells_w = -(-gw // window)
+    num_cells = -(-gh // window) * cells_w
+    on_grid = positions != NO_POSITION
+    pos = positions.clamp_min(0)
+    cell = (pos // gw // window) * cells_w + (pos % gw) // window
+    cell = torch.where(on_grid, cell, num_cells)  # off-grid tokens share a dummy cell
+    s = scores.float()
+    best = torch.full((b, num_cells + 1), float("-inf"), device=s.device).scatter_reduce(
+        1, cell, s, reduce="amax", include_self=True
+    )
+    is_best = s == best.gather(1, cell)
+    # among tied maxima keep the lowest raster position
+    big = torch.iinfo(torch.long).max
+    first = torch.full((b, num_cells + 1), big, device=s.device, dtype=torch.long).scatter_reduce(
+        1, cell, torch.where(is_best, pos, big), reduce="amin", include_self=True
+    )
+    chosen = is_best & (pos == first.gather(1, cell)) & on_grid
+    penalised = torch.where(s > 0, s * 2, s / 2)
+    return torch.where(chosen, penalised, s).to(scores.dtype)
+
+
+@dataclass
+class FiCoCoVisionFilter(Filter):
+    """FiCoCo-V filter: ``s_i = lam * v_i - (1 - lam) * c_i`` (SPEC §3), then the local penalty.
+
+    Attributes:
+        lam: weight of the vision-aware term ``v`` (0.35).
+        vision_term: ``"logits"`` (default): ``v_i = mean_j A~_ij``, O(N d); ``"received"``: the
+            column mean of the softmax map (the appendix wording), O(N^2 d).
+        semantic_term: ``"cls"`` (default): ``c_i`` = [CLS] attention; ``"key_proxy"``:
+            ``c_i = -cos(mean key, k_i)`` for encoders without [CLS] (SPEC §6).
+        swap_weights: put ``lam`` on the semantic term instead (the reference code's assignment).
+        normalize: L2-normalise both terms over the tokens before combining (reference behaviour).
+        local_penalty: apply the 2x2 local penalty.
+        window: penalty window side.
+    """
+
+    lam: float = 0.35
+    vision_term: Literal["logits", "received"] = "logits"
+    semantic_term: Literal["cls", "key_proxy"] = "cls"
+    swap_weights: bool = False
+    normalize: bool = True
+    local_penalty: bool = True
+    window: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        if self.vision_term not in ("logits", "received"):
+            raise ValueError(f"vision_term must be 'logits' or 'received', got {self.vision_term!r}")
+        if self.semantic_term not in ("cls", "key_proxy"):
+            raise ValueError(f"semantic_term must be 'cls' or 'key_proxy', got {self.semantic_term!r}")
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        v = probe.mean_logits if self.vision_term == "logits" else probe.received_attention
+        c = probe.cls_attention if self.semantic_term == "cls" else key_proxy_semantic(probe)
+        if self.normalize:
+            v, c = l2_normalize(v), l2_normalize(c)
+        w_v, w_c = (1 - self.lam, self.lam) if self.swap_weights else (self.lam, 1 - self.lam)
+        s = w_v * v - w_c * c
+        if self.local_penalty:
+            s = local_penalty(s, tokens.positions, tokens.grid, self.window)
+        return s
+
+
+def key_proxy_semantic(probe: AttentionProbe) -> Tensor:
+    """``[B, N]``: ``c_i = -cos(mu, k_i)`` with ``k_i`` the head-averaged key and ``mu`` the mean
+    candidate key (SPEC §6), a [CLS]-free stand-in for semantic importance."""
+    k = probe.mean_keys
+    mu = k.mean(dim=1, keepdim=True)
+    return -F.cosine_similarity(k, mu, dim=-1)
+
+
+@dataclass
+class FiCoCoLanguageFilter(Filter):
+    """FiCoCo-L filter (SPEC §4): ``s_i = beta * mean_{j in V} A~_ij - (1 - beta) * (1/M) sum_k A_ki``.
+
+    The text term is the attention candidate ``i`` receives from the text queries that follow the
+    image. Attributes:
+        beta: weight of the visual term (0.6).
+        normalize: L2-normalise both terms over the tokens before combining, as FiCoCo-V does; the
+            raw terms live on unrelated scales (logits vs probabilities).
+    """
+
+    beta: float = 0.6
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        v, t = probe.mean_logits, probe.text_received
+        if self.normalize:
+            v, t = l2_normalize(v), l2_normalize(t)
+        return self.beta * v - (1 - self.beta) * t
+
+
+@dataclass
+class CLSAttentionFilter(Filter):
+    """EViT's filter: the tokens [CLS] attends to least are discarded."""
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        return -probe.cls_attention
+
+
+@dataclass
+class LastTokenAttentionFilter(Filter):
+    """FastV's filter: the visual tokens the last prompt token attends to least are discarded."""
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        return -probe.last_token_attention
+
+
+@dataclass
+class BipartiteSimilarityFilter(Filter):
+    """ToMe's filter: alternate candidates form sets A (even) and B (odd); each token of A is
+    scored by its best cosine similarity (head-averaged keys) to B; the ``r`` most similar tokens
+    of A are discarded and only B may receive them. ``r`` is at most ``ceil(N / 2)``."""
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        k = F.normalize(probe.mean_keys, dim=-1)
+        a, b = k[:, 0::2], k[:, 1::2]
+        best = (a @ b.transpose(1, 2)).amax(dim=-1) if b.shape[1] else torch.zeros_like(a[..., 0])
+        s = torch.full(k.shape[:2], float("-inf"), device=k.device)
+        s[:, 0::2] = best
+        return s
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
+        n = tokens.num_tokens
+        if num_sources > (n + 1) // 2:
+            raise ValueError(f"ToMe merges at most half the tokens per layer: cannot remove {num_sources} of {n}")
+        result = split_top(self.scores(tokens, probe), num_sources)
+        receivers = result.targets % 2 == 1
+        return FilterResult(result.sources, result.targets, result.scores, receivers)
+
+
+@dataclass
+class RandomFilter(Filter):
+    """A floor: discard tokens at random. One random ranking of the grid positions is drawn from
+    ``seed``, so results are deterministic and do not depend on the batch composition."""
+
+    seed: int = 0
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        gh, gw = tokens.grid
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        field = torch.rand(gh * gw + 1, generator=gen).to(tokens.positions.device)
+        # synthetic tokens (NO_POSITION) read the extra last entry
+        return field[torch.where(tokens.positions == NO_POSITION, gh * gw, tokens.positions)]

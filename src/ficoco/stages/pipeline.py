@@ -1,0 +1,50 @@
+"""A token reduction = filter + correlate + compress, checked for compatibility once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .compressors import Compress
+from .correlates import Correlate, NoCorrelate
+from .filters import Filter
+from .probe import AttentionProbe
+from .tokens import ReductionResult, TokenGroup
+
+
+@dataclass
+class TokenReduction:
+    """One composition of the three stages.
+
+    Calling it removes ``num_remove`` candidates: the filter picks ``num_remove`` sources (one more
+    when the correlate fuses them into a new token, so the count still drops by ``num_remove``),
+    the correlate maps them to targets and the compressor updates the targets.
+    """
+
+    filter: Filter
+    correlate: Correlate
+    compress: Compress
+
+    def __post_init__(self) -> None:
+        if self.correlate.creates_token and not self.compress.accepts_new_token:
+            raise ValueError(
+                f"{type(self.correlate).__name__} fuses tokens into a new one; "
+                f"{type(self.compress).__name__} cannot build it (use FuseCompress)"
+            )
+        if self.compress.accepts_new_token and not self.correlate.creates_token:
+            raise ValueError(f"{type(self.compress).__name__} needs a convergent correlate (ConvergentCorrelate)")
+        if isinstance(self.correlate, NoCorrelate) and self.compress.uses_weights:
+            raise ValueError(f"{type(self.compress).__name__} needs correlation weights; NoCorrelate gives none")
+
+    @property
+    def extra_sources(self) -> int:
+        return 1 if self.correlate.creates_token else 0
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_remove: int) -> ReductionResult:
+        num_sources = num_remove + self.extra_sources
+        if not 0 < num_sources <= tokens.num_tokens:
+            raise ValueError(f"cannot remove {num_remove} of {tokens.num_tokens} tokens")
+        split = self.filter(tokens, probe, num_sources)
+        correlation = self.correlate(tokens, probe, split)
+        survivors = self.compress(tokens.select(split.targets), tokens.select(split.sources), correlation)
+        slot = split.sources[:, 0] if correlation.into_new_token else None
+        return ReductionResult(survivors, split.targets, split.sources, slot, split, correlation)

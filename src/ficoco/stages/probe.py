@@ -1,0 +1,170 @@
+"""Attention statistics for the stages, computed from queries and keys at the cost each one needs.
+
+The model's own attention runs through SDPA and never hands out its ``[B, H, L, L]`` map. The
+stages need far less than that map: a row for [CLS], a row per discarded token, the rows of the
+text queries, or a mean over keys. :class:`AttentionProbe` computes exactly those from the layer's
+queries and keys (captured at the projections, with RoPE applied where the model applies it), and
+caches each statistic so that filter and correlate can share it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from .tokens import gather_rows
+
+
+class AttentionProbe:
+    """Lazily computed, head-averaged attention statistics of one layer.
+
+    Args:
+        queries: ``[B, L, H, d]`` queries of the whole current sequence (RoPE applied if any).
+        keys: ``[B, L, Hk, d]`` keys (``H`` a multiple of ``Hk``: grouped-query attention).
+        scale: softmax scale of the layer (``d ** -0.5`` for CLIP and Llama).
+        candidates: ``[B, N]`` sequence indices of the candidate (visual) tokens.
+        cls_index: sequence index of [CLS] if the encoder has one.
+        key_bias: ``[B, L]`` added to every query's logits before softmax (proportional attention's
+            ``log(size)``), as the layer's attention did.
+        key_valid: ``[B, L]`` bool, ``False`` for padding keys.
+        causal: keys after the query are masked (decoder self-attention).
+        text_rows: ``[B, M]`` sequence indices of the text queries that follow the image.
+        text_valid: ``[B, M]`` bool, which of ``text_rows`` are real (samples differ in length).
+        last_row: ``[B]`` sequence index of each sample's last real token.
+    """
+
+    def __init__(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        scale: float,
+        candidates: Tensor,
+        *,
+        cls_index: int | None = None,
+        key_bias: Tensor | None = None,
+        key_valid: Tensor | None = None,
+        causal: bool = False,
+        text_rows: Tensor | None = None,
+        text_valid: Tensor | None = None,
+        last_row: Tensor | None = None,
+    ) -> None:
+        b, l, h, d = queries.shape
+        hk = keys.shape[2]
+        if h % hk:
+            raise ValueError(f"{h} query heads cannot share {hk} key heads")
+        self.queries, self.keys, self.scale = queries, keys, scale
+        self.candidates = candidates
+        self.cls_index, self.key_bias, self.key_valid, self.causal = cls_index, key_bias, key_valid, causal
+        self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates.shape[1]
+
+    # -- the one primitive: softmax rows for some queries --------------------------------------
+
+    def softmax_rows(self, rows: Tensor) -> Tensor:
+        """Head-averaged attention probabilities of the query rows ``rows`` (``[B, R]`` sequence
+        indices) over all keys, masked as the layer masked them: ``[B, R, L]`` float32.
+
+        Cost ``O(R * L * d)`` per head; only these ``R`` rows of the map are formed.
+        """
+        b, l, h, d = self.queries.shape
+        hk = self.keys.shape[2]
+        q = gather_rows(self.queries, rows)  # [B, R, H, d]
+        r = q.shape[1]
+        # grouped-query attention without repeating keys: [B, Hk, G, R, d] @ [B, Hk, 1, d, L]
+        q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4)
+        k = self.keys.permute(0, 2, 3, 1).unsqueeze(2)
+        logits = torch.matmul(q, k).float().mul_(self.scale)  # [B, Hk, G, R, L]
+        if self.key_bias is not None:
+            logits = logits + self.key_bias.float()[:, None, None, None, :]
+        masked = None
+        if self.key_valid is not None:
+            masked = ~self.key_valid[:, None, :]  # [B, 1, L]
+        if self.causal:
+            future = torch.arange(l, device=rows.device)[None, None, :] > rows[:, :, None]  # [B, R, L]
+            masked = future if masked is None else (masked | future)
+        if masked is not None:
+            logits = logits.masked_fill(masked[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see no key (padding) -> 0
+        return probs.mean(dim=(1, 2))
+
+    def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
+        """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
+        idx = self.candidates[:, None, :].expand(-1, rows_probs.shape[1], -1)
+        return rows_probs.gather(2, idx)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    @cached_property
+    def cls_attention(self) -> Tensor:
+        """``[B, N]``: attention from [CLS] to each candidate (softmax over all keys)."""
+        if self.cls_index is None:
+            raise ValueError("this encoder has no [CLS] token; use the key-proxy semantic term instead")
+        b = self.queries.shape[0]
+        rows = torch.full((b, 1), self.cls_index, device=self.candidates.device, dtype=torch.long)
+        return self._candidate_columns(self.softmax_rows(rows))[:, 0]
+
+    @cached_property
+    def mean_logits(self) -> Tensor:
+        """``[B, N]``: ``v_i = mean_j A~_ij`` over candidate keys ``j`` of the scaled pre-softmax
+        logits, head-averaged; equal to ``q_i . mean_j(k_j) * scale``, so ``O(N * d)``."""
+        b, l, h, d = self.queries.shape
+        hk = self.keys.shape[2]
+        q = gather_rows(self.queries, self.candidates).float()  # [B, N, H, d]
+        k_mean = gather_rows(self.keys, self.candidates).float().mean(dim=1)  # [B, Hk, d]
+        k_mean = k_mean.repeat_interleave(h // hk, dim=1)  # [B, H, d]
+        return torch.einsum("bnhd,bhd->bn", q, k_mean) * (self.scale / h)
+
+    def attention_rows(self, rows: Tensor) -> Tensor:
+        """``[B, r, N]``: attention of candidates ``rows`` (``[B, r]`` candidate indices) to every
+        candidate, softmax taken over all keys of the layer."""
+        return self._candidate_columns(self.softmax_rows(self.candidates.gather(1, rows)))
+
+    @cached_property
+    def received_attention(self) -> Tensor:
+        """``[B, N]``: ``(1/N) sum_j A_ji`` over candidate queries ``j``. Needs every candidate row,
+        so it costs ``O(N^2 d)``; rows are processed in chunks to bound memory."""
+        total = None
+        for chunk in self.candidates.split(64, dim=1):
+            part = self._candidate_columns(self.softmax_rows(chunk)).sum(dim=1)
+            total = part if total is None else total + part
+        return total / self.num_candidates
+
+    @cached_property
+    def text_attention(self) -> Tensor:
+        """``[B, M, N]``: attention from each text query after the image to each candidate; rows of
+        padding (``text_valid`` false) are zero."""
+        if self.text_rows is None:
+            raise ValueError("text attention needs the text queries: only available inside the LLM")
+        probs = self._candidate_columns(self.softmax_rows(self.text_rows))
+        if self.text_valid is not None:
+            probs = probs * self.text_valid[:, :, None]
+        return probs
+
+    @cached_property
+    def num_text(self) -> Tensor:
+        """``[B, 1]`` float: number of real text queries per sample (at least 1)."""
+        if self.text_valid is None:
+            return torch.full((self.queries.shape[0], 1), float(self.text_attention.shape[1]), device=self.queries.device)
+        return self.text_valid.sum(dim=1, keepdim=True).clamp_min(1).float()
+
+    @cached_property
+    def text_received(self) -> Tensor:
+        """``[B, N]``: ``(1/M) sum_k A_ki``, the attention each candidate receives from the text."""
+        return self.text_attention.sum(dim=1) / self.num_text
+
+    @cached_property
+    def last_token_attention(self) -> Tensor:
+        """``[B, N]``: attention from each sample's last real token to each candidate (FastV)."""
+        if self.last_row is None:
+            raise ValueError("last-token attention is only available inside the LLM")
+        return self._candidate_columns(self.softmax_rows(self.last_row[:, None]))[:, 0]
+
+    @cached_property
+    def mean_keys(self) -> Tensor:
+        """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
+        return gather_rows(self.keys, self.candidates).float().mean(dim=2)
