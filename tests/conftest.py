@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random LLaVA with LLaVA-1.5's geometry, written with ``save_pretrained``
+and read back with ``from_pretrained`` exactly as a real checkpoint would be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ficoco.testing import tiny_llava
+
+IMAGE_TOKEN = 95
+PATCHES = 576
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llava")
+    tiny_llava(seed=0).save_pretrained(path)
+    return path
+
+
+def _load(path, attn):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint):
+    return _load(checkpoint, "sdpa")
+
+
+@pytest.fixture(scope="session")
+def eager_model(checkpoint):
+    return _load(checkpoint, "eager")
+
+
+def make_prompt(text_before: list[int], text_after: list[int], images: int = 1) -> list[int]:
+    """Token ids: text, ``images`` runs of 576 placeholders, text."""
+    return [1, *text_before, *([IMAGE_TOKEN] * PATCHES * images), *text_after]
+
+
+def batch_inputs(prompts: list[list[int]], pixel_values: torch.Tensor, side: str = "left") -> dict:
+    """Pad ``prompts`` on ``side`` with id 0 into ``input_ids`` / ``attention_mask``."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        span = slice(length - len(prompt), length) if side == "left" else slice(0, len(prompt))
+        ids[row, span] = torch.tensor(prompt)
+        mask[row, span] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+@pytest.fixture(scope="session")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 336, 336)
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    gen = torch.Generator().manual_seed(2)
+
+    def text(n):
+        return torch.randint(3, 90, (n,), generator=gen).tolist()
+
+    return [make_prompt(text(4), text(9)), make_prompt(text(2), text(5)), make_prompt(text(6), text(3))]

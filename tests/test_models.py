@@ -1,0 +1,288 @@
+"""Every method inside a real (tiny) HF LLaVA: equivalences, budgets, order, generation, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ficoco
+from ficoco.schedule import tokens_entering_layers
+
+from .conftest import IMAGE_TOKEN, PATCHES, batch_inputs
+
+# each method at a budget the 8-layer tiny LLM and 24-layer CLIP can hold
+METHODS = {
+    "ficoco-v": dict(retain=100),
+    "ficoco-v-prop": dict(retain=100, proportional_attention=True),
+    "ficoco-l": dict(retain=100, start_layer=2),
+    "ficoco-vl": dict(retain=64, language_start_layer=2),
+    "tome": dict(retain=100),
+    "evit": dict(retain=100),
+    "fastv": dict(retain=100),
+    "random": dict(retain=100),
+    "random-llm": dict(retain=100, side="language"),
+}
+
+
+def build(key: str, **overrides) -> ficoco.Method:
+    name = key.removesuffix("-prop").removesuffix("-llm")
+    return ficoco.get_method(name, **{**METHODS[key], **overrides})
+
+
+def logits(model, inputs, **kwargs):
+    with torch.inference_mode():
+        return model(**inputs, **kwargs).logits
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def vanilla_logits(model, images, prompts):
+    return logits(model, batch_inputs(prompts[:2], images[:2]))
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_reduction_disabled_is_vanilla(model, images, prompts, vanilla_logits, key):
+    overrides = {"retain": PATCHES}
+    with ficoco.apply(model, build(key, **overrides)):
+        out = logits(model, batch_inputs(prompts[:2], images[:2]))
+    torch.testing.assert_close(out, vanilla_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_detach_restores_model(model, images, prompts, vanilla_logits, key):
+    before = hook_count(model)
+    with ficoco.apply(model, build(key)) as handle:
+        reduced = logits(model, batch_inputs(prompts[:2], images[:2]))
+        assert hook_count(model) > before
+    assert reduced.shape[1] < vanilla_logits.shape[1]
+    assert hook_count(model) == before
+    assert "generate" not in model.__dict__ and not hasattr(model, "_ficoco_handle")
+    torch.testing.assert_close(logits(model, batch_inputs(prompts[:2], images[:2])), vanilla_logits, rtol=0, atol=0)
+    handle.remove()  # removing twice is harmless
+
+
+def _valid_rows(out, mask_len, side):
+    return out[-mask_len:] if side == "left" else out[:mask_len]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("key", list(METHODS))
+def test_batched_equals_one_by_one(model, images, prompts, key, side):
+    with ficoco.apply(model, build(key)):
+        batched = logits(model, batch_inputs(prompts, images, side))
+        for row, prompt in enumerate(prompts):
+            single = logits(model, batch_inputs([prompt], images[row:row + 1], side))[0]
+            got = _valid_rows(batched[row], single.shape[0], side)
+            torch.testing.assert_close(got, single, rtol=1e-4, atol=1e-4)
+
+
+def output_mask(handle, inputs):
+    """``[B, L']`` which output positions are real tokens (padding rows differ between kernels)."""
+    if handle.kept_index is not None:
+        return inputs["attention_mask"].gather(1, handle.kept_index).bool()
+    return handle.prepare_inputs(**inputs)["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_eager_equals_sdpa(model, eager_model, images, prompts, key):
+    inputs = batch_inputs(prompts, images)
+    with ficoco.apply(model, build(key)) as handle:
+        sdpa = logits(model, inputs)
+        real = output_mask(handle, inputs)
+    with ficoco.apply(eager_model, build(key)):
+        eager = logits(eager_model, inputs)
+    torch.testing.assert_close(sdpa[real], eager[real], rtol=1e-4, atol=1e-4)
+
+
+def _cache_of(output):
+    return output.past_key_values if getattr(output, "past_key_values", None) is not None else output.cache
+
+
+def _manual_greedy(model, inputs, steps):
+    """Prefill, then feed one token at a time with the cache, as generate() does (rows that emitted
+    EOS (id 2) go on with padding (id 0))."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+    position = mask.long().cumsum(-1) - 1
+    out = model(**inputs, use_cache=True, position_ids=position.clamp_min(0))
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        step_logits.append(out.logits[:, -1])
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True).masked_fill(finished, 0)
+        finished |= nxt == 2
+        tokens.append(nxt)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        position = position[:, -1:] + 1
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=_cache_of(out), use_cache=True,
+                    position_ids=position)
+    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
+
+
+@pytest.mark.parametrize("key", ["vanilla", *METHODS])
+def test_generate_equals_manual_prefill_and_decode(model, images, prompts, key):
+    inputs = batch_inputs(prompts, images, "left")
+    steps = 5
+    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    try:
+        with torch.inference_mode():
+            gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            prepared = handle.prepare_inputs(**inputs) if handle else inputs
+            tokens, step_logits = _manual_greedy(model, prepared, steps)
+    finally:
+        if handle:
+            handle.remove()
+    # the caller's prompt comes back in front of the new tokens, as without reduction
+    assert torch.equal(gen.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    torch.testing.assert_close(torch.stack(gen.logits, dim=1), step_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, -steps:], tokens)
+
+
+@pytest.mark.parametrize(
+    "key, schedule",
+    [("ficoco-v", {12: 100, 15: 1, 22: 275}), ("tome", {0: 200, 5: 100, 20: 76}), ("evit", {12: 300, 13: 75}),
+     ("ficoco-l", {2: 300, 3: 0, 6: 76}), ("fastv", {1: 376})],
+)
+def test_exact_token_counts_per_schedule(model, images, prompts, key, schedule):
+    method = build(key, retain=None, schedule=schedule)
+    inputs = batch_inputs(prompts[:2], images[:2])
+    with ficoco.apply(model, method) as handle, torch.inference_mode():
+        out = model(**inputs, output_hidden_states=True)
+    clean = {k: v for k, v in schedule.items() if v}
+    removed = sum(clean.values())
+
+    def layer_outputs(num_layers, start):  # tokens leaving each layer
+        return [n - clean.get(i, 0) for i, n in enumerate(tokens_entering_layers(clean, num_layers, start))]
+
+    if method.vision is not None:
+        assert handle.plan.vision == clean
+        lengths = [h.shape[1] for h in out.image_outputs.hidden_states[1:] if h is not None]
+        expected = layer_outputs(24, PATCHES + 1)
+        assert lengths == [expected[22]] or lengths == expected  # transformers may keep only layer -2
+        assert handle.vision_trace.positions.shape == (2, PATCHES - removed)
+        assert out.logits.shape[1] == inputs["input_ids"].shape[1] - removed
+        assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 2 * PATCHES  # caller's inputs untouched
+    else:
+        assert handle.plan.language == clean
+        text = inputs["input_ids"].shape[1] - PATCHES
+        lengths = [h.shape[1] for h in out.hidden_states[1:]]
+        assert lengths == [n + text for n in layer_outputs(8, PATCHES)]
+        assert handle.kept_index.shape == (2, PATCHES - removed + text)
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "random"])
+def test_raster_order_and_cls_preserved(model, images, key):
+    tower = model.model.vision_tower
+    with torch.inference_mode():
+        vanilla = tower(images[:2], output_hidden_states=True).hidden_states
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        reduced = tower(images[:2], output_hidden_states=True).hidden_states
+        positions = handle.vision_trace.positions
+    first = min(handle.plan.vision)
+    # the [CLS] row leaving the first reducing layer is untouched by the reduction
+    torch.testing.assert_close(reduced[first + 1][:, 0], vanilla[first + 1][:, 0], rtol=1e-5, atol=1e-5)
+    for row in positions.tolist():
+        fused = [p for p in row if p == -1]
+        on_grid = row[: len(row) - len(fused)]
+        assert on_grid == sorted(set(on_grid)), "kept tokens must stay in raster order"
+        assert row[len(on_grid):] == fused, "fused tokens (EViT) come after every grid token"
+        assert (key == "evit") == bool(fused)
+    assert positions.shape[1] == 100
+    sizes = handle.vision_trace.sizes
+    if key != "random":  # merging methods conserve the total number of patches
+        torch.testing.assert_close(sizes.sum(1), torch.full((2,), float(PATCHES)))
+
+
+def test_decoder_loss_uses_kept_positions(model, images, prompts):
+    inputs = batch_inputs(prompts[:2], images[:2])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, -100)
+    with ficoco.apply(model, build("fastv")) as handle, torch.inference_mode():
+        out = model(**inputs, labels=labels)
+        kept_labels = labels.gather(1, handle.kept_index)
+    shift_logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    expected = torch.nn.functional.cross_entropy(shift_logits, kept_labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_text_only_prompt_passes_through(model):
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        vanilla = model(input_ids=ids).logits
+    for key in ("ficoco-v", "ficoco-l"):
+        with ficoco.apply(model, build(key)), torch.inference_mode():
+            torch.testing.assert_close(model(input_ids=ids).logits, vanilla, rtol=0, atol=0)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'nope'.*ficoco-v"):
+        ficoco.get_method("nope")
+
+
+@pytest.mark.parametrize("retain", [0, -3])
+def test_non_positive_retain(retain):
+    with pytest.raises(ValueError, match="retain must be a positive"):
+        ficoco.get_method("ficoco-v", retain=retain)
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "fastv"])
+def test_retain_above_available(model, key):
+    with pytest.raises(ValueError, match="exceeds the 576 visual tokens"):
+        ficoco.attach(model, build(key, retain=PATCHES + 1))
+
+
+def test_tome_half_limit(model):
+    with pytest.raises(ValueError, match="at most half"):
+        ficoco.attach(model, build("tome", retain=10, start_layer=22))
+
+
+def test_unsupported_model_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, vocab_size=50))
+    with pytest.raises(TypeError, match="supports Hugging Face LlavaForConditionalGeneration.*LlamaForCausalLM"):
+        ficoco.attach(llm, "ficoco-v")
+
+
+def test_non_square_patch_grid():
+    from transformers import LlavaForConditionalGeneration
+
+    from ficoco.testing import tiny_llava_config
+
+    config = tiny_llava_config(vision_layers=14)
+    config.vision_config.image_size = 340  # 340 / 14 is not a whole number of patches
+    with pytest.raises(ValueError, match="non-square patch grid"):
+        ficoco.attach(LlavaForConditionalGeneration(config), "ficoco-v")
+
+
+def test_resized_image_rejected(model, prompts):
+    from .conftest import batch_inputs as make
+
+    with ficoco.apply(model, build("ficoco-v")):
+        small = make([prompts[0]], torch.randn(1, 3, 336, 336))
+        small["pixel_values"] = torch.randn(1, 3, 336, 336)
+        small["input_ids"] = small["input_ids"][:, :10]  # wrong placeholder count
+        small["attention_mask"] = small["attention_mask"][:, :10]
+        with pytest.raises(ValueError, match="image placeholders"):
+            logits(model, small)
+
+
+def test_double_attach_rejected(model):
+    with ficoco.apply(model, "ficoco-v"):
+        with pytest.raises(RuntimeError, match="already attached"):
+            ficoco.attach(model, "fastv")
+
+
+def test_unequal_image_counts_rejected_for_decoder_methods(model, images, prompts):
+    from .conftest import make_prompt
+
+    two = make_prompt([4], [5], images=2)
+    inputs = batch_inputs([prompts[0], two], images[:3])
+    with ficoco.apply(model, build("fastv")), pytest.raises(ValueError, match="same number of image tokens"):
+        logits(model, inputs)
