@@ -1,0 +1,179 @@
+"""The ``ficoco`` command line: ``methods``, ``flops``, ``run``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import budget
+from .flops import LlavaShape, preset, preset_names
+from .methods import available_methods, get_method
+
+ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
+DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
+
+
+class _OneLineErrors(click.Group):
+    """Turn library errors into one clear line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as err:
+            raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+@click.group(cls=_OneLineErrors)
+@click.version_option(package_name="ficoco")
+def main() -> None:
+    """Training-free visual token reduction (filter, correlate, compress) for LLaVA models."""
+
+
+@main.command()
+def methods() -> None:
+    """List the registered methods."""
+    for name, summary in available_methods().items():
+        click.echo(f"{name:<10} {summary}")
+
+
+def _shape(model: str) -> LlavaShape:
+    if model in preset_names():
+        return preset(model)
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model!r} is neither a preset ({', '.join(preset_names())}) nor a folder with config.json")
+    from transformers import AutoConfig
+
+    return LlavaShape.from_config(AutoConfig.from_pretrained(path))
+
+
+def _parse_retains(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.option("--model", "model", default="llava-1.5-7b", show_default=True,
+              help="Preset name (llava-1.5-7b, llava-1.5-13b) or a checkpoint folder with config.json.")
+@click.option("--text-tokens", type=int, default=None, help="Text tokens in the prompt [60 for 7B, 512 for 13B].")
+@click.option("--retain", "retains", default="192,128,64", show_default=True, help="Visual-token budgets.")
+@click.option("--tflops", "targets", default=None, help="Comma-separated TFLOPs budgets to solve schedules for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def flops(model: str, text_tokens: int | None, retains: str, targets: str | None, as_json: bool) -> None:
+    """Budget table: LLM prefill TFLOPs, vision TFLOPs and KV cache per method and budget."""
+    shape = _shape(model)
+    if text_tokens is None:
+        text_tokens = 512 if shape.language.num_layers >= 40 else 60
+    vanilla = budget.vanilla_cost(shape, text_tokens)
+    rows, notes = [("-", vanilla)], []
+    if targets:
+        for target in (float(x) for x in targets.split(",")):
+            _, encoder_cost = budget.solve_for_tflops(shape, "ficoco-v", target, text_tokens)
+            rows.append((f"{target:g} TF", encoder_cost))
+            for name in DECODER_METHODS:
+                try:  # the method's own layers, else as many tokens as ficoco-v keeps, spread over fewer layers
+                    _, cost = budget.solve_for_tflops(shape, name, target, text_tokens)
+                except ValueError:
+                    try:
+                        _, cost = budget.solve_for_tflops(shape, name, target, text_tokens,
+                                                          retain=encoder_cost.llm_final_visual)
+                    except ValueError as err:
+                        notes.append(f"{name} at {target:g} TFLOPs: {err}")
+                        continue
+                rows.append((f"{target:g} TF", cost))
+    else:
+        for retain in _parse_retains(retains):
+            for name in ENCODER_METHODS[:1] + DECODER_METHODS:
+                rows.append((str(retain), budget.method_cost(shape, get_method(name, retain=retain), text_tokens)))
+    if as_json:
+        click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "notes": notes,
+                               "rows": [dict(budget=b, **c.as_dict()) for b, c in rows]}, indent=1))
+        return
+    click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image, "
+               f"{text_tokens} text tokens; LLM prefill counted as in SPEC §8")
+    click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget")
+    header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \
+             f"{'vision TFLOPs':>13} {'KV MB':>8}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for label, cost in rows:
+        click.echo(f"{label:>8} {cost.method:<10} {cost.llm_input_visual:>6} {cost.llm_final_visual:>7} "
+                   f"{cost.llm_tflops:>10.2f} {100 * cost.llm_tflops / vanilla.llm_tflops:>8.1f}% "
+                   f"{cost.vision_tflops:>13.3f} {cost.kv_cache_mb:>8.1f}")
+    for note in notes:
+        click.echo(f"note: {note}")
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(file_okay=False))
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False), help="Image file.")
+@click.option("--prompt", required=True, help="Question about the image.")
+@click.option("--method", "method_name", default="ficoco-v", show_default=True,
+              help="Method name, or 'vanilla' for no reduction.")
+@click.option("--retain", type=int, default=192, show_default=True, help="Visual tokens kept per image.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+def run(model_path: str, image_path: str, prompt: str, method_name: str, retain: int, max_new_tokens: int,
+        device: str, dtype: str) -> None:
+    """Answer PROMPT about an image with a LLaVA checkpoint at MODEL_PATH, with token reduction."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .adapters import attach
+
+    method = None if method_name == "vanilla" else get_method(method_name, retain=retain)
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_path}")
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+    try:
+        image = Image.open(image_path)
+        image.load()
+        image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"corrupt or unreadable image {image_path}: {err}") from None
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    text = _chat_prompt(processor, prompt)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+    shape = LlavaShape.from_config(model.config)
+    image_token = model.config.image_token_id
+    text_tokens = int((inputs["input_ids"][0] != image_token).sum())
+    handle = attach(model, method) if method is not None else None
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.remove()
+    answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+    click.echo(f"answer: {answer}")
+    click.echo(f"method: {method_name}  visual tokens: {cost.llm_input_visual} into the LLM, "
+               f"{cost.llm_final_visual} after its last reduction (of {shape.num_patches})")
+    click.echo(f"LLM prefill: {cost.llm_tflops:.4f} TFLOPs  vision: {cost.vision_tflops:.4f} TFLOPs  "
+               f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens")
+
+
+def _chat_prompt(processor, prompt: str) -> str:
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{prompt} ASSISTANT:"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
