@@ -1,0 +1,161 @@
+"""The CLI (methods, flops, run) and the method-cost / TFLOPs-solver layer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import ficoco
+from ficoco import budget
+from ficoco.cli import main
+from ficoco.flops import llava_1_5_7b, llava_1_5_13b
+from ficoco.testing import tiny_llava, tiny_llava_processor
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+def test_methods_lists_every_method(runner):
+    out = runner.invoke(main, ["methods"])
+    assert out.exit_code == 0
+    for name in ("ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "random"):
+        assert any(line.startswith(name + " ") for line in out.output.splitlines())
+
+
+def test_flops_table_has_the_papers_numbers(runner):
+    out = runner.invoke(main, ["flops", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = {(r["budget"], r["method"]): r for r in json.loads(out.output)["rows"]}
+    assert rows[("-", "vanilla")]["llm_tflops"] == pytest.approx(8.45, abs=0.01)
+    assert rows[("-", "vanilla")]["kv_cache_mb"] == pytest.approx(333.4, abs=0.1)
+    for retain, paper in (("192", 3.3), ("128", 2.4), ("64", 1.5)):
+        assert rows[(retain, "ficoco-v")]["llm_tflops"] == pytest.approx(paper, abs=0.12)
+    table = runner.invoke(main, ["flops"]).output
+    assert "8.45" in table and "ficoco-l" in table
+
+
+def test_flops_13b(runner):
+    out = json.loads(runner.invoke(main, ["flops", "--model", "llava-1.5-13b", "--json"]).output)
+    assert out["text_tokens"] == 512
+    assert out["rows"][0]["llm_tflops"] == pytest.approx(28.6, abs=0.05)
+
+
+def test_flops_for_a_checkpoint_folder(runner, tmp_path):
+    tiny_llava().config.save_pretrained(tmp_path)
+    out = runner.invoke(main, ["flops", "--model", str(tmp_path), "--retain", "100", "--text-tokens", "10"])
+    assert out.exit_code == 0, out.output
+    assert "8-layer LLM" in out.output
+
+
+def test_flops_solver_rows_meet_their_budgets(runner):
+    out = json.loads(runner.invoke(main, ["flops", "--tflops", "3.3,1.5", "--json"]).output)
+    solved = [r for r in out["rows"] if r["budget"] != "-"]
+    assert {r["method"] for r in solved} >= {"ficoco-v", "fastv"}
+    for row in solved:
+        assert row["llm_tflops"] <= float(row["budget"].split()[0]) + 1e-9
+    assert any("ficoco-l at 1.5" in note for note in out["notes"])  # unreachable from layer 5: said, not hidden
+
+
+@pytest.mark.parametrize("args, message", [
+    (["flops", "--model", "nope"], "neither a preset"),
+    (["flops", "--retain", "x"], "comma-separated integers"),
+])
+def test_flops_errors_are_one_line(runner, args, message):
+    out = runner.invoke(main, args)
+    assert out.exit_code != 0 and message in out.output and "Traceback" not in out.output
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_processor(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llava-cli")
+    tiny_llava().save_pretrained(path)
+    tiny_llava_processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((240, 320, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ficoco-v", "ficoco-l", "fastv"])
+def test_run_answers(runner, checkpoint_with_processor, image_file, method):
+    out = runner.invoke(main, ["run", str(checkpoint_with_processor), "--image", str(image_file), "--prompt",
+                               "what is the color of the shape ?", "--method", method, "--retain", "64",
+                               "--max-new-tokens", "3"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("answer:")
+    kept = "576 into the LLM, 576" if method == "vanilla" else ("64 into the LLM, 64" if method == "ficoco-v"
+                                                                 else "576 into the LLM, 64")
+    assert kept in out.output
+    assert "TFLOPs" in out.output and "time:" in out.output
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing-image", "image not found"),
+    ("corrupt-image", "corrupt or unreadable image"),
+    ("missing-model", "model folder not found"),
+    ("bad-method", "unknown method"),
+    ("bad-retain", "retain must be a positive"),
+])
+def test_run_errors_are_one_line(runner, checkpoint_with_processor, image_file, tmp_path, case, message):
+    model, image, extra = str(checkpoint_with_processor), str(image_file), []
+    if case == "missing-image":
+        image = str(tmp_path / "none.png")
+    elif case == "corrupt-image":
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not an image at all")
+        image = str(bad)
+    elif case == "missing-model":
+        model = str(tmp_path / "no-model")
+    elif case == "bad-method":
+        extra = ["--method", "nope"]
+    elif case == "bad-retain":
+        extra = ["--retain", "0"]
+    out = runner.invoke(main, ["run", model, "--image", image, "--prompt", "what ?", *extra])
+    assert out.exit_code != 0
+    assert message in out.stderr and "Traceback" not in out.output
+    assert out.stdout == "" and out.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+# -- budget layer ---------------------------------------------------------------------------
+
+
+def test_cost_counts_the_reducing_layer_at_full_length():
+    shape = llava_1_5_7b()
+    cost = budget.method_cost(shape, ficoco.get_method("fastv", retain=64, k=2))
+    # FastV with K=2: layers 0 and 1 see 576 + 60 tokens, layers 2.. see 64 + 60
+    assert cost.llm_tokens_per_layer[:3] == (636, 636, 124)
+    assert set(cost.llm_tokens_per_layer[2:]) == {124}
+
+
+def test_solver_meets_target_and_is_tight():
+    shape = llava_1_5_7b()
+    method, cost = budget.solve_for_tflops(shape, "ficoco-v", 2.4)
+    assert cost.llm_tflops <= 2.4
+    above = budget.method_cost(shape, ficoco.get_method("ficoco-v", retain=method.vision.retain + 1))
+    assert above.llm_tflops > 2.4
+    method, cost = budget.solve_for_tflops(shape, "ficoco-l", 3.3, retain=64)
+    assert cost.llm_tflops <= 3.3 and cost.llm_final_visual == 64
+    later = budget.method_cost(shape, budget._with_end_layer(method, method.language.end_layer + 1))
+    assert later.llm_tflops > 3.3
+
+
+def test_solver_unreachable_is_a_clear_error():
+    with pytest.raises(ValueError, match="ficoco-l cannot meet 1.5 TFLOPs.*minimum cost"):
+        budget.solve_for_tflops(llava_1_5_7b(), "ficoco-l", 1.5)
+
+
+def test_vision_cost_shrinks_with_encoder_reduction():
+    shape = llava_1_5_13b()
+    full = budget.vanilla_cost(shape, 512)
+    reduced = budget.method_cost(shape, ficoco.get_method("ficoco-v", retain=64), 512)
+    assert reduced.vision_tflops < full.vision_tflops and reduced.llm_input_visual == 64
