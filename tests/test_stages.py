@@ -278,6 +278,9 @@ def test_probe_statistics_match_full_attention_map(kind, seed):
     close(probe.text_received, st["text_received"])
     close(probe.last_token_attention, st["last"])
     close(probe.mean_keys, st["mean_keys"])
+    # the primitive itself: every row of the head-averaged map, padding queries included (all zero)
+    every_row = torch.arange(s.q.shape[1]).expand(s.batch, -1)
+    close(probe.softmax_rows(every_row), ref.attn)
 
     # attention_rows for arbitrary, unsorted, per-sample candidate rows
     rng = random.Random(seed)
@@ -299,6 +302,23 @@ def test_probe_padding_text_rows_are_zero_and_masks_hold(kind):
     a = probe.attention_rows(rows)
     later = s.candidates[:, None, :] > s.candidates[:, :, None]
     assert (a[later] == 0).all() and (a[~later] > 0).all()
+
+
+def test_probe_statistics_many_candidates():
+    """N = 70 > 64: ``received_attention`` sums candidate rows chunk by chunk."""
+    gen = torch.Generator().manual_seed(11)
+    b, n = 2, 70
+    q = torch.randn(b, n + 1, H, D_HEAD, generator=gen)
+    k = torch.randn(b, n + 1, HK, D_HEAD, generator=gen)
+    cand = torch.stack([torch.randperm(n, generator=gen)[:n] + 1 for _ in range(b)])
+    s = Setup(q=q, k=k, scale=0.3, candidates=cand, features=torch.zeros(b, n, 1), sizes=torch.ones(b, n),
+              positions=cand - 1, grid=(9, 9), cls_index=0, key_bias=torch.randn(b, n + 1, generator=gen))
+    attn, raw = ref_attention(s)
+    st = ref_stats(s, attn, raw)
+    probe = s.probe()
+    close(probe.received_attention, st["received"])
+    close(probe.cls_attention, st["cls"])
+    close(probe.mean_logits, st["mean_logits"])
 
 
 def test_probe_missing_inputs_raise():
@@ -998,10 +1018,16 @@ def test_shrink_placeholders(seed, side, images, full, kept):
 
 
 def test_shrink_placeholders_unpadded_batch_repads_right():
-    ids, per_token = build_prompts(4, [2, 1], 4, side="")
-    assert (per_token["attention_mask"][:, 0] == 1).all()  # no row starts with padding
-    new_ids, cut = shrink_placeholders(ids, per_token, image_token_id=IMG, full_per_image=4, kept_per_image=2,
+    """No row starts with padding (here: no padding at all), yet the rows end up with different
+    lengths because they hold different numbers of images: re-padded on the right, as documented."""
+    rows = [[1, 5] + [IMG] * 4 + [6] + [IMG] * 4 + [7], [1, 5, 8, 9, 10, 11] + [IMG] * 4 + [7, 12]]
+    ids = torch.tensor(rows)
+    mask = torch.ones_like(ids)
+    per_token = {"attention_mask": mask, "labels": torch.where(ids == IMG, -100, ids)}
+    new_ids, cut = shrink_placeholders(ids, per_token, image_token_id=IMG, full_per_image=4, kept_per_image=1,
                                        pad_token_id=PAD)
-    ref_ids, ref_cut = ref_shrink(ids, per_token, 4, 2, "right")
+    ref_ids, ref_cut = ref_shrink(ids, per_token, 4, 1, "right")
+    assert new_ids.shape == (2, 9)
     assert new_ids.tolist() == ref_ids.tolist()
-    assert torch.equal(cut["attention_mask"], ref_cut["attention_mask"])
+    for name in per_token:
+        assert torch.equal(cut[name], ref_cut[name]), name
