@@ -1031,3 +1031,28 @@ def test_shrink_placeholders_unpadded_batch_repads_right():
     assert new_ids.tolist() == ref_ids.tolist()
     for name in per_token:
         assert torch.equal(cut[name], ref_cut[name]), name
+
+
+def test_shrink_placeholders_unpadded_batch_for_generation_repads_left():
+    rows = [[1, 5] + [IMG] * 4 + [6] + [IMG] * 4 + [7], [1, 5, 8, 9, 10, 11] + [IMG] * 4 + [7, 12]]
+    ids = torch.tensor(rows)
+    per_token = {"attention_mask": torch.ones_like(ids)}
+    new_ids, cut = shrink_placeholders(ids, per_token, image_token_id=IMG, full_per_image=4, kept_per_image=1,
+                                       pad_token_id=PAD, default_side="left")
+    ref_ids, ref_cut = ref_shrink(ids, per_token, 4, 1, "left")
+    assert new_ids.tolist() == ref_ids.tolist()
+    assert torch.equal(cut["attention_mask"], ref_cut["attention_mask"])
+    assert cut["attention_mask"][0, 0] == 0 and cut["attention_mask"][1, 0] == 1  # the shorter row is padded on the left
+
+
+def test_quantile_targets_never_loses_a_source():
+    """A source that sees none of the targets (causal attention) still goes somewhere: weight 1 on
+    its first allowed target, so merging conserves the total size."""
+    c = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.1, 0.5, 0.2, 0.0]]])
+    out = quantile_targets(c, 0.998)
+    assert out[0, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(out[0, 1], torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    allowed = torch.tensor([[False, False, True, True]])
+    out = quantile_targets(c, 0.998, allowed)
+    assert out[0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
+    torch.testing.assert_close(out[0, 1], torch.tensor([0.0, 0.0, 0.2, 0.0]))

@@ -16,11 +16,15 @@ from torch import Tensor
 PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 0}
 
 
-def padding_side(attention_mask: Tensor | None) -> str:
-    """``"left"`` if some row starts with padding, else ``"right"`` (also for unpadded batches)."""
-    if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask[:, 0] == 0).any()):
-        return "left"
-    return "right"
+def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:
+    """``"left"`` if some row starts with padding, ``"right"`` if some row ends with it, else
+    ``default`` (an unpadded batch: generation wants new padding on the left)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if bool((attention_mask[:, 0] == 0).any()):
+            return "left"
+        if bool((attention_mask[:, -1] == 0).any()):
+            return "right"
+    return default
 
 
 def count_images_tokens(input_ids: Tensor, image_token_id: int) -> Tensor:
@@ -36,12 +40,14 @@ def shrink_placeholders(
     full_per_image: int,
     kept_per_image: int,
     pad_token_id: int,
+    default_side: str = "right",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Cut every image's placeholder run from ``full_per_image`` to its first ``kept_per_image`` tokens.
 
     Args:
         input_ids: ``[B, L]`` prompt ids with runs of ``full_per_image`` placeholders per image.
         per_token: other ``[B, L]`` (or ``[1, L]``) tensors aligned with ``input_ids``.
+        default_side: where new padding goes when the batch had none (``"left"`` for generation).
     Returns:
         ``input_ids`` ``[B, L']`` and the same dict, cut alike.
     """
@@ -51,7 +57,7 @@ def shrink_placeholders(
     counts = keep.sum(dim=1)
     new_len = int(counts.max())
     b, l = input_ids.shape
-    side = padding_side(per_token.get("attention_mask"))
+    side = padding_side(per_token.get("attention_mask"), default_side)
     # destination column of each kept token: left-aligned, or right-aligned for left padding
     dest = keep.cumsum(dim=1) - 1
     if side == "left":

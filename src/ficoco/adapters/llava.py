@@ -167,7 +167,7 @@ class ReductionHandle:
 
     # -- encoder-side: placeholders -------------------------------------------------------------
 
-    def _rewrite(self, inputs: dict) -> dict:
+    def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:
         input_ids = inputs.get("input_ids")
         pixel_values = inputs.get("pixel_values")
         if input_ids is None or pixel_values is None or not self.plan.vision:
@@ -188,7 +188,7 @@ class ReductionHandle:
         pad = self.llava.config.text_config.pad_token_id
         pad = image_token if pad is None else pad
         new_ids, cut = shrink_placeholders(input_ids, per_token, image_token_id=image_token, full_per_image=full,
-                                           kept_per_image=kept, pad_token_id=pad)
+                                           kept_per_image=kept, pad_token_id=pad, default_side=default_side)
         inputs.update(cut)
         inputs["input_ids"] = new_ids
         return inputs
@@ -209,7 +209,7 @@ class ReductionHandle:
             if args and isinstance(args[0], Tensor) and "input_ids" not in kwargs:
                 kwargs["input_ids"], args = args[0], args[1:]
             prompt = kwargs.get("input_ids")
-            kwargs = self._rewrite(kwargs)
+            kwargs = self._rewrite(kwargs, default_side="left")
             out = original(*args, **kwargs)
             if prompt is None or kwargs.get("input_ids") is prompt:
                 return out

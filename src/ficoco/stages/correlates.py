@@ -36,7 +36,9 @@ def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Te
         eps: quantile level in ``[0, 1]`` (0.998).
         allowed: optional ``[B, T]`` bool, targets that may receive.
     Returns:
-        ``[B, r, T]`` with at least one non-zero entry per row (the row maximum is always kept).
+        ``[B, r, T]`` with at least one non-zero entry per row: the row maximum is always kept, and
+        a row with no positive correlation at all (under causal attention a source may see none of
+        the targets) sends weight 1 to its first allowed target rather than losing the token.
     """
     c = c.float()
     if allowed is not None:
@@ -45,7 +47,11 @@ def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Te
     else:
         tau = torch.quantile(c, eps, dim=-1, keepdim=True)
     keep = c >= tau  # NaN compares False, so disallowed targets drop out
-    return torch.where(keep, c, torch.zeros((), device=c.device))
+    out = torch.where(keep, c, torch.zeros((), device=c.device))
+    empty = out.sum(dim=-1, keepdim=True) <= 0
+    first = (c.nan_to_num(-1.0) >= 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # first allowed target
+    fallback = torch.zeros_like(out).scatter_(-1, first, 1.0)
+    return torch.where(empty, fallback, out)
 
 
 @dataclass
