@@ -1,0 +1,57 @@
+"""The same guarantees on a GPU (skipped without CUDA): batched ≡ one-by-one, generate ≡ manual
+decoding, exact counts, and bf16 runs, with CUDA's SDPA kernels and no host syncs per layer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ficoco
+
+from .conftest import batch_inputs
+from .test_models import METHODS, _manual_greedy, build
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_model(model):
+    return copy.deepcopy(model).cuda()
+
+
+def _to(inputs, device):
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_cuda_batched_equals_one_by_one(cuda_model, images, prompts, key):
+    with ficoco.apply(cuda_model, build(key)), torch.inference_mode():
+        batched = cuda_model(**_to(batch_inputs(prompts, images), "cuda")).logits
+        for row, prompt in enumerate(prompts):
+            single = cuda_model(**_to(batch_inputs([prompt], images[row:row + 1]), "cuda")).logits[0]
+            torch.testing.assert_close(batched[row, -single.shape[0]:], single, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_cuda_generate_equals_manual(cuda_model, images, prompts, key):
+    inputs = _to(batch_inputs(prompts, images), "cuda")
+    with ficoco.apply(cuda_model, build(key)) as handle, torch.inference_mode():
+        gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        tokens, _ = _manual_greedy(cuda_model, handle.prepare_inputs(**inputs), 4)
+    assert torch.equal(gen[:, -4:], tokens)
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_cuda_bfloat16_runs_with_exact_budget(cuda_model, images, prompts, key):
+    model = copy.deepcopy(cuda_model).to(torch.bfloat16)
+    inputs = _to(batch_inputs(prompts, images), "cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.isfinite(out).all()
+    removed = 576 - handle.plan.llm_final_visual
+    assert out.shape[1] == inputs["input_ids"].shape[1] - removed
+    assert gen.shape == (3, inputs["input_ids"].shape[1] + 3)
