@@ -159,3 +159,41 @@ def test_vision_cost_shrinks_with_encoder_reduction():
     full = budget.vanilla_cost(shape, 512)
     reduced = budget.method_cost(shape, ficoco.get_method("ficoco-v", retain=64), 512)
     assert reduced.vision_tflops < full.vision_tflops and reduced.llm_input_visual == 64
+
+
+@pytest.mark.parametrize("name, options, llm_overhead", [
+    ("vanilla", {}, 0.0),
+    ("ficoco-v", dict(retain=100), 0.0),
+    ("tome", dict(retain=100), 0.0),
+    ("fastv", dict(retain=100), 0.01),
+    ("ficoco-l", dict(retain=100, start_layer=2), 0.12),  # probe rows are large next to a 64-wide LLM
+    ("ficoco-vl", dict(retain=64, language_start_layer=2), 0.12),
+])
+def test_calculator_matches_flops_measured_on_the_hooked_model(name, options, llm_overhead):
+    """FlopCounterMode on the reduced tiny LLaVA: the decoder layers' FLOPs equal the calculator's
+    (encoder-side methods, exactly) or exceed it only by the scoring work (decoder-side methods)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ficoco.flops import LlavaShape
+
+    model = tiny_llava()
+    ids = torch.full((1, 5 + 576 + 20), 5)
+    ids[:, 5:581] = 95
+    shape = LlavaShape.from_config(model.config)
+    method = ficoco.get_method(name, **options) if name != "vanilla" else None
+    counter = FlopCounterMode(display=False)
+    handle = ficoco.attach(model, method) if method else None
+    try:  # the math backend, so that CPU attention FLOPs are counted at all
+        with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+            model(input_ids=ids, pixel_values=torch.randn(1, 3, 336, 336))
+    finally:
+        if handle:
+            handle.remove()
+    per_module = counter.get_flop_counts()
+    llm = sum(sum(ops.values()) for key, ops in per_module.items()
+              if "language_model.layers." in key and key.split(".")[-2] == "layers")
+    cost = budget.method_cost(shape, method, 25) if method else budget.vanilla_cost(shape, 25)
+    predicted = cost.llm_tflops * 1e12
+    assert predicted <= llm <= predicted * (1 + llm_overhead)
