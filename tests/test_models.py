@@ -287,3 +287,31 @@ def test_unequal_image_counts_rejected_for_decoder_methods(model, images, prompt
     inputs = batch_inputs([prompts[0], two], images[:3])
     with ficoco.apply(model, build("fastv")), pytest.raises(ValueError, match="same number of image tokens"):
         logits(model, inputs)
+
+
+@pytest.fixture(scope="module")
+def siglip_llava():
+    """A tiny LLaVA whose vision tower has no [CLS] (SigLIP, 336 px / patch 14, all 576 tokens used)."""
+    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from ficoco.testing import tiny_llava_config
+
+    config = tiny_llava_config(vision_layers=14)
+    config.vision_config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=14,
+                                              num_attention_heads=4, image_size=336, patch_size=14)
+    config.vision_feature_select_strategy = "full"
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def test_encoder_without_cls_uses_key_proxy(siglip_llava, images, prompts):
+    with pytest.raises(ValueError, match="no \\[CLS\\].*key_proxy"):
+        ficoco.attach(siglip_llava, "ficoco-v")
+    method = ficoco.get_method("ficoco-v", retain=100, semantic_term="key_proxy", start_layer=6)
+    with ficoco.apply(siglip_llava, method) as handle:
+        batched = logits(siglip_llava, batch_inputs(prompts, images))
+        positions = handle.vision_trace.positions
+        single = logits(siglip_llava, batch_inputs(prompts[:1], images[:1]))[0]
+    assert handle.plan.vision and max(handle.plan.vision) == 12  # features from layer -2 of 14
+    assert positions.shape == (3, 100) and bool((positions[:, 1:] > positions[:, :-1]).all())
+    torch.testing.assert_close(batched[0, -single.shape[0]:], single, rtol=1e-4, atol=1e-4)
