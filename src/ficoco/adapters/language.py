@@ -134,16 +134,17 @@ class LanguageSide:
         extra = bound.get("kwargs", {})
         cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values", extra.get("cache"))))
         input_ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
-        is_visual = self._image_positions(input_ids, embeds)
         past = cache.get_seq_length() if cache is not None else 0
-        if past:
-            if self.seq is not None and bool(is_visual.any()):
+        if past:  # decoding (or continuing) after a prefill
+            if self.seq is None:
+                return
+            step = input_ids if input_ids is not None else embeds
+            if step.shape[1] > 1 and bool(self._image_positions(input_ids, embeds).any()):
                 raise ValueError("image tokens after a filled cache: start a new prompt with an empty cache")
-            if self.seq is not None:
-                self.seq.prefill = False
-                self.seq.step_inputs = {}
+            self.seq.prefill = False
+            self.seq.step_inputs = {}
             return
-        self.seq = self._new_sequence(is_visual, bound.get("attention_mask"))
+        self.seq = self._new_sequence(self._image_positions(input_ids, embeds), bound.get("attention_mask"))
 
     def _image_positions(self, input_ids: Tensor | None, embeds: Tensor | None) -> Tensor:
         if input_ids is not None:

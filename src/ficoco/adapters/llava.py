@@ -194,6 +194,8 @@ class ReductionHandle:
         return inputs
 
     def _rewrite_model_inputs(self, module, args, kwargs):
+        if not args and kwargs.get("pixel_values") is None:
+            return None  # nothing to cut: decoding steps, text-only calls
         bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
         bound.pop("self", None)
         extra = bound.pop("kwargs", {})
