@@ -1056,3 +1056,28 @@ def test_quantile_targets_never_loses_a_source():
     out = quantile_targets(c, 0.998, allowed)
     assert out[0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
     torch.testing.assert_close(out[0, 1], torch.tensor([0.0, 0.0, 0.2, 0.0]))
+
+
+def test_probe_rotates_only_where_needed_and_consistently():
+    """A probe given un-rotated q/k and a ``rope(x, rows)`` equals one given pre-rotated q/k."""
+    gen = torch.Generator().manual_seed(7)
+    b, l, h, hk, d = 2, 11, 4, 2, 6
+    q, k = torch.randn(b, l, h, d, generator=gen), torch.randn(b, l, hk, d, generator=gen)
+    angle = torch.randn(b, l, d // 2, generator=gen)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+
+    def rope(x, rows):
+        c, s = (cos, sin) if rows is None else (gather_rows(cos, rows), gather_rows(sin, rows))
+        half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
+        return x * c[:, :, None] + half * s[:, :, None]
+
+    cand = torch.tensor([[2, 3, 5, 6, 7], [1, 2, 4, 8, 9]])
+    common = dict(causal=True, text_rows=torch.tensor([[8, 9, 10], [10, 10, 10]]),
+                  text_valid=torch.tensor([[True, True, True], [True, False, False]]), last_row=torch.tensor([10, 10]))
+    lazy = AttentionProbe(q, k, 0.4, cand, rope=rope, **common)
+    eager = AttentionProbe(rope(q, None), rope(k, None), 0.4, cand, **common)
+    for stat in ("mean_logits", "received_attention", "text_received", "last_token_attention", "mean_keys"):
+        torch.testing.assert_close(getattr(lazy, stat), getattr(eager, stat))
+    rows = torch.tensor([[0, 4], [3, 1]])
+    torch.testing.assert_close(lazy.attention_rows(rows), eager.attention_rows(rows))
+    assert not torch.allclose(eager.mean_logits, AttentionProbe(q, k, 0.4, cand, **common).mean_logits)

@@ -260,18 +260,16 @@ class LanguageSide:
             residual = args[0]  # [B, L, D]: residual stream after self-attention
             b, l, _ = residual.shape
             d = attn.head_dim
-            q = self.queries.view(b, l, heads, d).transpose(1, 2)
-            k = self.keys.view(b, l, kv_heads, d).transpose(1, 2)
-            cos, sin = self.rope
-            q, k = self.apply_rotary(q, k, cos, sin)
+            q, k = self.queries.view(b, l, heads, d), self.keys.view(b, l, kv_heads, d)
             self.queries = self.keys = None
             candidates = _first_k_true(seq.is_visual, seq.num_visual)
             text_rows = _first_k_true(seq.is_text, seq.num_text)
             last_row = torch.where(seq.valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
             probe = AttentionProbe(
-                q.transpose(1, 2), k.transpose(1, 2), attn.scaling, candidates,
+                q, k, attn.scaling, candidates,
                 key_valid=seq.valid, causal=True,
                 text_rows=text_rows, text_valid=seq.is_text.gather(1, text_rows), last_row=last_row,
+                rope=self._rotation(self.rope, b),
             )
             self._ensure_token_state(seq, b, residual.device)
             tokens = TokenGroup(gather_rows(residual, candidates), seq.sizes, seq.positions, self.grid)
@@ -295,6 +293,16 @@ class LanguageSide:
                 seq.steps.append((index, result))
 
         return reduce_after_attention
+
+    def _rotation(self, position_embeddings: tuple[Tensor, Tensor], batch: int):
+        """``rope(x, rows)`` for the probe, with the model's own ``apply_rotary_pos_emb``."""
+        cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)  # [B, L, d]
+
+        def rope(x: Tensor, rows: Tensor | None) -> Tensor:
+            c, s = (cos, sin) if rows is None else (gather_rows(cos, rows), gather_rows(sin, rows))
+            return self.apply_rotary(x, x, c, s, unsqueeze_dim=2)[0]
+
+        return rope
 
     def _ensure_token_state(self, seq: _Sequence, b: int, device) -> None:
         if seq.sizes is not None:

@@ -9,6 +9,7 @@ caches each statistic so that filter and correlate can share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -33,6 +34,9 @@ class AttentionProbe:
         text_rows: ``[B, M]`` sequence indices of the text queries that follow the image.
         text_valid: ``[B, M]`` bool, which of ``text_rows`` are real (samples differ in length).
         last_row: ``[B]`` sequence index of each sample's last real token.
+        rope: ``rope(x, rows)`` applies the layer's rotary embedding to ``x`` ``[B, R, heads, d]``
+            taken at sequence rows ``rows`` ``[B, R]`` (``None``: all rows in order). Queries and
+            keys are given before RoPE and rotated only where a statistic needs them.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class AttentionProbe:
         text_rows: Tensor | None = None,
         text_valid: Tensor | None = None,
         last_row: Tensor | None = None,
+        rope: Callable[[Tensor, Tensor | None], Tensor] | None = None,
     ) -> None:
         b, l, h, d = queries.shape
         hk = keys.shape[2]
@@ -58,10 +63,23 @@ class AttentionProbe:
         self.candidates = candidates
         self.cls_index, self.key_bias, self.key_valid, self.causal = cls_index, key_bias, key_valid, causal
         self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
+        self.rope = rope
 
     @property
     def num_candidates(self) -> int:
         return self.candidates.shape[1]
+
+    # -- rotated queries and keys -----------------------------------------------------------------
+
+    def query_rows(self, rows: Tensor) -> Tensor:
+        """``[B, R, H, d]`` queries at sequence rows ``rows``, rotated if the layer uses RoPE."""
+        q = gather_rows(self.queries, rows)
+        return q if self.rope is None else self.rope(q, rows)
+
+    @cached_property
+    def rotated_keys(self) -> Tensor:
+        """``[B, L, Hk, d]`` keys as the attention saw them."""
+        return self.keys if self.rope is None else self.rope(self.keys, None)
 
     # -- the one primitive: softmax rows for some queries --------------------------------------
 
@@ -73,11 +91,11 @@ class AttentionProbe:
         """
         b, l, h, d = self.queries.shape
         hk = self.keys.shape[2]
-        q = gather_rows(self.queries, rows)  # [B, R, H, d]
+        q = self.query_rows(rows)  # [B, R, H, d]
         r = q.shape[1]
         # grouped-query attention without repeating keys: [B, Hk, G, R, d] @ [B, Hk, 1, d, L]
         q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4)
-        k = self.keys.permute(0, 2, 3, 1).unsqueeze(2)
+        k = self.rotated_keys.permute(0, 2, 3, 1).unsqueeze(2)
         logits = torch.matmul(q, k).float().mul_(self.scale)  # [B, Hk, G, R, L]
         if self.key_bias is not None:
             logits = logits + self.key_bias.float()[:, None, None, None, :]
@@ -114,8 +132,8 @@ class AttentionProbe:
         logits, head-averaged; equal to ``q_i . mean_j(k_j) * scale``, so ``O(N * d)``."""
         b, l, h, d = self.queries.shape
         hk = self.keys.shape[2]
-        q = gather_rows(self.queries, self.candidates).float()  # [B, N, H, d]
-        k_mean = gather_rows(self.keys, self.candidates).float().mean(dim=1)  # [B, Hk, d]
+        q = self.query_rows(self.candidates).float()  # [B, N, H, d]
+        k_mean = gather_rows(self.rotated_keys, self.candidates).float().mean(dim=1)  # [B, Hk, d]
         k_mean = k_mean.repeat_interleave(h // hk, dim=1)  # [B, H, d]
         return torch.einsum("bnhd,bhd->bn", q, k_mean) * (self.scale / h)
 
@@ -167,4 +185,4 @@ class AttentionProbe:
     @cached_property
     def mean_keys(self) -> Tensor:
         """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
-        return gather_rows(self.keys, self.candidates).float().mean(dim=2)
+        return gather_rows(self.rotated_keys, self.candidates).float().mean(dim=2)
