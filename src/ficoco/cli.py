@@ -23,6 +23,8 @@ class _OneLineErrors(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as err:
             raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
@@ -166,6 +168,44 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
                f"{cost.llm_final_visual} after its last reduction (of {shape.num_patches})")
     click.echo(f"LLM prefill: {cost.llm_tflops:.4f} TFLOPs  vision: {cost.vision_tflops:.4f} TFLOPs  "
                f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens")
+
+
+def _ints(text: str) -> list[int]:
+    return _parse_retains(text)
+
+
+@main.command()
+@click.option("--preset", default="llava-1.5-7b", show_default=True, help="llava-1.5-7b or llava-1.5-13b shapes.")
+@click.option("--batches", default="1,8,32", show_default=True)
+@click.option("--retain", "retains", default="192,128,64", show_default=True)
+@click.option("--methods", "method_names", default="ficoco-v,ficoco-l,ficoco-vl,tome,evit,fastv,random",
+              show_default=True)
+@click.option("--generate-tokens", default="1,32", show_default=True, help="New tokens per generation run.")
+@click.option("--generate-batch", type=int, default=8, show_default=True)
+@click.option("--text-tokens", type=int, default=64, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--repeats", type=int, default=10, show_default=True)
+@click.option("--flops/--no-flops", "with_flops", default=True, help="Also count FLOPs with FlopCounterMode.")
+@click.option("--out", "out_path", default="benchmark.json", show_default=True, help="Where the JSON goes.")
+def bench(preset, batches, retains, method_names, generate_tokens, generate_batch, text_tokens, warmup, repeats,
+          with_flops, out_path) -> None:
+    """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
+    from . import bench as benchmark
+
+    methods_list = [m for m in method_names.split(",") if m]
+    for name in methods_list:
+        get_method(name)  # fail fast on a typo
+    result = benchmark.run(preset, batches=_ints(batches), retains=_ints(retains), methods=methods_list,
+                           generate_tokens=_ints(generate_tokens), generate_batch=generate_batch,
+                           text_tokens=text_tokens, warmup=warmup, repeats=repeats, log=click.echo)
+    if with_flops:
+        result["flops"] = benchmark.measured_flops(preset, retain=_ints(retains)[0], text_tokens=text_tokens,
+                                                   methods=methods_list)
+        for row in result["flops"]:
+            click.echo(f"flops {row['method']:>10}: measured {row['measured_tflops']:.3f} TFLOPs, "
+                       f"calculator {row['calculator_tflops']:.3f} (x{row['ratio']:.4f})")
+    benchmark.save(result, out_path)
+    click.echo(f"wrote {out_path}")
 
 
 def _chat_prompt(processor, prompt: str) -> str:

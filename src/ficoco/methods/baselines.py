@@ -17,6 +17,7 @@ from ..stages import (
     RandomFilter,
     SizeWeightedCompress,
     TokenReduction,
+    TruncateFilter,
 )
 from .base import LanguageReduction, Method, VisionReduction
 
@@ -81,3 +82,19 @@ def random_drop(
         return Method("random", language=LanguageReduction(reduction, retain, layer, layer, schedule),
                       description="random dropping (a floor)")
     raise ValueError(f"side must be 'vision' or 'language', got {side!r}")
+
+
+def oracle(retain: int | None = 192, *, like: Method | None = None, geometry=None) -> Method:
+    """The speed oracle: the same schedule as ``like`` (default: all removals at the encoder layer
+    the LLM reads, so the LLM simply gets ``retain`` visual tokens), but no scoring, correlation
+    or merging: the last tokens are truncated. Needs ``geometry`` (a ``ModelGeometry``) to copy a
+    method's resolved schedule."""
+    trivial = TokenReduction(TruncateFilter(), NoCorrelate(), DropCompress())
+    if like is None:
+        return Method("oracle", vision=VisionReduction(trivial, retain, -1, -1), description="truncation oracle")
+    if geometry is None:
+        raise ValueError("oracle(like=...) needs the model geometry to copy the schedule")
+    plan = like.plan(geometry)
+    vision = VisionReduction(trivial, schedule=plan.vision) if plan.vision else None
+    language = LanguageReduction(trivial, schedule=plan.language) if plan.language else None
+    return Method(f"oracle[{like.name}]", vision=vision, language=language, description="truncation oracle")

@@ -26,6 +26,7 @@ from .filters import (
     Filter,
     LastTokenAttentionFilter,
     RandomFilter,
+    TruncateFilter,
     local_penalty,
 )
 from .pipeline import TokenReduction
@@ -38,5 +39,5 @@ __all__ = [
     "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
     "FuseCompress", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
-    "TokenReduction", "local_penalty", "quantile_targets",
+    "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets",
 ]

@@ -211,3 +211,14 @@ class RandomFilter(Filter):
         field = torch.rand(gh * gw + 1, generator=gen).to(tokens.positions.device)
         # synthetic tokens (NO_POSITION) read the extra last entry
         return field[torch.where(tokens.positions == NO_POSITION, gh * gw, tokens.positions)]
+
+
+@dataclass
+class TruncateFilter(Filter):
+    """No scoring at all: the last ``r`` candidates in sequence order are discarded. With pruning
+    this is the *oracle* of the speed benchmarks: the same hooks and shapes as a real method, with
+    none of its attention work."""
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        n = tokens.num_tokens
+        return torch.arange(n, device=tokens.features.device, dtype=torch.float32).expand(tokens.batch_size, n)

@@ -1,0 +1,262 @@
+"""GPU speed benchmark on LLaVA-1.5-7B / 13B shapes with random weights.
+
+Timing does not depend on weight values, and no weights can be downloaded, so the models are
+built from their configs (CLIP ViT-L/14-336 + Vicuna) with random bf16 weights on the GPU. All
+variants run in one process on one model, so ratios are taken side by side:
+
+- ``vanilla``: no reduction (576 visual tokens);
+- ``oracle``: the LLM is simply fed ``retain`` visual tokens (truncation at the feature layer, no
+  scoring work); for decoder-side methods also ``oracle[method]``: the method's own per-layer
+  schedule with truncation instead of scoring, the floor for that schedule;
+- every method at each retained count.
+
+Each measurement: CUDA events, warm-up runs, median over repeats. Prefill is timed for the whole
+model (vision tower + projector + LLM, ``logits_to_keep=1``) and for the vision side alone; the
+LLM time is their difference.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import budget
+from .adapters import attach
+from .flops import LlavaShape
+from .methods import Method, get_method
+from .methods.baselines import oracle
+
+PRESETS = {
+    "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+IMAGE_TOKEN = 32000
+
+
+def llava_config(preset: str):
+    """A ``LlavaConfig`` with LLaVA-1.5's exact shapes (llava-hf layout)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(**PRESETS[preset], num_key_value_heads=PRESETS[preset]["num_attention_heads"], vocab_size=32064,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=576)
+
+
+def random_model(preset: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """LLaVA with random weights, built directly on ``device`` in ``dtype``, SDPA attention."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_config(preset)
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """``batch`` prompts: 35 system tokens, 576 image placeholders, the rest of ``text_tokens`` after."""
+    gen = torch.Generator().manual_seed(seed)
+    before = 35
+    after = max(text_tokens - before, 1)
+    ids = torch.randint(3, 32000, (batch, before + 576 + after), generator=gen)
+    ids[:, 0] = 1
+    ids[:, before:before + 576] = IMAGE_TOKEN
+    pixels = torch.randn(batch, 3, 336, 336, generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype)}
+
+
+def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@dataclass
+class Measurement:
+    variant: str
+    method: str
+    retain: int
+    batch: int
+    prefill_ms: float
+    vision_ms: float
+    llm_ms: float
+    peak_memory_gb: float
+    kv_cache_mb: float
+    calculator_llm_tflops: float
+    extra: dict = field(default_factory=dict)
+
+
+def _kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[tuple[str, int, Method | None]]:
+    """``(label, retain, method)`` for vanilla, the oracles and every method."""
+    out: list[tuple[str, int, Method | None]] = [("vanilla", 576, None)]
+    for retain in retains:
+        out.append(("oracle", retain, oracle(retain)))
+        for name in methods:
+            method = get_method(name, retain=retain)
+            if method.language is not None:
+                out.append((f"oracle[{name}]", retain, oracle(like=method, geometry=geometry)))
+            out.append((name, retain, method))
+    return out
+
+
+def run(
+    preset: str = "llava-1.5-7b",
+    *,
+    batches: Sequence[int] = (1, 8, 32),
+    retains: Sequence[int] = (192, 128, 64),
+    methods: Sequence[str] = ("ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "random"),
+    generate_tokens: Sequence[int] = (1, 32),
+    generate_batch: int = 8,
+    text_tokens: int = 64,
+    warmup: int = 3,
+    repeats: int = 10,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows)."""
+    import transformers
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the speed benchmark needs a CUDA GPU")
+    device, dtype = "cuda", torch.bfloat16
+    started = time.time()
+    model = random_model(preset, device, dtype)
+    shape = LlavaShape.from_config(model.config)
+    geometry = budget.geometry(shape)
+    log(f"built {preset} in {time.time() - started:.1f}s")
+    prefill_rows, generate_rows = [], []
+    for label, retain, method in variants(retains, methods, geometry):
+        handle = attach(model, method) if method is not None else None
+        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+        try:
+            for batch in batches:
+                inputs = make_inputs(batch, text_tokens, device, dtype)
+                with torch.inference_mode():
+                    def prefill():
+                        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+                    def vision():
+                        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    out = prefill()
+                    peak = torch.cuda.max_memory_allocated() / 1e9
+                    kv = _kv_bytes(getattr(out, "past_key_values", None) or getattr(out, "cache", None)) / batch / 1e6
+                    del out
+                    total_ms = cuda_time(prefill, warmup, repeats)
+                    vision_ms = cuda_time(vision, warmup, repeats)
+                row = Measurement(label, method.name if method else "vanilla", retain, batch, total_ms, vision_ms,
+                                  total_ms - vision_ms, peak, kv, cost.llm_tflops)
+                prefill_rows.append(asdict(row))
+                log(f"{label:>18} retain={retain:<3} batch={batch:<2} prefill {total_ms:8.2f} ms "
+                    f"(vision {vision_ms:7.2f}, llm {total_ms - vision_ms:8.2f})  peak {peak:5.1f} GB  kv {kv:6.1f} MB/img")
+            inputs = make_inputs(generate_batch, text_tokens, device, dtype)
+            for new in generate_tokens:
+                with torch.inference_mode():
+                    def generate():
+                        return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                              pad_token_id=0)
+
+                    ms = cuda_time(generate, 1, max(2, repeats // 3))
+                generate_rows.append(dict(variant=label, retain=retain, batch=generate_batch, new_tokens=new,
+                                          ms=ms, images_per_s=1000 * generate_batch / ms))
+                log(f"{label:>18} retain={retain:<3} generate {new:>2} tokens x {generate_batch}: {ms:8.1f} ms "
+                    f"= {1000 * generate_batch / ms:6.1f} img/s")
+        finally:
+            if handle is not None:
+                handle.remove()
+    return {
+        "preset": preset,
+        "environment": environment(),
+        "settings": dict(batches=list(batches), retains=list(retains), methods=list(methods),
+                         generate_tokens=list(generate_tokens), generate_batch=generate_batch,
+                         text_tokens=text_tokens, warmup=warmup, repeats=repeats, dtype="bfloat16",
+                         attention="sdpa"),
+        "prefill": prefill_rows,
+        "generate": generate_rows,
+    }
+
+
+def measured_flops(preset: str = "llava-1.5-7b", retain: int = 192, text_tokens: int = 64,
+                   methods: Sequence[str] = ("ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "random"),
+                   model=None) -> list[dict]:
+    """LLM-decoder FLOPs counted by ``FlopCounterMode`` on the GPU model vs the calculator."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model if model is not None else random_model(preset)
+    shape = LlavaShape.from_config(model.config)
+    inputs = make_inputs(1, text_tokens, "cuda", torch.bfloat16)
+    rows = []
+    for name in ("vanilla", *methods):
+        method = None if name == "vanilla" else get_method(name, retain=retain)
+        handle = attach(model, method) if method else None
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.inference_mode(), counter:
+                model(**inputs, logits_to_keep=1)
+        finally:
+            if handle:
+                handle.remove()
+        counted = sum(sum(ops.values()) for key, ops in counter.get_flop_counts().items()
+                      if "language_model.layers." in key and key.split(".")[-2] == "layers")
+        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+        rows.append(dict(method=name, retain=retain if method else 576, measured_tflops=counted / 1e12,
+                         calculator_tflops=cost.llm_tflops, ratio=counted / 1e12 / cost.llm_tflops))
+    return rows
+
+
+def environment() -> dict:
+    import transformers
+
+    props = torch.cuda.get_device_properties(0)
+    driver = None
+    try:
+        import subprocess
+
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"gpu": props.name, "driver": driver, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def save(result: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
