@@ -127,12 +127,13 @@ def reference_logits(model, prompt, pixel_values, method):
     return model.lm_head(lm.norm(h))[0]
 
 
+@pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm"])
-def test_hooked_model_matches_explicit_reference(model, images, prompts, key):
+def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")
     with ficoco.apply(model, method), torch.inference_mode():
-        batched = model(**inputs).logits
+        batched = model(**inputs, use_cache=use_cache).logits
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):
             expected = reference_logits(model, prompt, images[row], method)

@@ -99,6 +99,7 @@ class LanguageSide:
         self.queries: Tensor | None = None
         self.keys: Tensor | None = None
         self.rope: tuple[Tensor, Tensor] | None = None
+        self.cache = None
         self.pending_keep: Tensor | None = None
         attn = self.layers[0].self_attn
         module = sys.modules[type(attn).__module__]
@@ -201,6 +202,7 @@ class LanguageSide:
                     kwargs["position_ids"] = position_ids
             if index in self.removals:
                 self.rope = kwargs.get("position_embeddings")
+                self.cache = kwargs.get("past_key_values", kwargs.get("cache"))
             return args, kwargs
 
         return gather_layer_inputs
@@ -269,7 +271,7 @@ class LanguageSide:
                 q, k, attn.scaling, candidates,
                 key_valid=seq.valid, causal=True,
                 text_rows=text_rows, text_valid=seq.is_text.gather(1, text_rows), last_row=last_row,
-                rope=self._rotation(self.rope, b),
+                rope=self._rotation(self.rope, b), attended_keys=self._cached_keys(index, b, l, kv_heads, d),
             )
             self._ensure_token_state(seq, b, residual.device)
             tokens = TokenGroup(gather_rows(residual, candidates), seq.sizes, seq.positions, self.grid)
@@ -294,13 +296,24 @@ class LanguageSide:
 
         return reduce_after_attention
 
+    def _cached_keys(self, index: int, b: int, l: int, kv_heads: int, d: int) -> Tensor | None:
+        """The layer's keys from its KV-cache entry (RoPE applied, ``[B, Hk, L, d]``) when the
+        cache holds exactly this prefill, so the probe need not rotate them again."""
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or index >= len(layers):
+            return None
+        keys = getattr(layers[index], "keys", None)
+        if isinstance(keys, Tensor) and tuple(keys.shape) == (b, kv_heads, l, d):
+            return keys
+        return None
+
     def _rotation(self, position_embeddings: tuple[Tensor, Tensor], batch: int):
         """``rope(x, rows)`` for the probe, with the model's own ``apply_rotary_pos_emb``."""
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)  # [B, L, d]
 
         def rope(x: Tensor, rows: Tensor | None) -> Tensor:
             c, s = (cos, sin) if rows is None else (gather_rows(cos, rows), gather_rows(sin, rows))
-            return self.apply_rotary(x, x, c, s, unsqueeze_dim=2)[0]
+            return self.apply_rotary(x, x[:, :, :0], c, s, unsqueeze_dim=2)[0]  # an empty "k": rotate x only
 
         return rope
 

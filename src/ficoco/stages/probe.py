@@ -37,6 +37,8 @@ class AttentionProbe:
         rope: ``rope(x, rows)`` applies the layer's rotary embedding to ``x`` ``[B, R, heads, d]``
             taken at sequence rows ``rows`` ``[B, R]`` (``None``: all rows in order). Queries and
             keys are given before RoPE and rotated only where a statistic needs them.
+        attended_keys: ``[B, Hk, L, d]`` the keys exactly as the attention used them (RoPE
+            applied), when already at hand (the layer's KV-cache entry), so they need no work.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class AttentionProbe:
         text_valid: Tensor | None = None,
         last_row: Tensor | None = None,
         rope: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        attended_keys: Tensor | None = None,
     ) -> None:
         b, l, h, d = queries.shape
         hk = keys.shape[2]
@@ -64,6 +67,8 @@ class AttentionProbe:
         self.cls_index, self.key_bias, self.key_valid, self.causal = cls_index, key_bias, key_valid, causal
         self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
         self.rope = rope
+        if attended_keys is not None:
+            self.__dict__["head_major_keys"] = attended_keys  # pre-fills the cached property
 
     @property
     def num_candidates(self) -> int:
@@ -77,9 +82,15 @@ class AttentionProbe:
         return q if self.rope is None else self.rope(q, rows)
 
     @cached_property
+    def head_major_keys(self) -> Tensor:
+        """``[B, Hk, L, d]`` keys as the attention saw them (contiguous, ready for matmul)."""
+        keys = self.keys if self.rope is None else self.rope(self.keys, None)
+        return keys.transpose(1, 2).contiguous()
+
+    @property
     def rotated_keys(self) -> Tensor:
-        """``[B, L, Hk, d]`` keys as the attention saw them."""
-        return self.keys if self.rope is None else self.rope(self.keys, None)
+        """``[B, L, Hk, d]`` keys as the attention saw them (a view)."""
+        return self.head_major_keys.transpose(1, 2)
 
     # -- the one primitive: softmax rows for some queries --------------------------------------
 
@@ -93,10 +104,10 @@ class AttentionProbe:
         hk = self.keys.shape[2]
         q = self.query_rows(rows)  # [B, R, H, d]
         r = q.shape[1]
-        # grouped-query attention without repeating keys: [B, Hk, G, R, d] @ [B, Hk, 1, d, L]
-        q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4)
-        k = self.rotated_keys.permute(0, 2, 3, 1).unsqueeze(2)
-        logits = torch.matmul(q, k).float().mul_(self.scale)  # [B, Hk, G, R, L]
+        # grouped-query attention without repeating keys: [B, Hk, G*R, d] @ [B, Hk, d, L]
+        q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4).reshape(b, hk, h // hk * r, d)
+        logits = torch.matmul(q, self.head_major_keys.transpose(-1, -2)).view(b, hk, h // hk, r, l)
+        logits = logits.float().mul_(self.scale)  # [B, Hk, G, R, L]
         if self.key_bias is not None:
             logits = logits + self.key_bias.float()[:, None, None, None, :]
         masked = None

@@ -120,8 +120,11 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """``x[b, index[b]]`` for ``x`` of shape ``[B, N, ...]`` and ``index`` of shape ``[B, K]``."""
     if x.dim() == 2:
         return x.gather(1, index)
-    expanded = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
-    return x.gather(1, expanded)
+    # advanced indexing reads B*K indices; gather with an expanded index would read one per element
+    batch = torch.arange(x.shape[0], device=x.device)[:, None]
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        batch = torch.zeros_like(batch)
+    return x[batch, index]
 
 
 def complement(index: Tensor, n: int) -> Tensor:
