@@ -55,3 +55,22 @@ def test_cuda_bfloat16_runs_with_exact_budget(cuda_model, images, prompts, key):
     removed = 576 - handle.plan.llm_final_visual
     assert out.shape[1] == inputs["input_ids"].shape[1] - removed
     assert gen.shape == (3, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "evit", "ficoco-vl"])
+def test_graphed_vision_tower_matches_eager(cuda_model, images, prompts, key):
+    inputs = _to(batch_inputs(prompts, images), "cuda")
+    handle = ficoco.attach(cuda_model, build(key)) if key != "vanilla" else None
+    try:
+        with torch.inference_mode():
+            eager = cuda_model(**inputs).logits
+            with ficoco.graph_vision_tower(cuda_model) as graphed:
+                first = cuda_model(**inputs).logits
+                again = cuda_model(**inputs).logits  # a replay
+                assert len(graphed.captured) == 1
+            assert "forward" not in cuda_model.model.vision_tower.__dict__
+    finally:
+        if handle:
+            handle.remove()
+    torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)

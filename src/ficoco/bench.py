@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import budget
-from .adapters import attach
+from .adapters import attach, graph_vision_tower
 from .flops import LlavaShape
 from .methods import Method, get_method
 from .methods.baselines import oracle
@@ -145,6 +145,7 @@ def run(
     text_tokens: int = 64,
     warmup: int = 3,
     repeats: int = 10,
+    graph_vision: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows)."""
@@ -161,6 +162,7 @@ def run(
     prefill_rows, generate_rows = [], []
     for label, retain, method in variants(retains, methods, geometry):
         handle = attach(model, method) if method is not None else None
+        graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
         try:
             for batch in batches:
@@ -198,6 +200,8 @@ def run(
                 log(f"{label:>18} retain={retain:<3} generate {new:>2} tokens x {generate_batch}: {ms:8.1f} ms "
                     f"= {1000 * generate_batch / ms:6.1f} img/s")
         finally:
+            if graphed is not None:
+                graphed.remove()
             if handle is not None:
                 handle.remove()
     return {
@@ -206,7 +210,7 @@ def run(
         "settings": dict(batches=list(batches), retains=list(retains), methods=list(methods),
                          generate_tokens=list(generate_tokens), generate_batch=generate_batch,
                          text_tokens=text_tokens, warmup=warmup, repeats=repeats, dtype="bfloat16",
-                         attention="sdpa"),
+                         attention="sdpa", graph_vision=graph_vision),
         "prefill": prefill_rows,
         "generate": generate_rows,
     }

@@ -186,9 +186,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--repeats", type=int, default=10, show_default=True)
 @click.option("--flops/--no-flops", "with_flops", default=True, help="Also count FLOPs with FlopCounterMode.")
+@click.option("--graph-vision", is_flag=True, help="Replay the vision tower as CUDA graphs (every variant).")
 @click.option("--out", "out_path", default="benchmark.json", show_default=True, help="Where the JSON goes.")
 def bench(preset, batches, retains, method_names, generate_tokens, generate_batch, text_tokens, warmup, repeats,
-          with_flops, out_path) -> None:
+          with_flops, graph_vision, out_path) -> None:
     """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
     from . import bench as benchmark
 
@@ -197,7 +198,8 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
         get_method(name)  # fail fast on a typo
     result = benchmark.run(preset, batches=_ints(batches), retains=_ints(retains), methods=methods_list,
                            generate_tokens=_ints(generate_tokens), generate_batch=generate_batch,
-                           text_tokens=text_tokens, warmup=warmup, repeats=repeats, log=click.echo)
+                           text_tokens=text_tokens, warmup=warmup, repeats=repeats, graph_vision=graph_vision,
+                           log=click.echo)
     if with_flops:
         result["flops"] = benchmark.measured_flops(preset, retain=_ints(retains)[0], text_tokens=text_tokens,
                                                    methods=methods_list)
