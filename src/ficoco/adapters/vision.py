@@ -14,7 +14,7 @@ Hooks, all on the attached model's own modules and removed on detach:
   key as an additive attention mask.
 
 Per-call state (sizes, grid positions) lives on this object and is reset by a pre-hook on the
-vision tower at the start of every image batch.
+first encoder layer at the start of every image batch.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class VisionSide:
     def install(self, hooks: HookSet) -> None:
         if not self.removals:
             return
-        hooks.pre(self.tower, self._start_batch)
+        # per-forward state is reset at the first encoder layer (not on the tower module, whose hooks
+        # do not run when its forward is called directly, e.g. while capturing a CUDA graph)
+        hooks.pre(self.layers[0], self._start_batch)
         first = min(self.removals)
         for index, layer in enumerate(self.layers):
             if self.stage.proportional_attention and index > first:
@@ -89,7 +91,7 @@ class VisionSide:
                 hooks.post(attn.k_proj, self._keep_keys)
                 hooks.pre(layer.layer_norm2, self._reducer(index, self.removals[index], attn))
                 hooks.post(layer, self._drop_rows, prepend=True)
-        hooks.post(self.tower, self._finish_batch)
+        hooks.post(self.layers[-1], self._finish_batch)
 
     # -- hooks ----------------------------------------------------------------------------------
 
