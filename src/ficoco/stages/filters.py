@@ -200,17 +200,27 @@ class BipartiteSimilarityFilter(Filter):
 
 @dataclass
 class RandomFilter(Filter):
-    """A floor: discard tokens at random. One random ranking of the grid positions is drawn from
-    ``seed``, so results are deterministic and do not depend on the batch composition."""
+    """A floor: discard tokens at random. The ranking is a fixed pseudo-random permutation of the
+    grid positions drawn from ``seed`` by an integer hash computed on the device, so it is
+    deterministic, independent of the batch composition and safe inside CUDA-graph capture."""
 
     seed: int = 0
 
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         gh, gw = tokens.grid
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        field = torch.rand(gh * gw + 1, generator=gen).to(tokens.positions.device)
-        # synthetic tokens (NO_POSITION) read the extra last entry
-        return field[torch.where(tokens.positions == NO_POSITION, gh * gw, tokens.positions)]
+        # synthetic tokens (NO_POSITION) share the key just past the grid
+        key = torch.where(tokens.positions == NO_POSITION, gh * gw, tokens.positions).long()
+        return _hash_unit(key + 1 + (self.seed % 1_000_003) * 4099)
+
+
+def _hash_unit(x: Tensor) -> Tensor:
+    """Integer hash (xorshift-multiply, 32 bit) of ``x`` mapped to ``[0, 1)``."""
+    mask = 0xFFFFFFFF
+    x = (x * 0x9E3779B1) & mask
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = x ^ (x >> 16)
+    return x.float() / 4294967296.0
 
 
 @dataclass
