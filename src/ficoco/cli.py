@@ -210,6 +210,20 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
     click.echo(f"wrote {out_path}")
 
 
+@main.command("bench-report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--plot", "plot_path", default=None, help="Write a latency-vs-tokens PNG here.")
+@click.option("--plot-batch", type=int, default=8, show_default=True)
+def bench_report(results, plot_path, plot_batch) -> None:
+    """Markdown tables (and a plot) from one or more ``ficoco bench`` JSON files."""
+    from . import bench_report as report
+
+    data = report.load(list(results))
+    click.echo(report.markdown(data))
+    if plot_path:
+        report.plot(data, plot_path, plot_batch)
+
+
 def _chat_prompt(processor, prompt: str) -> str:
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
