@@ -76,10 +76,23 @@ class AttentionProbe:
 
     # -- rotated queries and keys -----------------------------------------------------------------
 
+    @cached_property
+    def rotated_queries(self) -> Tensor:
+        """``[B, L, H, d]`` queries as the attention used them (rotated once, then indexed)."""
+        return self.queries if self.rope is None else self.rope(self.queries, None)
+
     def query_rows(self, rows: Tensor) -> Tensor:
         """``[B, R, H, d]`` queries at sequence rows ``rows``, rotated if the layer uses RoPE."""
-        q = gather_rows(self.queries, rows)
-        return q if self.rope is None else self.rope(q, rows)
+        return gather_rows(self.rotated_queries, rows)
+
+    @cached_property
+    def _masked_keys(self) -> Tensor | None:
+        """``[B, 1, L]`` bool, keys no query may see (padding)."""
+        return None if self.key_valid is None else ~self.key_valid[:, None, :]
+
+    @cached_property
+    def _key_index(self) -> Tensor:
+        return torch.arange(self.queries.shape[1], device=self.queries.device)
 
     @cached_property
     def head_major_keys(self) -> Tensor:
@@ -110,11 +123,9 @@ class AttentionProbe:
         logits = logits.float().mul_(self.scale)  # [B, Hk, G, R, L]
         if self.key_bias is not None:
             logits = logits + self.key_bias.float()[:, None, None, None, :]
-        masked = None
-        if self.key_valid is not None:
-            masked = ~self.key_valid[:, None, :]  # [B, 1, L]
+        masked = self._masked_keys  # [B, 1, L]
         if self.causal:
-            future = torch.arange(l, device=rows.device)[None, None, :] > rows[:, :, None]  # [B, R, L]
+            future = self._key_index[None, None, :] > rows[:, :, None]  # [B, R, L]
             masked = future if masked is None else (masked | future)
         if masked is not None:
             logits = logits.masked_fill(masked[:, None, None], float("-inf"))
