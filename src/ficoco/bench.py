@@ -149,8 +149,6 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows)."""
-    import transformers
-
     if not torch.cuda.is_available():
         raise RuntimeError("the speed benchmark needs a CUDA GPU")
     device, dtype = "cuda", torch.bfloat16

@@ -53,7 +53,7 @@ def _shape(model: str) -> LlavaShape:
     return LlavaShape.from_config(AutoConfig.from_pretrained(path))
 
 
-def _parse_retains(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -90,7 +90,7 @@ def flops(model: str, text_tokens: int | None, retains: str, targets: str | None
                         continue
                 rows.append((f"{target:g} TF", cost))
     else:
-        for retain in _parse_retains(retains):
+        for retain in _int_list(retains):
             for name in ENCODER_METHODS[:1] + DECODER_METHODS:
                 rows.append((str(retain), budget.method_cost(shape, get_method(name, retain=retain), text_tokens)))
     if as_json:
@@ -170,10 +170,6 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
                f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens")
 
 
-def _ints(text: str) -> list[int]:
-    return _parse_retains(text)
-
-
 @main.command()
 @click.option("--preset", default="llava-1.5-7b", show_default=True, help="llava-1.5-7b or llava-1.5-13b shapes.")
 @click.option("--batches", default="1,8,32", show_default=True)
@@ -196,12 +192,12 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
     methods_list = [m for m in method_names.split(",") if m]
     for name in methods_list:
         get_method(name)  # fail fast on a typo
-    result = benchmark.run(preset, batches=_ints(batches), retains=_ints(retains), methods=methods_list,
-                           generate_tokens=_ints(generate_tokens), generate_batch=generate_batch,
+    result = benchmark.run(preset, batches=_int_list(batches), retains=_int_list(retains), methods=methods_list,
+                           generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, graph_vision=graph_vision,
                            log=click.echo)
     if with_flops:
-        result["flops"] = benchmark.measured_flops(preset, retain=_ints(retains)[0], text_tokens=text_tokens,
+        result["flops"] = benchmark.measured_flops(preset, retain=_int_list(retains)[0], text_tokens=text_tokens,
                                                    methods=methods_list)
         for row in result["flops"]:
             click.echo(f"flops {row['method']:>10}: measured {row['measured_tflops']:.3f} TFLOPs, "

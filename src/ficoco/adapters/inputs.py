@@ -27,11 +27,6 @@ def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:
     return default
 
 
-def count_images_tokens(input_ids: Tensor, image_token_id: int) -> Tensor:
-    """``[B]`` number of image placeholders per row."""
-    return (input_ids == image_token_id).sum(dim=1)
-
-
 def shrink_placeholders(
     input_ids: Tensor,
     per_token: dict[str, Tensor],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +40,8 @@ def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     )
 
 
-def _vision_layout(llava: nn.Module) -> tuple[nn.Module, nn.ModuleList, bool, tuple[int, int], int]:
-    """``(tower, encoder layers, has_cls, grid, feature layer index)`` of a CLIP or SigLIP tower."""
+def _vision_layout(llava: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, int], int]:
+    """``(encoder layers, has_cls, grid, feature layer index)`` of a CLIP or SigLIP tower."""
     config = llava.config
     vcfg = config.vision_config
     tower = llava.vision_tower
@@ -64,7 +63,7 @@ def _vision_layout(llava: nn.Module) -> tuple[nn.Module, nn.ModuleList, bool, tu
     index = (feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer) - 1
     if not 0 <= index < len(layers):
         raise ValueError(f"vision_feature_layer={feature_layer} selects no encoder layer output")
-    return tower, layers, kinds[vcfg.model_type], (side, side), index
+    return layers, kinds[vcfg.model_type], (side, side), index
 
 
 class ReductionHandle:
@@ -81,7 +80,7 @@ class ReductionHandle:
         llava, outer = _llava_parts(model)
         if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:
             raise RuntimeError("a ficoco method is already attached to this model; remove it first")
-        tower, layers, has_cls, grid, feature_layer = _vision_layout(llava)
+        layers, has_cls, grid, feature_layer = _vision_layout(llava)
         self.model, self.llava, self.outer, self.method = model, llava, outer, method
         self.grid, self.has_cls = grid, has_cls
         config = llava.config
@@ -97,7 +96,7 @@ class ReductionHandle:
         self._original_generate = None
         try:
             if self.plan.vision:
-                self.vision = VisionSide(tower, layers, method.vision, self.plan.vision, grid=grid, has_cls=has_cls,
+                self.vision = VisionSide(layers, method.vision, self.plan.vision, grid=grid, has_cls=has_cls,
                                          record=record)
                 self.hooks.pre(llava, self._rewrite_model_inputs, with_kwargs=True)
                 if outer is not None:

@@ -46,11 +46,10 @@ class VisionTrace:
 
 
 class VisionSide:
-    """Hooks a vision reduction into ``encoder_layers`` of ``vision_tower``."""
+    """Hooks a vision reduction into the ``encoder_layers`` of a CLIP or SigLIP tower."""
 
     def __init__(
         self,
-        vision_tower: nn.Module,
         encoder_layers: nn.ModuleList,
         stage: VisionReduction,
         removals: dict[int, int],
@@ -59,7 +58,7 @@ class VisionSide:
         has_cls: bool,
         record: bool = False,
     ) -> None:
-        self.tower, self.layers, self.stage = vision_tower, encoder_layers, stage
+        self.layers, self.stage = encoder_layers, stage
         self.removals, self.grid, self.has_cls, self.record = removals, grid, has_cls, record
         self.offset = 1 if has_cls else 0
         self._reset()

@@ -92,10 +92,6 @@ class VisionReduction(_Reduction):
         output feeds the LLM, with ``num_patches`` patch tokens per image."""
         return self._resolve(range(0, feature_layer + 1), min(default_start, feature_layer), num_patches, "vision encoder")
 
-    def tokens_out(self, num_layers: int, feature_layer: int, num_patches: int) -> int:
-        plan = self.resolve(num_layers, feature_layer, num_patches)
-        return num_patches - sum(plan.values())
-
 
 @dataclass
 class LanguageReduction(_Reduction):

@@ -8,7 +8,7 @@ and never receives merged information.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -111,9 +111,6 @@ class ReductionResult:
     new_token_slot: Tensor | None
     filter_result: FilterResult
     correlation: Correlation
-
-    def with_tokens(self, tokens: TokenGroup) -> "ReductionResult":
-        return replace(self, tokens=tokens)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
