@@ -315,3 +315,27 @@ def test_encoder_without_cls_uses_key_proxy(siglip_llava, images, prompts):
     assert handle.plan.vision and max(handle.plan.vision) == 12  # features from layer -2 of 14
     assert positions.shape == (3, 100) and bool((positions[:, 1:] > positions[:, :-1]).all())
     torch.testing.assert_close(batched[0, -single.shape[0]:], single, rtol=1e-4, atol=1e-4)
+
+
+def test_readme_stage_swap_composition(model, images, prompts):
+    """The README's example: FiCoCo-V's filter with ToMe's correlate and compression."""
+    from ficoco import Method, TokenReduction, VisionReduction
+    from ficoco.stages import ArgmaxSimilarityCorrelate, FiCoCoVisionFilter, SizeWeightedCompress
+
+    hybrid = Method("ficoco-filter+tome-merge", vision=VisionReduction(
+        TokenReduction(FiCoCoVisionFilter(), ArgmaxSimilarityCorrelate(), SizeWeightedCompress()), retain=128,
+        start_layer=12))
+    with ficoco.apply(model, hybrid, record=True) as handle:
+        out = logits(model, batch_inputs(prompts[:2], images[:2]))
+        steps = handle.vision_trace.steps
+    assert out.shape[1] == batch_inputs(prompts[:2], images[:2])["input_ids"].shape[1] - (PATCHES - 128)
+    assert [layer for layer, _ in steps] == list(range(12, 23))
+    assert all(result.correlation.weights.sum(-1).eq(1).all() for _, result in steps)  # K = 1 per source
+
+
+def test_record_language_steps(model, images, prompts):
+    with ficoco.apply(model, build("ficoco-l"), record=True) as handle:
+        logits(model, batch_inputs(prompts[:2], images[:2]))
+        steps = handle.language_steps
+    assert [layer for layer, _ in steps] == sorted(handle.plan.language)
+    assert sum(r.sources.shape[1] for _, r in steps) == PATCHES - 100

@@ -139,6 +139,13 @@ class ReductionHandle:
         return None if self.language is None else self.language.kept_index
 
     @property
+    def language_steps(self) -> list:
+        """``(layer, ReductionResult)`` of each decoder reduction of the last prefill (``record=True``)."""
+        if self.language is None or self.language.seq is None:
+            return []
+        return list(self.language.seq.steps)
+
+    @property
     def visual_tokens_per_image(self) -> int:
         """Visual tokens per image after the last reduction (what the LLM's last layers see)."""
         return self.plan.llm_final_visual
