@@ -1,0 +1,52 @@
+"""Accuracy of a LLaVA model on question/answer samples, per question family, with or without a
+token-reduction method attached."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from ..adapters import attach
+from ..methods import Method
+from .train import QASample, collate
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().replace(".", " ").split())
+
+
+@torch.inference_mode()
+def answer(model, processor, samples: Sequence[QASample], max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers for ``samples`` (one batch, left-padded)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(samples, processor, with_answers=False).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def accuracy(
+    model,
+    processor,
+    samples: Sequence[QASample],
+    method: Method | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """``{family: accuracy, ..., "overall": accuracy}`` (exact match after normalisation)."""
+    handle = attach(model, method) if method is not None else None
+    correct: dict[str, list[bool]] = defaultdict(list)
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            for sample, predicted in zip(chunk, answer(model, processor, chunk)):
+                correct[sample.family].append(normalize_answer(predicted) == normalize_answer(sample.answer))
+    finally:
+        if handle is not None:
+            handle.remove()
+    result = {family: sum(hits) / len(hits) for family, hits in sorted(correct.items())}
+    everything = [hit for hits in correct.values() for hit in hits]
+    result["overall"] = sum(everything) / max(1, len(everything))
+    return result
