@@ -55,29 +55,15 @@ def tiny_llava(seed: int = 0, **config_options):
 
 
 def tiny_llava_processor(image_token_id: int = 95):
-    """A :class:`transformers.LlavaProcessor` for :func:`tiny_llava`: CLIP preprocessing at 336 px
-    and a word-level tokenizer over a few lower-case words, with a chat template."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    """A processor for :func:`tiny_llava`: the proxy model's word-level tokenizer and chat template
+    over a few words, padded with filler words so that ``<image>`` gets ``image_token_id``."""
+    from .proxy.model import proxy_processor
 
-    words = ["user", "assistant", ":", "what", "is", "the", "color", "of", "shape", "how", "many", "are", "there",
-             "?", "a", "an", "red", "green", "blue", "yes", "no", "circle", "square", "triangle", "image", "in"]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}
-    vocab["<image>"] = image_token_id
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("<image>", "isolated"),
-                                                 pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    template = (
-        "{% for message in messages %}{{ message['role'] }}: "
-        "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} "
-        "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
-    )
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=template, image_token="<image>")
+    words = {"user", "assistant", ":", "what", "is", "the", "color", "of", "shape", "how", "many", "are", "there",
+             "?", "a", "an", "red", "green", "blue", "yes", "no", "circle", "square", "triangle", "image", "in"}
+    filler = (f"word{i}" for i in range(image_token_id))
+    while len(words) < image_token_id - 4:  # 4 special tokens come first, <image> last
+        words.add(next(filler))
+    processor = proxy_processor(sorted(words))
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == image_token_id
+    return processor
