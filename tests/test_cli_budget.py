@@ -197,3 +197,15 @@ def test_calculator_matches_flops_measured_on_the_hooked_model(name, options, ll
     cost = budget.method_cost(shape, method, 25) if method else budget.vanilla_cost(shape, 25)
     predicted = cost.llm_tflops * 1e12
     assert predicted <= llm <= predicted * (1 + llm_overhead)
+
+
+def test_demo_compares_methods_and_draws_the_reduction(runner, checkpoint_with_processor, image_file, tmp_path):
+    picture = tmp_path / "demo.png"
+    out = runner.invoke(main, ["demo", "--model", str(checkpoint_with_processor), "--image", str(image_file),
+                               "--question", "what is the color of the shape ?", "--question", "how many are there ?",
+                               "--retain", "64", "--picture", str(picture)])
+    assert out.exit_code == 0, out.output
+    lines = [line for line in out.stdout.splitlines() if "visual tokens" in line]
+    assert [line.split()[0] for line in lines] == ["vanilla", "ficoco-v", "ficoco-l", "ficoco-vl"]
+    assert "576 -> 576" in lines[0] and "64 ->  64" in lines[1] and "576 ->  64" in lines[2]
+    assert picture.read_bytes()[:4] == b"\x89PNG"

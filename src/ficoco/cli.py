@@ -126,21 +126,13 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
         device: str, dtype: str) -> None:
     """Answer PROMPT about an image with a LLaVA checkpoint at MODEL_PATH, with token reduction."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     from .adapters import attach
 
     method = None if method_name == "vanilla" else get_method(method_name, retain=retain)
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"model folder not found: {model_path}")
-    if not Path(image_path).is_file():
-        raise FileNotFoundError(f"image not found: {image_path}")
-    try:
-        image = Image.open(image_path)
-        image.load()
-        image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"corrupt or unreadable image {image_path}: {err}") from None
+    image = _open_image(image_path)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(model_path)
@@ -218,6 +210,45 @@ def bench_report(results, plot_path, plot_batch) -> None:
     click.echo(report.markdown(data))
     if plot_path:
         report.plot(data, plot_path, plot_batch)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(file_okay=False),
+              help="LLaVA checkpoint folder (with its processor).")
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
+@click.option("--retain", type=int, default=64, show_default=True)
+@click.option("--picture", default="ficoco-demo.png", show_default=True,
+              help="PNG: the image, FiCoCo-V's kept patches, and where the discarded ones were merged.")
+def demo(model_path, image_path, questions, retain, picture) -> None:
+    """Answer questions about an image with vanilla and FiCoCo-V / -L / -VL, side by side."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .demo import run_demo
+
+    image = _open_image(image_path)
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = LlavaForConditionalGeneration.from_pretrained(model_path).eval()
+    rows = run_demo(model, processor, image, list(questions), retain=retain, picture=picture)
+    for row in rows:
+        click.echo(f"{row.method:<10} visual tokens {row.llm_input_visual:>3} -> {row.llm_final_visual:>3}  "
+                   f"LLM {row.llm_tflops * 1e3:8.3f} GFLOPs  {row.seconds:6.2f} s  answers: {row.answers}")
+    click.echo(f"wrote {picture}")
+
+
+def _open_image(image_path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image not found: {image_path}")
+    try:
+        image = Image.open(image_path)
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"corrupt or unreadable image {image_path}: {err}") from None
 
 
 def _chat_prompt(processor, prompt: str) -> str:

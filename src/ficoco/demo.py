@@ -1,0 +1,79 @@
+"""``ficoco demo``: answer questions about one image with vanilla and reduced models, side by side,
+and draw which patches were kept and where the discarded ones went."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import budget
+from .adapters import attach
+from .flops import LlavaShape
+from .methods import get_method
+from .visualize import patch_destinations, render_reduction
+
+DEMO_METHODS = ("vanilla", "ficoco-v", "ficoco-l", "ficoco-vl")
+
+
+@dataclass
+class DemoRow:
+    method: str
+    answers: list[str]
+    llm_input_visual: int
+    llm_final_visual: int
+    llm_tflops: float
+    seconds: float
+
+
+def _method(name: str, retain: int, llm_layers: int):
+    if name == "vanilla":
+        return None
+    options = {"retain": retain}
+    start = min(5, max(1, llm_layers // 3))  # FiCoCo-L's layer 5 of 32, scaled to shallower LLMs
+    if name == "ficoco-l":
+        options["start_layer"] = start
+    if name == "ficoco-vl":
+        options["language_start_layer"] = start
+    return get_method(name, **options)
+
+
+@torch.inference_mode()
+def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequence[str] = DEMO_METHODS,
+             retain: int = 64, picture: str | None = None, max_new_tokens: int = 4) -> list[DemoRow]:
+    """Answer ``questions`` about ``image`` with each method; optionally save the reduction picture
+    (kept patches and merge map of FiCoCo-V) to ``picture``."""
+    from .proxy.train import prompt_text
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [prompt_text(processor, q) for q in questions]
+    batch = processor(images=[image] * len(questions), text=prompts, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    shape = LlavaShape.from_config(model.config)
+    text_tokens = int((batch["input_ids"][0] != model.config.image_token_id).sum() - (batch["attention_mask"][0] == 0).sum())
+    llm_layers = model.config.text_config.num_hidden_layers
+    rows = []
+    for name in methods:
+        method = _method(name, retain, llm_layers)
+        handle = attach(model, method, record=True) if method is not None else None
+        try:
+            start = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            seconds = time.perf_counter() - start
+            trace = handle.vision_trace if handle is not None else None
+        finally:
+            if handle is not None:
+                handle.remove()
+        answers = [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                               skip_special_tokens=True)]
+        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+        rows.append(DemoRow(name, answers, cost.llm_input_visual, cost.llm_final_visual, cost.llm_tflops, seconds))
+        if picture and name == "ficoco-v" and trace is not None:
+            render_reduction(image, trace.positions[0].cpu(), patch_destinations(trace.steps, shape.num_patches)[0],
+                             path=picture)
+    return rows
