@@ -83,3 +83,29 @@ def test_training_reduces_the_loss_and_evaluation_runs(processor, tmp_path):
 
 def test_answer_normalisation():
     assert normalize_answer(" Red. ") == "red"
+
+
+def test_train_proxy_end_to_end_on_cpu(tmp_path):
+    """The recipe on the real procedural data with a micro model: trains, evaluates per family,
+    saves fp16 safetensors + processor + training record, reloads through from_pretrained."""
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ficoco.proxy.recipe import TARGET_NAMES, scene_targets, train_proxy
+    from ficoco.proxy.scenes import FAMILIES, make_split
+
+    assert sum(scene_targets(make_split("validation", size=1)[0])) >= 3
+    shape = ProxyShape(vision_layers=14, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=6,
+                       llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
+    config = TrainConfig(steps=4, batch_size=4, device="cpu", num_workers=0, warmup_steps=1, log_every=1)
+    record = train_proxy(str(tmp_path), config, shape, eval_size=12, log=lambda _: None)
+    assert set(record["validation_accuracy"]) == set(FAMILIES) | {"overall"}
+    assert len(record["curve"]) == 4 and record["parameters"] > 0
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["dataset_version"] == "ficoco-proxy-1"
+    assert (tmp_path / "model.safetensors").exists()
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert len(TARGET_NAMES) == 6 + 8 + 48 + 1 + 34

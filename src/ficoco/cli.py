@@ -238,6 +238,26 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
     click.echo(f"wrote {picture}")
 
 
+@main.command("train-proxy")
+@click.option("--out", "out_dir", required=True, help="Where the trained checkpoint goes.")
+@click.option("--steps", type=int, default=4000, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--aux-weight", type=float, default=0.5, show_default=True, help="Weight of the [CLS] scene loss.")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--workers", type=int, default=8, show_default=True)
+@click.option("--eval-size", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, device, workers, eval_size, seed) -> None:
+    """Train the proxy LLaVA on the procedural dataset and save it in HF format."""
+    from .proxy.recipe import train_proxy
+    from .proxy.train import TrainConfig
+
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, device=device,
+                         num_workers=workers, seed=seed)
+    train_proxy(out_dir, config, eval_size=eval_size, log=click.echo)
+
+
 def _open_image(image_path: str):
     from PIL import Image, UnidentifiedImageError
 
