@@ -75,7 +75,6 @@ def render_reduction(
         box = (round(c * cell_w), round(r * cell_h), round((c + 1) * cell_w) - 1, round((r + 1) * cell_h) - 1)
         if bool(alive[p]):
             draw_merge.rectangle(box, fill=colours[int(owner[p])])
-    draw_kept = ImageDraw.Draw(kept_panel)
     for j, pos in enumerate(positions.tolist()):
         if pos < 0:
             continue
