@@ -238,6 +238,45 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
     click.echo(f"wrote {picture}")
 
 
+@main.command("eval")
+@click.argument("model_path", type=click.Path(file_okay=False))
+@click.option("--data", "data", multiple=True, required=True,
+              help="TASK=PATH, an lmms-eval task name and its files on disk (repeat per benchmark).")
+@click.option("--methods", "method_names", default="ficoco-v,ficoco-l,fastv", show_default=True)
+@click.option("--retain", "retains", default="192,128,64", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--limit", type=int, default=None, help="First N samples of each benchmark.")
+@click.option("--out", "out_dir", default="eval-results", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--plot/--no-plot", default=True, help="Write accuracy-vs-TFLOPs.png beside the tables.")
+def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, plot) -> None:
+    """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .evaluation.readers import read_benchmark
+    from .evaluation.runner import evaluate, plot_results, variants_for
+
+    tasks = {}
+    for item in data:
+        task, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
+        tasks[task] = read_benchmark(task, path, limit=limit)
+    variants = variants_for([m for m in method_names.split(",") if m], _int_list(retains))
+    for variant in variants:
+        variant.build()  # fail fast on a bad method or budget
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size)
+    if plot:
+        plot_results(summary["results"], str(Path(out_dir) / "accuracy-vs-tflops.png"))
+    click.echo(Path(out_dir, "results.md").read_text())
+
+
 @main.command("train-proxy")
 @click.option("--out", "out_dir", required=True, help="Where the trained checkpoint goes.")
 @click.option("--steps", type=int, default=4000, show_default=True)

@@ -1,0 +1,260 @@
+"""``ficoco eval``: run methods and budgets over benchmarks, resumably, and tabulate.
+
+Per (task, variant) the predictions go to ``<out>/<task>/<variant>.jsonl``, one JSON line per
+sample, flushed and fsync'ed after every batch. A rerun skips the samples already there, and a
+line cut short by a kill is dropped before appending, so nothing is lost or written twice. Scores
+come from :mod:`ficoco.evaluation.scoring`; TFLOPs from :mod:`ficoco.budget` at the mean text
+length of the task's prompts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import budget
+from ..adapters import attach
+from ..flops import LlavaShape
+from ..methods import Method, get_method
+from .readers import TASKS, Record
+from .scoring import SCORERS
+
+#: generation length per kind of task (short answers vs free-form)
+MAX_NEW_TOKENS = {"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512}
+#: meta fields the scorers read (MME pairs, MMBench circular groups, SEED dimensions, ...)
+_SCORER_FIELDS = ("index", "image_id", "question_id", "answerable", "answer_type", "l2-category", "data_type",
+                  "context", "caption", "split", "capability")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method at a budget, or vanilla."""
+
+    method: str = "vanilla"
+    retain: int | None = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "vanilla" if self.method == "vanilla" else f"{self.method}@{self.retain}"
+
+    def build(self) -> Method | None:
+        return None if self.method == "vanilla" else get_method(self.method, retain=self.retain, **self.options)
+
+
+def variants_for(methods: Iterable[str], retains: Iterable[int], options: dict | None = None) -> list[Variant]:
+    """Vanilla first, then every method at every budget."""
+    out = [Variant()]
+    for name in methods:
+        if name != "vanilla":
+            out += [Variant(name, retain, dict((options or {}).get(name, {}))) for retain in retains]
+    return out
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The model's own chat template with one image, else LLaVA-1.5's plain format."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def scorer_row(record: Record, prediction: str) -> dict:
+    """What the scorers read about one answered sample (JSON-serialisable)."""
+    row = {"sample_id": record.sample_id, "prediction": prediction, "answer": record.answer,
+           "answers": list(record.answers), "options": dict(record.options), "category": record.category,
+           "question": record.question}
+    for key in _SCORER_FIELDS:
+        value = record.meta.get(key)
+        if value is not None:
+            try:
+                json.dumps(value)
+            except TypeError:
+                continue
+            row[key] = value
+    return row
+
+
+def load_predictions(path: Path) -> dict[str, dict]:
+    """``{sample_id: row}`` from a predictions file, repairing a last line cut short by a kill."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    good_end = raw.rfind(b"\n") + 1
+    if good_end < len(raw):  # an unfinished last line: drop it so appends start clean
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+        raw = raw[:good_end]
+    rows = {}
+    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not JSON ({err}); delete the file to start over") from None
+        rows[row["sample_id"]] = row
+    return rows
+
+
+@torch.inference_mode()
+def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: int) -> list[str]:
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [chat_prompt(processor, r.question) for r in records]
+    batch = processor(images=[r.image() for r in records], text=prompts, return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                             skip_special_tokens=True)]
+
+
+def _text_tokens(processor, records: Sequence[Record]) -> int:
+    if not records:
+        return 0
+    sample = records[: min(len(records), 32)]
+    ids = processor.tokenizer([chat_prompt(processor, r.question) for r in sample])["input_ids"]
+    image = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    return round(sum(sum(t != image for t in row) for row in ids) / len(ids))
+
+
+def run_task(model, processor, task: str, records: Sequence[Record], variant: Variant, out_dir: Path, *,
+             batch_size: int = 8, judge=None, progress: Callable[[int], None] | None = None,
+             max_new_tokens: int | None = None) -> dict:
+    """Answer every record not yet in the predictions file, then score all of this run's records."""
+    path = out_dir / task / f"{variant.label}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = load_predictions(path)
+    todo = [r for r in records if r.sample_id not in done]
+    tokens = max_new_tokens or MAX_NEW_TOKENS[TASKS[task].kind]
+    method = variant.build()
+    handle = attach(model, method) if method is not None else None
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                predictions = answer_batch(model, processor, chunk, tokens)
+                fh.write("".join(json.dumps(scorer_row(r, p)) + "\n" for r, p in zip(chunk, predictions)))
+                fh.flush()
+                os.fsync(fh.fileno())
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        if handle is not None:
+            handle.remove()
+    rows = load_predictions(path)
+    wanted = [rows[r.sample_id] for r in records]
+    scorer = SCORERS[task]
+    score = scorer(wanted, judge=judge) if task in ("mmvet", "llava_in_the_wild") else scorer(wanted)
+    shape = LlavaShape.from_config(model.config)
+    text = _text_tokens(processor, records)
+    cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
+    return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
+            "llm_tflops": cost.llm_tflops, "text_tokens": text, "predictions": str(path)}
+
+
+def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
+             batch_size: int = 8, judge=None, show_progress: bool = True) -> dict:
+    """Every task × variant; writes ``results.json``, ``results.md``, ``results.csv`` in ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for task, records in tasks.items():
+        for variant in variants:
+            with tqdm(total=len(records), desc=f"{task} {variant.label}", disable=not show_progress) as bar:
+                done = len(load_predictions(out / task / f"{variant.label}.jsonl").keys() & {r.sample_id for r in records})
+                bar.update(done)
+                results.append(run_task(model, processor, task, records, variant, out, batch_size=batch_size,
+                                        judge=judge, progress=bar.update))
+    summary = {"results": results}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.csv").write_text(csv_table(results))
+    return summary
+
+
+def _headline(score: dict) -> float | None:
+    return None if score.get("skipped") else score.get("score")
+
+
+def _table(results: Sequence[dict]) -> tuple[list[str], list[list]]:
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    by_key = {(r["task"], r["variant"]): r for r in results}
+    header = ["variant", "LLM TFLOPs (mean)"] + tasks + ["% of vanilla"]
+    rows = []
+    for variant in variants:
+        cells = [by_key.get((t, variant)) for t in tasks]
+        flops = [c["llm_tflops"] for c in cells if c]
+        scores = [_headline(c["score"]) if c else None for c in cells]
+        ratios = []
+        for task, value in zip(tasks, scores):
+            base = by_key.get((task, "vanilla"))
+            base_value = _headline(base["score"]) if base else None
+            if value is not None and base_value:
+                ratios.append(value / base_value)
+        rows.append([variant, sum(flops) / len(flops) if flops else None] + scores +
+                    [100 * sum(ratios) / len(ratios) if ratios else None])
+    return header, rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """The paper's layout: one row per method@budget, TFLOPs, a column per benchmark, % of vanilla."""
+    header, rows = _table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(results: Sequence[dict]) -> str:
+    header, rows = _table(results)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([[("" if v is None else v) for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def plot_results(results: Sequence[dict], path: str) -> None:
+    """Accuracy vs LLM TFLOPs, one panel per benchmark, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in results:
+            value = _headline(r["score"])
+            if r["task"] == task and value is not None:
+                lines.setdefault(r["variant"].split("@")[0], []).append((r["llm_tflops"], value))
+        for name, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                    linestyle="--" if name == "vanilla" else "-")
+        ax.set_title(task)
+        ax.set_xlabel("LLM prefill TFLOPs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

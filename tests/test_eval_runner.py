@@ -1,0 +1,129 @@
+"""``ficoco eval``: resumable predictions, scores, tables and plot on fixture benchmarks written
+here in the lmms-lab parquet schema, with a tiny LLaVA checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ficoco.cli import main  # noqa: E402
+from ficoco.evaluation.readers import read_benchmark  # noqa: E402
+from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
+from ficoco.testing import tiny_llava, tiny_llava_processor  # noqa: E402
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write(path, columns: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path.parent
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    image = {"bytes": _png((200, 30, 30)), "path": "x.png"}
+    pope = _write(root / "pope" / "data" / "test-00000-of-00001.parquet", {
+        "question_id": [str(i) for i in range(6)],
+        "question": ["is there a cat in the image?"] * 6,
+        "answer": ["yes", "no"] * 3,
+        "category": ["adversarial", "adversarial", "popular", "popular", "random", "random"],
+        "image": [image] * 6,
+    })
+    mme = _write(root / "mme" / "data" / "test-00000-of-00001.parquet", {
+        "question_id": ["existence/1.png", "existence/1.png", "color/2.png", "color/2.png"],
+        "question": ["is there a red square? please answer yes or no."] * 4,
+        "answer": ["Yes", "No", "Yes", "No"],
+        "category": ["existence", "existence", "color", "color"],
+        "image": [image] * 4,
+    })
+    return {"pope": str(pope), "mme": str(mme)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tiny_llava().save_pretrained(path)
+    tiny_llava_processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
+
+
+def test_evaluate_writes_scores_tables_and_predictions(loaded, benchmarks, tmp_path):
+    model, processor = loaded
+    tasks = {name: read_benchmark(name, path) for name, path in benchmarks.items()}
+    variants = variants_for(["ficoco-v", "fastv"], [64])
+    summary = evaluate(model, processor, tasks, variants, str(tmp_path), batch_size=4, show_progress=False)
+    rows = {(r["task"], r["variant"]): r for r in summary["results"]}
+    assert set(rows) == {(t, v) for t in ("pope", "mme") for v in ("vanilla", "ficoco-v@64", "fastv@64")}
+    assert rows[("pope", "vanilla")]["n"] == 6 and "f1" in json.dumps(rows[("pope", "vanilla")]["score"]).lower()
+    assert rows[("mme", "vanilla")]["score"]["metric"]
+    assert rows[("pope", "ficoco-v@64")]["llm_tflops"] < rows[("pope", "vanilla")]["llm_tflops"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| variant | LLM TFLOPs (mean) | pope | mme | % of vanilla |")
+    assert "| vanilla |" in table and "| 100.00 |" in table.splitlines()[2]
+    assert (tmp_path / "results.csv").read_text().startswith("variant,")
+    predictions = load_predictions(tmp_path / "pope" / "vanilla.jsonl")
+    assert sorted(predictions) == [str(i) for i in range(6)]
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(loaded, benchmarks, tmp_path):
+    model, processor = loaded
+    records = read_benchmark("pope", benchmarks["pope"])
+    variant = Variant("ficoco-v", 64)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_batch(n):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_task(model, processor, "pope", records, variant, tmp_path, batch_size=2, progress=kill_after_first_batch)
+    path = tmp_path / "pope" / "ficoco-v@64.jsonl"
+    first = load_predictions(path)
+    assert len(first) == 2
+    with open(path, "a") as fh:  # a line cut short by the kill
+        fh.write('{"sample_id": "4", "predic')
+    result = run_task(model, processor, "pope", records, variant, tmp_path, batch_size=2)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 and len({json.loads(line)["sample_id"] for line in lines}) == 6
+    final = load_predictions(path)
+    assert all(final[k] == v for k, v in first.items())  # earlier answers kept as they were
+    assert result["n"] == 6
+
+
+def test_cli_eval_end_to_end(checkpoint, benchmarks, tmp_path):
+    out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={benchmarks['pope']}", "--methods",
+                                    "ficoco-v", "--retain", "64", "--limit", "4", "--batch-size", "2", "--out",
+                                    str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "| ficoco-v@64 |" in out.stdout
+    assert (tmp_path / "accuracy-vs-tflops.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(load_predictions(tmp_path / "pope" / "vanilla.jsonl")) == 4
+
+
+def test_cli_eval_bad_data_argument(checkpoint, tmp_path):
+    out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", "pope", "--out", str(tmp_path)])
+    assert out.exit_code != 0 and "TASK=PATH" in out.output
+    missing = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={tmp_path / 'nope'}"])
+    assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
