@@ -127,3 +127,34 @@ def test_cli_eval_bad_data_argument(checkpoint, tmp_path):
     assert out.exit_code != 0 and "TASK=PATH" in out.output
     missing = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={tmp_path / 'nope'}"])
     assert missing.exit_code != 0 and "nope" in missing.output and "Traceback" not in missing.output
+
+
+def test_two_processes_under_accelerate_launch(checkpoint, benchmarks, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (its torchrun launcher; with no GPU the
+    processes join a CPU group): each process answers its shard, the main one merges and scores; a
+    second launch finds everything done and re-scores the same numbers."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not installed")
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "-m", "ficoco.cli", "eval", str(checkpoint), "--data",
+               f"pope={benchmarks['pope']}", "--methods", "ficoco-v", "--retain", "64", "--batch-size", "2",
+               "--out", str(tmp_path), "--no-plot"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shards = sorted(p.name for p in (tmp_path / "pope").iterdir())
+    assert shards == ["ficoco-v@64.rank0-of-2.jsonl", "ficoco-v@64.rank1-of-2.jsonl",
+                      "vanilla.rank0-of-2.jsonl", "vanilla.rank1-of-2.jsonl"]
+    lines = [json.loads(line) for name in shards[:2] for line in (tmp_path / "pope" / name).read_text().splitlines()]
+    assert sorted(row["sample_id"] for row in lines) == [str(i) for i in range(6)]  # each sample exactly once
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["processes"] == 2 and {r["n"] for r in results["results"]} == {6}
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert [r["score"] for r in again["results"]] == [r["score"] for r in results["results"]]

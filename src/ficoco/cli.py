@@ -247,16 +247,20 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--limit", type=int, default=None, help="First N samples of each benchmark.")
 @click.option("--out", "out_dir", default="eval-results", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto: this process's accelerate device when launched with several, else cuda if present, else cpu.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--plot/--no-plot", default=True, help="Write accuracy-vs-TFLOPs.png beside the tables.")
 def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, plot) -> None:
-    """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot."""
+    """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot.
+
+    Under ``accelerate launch --num_processes N -m ficoco.cli eval ...`` the samples are sharded
+    across the processes and the main process merges and scores them."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from .evaluation.readers import read_benchmark
-    from .evaluation.runner import evaluate, plot_results, variants_for
+    from .evaluation.runner import Shard, evaluate, plot_results, variants_for
 
     tasks = {}
     for item in data:
@@ -269,9 +273,19 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
         variant.build()  # fail fast on a bad method or budget
     if not Path(model_path, "config.json").is_file():
         raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
+    shard = Shard.current()
+    if device == "auto":
+        if shard.world > 1:
+            from accelerate import PartialState
+
+            device = PartialState().device
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = AutoProcessor.from_pretrained(model_path)
     model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size)
+    summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size, shard=shard)
+    if summary is None:  # not the main process under accelerate launch
+        return
     if plot:
         plot_results(summary["results"], str(Path(out_dir) / "accuracy-vs-tflops.png"))
     click.echo(Path(out_dir, "results.md").read_text())

@@ -82,6 +82,46 @@ def scorer_row(record: Record, prediction: str) -> dict:
     return row
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the samples under ``accelerate launch`` (rank ``rank`` of ``world``)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "Shard":
+        """The shard of this process: from accelerate's state when launched with several processes."""
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            return cls()
+        # without GPUs, processes started by accelerate's (torchrun) launcher form a gloo group on the CPU
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes)
+
+    def take(self, items: Sequence) -> list:
+        return list(items[self.rank::self.world])
+
+    def file_name(self, label: str) -> str:
+        return f"{label}.jsonl" if self.world == 1 else f"{label}.rank{self.rank}-of-{self.world}.jsonl"
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+def load_all_predictions(folder: Path, label: str) -> dict[str, dict]:
+    """Predictions of ``label`` from its single file and from every per-process shard file."""
+    rows: dict[str, dict] = {}
+    for path in sorted(folder.glob(f"{label}*.jsonl")):
+        if path.name == f"{label}.jsonl" or path.name.startswith(f"{label}.rank"):
+            rows.update(load_predictions(path))
+    return rows
+
+
 def load_predictions(path: Path) -> dict[str, dict]:
     """``{sample_id: row}`` from a predictions file, repairing a last line cut short by a kill."""
     if not path.exists():
@@ -130,12 +170,14 @@ def _text_tokens(processor, records: Sequence[Record]) -> int:
 
 def run_task(model, processor, task: str, records: Sequence[Record], variant: Variant, out_dir: Path, *,
              batch_size: int = 8, judge=None, progress: Callable[[int], None] | None = None,
-             max_new_tokens: int | None = None) -> dict:
-    """Answer every record not yet in the predictions file, then score all of this run's records."""
-    path = out_dir / task / f"{variant.label}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = load_predictions(path)
-    todo = [r for r in records if r.sample_id not in done]
+             max_new_tokens: int | None = None, shard: Shard = Shard()) -> dict | None:
+    """Answer every record not yet predicted (this process's shard of them), then, on the main
+    process, score all of this run's records. Other processes return ``None``."""
+    folder = out_dir / task
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / shard.file_name(variant.label)
+    done = load_all_predictions(folder, variant.label)  # any process's earlier work counts
+    todo = [r for r in shard.take(records) if r.sample_id not in done]
     tokens = max_new_tokens or MAX_NEW_TOKENS[TASKS[task].kind]
     method = variant.build()
     handle = attach(model, method) if method is not None else None
@@ -152,7 +194,13 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     finally:
         if handle is not None:
             handle.remove()
-    rows = load_predictions(path)
+    shard.barrier()
+    if shard.rank != 0:
+        return None
+    rows = load_all_predictions(folder, variant.label)
+    missing = [r.sample_id for r in records if r.sample_id not in rows]
+    if missing:
+        raise RuntimeError(f"{task} {variant.label}: {len(missing)} samples have no prediction (e.g. {missing[0]})")
     wanted = [rows[r.sample_id] for r in records]
     scorer = SCORERS[task]
     score = scorer(wanted, judge=judge) if task in ("mmvet", "llava_in_the_wild") else scorer(wanted)
@@ -160,25 +208,33 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     text = _text_tokens(processor, records)
     cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
-            "llm_tflops": cost.llm_tflops, "text_tokens": text, "predictions": str(path)}
+            "llm_tflops": cost.llm_tflops, "text_tokens": text, "predictions": str(folder)}
 
 
 def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
-             batch_size: int = 8, judge=None, show_progress: bool = True) -> dict:
-    """Every task × variant; writes ``results.json``, ``results.md``, ``results.csv`` in ``out_dir``."""
+             batch_size: int = 8, judge=None, show_progress: bool = True, shard: Shard | None = None) -> dict | None:
+    """Every task × variant; the main process writes ``results.json``, ``results.md`` and
+    ``results.csv`` in ``out_dir`` and returns the summary (other processes return ``None``).
+    Under ``accelerate launch`` every process answers its shard of the samples."""
     from tqdm.auto import tqdm
 
+    shard = shard or Shard.current()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for task, records in tasks.items():
         for variant in variants:
-            with tqdm(total=len(records), desc=f"{task} {variant.label}", disable=not show_progress) as bar:
-                done = len(load_predictions(out / task / f"{variant.label}.jsonl").keys() & {r.sample_id for r in records})
-                bar.update(done)
-                results.append(run_task(model, processor, task, records, variant, out, batch_size=batch_size,
-                                        judge=judge, progress=bar.update))
-    summary = {"results": results}
+            mine = {r.sample_id for r in shard.take(records)}
+            with tqdm(total=len(mine), desc=f"{task} {variant.label} [{shard.rank}/{shard.world}]",
+                      disable=not show_progress) as bar:
+                bar.update(len(load_all_predictions(out / task, variant.label).keys() & mine))
+                result = run_task(model, processor, task, records, variant, out, batch_size=batch_size, judge=judge,
+                                  progress=bar.update, shard=shard)
+            if result is not None:
+                results.append(result)
+    if shard.rank != 0:
+        return None
+    summary = {"results": results, "processes": shard.world}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown_table(results))
     (out / "results.csv").write_text(csv_table(results))
