@@ -12,6 +12,7 @@ import click
 from . import budget
 from .flops import LlavaShape, preset, preset_names
 from .methods import available_methods, get_method
+from .prompts import chat_prompt
 
 ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
@@ -137,7 +138,7 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    text = _chat_prompt(processor, prompt)
+    text = chat_prompt(processor, prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(device)
     shape = LlavaShape.from_config(model.config)
     image_token = model.config.image_token_id
@@ -322,13 +323,6 @@ def _open_image(image_path: str):
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"corrupt or unreadable image {image_path}: {err}") from None
-
-
-def _chat_prompt(processor, prompt: str) -> str:
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{prompt} ASSISTANT:"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from . import budget
 from .adapters import attach
 from .flops import LlavaShape
 from .methods import get_method
+from .prompts import chat_prompt
 from .visualize import patch_destinations, render_reduction
 
 DEMO_METHODS = ("vanilla", "ficoco-v", "ficoco-l", "ficoco-vl")
@@ -45,11 +46,9 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
              retain: int = 64, picture: str | None = None, max_new_tokens: int = 4) -> list[DemoRow]:
     """Answer ``questions`` about ``image`` with each method; optionally save the reduction picture
     (kept patches and merge map of FiCoCo-V) to ``picture``."""
-    from .proxy.train import prompt_text
-
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    prompts = [prompt_text(processor, q) for q in questions]
+    prompts = [chat_prompt(processor, q) for q in questions]
     batch = processor(images=[image] * len(questions), text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}

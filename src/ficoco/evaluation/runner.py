@@ -23,6 +23,7 @@ from .. import budget
 from ..adapters import attach
 from ..flops import LlavaShape
 from ..methods import Method, get_method
+from ..prompts import chat_prompt
 from .readers import TASKS, Record
 from .scoring import SCORERS
 
@@ -56,14 +57,6 @@ def variants_for(methods: Iterable[str], retains: Iterable[int], options: dict |
         if name != "vanilla":
             out += [Variant(name, retain, dict((options or {}).get(name, {}))) for retain in retains]
     return out
-
-
-def chat_prompt(processor, question: str) -> str:
-    """The model's own chat template with one image, else LLaVA-1.5's plain format."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 def scorer_row(record: Record, prediction: str) -> dict:

@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..prompts import chat_prompt
+
 
 class QASample(Protocol):
     """What training and evaluation need from a dataset sample."""
@@ -47,17 +49,12 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def prompt_text(processor, question: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
 def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -> dict[str, Tensor]:
     """Right-padded batch. With answers: the answer tokens and ``</s>`` are appended and are the
     only positions with labels; without: prompts only (for generation, left-padded)."""
     tokenizer = processor.tokenizer
     images = [s.image for s in samples]
-    prompts = [prompt_text(processor, s.question) for s in samples]
+    prompts = [chat_prompt(processor, s.question) for s in samples]
     if not with_answers:
         tokenizer.padding_side = "left"
         return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
