@@ -17,6 +17,8 @@ LLM time is their difference.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import json
 import platform
 import statistics
@@ -32,10 +34,10 @@ from .flops import LlavaShape
 from .methods import Method, get_method
 from .methods.baselines import oracle
 
-PRESETS = {
+PRESETS = MappingProxyType({
     "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-}
+})
 IMAGE_TOKEN = 32000
 
 

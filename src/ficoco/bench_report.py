@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-ENCODER_SIDE = {"ficoco-v", "tome", "evit", "random"}
+ENCODER_SIDE = frozenset({"ficoco-v", "tome", "evit", "random"})
 
 
 def load(paths: list[str]) -> dict:

@@ -9,11 +9,13 @@ re-padded on the side the batch was padded on.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 from torch import Tensor
 
 #: fill values for per-token tensors when rows must be re-padded
-PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 0}
+PAD_VALUES = MappingProxyType({"attention_mask": 0, "labels": -100, "position_ids": 0})
 
 
 def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:

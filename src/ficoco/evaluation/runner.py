@@ -9,6 +9,8 @@ length of the task's prompts.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import csv
 import io
 import json
@@ -28,7 +30,7 @@ from .readers import TASKS, Record
 from .scoring import SCORERS
 
 #: generation length per kind of task (short answers vs free-form)
-MAX_NEW_TOKENS = {"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512}
+MAX_NEW_TOKENS = MappingProxyType({"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512})
 #: meta fields the scorers read (MME pairs, MMBench circular groups, SEED dimensions, ...)
 _SCORER_FIELDS = ("index", "image_id", "question_id", "answerable", "answer_type", "l2-category", "data_type",
                   "context", "caption", "split", "capability")

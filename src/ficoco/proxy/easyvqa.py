@@ -15,6 +15,8 @@ The package has no validation split; :func:`split_easy_vqa_train` holds out whol
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,7 +76,7 @@ def easy_vqa_question_words(samples: Sequence[EasyVQASample]) -> list[str]:
     return sorted({w for s in samples for w in tokenize(s.question) if w not in PUNCTUATION})
 
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+_RESAMPLE = MappingProxyType({"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST})
 
 
 def load_image(path: str, size: int = 336, resample: str = "bicubic") -> Image.Image:

@@ -4,6 +4,8 @@ under ten minutes."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,11 +19,11 @@ from .scenes import COLORS, DATASET_VERSION, SHAPES, SPLITS, VOCABULARY, WORDS, 
 from .train import TrainConfig, train
 
 #: multi-label targets of the [CLS] head: which shapes, colours, colour-shape pairs and word appear
-TARGET_NAMES = (
+TARGET_NAMES = tuple(
     [f"shape:{s}" for s in SHAPES] + [f"color:{c}" for c in COLORS]
     + [f"pair:{c} {s}" for c in COLORS for s in SHAPES] + ["word"] + [f"word:{w}" for w in WORDS]
 )
-_TARGET_INDEX = {name: i for i, name in enumerate(TARGET_NAMES)}
+_TARGET_INDEX = MappingProxyType({name: i for i, name in enumerate(TARGET_NAMES)})
 
 
 def scene_targets(example: Example) -> list[float]:
