@@ -339,3 +339,16 @@ def test_record_language_steps(model, images, prompts):
         steps = handle.language_steps
     assert [layer for layer, _ in steps] == sorted(handle.plan.language)
     assert sum(r.sources.shape[1] for _, r in steps) == PATCHES - 100
+
+
+def test_graphed_tower_runs_cpu_inputs_eagerly_and_detaches(model, images, prompts):
+    """Graph capture needs CUDA; CPU inputs (and autograd) take the ordinary forward."""
+    inputs = batch_inputs(prompts[:1], images[:1])
+    expected = logits(model, inputs)
+    with ficoco.graph_vision_tower(model) as graphed:
+        assert "forward" in model.model.vision_tower.__dict__
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        assert not graphed.captured
+        with pytest.raises(RuntimeError, match="already replaced"):
+            ficoco.graph_vision_tower(model)
+    assert "forward" not in model.model.vision_tower.__dict__
