@@ -19,6 +19,17 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def checkpoint_with_processor(tmp_path_factory):
+    """The tiny LLaVA plus its word-level processor (chat template), as a full checkpoint folder."""
+    from ficoco.testing import tiny_llava_processor
+
+    path = tmp_path_factory.mktemp("tiny-llava-with-processor")
+    tiny_llava(seed=0).save_pretrained(path)
+    tiny_llava_processor().save_pretrained(path)
+    return path
+
+
 def _load(path, attn):
     from transformers import LlavaForConditionalGeneration
 

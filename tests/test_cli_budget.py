@@ -13,7 +13,7 @@ import ficoco
 from ficoco import budget
 from ficoco.cli import main
 from ficoco.flops import llava_1_5_7b, llava_1_5_13b
-from ficoco.testing import tiny_llava, tiny_llava_processor
+from ficoco.testing import tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,6 @@ def test_flops_solver_rows_meet_their_budgets(runner):
 def test_flops_errors_are_one_line(runner, args, message):
     out = runner.invoke(main, args)
     assert out.exit_code != 0 and message in out.output and "Traceback" not in out.output
-
-
-@pytest.fixture(scope="module")
-def checkpoint_with_processor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava-cli")
-    tiny_llava().save_pretrained(path)
-    tiny_llava_processor().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image  # noqa: E402
 from ficoco.cli import main  # noqa: E402
 from ficoco.evaluation.readers import read_benchmark  # noqa: E402
 from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
-from ficoco.testing import tiny_llava, tiny_llava_processor  # noqa: E402
 
 
 def _png(colour) -> bytes:
@@ -54,11 +53,8 @@ def benchmarks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    tiny_llava().save_pretrained(path)
-    tiny_llava_processor().save_pretrained(path)
-    return path
+def checkpoint(checkpoint_with_processor):
+    return checkpoint_with_processor
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ LLM time is their difference.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 
 import json
 import platform
@@ -30,26 +29,29 @@ import torch
 
 from . import budget
 from .adapters import attach, graph_vision_tower
-from .flops import LlavaShape
+from .flops import LlavaShape, preset_names
+from .flops import preset as flops_preset
 from .methods import Method, get_method
 from .methods.baselines import oracle
 
-PRESETS = MappingProxyType({
-    "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-})
 IMAGE_TOKEN = 32000
 
 
 def llava_config(preset: str):
-    """A ``LlavaConfig`` with LLaVA-1.5's exact shapes (llava-hf layout)."""
+    """A ``LlavaConfig`` (llava-hf layout) with the exact shapes of a FLOPs preset (``llava-1.5-7b``, ...)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(**PRESETS[preset], num_key_value_heads=PRESETS[preset]["num_attention_heads"], vocab_size=32064,
+    try:
+        shape = flops_preset(preset)
+    except ValueError:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}") from None
+    v, t = shape.vision, shape.language
+    vision = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                              num_hidden_layers=v.num_layers, num_attention_heads=v.hidden_size // 64,
+                              image_size=v.image_size, patch_size=v.patch_size, projection_dim=768,
+                              hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                       num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, vocab_size=t.vocab_size,
                        max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                        vision_feature_select_strategy="default", image_seq_length=576)

@@ -268,32 +268,22 @@ def _clip_vit_l_14_336(text_hidden: int) -> VisionTowerShape:
     )
 
 
+def _llava_1_5(layers: int, hidden: int, mlp: int) -> LlavaShape:
+    """CLIP ViT-L/14-336 + a Vicuna decoder (MHA, head size 128, vocabulary 32064), features from layer -2."""
+    heads = hidden // 128
+    language = LanguageModelShape(num_layers=layers, hidden_size=hidden, intermediate_size=mlp, num_heads=heads,
+                                  num_kv_heads=heads, head_dim=128, vocab_size=32064)
+    return LlavaShape(vision=_clip_vit_l_14_336(hidden), language=language, vision_feature_layer=-2)
+
+
 def llava_1_5_7b() -> LlavaShape:
     """LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B (32 layers, D=4096, H=11008, 32 heads, V=32064)."""
-    language = LanguageModelShape(
-        num_layers=32,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        vocab_size=32064,
-    )
-    return LlavaShape(vision=_clip_vit_l_14_336(4096), language=language, vision_feature_layer=-2)
+    return _llava_1_5(32, 4096, 11008)
 
 
 def llava_1_5_13b() -> LlavaShape:
     """LLaVA-1.5-13B: CLIP ViT-L/14-336 + Vicuna-13B (40 layers, D=5120, H=13824, 40 heads, V=32064)."""
-    language = LanguageModelShape(
-        num_layers=40,
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_heads=40,
-        num_kv_heads=40,
-        head_dim=128,
-        vocab_size=32064,
-    )
-    return LlavaShape(vision=_clip_vit_l_14_336(5120), language=language, vision_feature_layer=-2)
+    return _llava_1_5(40, 5120, 13824)
 
 
 _PRESETS: tuple[tuple[str, Callable[[], LlavaShape]], ...] = (
