@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ class _OneLineErrors(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+            sys.stdout = open(os.devnull, "w")
+            ctx.exit(0)
         except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as err:
             raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
