@@ -183,9 +183,7 @@ def test_calculator_matches_flops_measured_on_the_hooked_model(name, options, ll
     finally:
         if handle:
             handle.remove()
-    per_module = counter.get_flop_counts()
-    llm = sum(sum(ops.values()) for key, ops in per_module.items()
-              if "language_model.layers." in key and key.split(".")[-2] == "layers")
+    llm = budget.counted_decoder_flops(counter.get_flop_counts())
     cost = budget.method_cost(shape, method, 25) if method else budget.vanilla_cost(shape, 25)
     predicted = cost.llm_tflops * 1e12
     assert predicted <= llm <= predicted * (1 + llm_overhead)

@@ -238,8 +238,7 @@ def measured_flops(preset: str = "llava-1.5-7b", retain: int = 192, text_tokens:
         finally:
             if handle:
                 handle.remove()
-        counted = sum(sum(ops.values()) for key, ops in counter.get_flop_counts().items()
-                      if "language_model.layers." in key and key.split(".")[-2] == "layers")
+        counted = budget.counted_decoder_flops(counter.get_flop_counts())
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
         rows.append(dict(method=name, retain=retain if method else 576, measured_tflops=counted / 1e12,
                          calculator_tflops=cost.llm_tflops, ratio=counted / 1e12 / cost.llm_tflops))

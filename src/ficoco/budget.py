@@ -15,6 +15,13 @@ from .flops import LlavaShape, kv_cache_bytes, llm_prefill_flops, solve_largest,
 from .methods import Method, ModelGeometry, ResolvedPlan, get_method
 
 
+def counted_decoder_flops(per_module: dict) -> float:
+    """Sum of ``FlopCounterMode.get_flop_counts()`` over the LLM's decoder layers (``...language_model.layers.N``),
+    the quantity the calculator's LLM prefill figure describes."""
+    return float(sum(sum(ops.values()) for key, ops in per_module.items()
+                     if "language_model.layers." in key and key.split(".")[-2] == "layers"))
+
+
 def geometry(shape: LlavaShape) -> ModelGeometry:
     """The layer/patch geometry a method plan needs, from a FLOPs shape."""
     layer = shape.vision_feature_layer

@@ -93,6 +93,7 @@ class ReductionHandle:
         self.vision: VisionSide | None = None
         self.language: LanguageSide | None = None
         self._stashed_labels: Tensor | None = None
+        self._signatures = {id(m): inspect.signature(type(m).forward) for m in (llava, outer) if m is not None}
         self._original_generate = None
         try:
             if self.plan.vision:
@@ -202,7 +203,7 @@ class ReductionHandle:
     def _rewrite_model_inputs(self, module, args, kwargs):
         if not args and kwargs.get("pixel_values") is None:
             return None  # nothing to cut: decoding steps, text-only calls
-        bound = inspect.signature(type(module).forward).bind_partial(module, *args, **kwargs).arguments
+        bound = self._signatures[id(module)].bind_partial(module, *args, **kwargs).arguments
         bound.pop("self", None)
         extra = bound.pop("kwargs", {})
         rewritten = self._rewrite({**bound, **extra})
