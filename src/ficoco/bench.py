@@ -23,7 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -113,7 +113,6 @@ class Measurement:
     peak_memory_gb: float
     kv_cache_mb: float
     calculator_llm_tflops: float
-    extra: dict = field(default_factory=dict)
 
 
 def _kv_bytes(cache) -> int:

@@ -9,7 +9,7 @@ resolved against the model's geometry when the method is attached.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..schedule import spread_evenly, tokens_entering_layers, validate_schedule
 from ..stages import BipartiteSimilarityFilter, TokenReduction
@@ -121,7 +121,6 @@ class Method:
     vision: VisionReduction | None = None
     language: LanguageReduction | None = None
     description: str = ""
-    defaults: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vision is None and self.language is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
@@ -46,7 +46,6 @@ class TrainConfig:
     dtype: str = "bfloat16"  # autocast dtype on CUDA; float32 on CPU
     num_workers: int = 8
     log_every: int = 50
-    extra: dict = field(default_factory=dict)
 
 
 def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -> dict[str, Tensor]:
