@@ -15,7 +15,7 @@ import pytest
 
 from ficoco.proxy import scenes
 from ficoco.proxy.scenes import (
-    ANSWER_WORDS, BACKGROUNDS, COLORS, FAMILIES, FINGERPRINTS, PUNCTUATION, QUESTION_WORDS, SHAPES, SIZES, SPLITS,
+    ANSWER_WORDS, BACKGROUNDS, COLORS, FAMILIES, FINGERPRINTS, GRID, PATCH_SIZE, PUNCTUATION, QUESTION_WORDS, SHAPES, SIZES, SPLITS,
     TEXT_COLOR, example_at, family_balance, generate_scene, iter_examples, make_split, render, rng_for,
     split_fingerprint, tokenize,
 )
@@ -362,3 +362,61 @@ def test_easy_vqa_reader():
     nearest = np.asarray(load_image(test[0].image_path, resample="nearest")).reshape(-1, 3)
     assert {tuple(c) for c in nearest} <= colors
     assert load_image(test[0].image_path, size=64).size == (64, 64)
+
+
+# ------------------------------------------------------------------------ training-side targets
+
+
+def test_patch_words_cover_every_object_and_only_its_box():
+    from ficoco.proxy.recipe import patch_words
+
+    for example in make_split("validation", size=40):
+        words = patch_words(example)
+        assert len(words) == GRID * GRID
+        for obj in example.scene.objects:
+            owned = [i for i, w in enumerate(words) if w == (obj.color, obj.shape)]
+            assert owned, f"{obj} owns no patch"
+            x0, y0, x1, y1 = obj.bbox
+            for i in owned:  # the patch centre of each owned patch lies in some object box of that kind
+                cx, cy = (i % GRID) * PATCH_SIZE + 7, (i // GRID) * PATCH_SIZE + 7
+                assert any(o.bbox[0] <= cx < o.bbox[2] and o.bbox[1] <= cy < o.bbox[3]
+                           for o in example.scene.objects if (o.color, o.shape) == (obj.color, obj.shape))
+        if example.scene.word:
+            assert (example.scene.word,) in words
+        described = sum(1 for w in words if w)
+        assert described < GRID * GRID  # background patches stay empty
+
+
+def test_follow_up_questions_are_deterministic_unique_and_about_the_same_scene():
+    from ficoco.proxy.scenes import follow_up_questions
+
+    example = example_at(SPLITS["train"].seed, 17)
+    first = follow_up_questions(example, 5)
+    assert first == follow_up_questions(example, 5) and 1 <= len(first) <= 5
+    questions = [s.question for s in first]
+    assert len(set(questions)) == len(questions) and example.question not in questions
+    assert follow_up_questions(example, 2) == first[:2]
+    assert {s.family for s in first} <= set(FAMILIES)
+
+
+def test_mixed_training_stream_is_deterministic_and_interleaves_easy_vqa():
+    pytest.importorskip("easy_vqa")
+    from ficoco.proxy.easyvqa import load_easy_vqa, split_easy_vqa_train
+    from ficoco.proxy.recipe import EASY_VQA_FAMILY, mixed_training_stream
+
+    fit, _ = split_easy_vqa_train(load_easy_vqa("train"))
+    stream, again = mixed_training_stream(fit, 4, 0, turns=3), mixed_training_stream(fit, 4, 0, turns=3)
+    items = [stream(i) for i in range(8)]
+    assert [x.family == EASY_VQA_FAMILY for x in items] == [False, False, False, True] * 2
+    for i, item in enumerate(items):
+        twin = again(i)
+        assert (item.question, item.answer, item.turns) == (twin.question, twin.answer, twin.turns)
+        assert len(item.turns) <= 2
+    by_question = {(s.question, s.answer): s.image_id for s in fit}
+    easy = items[3]
+    image_ids = {s.image_id for s in fit if (s.question, s.answer) == (easy.question, easy.answer)}
+    for question, answer in easy.turns:  # every later turn asks about an image the first question could be about
+        assert (question, answer) in by_question
+    assert image_ids
+    single = mixed_training_stream([], 0, 0)(5)
+    assert single.turns == () and single.family in FAMILIES

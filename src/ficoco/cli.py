@@ -218,10 +218,11 @@ def bench_report(results, plot_path, plot_batch) -> None:
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, type=click.Path(file_okay=False),
-              help="LLaVA checkpoint folder (with its processor).")
-@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--question", "questions", multiple=True, required=True, help="Repeat for several questions.")
+@click.option("--model", "model_path", default=None, type=click.Path(file_okay=False),
+              help="LLaVA checkpoint folder (with its processor) [the embedded proxy model].")
+@click.option("--image", "image_path", default=None, type=click.Path(dir_okay=False),
+              help="Image file [the bundled demo scene, with its own questions].")
+@click.option("--question", "questions", multiple=True, help="Repeat for several questions.")
 @click.option("--retain", type=int, default=64, show_default=True)
 @click.option("--picture", default="ficoco-demo.png", show_default=True,
               help="PNG: the image, FiCoCo-V's kept patches, and where the discarded ones were merged.")
@@ -229,13 +230,27 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
     """Answer questions about an image with vanilla and FiCoCo-V / -L / -VL, side by side."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .demo import run_demo
+    from .assets import embedded_model_dir
+    from .demo import bundled_example, run_demo
 
-    image = _open_image(image_path)
+    expected = None
+    if image_path is None:
+        image, default_questions, expected = bundled_example()
+        if questions:
+            expected = None
+        questions = questions or default_questions
+    else:
+        image = _open_image(image_path)
+        if not questions:
+            raise click.UsageError("--question is required with --image")
+    model_path = model_path or str(embedded_model_dir())
     if not Path(model_path, "config.json").is_file():
         raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
     processor = AutoProcessor.from_pretrained(model_path)
     model = LlavaForConditionalGeneration.from_pretrained(model_path).eval()
+    click.echo(f"model {model_path}")
+    for i, question in enumerate(questions):
+        click.echo(f"Q{i + 1}: {question}" + (f"   (expected: {expected[i]})" if expected else ""))
     rows = run_demo(model, processor, image, list(questions), retain=retain, picture=picture)
     for row in rows:
         click.echo(f"{row.method:<10} visual tokens {row.llm_input_visual:>3} -> {row.llm_final_visual:>3}  "
@@ -302,18 +317,49 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--aux-weight", type=float, default=0.5, show_default=True, help="Weight of the [CLS] scene loss.")
+@click.option("--patch-weight", type=float, default=0.5, show_default=True, help="Weight of the per-patch loss.")
+@click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", type=int, default=8, show_default=True)
 @click.option("--eval-size", type=int, default=500, show_default=True)
+@click.option("--easy-vqa-every", type=int, default=8, show_default=True,
+              help="One training sample in N is an easy-VQA question (0: procedural scenes only).")
+@click.option("--turns", type=int, default=6, show_default=True,
+              help="Questions per training image, asked as the turns of one conversation.")
+@click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, device, workers, eval_size, seed) -> None:
-    """Train the proxy LLaVA on the procedural dataset and save it in HF format."""
+def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, max_minutes, device, workers,
+                        eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+    """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, device=device,
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
+                         max_seconds=None if max_minutes is None else max_minutes * 60, device=device,
                          num_workers=workers, seed=seed)
-    train_proxy(out_dir, config, eval_size=eval_size, log=click.echo)
+    train_proxy(out_dir, config, eval_size=eval_size, easy_vqa_every=easy_vqa_every, turns=turns,
+                init_from=init_from, log=click.echo)
+
+
+@main.command("proxy-accuracy")
+@click.option("--model", "model_path", required=True, help="Trained proxy checkpoint folder (with its processor).")
+@click.option("--out", "out_dir", required=True, help="Where proxy_accuracy.json / .md / .png go.")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True)
+@click.option("--size", type=click.IntRange(min=1), default=None, help="First N samples of the split [all 2000].")
+@click.option("--retain", "retains", default="192,128,64", show_default=True, help="Visual-token budgets.")
+@click.option("--methods", "method_names", default=",".join(ENCODER_METHODS + DECODER_METHODS), show_default=True)
+@click.option("--device", default=None, help="cuda or cpu [cuda if present] (fp16 on cuda, fp32 on cpu).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--easy-vqa/--no-easy-vqa", "easy_vqa", default=True, show_default=True,
+              help="Also score easy-VQA's test questions (a column of their own, not in overall).")
+def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, device, batch_size, easy_vqa) -> None:
+    """Accuracy table of the proxy model: vanilla, every method/budget, decoder methods at ficoco-v's TFLOPs."""
+    from .proxy.table import run as accuracy_table
+
+    accuracy_table(model_path, out_dir, split=split, size=size, retains=_int_list(retains),
+                   methods=[m for m in method_names.split(",") if m], device=device, batch_size=batch_size,
+                   easy_vqa=easy_vqa, log=click.echo)
+    click.echo(Path(out_dir, "proxy_accuracy.md").read_text())
 
 
 def _open_image(image_path: str):

@@ -17,6 +17,19 @@ from .prompts import chat_prompt
 from .visualize import patch_destinations, render_reduction
 
 DEMO_METHODS = ("vanilla", "ficoco-v", "ficoco-l", "ficoco-vl")
+#: the bundled demo picture: sample 39 of the proxy dataset's fixed test split (six shapes and a word)
+DEMO_SAMPLE = ("test", 39)
+
+
+def bundled_example(follow_ups: int = 5):
+    """``(image, questions, expected answers)`` of the bundled demo scene: its test-split question
+    and ``follow_ups`` more about the same scene (deterministic)."""
+    from .proxy.scenes import SPLITS, example_at, follow_up_questions
+
+    split, index = DEMO_SAMPLE
+    example = example_at(SPLITS[split].seed, index)
+    samples = [example.sample, *follow_up_questions(example, follow_ups)]
+    return example.image(), [s.question for s in samples], [s.answer for s in samples]
 
 
 @dataclass

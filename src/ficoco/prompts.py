@@ -10,3 +10,12 @@ def chat_prompt(processor, question: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def follow_up_prompt(processor, question: str) -> str:
+    """A later user turn (no image) ending in the assistant's cue, for multi-turn training text
+    appended after an earlier answer and its end-of-sequence token."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return f"USER: {question} ASSISTANT:"

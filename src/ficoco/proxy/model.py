@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+TEMPLATE_WORDS = ("user", "assistant", ":")  # the words CHAT_TEMPLATE adds around each turn
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }} : "
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} "
@@ -44,7 +45,7 @@ def word_level_tokenizer(words: Iterable[str]):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS[:4])}
-    for word in sorted({w.lower() for w in words} | {":"}):
+    for word in sorted({w.lower() for w in words} | set(TEMPLATE_WORDS)):
         if word not in vocab and word not in SPECIAL_TOKENS:
             vocab[word] = len(vocab)
     vocab["<image>"] = len(vocab)

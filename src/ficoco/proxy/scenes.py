@@ -627,6 +627,25 @@ def example_at(seed: int, index: int, family: str | None = None) -> Example:
     raise RuntimeError(f"no {family} question after 1000 scenes (seed {seed}, index {index})")
 
 
+def follow_up_questions(example: Example, count: int) -> list[Sample]:
+    """Up to ``count`` more questions about ``example``'s scene, from a family order shuffled by
+    the example's own seed and index (a stream its question did not use); families that cannot ask
+    a clean question of the scene are skipped, and no question repeats."""
+    rng = rng_for(example.seed, example.index, stream=2)
+    asked, out = {example.question}, []
+    for family in _shuffled(rng, FAMILIES) * 2:
+        if len(out) == count:
+            break
+        try:
+            sample = FAMILY_FUNCTIONS[family](example.scene, rng)
+        except NoQuestion:
+            continue
+        if sample.question not in asked:
+            asked.add(sample.question)
+            out.append(sample)
+    return out
+
+
 def _seed_of(split: str | int) -> int:
     return SPLITS[split].seed if isinstance(split, str) else int(split)
 

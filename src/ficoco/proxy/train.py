@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..prompts import chat_prompt
+from ..prompts import chat_prompt, follow_up_prompt
 
 
 class QASample(Protocol):
@@ -40,17 +40,21 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.05
     aux_weight: float = 0.5
+    patch_weight: float = 0.5
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cuda"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; float32 on CPU
     num_workers: int = 8
     log_every: int = 50
+    max_seconds: float | None = None  # stop early (and record it) once training has run this long
 
 
 def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -> dict[str, Tensor]:
     """Right-padded batch. With answers: the answer tokens and ``</s>`` are appended and are the
-    only positions with labels; without: prompts only (for generation, left-padded)."""
+    only positions with labels, followed by the (question, answer) pairs of a sample's optional
+    ``turns`` as later turns of the conversation; without: first prompts only (for generation,
+    left-padded)."""
     tokenizer = processor.tokenizer
     images = [s.image for s in samples]
     prompts = [chat_prompt(processor, s.question) for s in samples]
@@ -58,11 +62,24 @@ def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -
         tokenizer.padding_side = "left"
         return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
     encoded = processor(images=images, text=prompts, return_tensors=None, padding=False)
+    conversations = [[(s.question, s.answer), *getattr(s, "turns", ())] for s in samples]
+    # one template rendering and two batched tokenizer calls per batch, not per turn
+    sentinel = "\x00question\x00"
+    template = follow_up_prompt(processor, sentinel)
+    follow_ups = [template.replace(sentinel, q) for turns in conversations for q, _ in turns[1:]]
+    prompt_ids = iter(tokenizer(follow_ups, add_special_tokens=False)["input_ids"] if follow_ups else [])
+    answer_ids = iter(tokenizer([a for turns in conversations for _, a in turns], add_special_tokens=False)["input_ids"])
     rows, labels = [], []
-    for ids, sample in zip(encoded["input_ids"], samples):
-        answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(list(ids) + answer)
-        labels.append([-100] * len(ids) + answer)
+    for ids, turns in zip(encoded["input_ids"], conversations):
+        row, label = list(ids), [-100] * len(ids)
+        for turn in range(len(turns)):
+            if turn:
+                prompt = next(prompt_ids)
+                row, label = row + prompt, label + [-100] * len(prompt)
+            answer = next(answer_ids) + [tokenizer.eos_token_id]
+            row, label = row + answer, label + answer
+        rows.append(row)
+        labels.append(label)
     length = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
@@ -86,6 +103,28 @@ class ClsHead(nn.Module):
         return self.proj(pooled)
 
 
+def masked_multilabel_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of ``logits [B, L]`` against ``targets [B, L]`` averaged over the rows
+    whose targets are not NaN (0 when there is none)."""
+    known = ~targets.isnan().any(dim=-1)
+    per_row = nn.functional.binary_cross_entropy_with_logits(
+        logits, targets.nan_to_num(0.0), reduction="none").mean(dim=-1)
+    return (per_row * known).sum() / known.sum().clamp(min=1)
+
+
+def word_alignment_loss(image_tokens: Tensor, word_embeddings: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of image tokens ``[B, P, D]`` scored against word embeddings ``[V, D]``
+    (logits ``[B, P, V]``) with targets ``[B, P, K]`` word ids (-100 = none): each patch spreads its
+    target probability evenly over its words; patches without words are skipped."""
+    logp = torch.log_softmax(image_tokens @ word_embeddings.T, dim=-1)
+    valid = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0)) * valid
+    words_per_patch = valid.sum(-1)
+    per_patch = -picked.sum(-1) / words_per_patch.clamp(min=1)
+    has_words = words_per_patch > 0
+    return (per_patch * has_words).sum() / has_words.sum().clamp(min=1)
+
+
 def cosine_lr(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -98,12 +137,20 @@ def train(
     processor,
     sample_at: Callable[[int], QASample],
     config: TrainConfig,
-    aux_targets: Callable[[QASample], Sequence[float]] | None = None,
+    aux_targets: Callable[[QASample], Sequence[float] | None] | None = None,
     num_aux: int = 0,
+    patch_words: Callable[[QASample], Sequence[Sequence[str]] | None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train ``model`` (a ``LlavaForConditionalGeneration``) in place on samples ``sample_at(i)``.
 
+    Two optional training-only objectives shape the vision side. ``aux_targets(sample)`` gives the
+    ``[num_aux]`` multi-hot scene description a linear head predicts from the pooled [CLS].
+    ``patch_words(sample)`` gives, for every patch, the words that describe it (e.g. ``("red",
+    "circle")``; empty for background): each projected image token, scored against the LLM's
+    input word embeddings, must put its probability on those words (LLaVA's stage-1 alignment of
+    image tokens to the word-embedding space, made dense). Either may return ``None`` for a sample
+    it does not describe.
     Returns the loss curve and timing. Data loading uses a ``DataLoader`` over sample indices, so
     sample ``i`` is the same whatever the number of workers.
     """
@@ -112,52 +159,84 @@ def train(
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device).train()
-    head = ClsHead(model.config.vision_config.hidden_size, num_aux).to(device) if aux_targets and num_aux else None
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    hidden = model.config.vision_config.hidden_size
+    cls_head = ClsHead(hidden, num_aux).to(device) if aux_targets and num_aux else None
+    params = list(model.parameters()) + (list(cls_head.parameters()) if cls_head is not None else [])
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
-    pooled: dict[str, Tensor] = {}
-    hook = model.model.vision_tower.register_forward_hook(
-        lambda module, args, output: pooled.__setitem__("cls", output.pooler_output))
+    # read the tower's outputs inside the hook: LLaVA later overwrites ``pooler_output`` with its
+    # projected image features (transformers >= 5.2x)
+    tower_out: dict[str, object] = {}
+    hooks = [
+        model.model.vision_tower.register_forward_hook(
+            lambda module, args, output: tower_out.update(pooled=output.pooler_output)),
+        model.model.multi_modal_projector.register_forward_hook(
+            lambda module, args, output: tower_out.update(projected=output)),
+    ]
+    tokenizer = processor.tokenizer
 
-    def make_batch(indices: list[int]) -> tuple[dict, Tensor | None]:
+    def make_batch(indices: list[int]) -> tuple[dict, Tensor | None, Tensor | None]:
         samples = [sample_at(i) for i in indices]
         batch = collate(samples, processor)
-        aux = torch.tensor([list(aux_targets(s)) for s in samples], dtype=torch.float32) if head is not None else None
-        return batch, aux
+        aux = patches = None
+        if cls_head is not None:  # rows without a scene description get NaN targets, masked out
+            targets = [aux_targets(s) for s in samples]
+            aux = torch.tensor([list(t) if t is not None else [math.nan] * num_aux for t in targets])
+        if patch_words is not None:  # [B, P, 2] word ids per patch, -100 where none
+            grids = [patch_words(s) for s in samples]
+            num_patches = next((len(g) for g in grids if g is not None), 1)
+            patches = torch.full((len(samples), num_patches, 2), -100)
+            for row, grid in enumerate(grids):
+                for patch, words in enumerate(grid or ()):
+                    for slot, word in enumerate(words[:2]):
+                        patches[row, patch, slot] = tokenizer.convert_tokens_to_ids(word)
+        return batch, aux, patches
 
     loader = DataLoader(range(config.steps * config.batch_size), batch_size=config.batch_size, shuffle=False,
-                        num_workers=config.num_workers, collate_fn=make_batch,
+                        num_workers=config.num_workers, collate_fn=make_batch, pin_memory=device.type == "cuda",
                         persistent_workers=config.num_workers > 0)
     use_autocast = device.type == "cuda"
     autocast_dtype = getattr(torch, config.dtype)
     curve, started = [], time.time()
+    stopped_at = None
     try:
-        for step, (batch, aux) in enumerate(loader):
+        for step, (batch, aux, patches) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * cosine_lr(step, config)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                 out = model(**batch)
                 loss = out.loss
-                aux_loss = torch.zeros((), device=device)
-                if head is not None:
-                    logits = head(pooled["cls"].float())
-                    aux_loss = nn.functional.binary_cross_entropy_with_logits(logits, aux.to(device))
+                aux_loss = patch_loss = torch.zeros((), device=device)
+                if cls_head is not None:
+                    aux_loss = masked_multilabel_loss(cls_head(tower_out["pooled"].float()), aux.to(device))
                     loss = loss + config.aux_weight * aux_loss
+                if patches is not None:
+                    embeddings = model.get_input_embeddings().weight
+                    patch_loss = word_alignment_loss(tower_out["projected"].float(), embeddings.float(),
+                                                     patches.to(device))
+                    loss = loss + config.patch_weight * patch_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
-            if step % config.log_every == 0 or step == config.steps - 1:
+            elapsed = time.time() - started
+            out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
+            if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                 entry = dict(step=step, loss=float(out.loss.detach()), aux_loss=float(aux_loss.detach()),
-                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - started)
+                             patch_loss=float(patch_loss.detach()), lr=optimizer.param_groups[0]["lr"],
+                             seconds=elapsed)
                 curve.append(entry)
                 log(f"step {step:5d}  answer loss {entry['loss']:.4f}  cls loss {entry['aux_loss']:.4f}  "
-                    f"lr {entry['lr']:.2e}  {entry['seconds']:.0f}s")
+                    f"patch loss {entry['patch_loss']:.4f}  lr {entry['lr']:.2e}  {elapsed:.0f}s")
+            if out_of_time:  # a safety net for a fixed wall-clock budget; the record says so
+                stopped_at = step
+                log(f"stopped after {elapsed:.0f}s at step {step} of {config.steps} (max_seconds)")
+                break
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     model.eval()
-    return {"config": asdict(config), "curve": curve, "seconds": time.time() - started}
+    return {"config": asdict(config), "curve": curve, "seconds": time.time() - started, "stopped_at_step": stopped_at}

@@ -1,0 +1,265 @@
+"""Issue 4's accuracy table for the trained proxy model: accuracy per question family of vanilla
+and of every method at every retained count, and of the decoder-side methods at ficoco-v's cost.
+
+``ficoco proxy-accuracy`` runs :func:`run`. The rows:
+
+- ``vanilla``;
+- ``<method>@<retain>``: every requested method (encoder- and decoder-side) at every count;
+- ``<method>@tflops(<retain>)``: every decoder-side method (one with an LLM reduction: ficoco-l,
+  fastv, ficoco-vl) with the schedule :func:`ficoco.budget.solve_for_tflops` finds for the LLM
+  prefill TFLOPs that ficoco-v costs at ``<retain>``, the paper's (and ``ficoco flops``')
+  TFLOPs axis. A method that cannot get that cheap on this model is kept as a skipped row with
+  the solver's reason.
+
+TFLOPs come from :mod:`ficoco.budget` on the checkpoint's own shape, one image and the mean text
+length of the procedural prompts; the LLM prefill and the vision side (tower + projector) are
+reported apart and summed. Accuracy is exact match after normalisation
+(:func:`ficoco.proxy.evaluate.accuracy`) on the first ``size`` samples of a fixed procedural split,
+per family and overall; easy-VQA's test questions, when asked for, are a column of their own and
+are not part of ``overall``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import budget
+from ..evaluation.runner import _text_tokens, plot_results, variants_for
+from ..flops import LlavaShape
+from ..methods import Method, get_method
+from .evaluate import accuracy
+from .scenes import FAMILIES, make_split
+
+EASY_VQA = "easy-vqa"  # the column of easy-VQA's test questions (recipe.EASY_VQA_FAMILY)
+DEFAULT_METHODS = ("ficoco-v", "tome", "evit", "random", "ficoco-l", "fastv", "ficoco-vl")
+REFERENCE = "ficoco-v"  # the method whose cost the matched-TFLOPs rows meet
+FILES = ("proxy_accuracy.json", "proxy_accuracy.md", "proxy_accuracy.png")
+
+
+def matched_label(method: str, retain: int) -> str:
+    return f"{method}@tflops({retain})"
+
+
+def load_samples(split: str = "test", size: int | None = None, easy_vqa: bool = True) -> dict[str, list]:
+    """``{"procedural": [...], "easy-vqa": [...]}``: the first ``size`` samples of the procedural
+    ``split`` (all of it without ``size``), rendered, and as many of easy-VQA's test questions
+    (none unless ``easy_vqa``; RuntimeError without the easy-vqa package)."""
+    from .recipe import rendered
+
+    procedural = [rendered(example) for example in make_split(split, size)]
+    samples = {"procedural": procedural}
+    if easy_vqa:
+        from .easyvqa import load_easy_vqa
+        from .recipe import easy_vqa_rendered
+
+        try:
+            questions = load_easy_vqa("test")[:len(procedural)]
+        except ImportError as err:
+            raise RuntimeError(f"{err} (or leave easy-VQA out: --no-easy-vqa)") from None
+        samples[EASY_VQA] = [easy_vqa_rendered(s) for s in questions]
+    return samples
+
+
+def _cost_fields(cost: budget.MethodCost) -> dict:
+    return {"llm_input_visual": cost.llm_input_visual, "llm_final_visual": cost.llm_final_visual,
+            "llm_tflops": cost.llm_tflops, "vision_tflops": cost.vision_tflops,
+            "tflops": cost.llm_tflops + cost.vision_tflops}
+
+
+def _schedule(method: Method | None) -> dict:
+    """Where a method reduces, as built (the solver may move a decoder method's ``end_layer``)."""
+    out = {}
+    for side in ("vision", "language"):
+        reduction = getattr(method, side, None)
+        if reduction is not None:
+            out[side] = {"retain": reduction.retain, "start_layer": reduction.start_layer,
+                         "end_layer": reduction.end_layer}
+    return out
+
+
+def plan_variants(shape: LlavaShape, methods: Sequence[str], retains: Sequence[int], text_tokens: int,
+                  options: Mapping[str, Mapping] | None = None) -> list[tuple[dict, Method | None]]:
+    """``[(row, method)]`` for every variant, costed on ``shape``; ``method`` is None for vanilla
+    and for skipped rows (``row["skipped"]`` then says why). A method at a fixed count that does
+    not fit the model raises ValueError here, before anything is evaluated."""
+    options = {name: dict(opts) for name, opts in (options or {}).items()}
+    planned = []
+    for variant in variants_for(methods, retains, options):
+        method = variant.build()
+        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+        row = {"label": variant.label, "method": variant.method, "kind": "vanilla" if method is None else "retain",
+               "retain": variant.retain, "schedule": _schedule(method), "skipped": None, **_cost_fields(cost)}
+        planned.append((row, method))
+    decoder_side = [name for name in dict.fromkeys(methods)
+                    if name != "vanilla" and get_method(name, **options.get(name, {})).language is not None]
+    for retain in retains:
+        try:
+            reference = budget.method_cost(shape, get_method(REFERENCE, retain=retain, **options.get(REFERENCE, {})),
+                                           text_tokens)
+        except ValueError as err:
+            reference, reason = None, f"{REFERENCE}@{retain} does not fit this model: {err}"
+        for name in decoder_side:
+            row = {"label": matched_label(name, retain), "method": name, "kind": "matched", "retain": retain,
+                   "target_llm_tflops": reference.llm_tflops if reference else None, "schedule": {}, "skipped": None}
+            method = None
+            if reference is not None:
+                try:
+                    method, cost = budget.solve_for_tflops(shape, name, reference.llm_tflops, text_tokens,
+                                                           **options.get(name, {}))
+                    row.update(schedule=_schedule(method), **_cost_fields(cost))
+                except ValueError as err:
+                    row["skipped"] = str(err)
+            else:
+                row["skipped"] = reason
+            planned.append((row, method))
+    return planned
+
+
+def _percent(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else 100.0 * value / base
+
+
+def evaluate_variants(model, processor, samples: Mapping[str, Sequence], planned: Sequence[tuple[dict, Method | None]],
+                      batch_size: int = 64, log: Callable[[str], None] = print) -> list[dict]:
+    """Fill each planned row with ``accuracy`` (per family, ``overall`` of the procedural samples,
+    ``easy-vqa``) and ``percent_of_vanilla`` (same keys); skipped rows get neither."""
+    rows = []
+    for row, method in planned:
+        row = dict(row)
+        if row["skipped"]:
+            log(f"{row['label']:<22} skipped: {row['skipped']}")
+            rows.append(row)
+            continue
+        if row["kind"] != "vanilla" and method is None:
+            raise ValueError(f"{row['label']}: no method to evaluate")
+        started = time.perf_counter()
+        scores = accuracy(model, processor, samples["procedural"], method, batch_size)
+        if samples.get(EASY_VQA):
+            scores[EASY_VQA] = accuracy(model, processor, samples[EASY_VQA], method, batch_size)["overall"]
+        row["accuracy"] = scores
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        log(f"{row['label']:<22} overall {100 * scores['overall']:5.1f}%  "
+            f"LLM {row['llm_tflops']:.4g} TFLOPs  {row['llm_final_visual']} visual tokens")
+    vanilla = next((r["accuracy"] for r in rows if r["kind"] == "vanilla" and "accuracy" in r), None)
+    for row in rows:
+        if "accuracy" in row and vanilla is not None:
+            row["percent_of_vanilla"] = {k: _percent(v, vanilla.get(k)) for k, v in row["accuracy"].items()}
+    return rows
+
+
+def _families(rows: Sequence[dict]) -> list[str]:
+    seen = {k for r in rows for k in r.get("accuracy", {})}
+    return [f for f in FAMILIES if f in seen] + sorted(seen - set(FAMILIES) - {"overall", EASY_VQA})
+
+
+def markdown(report: Mapping) -> str:
+    """One row per variant: retained visual tokens, LLM / vision TFLOPs, accuracy (%) per family,
+    overall and its % of vanilla, then easy-VQA; skipped rows are listed under the table."""
+    rows = report["rows"]
+    families = _families(rows)
+    easy = any(EASY_VQA in r.get("accuracy", {}) for r in rows)
+    header = (["variant", "visual tokens", "LLM TFLOPs", "vision TFLOPs"] + families + ["overall", "% vanilla"]
+              + ([EASY_VQA, f"{EASY_VQA} % vanilla"] if easy else []))
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def ratio(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [f"Proxy model `{report['model']}`: {report['split']} split, {report['size']} samples"
+             + (f" (+{report['easy_vqa_size']} easy-VQA test questions, not in overall)" if easy else "")
+             + f", {report['text_tokens']} text tokens, {report['device']}. Accuracy in %, exact match. "
+             f"`method@tflops(N)`: the decoder-side method solved to {REFERENCE}@N's LLM prefill TFLOPs.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for r in rows:
+        if r["skipped"]:
+            notes.append(f"- `{r['label']}` skipped: {r['skipped']}")
+            continue
+        acc, rel = r["accuracy"], r.get("percent_of_vanilla", {})
+        cells = [r["label"], str(r["llm_final_visual"]), f"{r['llm_tflops']:.4g}", f"{r['vision_tflops']:.4g}"]
+        cells += [pct(acc.get(f)) for f in families] + [pct(acc["overall"]), ratio(rel.get("overall"))]
+        if easy:
+            cells += [pct(acc.get(EASY_VQA)), ratio(rel.get(EASY_VQA))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot(report: Mapping, path: str) -> None:
+    """Accuracy vs LLM prefill TFLOPs (:func:`ficoco.evaluation.runner.plot_results`): a panel for
+    the procedural overall and one for easy-VQA, a line per method (its matched-TFLOPs rows a line
+    of their own), vanilla a single marker."""
+    points = []
+    for r in report["rows"]:
+        if "accuracy" not in r:
+            continue
+        name = f"{r['method']} matched" if r["kind"] == "matched" else r["method"]
+        variant = name if r["kind"] == "vanilla" else f"{name}@{r['retain']}"
+        for panel, key in (("procedural (overall)", "overall"), (EASY_VQA, EASY_VQA)):
+            if key in r["accuracy"]:
+                points.append({"task": panel, "variant": variant, "llm_tflops": r["llm_tflops"],
+                               "score": {"score": 100 * r["accuracy"][key]}})
+    plot_results(points, path)
+
+
+def write(report: Mapping, out_dir: str) -> list[Path]:
+    """``proxy_accuracy.json``, ``.md`` and ``.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in FILES]
+    paths[0].write_text(json.dumps(report, indent=1))
+    paths[1].write_text(markdown(report))
+    plot(report, str(paths[2]))
+    return paths
+
+
+def run(model_path: str, out_dir: str, *, split: str = "test", size: int | None = None,
+        retains: Sequence[int] = (192, 128, 64), methods: Sequence[str] = DEFAULT_METHODS, device: str | None = None,
+        batch_size: int = 64, easy_vqa: bool = True, options: Mapping[str, Mapping] | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Evaluate the checkpoint at ``model_path`` (fp16 on CUDA, fp32 on CPU; ``device`` None: CUDA
+    when present) and write the table, JSON and plot to ``out_dir``; returns the report.
+    ``options``: per-method keyword options, e.g. ``{"ficoco-v": {"start_layer": 2}}``."""
+    import torch
+    import transformers
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    for name in methods:
+        if name != "vanilla":
+            get_method(name, **dict((options or {}).get(name, {})))  # fail fast on an unknown method
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
+    if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: fail before the work, not after
+        raise RuntimeError("the plot needs matplotlib: pip install matplotlib")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
+    samples = load_samples(split, size, easy_vqa)
+    processor = AutoProcessor.from_pretrained(model_path)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    shape = LlavaShape.from_config(model.config)
+    text_tokens = _text_tokens(processor, samples["procedural"])
+    planned = plan_variants(shape, methods, retains, text_tokens, options)
+    log(f"{len(planned)} variants on {len(samples['procedural'])} {split} samples"
+        + (f" + {len(samples[EASY_VQA])} easy-VQA questions" if easy_vqa else "") + f" ({device})")
+    rows = evaluate_variants(model, processor, samples, planned, batch_size, log)
+    report = {
+        "model": str(model_path), "split": split, "size": len(samples["procedural"]),
+        "easy_vqa_size": len(samples.get(EASY_VQA, ())), "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size, "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "text_tokens": text_tokens,
+        "retains": list(retains), "methods": list(methods), "matched_to": REFERENCE,
+        "matched_on": "llm_tflops", "vanilla_llm_tflops": budget.vanilla_cost(shape, text_tokens).llm_tflops,
+        "rows": rows,
+    }
+    for path in write(report, out_dir):
+        log(f"wrote {path}")
+    return report
