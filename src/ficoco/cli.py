@@ -313,14 +313,14 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 
 @main.command("train-proxy")
 @click.option("--out", "out_dir", required=True, help="Where the trained checkpoint goes.")
-@click.option("--steps", type=int, default=4000, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--aux-weight", type=float, default=0.5, show_default=True, help="Weight of the [CLS] scene loss.")
-@click.option("--patch-weight", type=float, default=0.5, show_default=True, help="Weight of the per-patch loss.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [TrainConfig: 2000].")
+@click.option("--batch-size", type=int, default=None, help="[TrainConfig: 128].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [TrainConfig: 5e-4].")
+@click.option("--aux-weight", type=float, default=None, help="Weight of the [CLS] scene loss [0.5].")
+@click.option("--patch-weight", type=float, default=None, help="Weight of the patch-word alignment loss [0.5].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
-@click.option("--workers", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=None, help="Data-loading processes [CPU count - 2, at most 14].")
 @click.option("--eval-size", type=int, default=500, show_default=True)
 @click.option("--easy-vqa-every", type=int, default=8, show_default=True,
               help="One training sample in N is an easy-VQA question (0: procedural scenes only).")
@@ -334,9 +334,10 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
-                         max_seconds=None if max_minutes is None else max_minutes * 60, device=device,
-                         num_workers=workers, seed=seed)
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
+                 num_workers=workers)
+    config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
+                         **{key: value for key, value in given.items() if value is not None})
     train_proxy(out_dir, config, eval_size=eval_size, easy_vqa_every=easy_vqa_every, turns=turns,
                 init_from=init_from, log=click.echo)
 

@@ -9,9 +9,10 @@ scene contains (a multi-label target supplied by the dataset), as CLIP's contras
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -31,11 +32,11 @@ class QASample(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Recipe. Defaults aim at < 10 minutes on one H100."""
+    """Recipe. Defaults aim at < 10 minutes on one H100 (docs/proxy-model.md)."""
 
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
     weight_decay: float = 0.05
@@ -45,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cuda"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; float32 on CPU
-    num_workers: int = 8
+    num_workers: int = field(default_factory=lambda: max(0, min(14, (os.cpu_count() or 1) - 2)))
     log_every: int = 50
     max_seconds: float | None = None  # stop early (and record it) once training has run this long
 
