@@ -4,6 +4,7 @@ toy samples (the real run trains on the procedural dataset on a GPU)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -153,3 +154,16 @@ def test_word_alignment_loss_matches_a_loop():
                 losses.append(-sum(logp[i] for i in ids) / len(ids))
     assert torch.allclose(word_alignment_loss(tokens, words, targets), torch.stack(losses).mean(), atol=1e-6)
     assert word_alignment_loss(tokens, words, torch.full((2, 5, 2), -100)) == 0
+
+
+def test_train_proxy_cli_trains_and_saves(tmp_path):
+    from click.testing import CliRunner
+
+    from ficoco.cli import main
+
+    out = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
+                                    "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2"])
+    assert out.exit_code == 0, out.output
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["config"]["steps"] == 2 and record["config"]["lr"] == TrainConfig().lr and record["turns"] == 2
+    assert (tmp_path / "model.safetensors").stat().st_size < 20e6
