@@ -72,3 +72,51 @@ def test_report_ratios_tables_and_plot(tmp_path):
     assert "| ficoco-v | 192 | 1.05x" in text and "Generation throughput" in text and "FlopCounterMode" in text
     bench_report.plot(data, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("repeats,rounds,expected", [(10, 5, [2, 2, 2, 2, 2]), (10, 3, [4, 3, 3]), (2, 5, [1, 1]),
+                                                     (7, 1, [7])])
+def test_repeats_are_spread_over_interleaved_rounds(repeats, rounds, expected):
+    assert bench.split_repeats(repeats, rounds) == expected
+
+
+def test_run_interleaves_variants_and_reports_every_row(monkeypatch):
+    """The benchmark loop's bookkeeping on the tiny CPU model, with the CUDA timer replaced by a
+    counter: every variant is measured in every round, in the same order each round; each
+    (variant, batch) gets all its repeats; generation runs once per variant."""
+    from ficoco.testing import tiny_llava
+
+    model = tiny_llava().eval()
+    calls: list[str] = []
+    original_attach = bench.attach
+
+    def spy_attach(m, method, **kw):
+        calls.append(method.name)
+        return original_attach(m, method, **kw)
+
+    timed: list[int] = []
+    monkeypatch.setattr(bench, "random_model", lambda preset, device, dtype: model)
+    monkeypatch.setattr(bench, "attach", spy_attach)
+    monkeypatch.setattr(bench, "make_inputs", lambda b, t, d, dt: _cpu_inputs(b, t, model.config.image_token_id))
+    monkeypatch.setattr(bench, "cuda_times", lambda fn, warmup, repeats: (timed.append(repeats), [1.0] * repeats)[1])
+    monkeypatch.setattr(bench, "cuda_time", lambda fn, warmup, repeats: 2.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    monkeypatch.setattr(bench, "environment", lambda: {})
+    result = bench.run("llava-1.5-7b", batches=[1, 2], retains=[64], methods=["ficoco-v", "fastv"],
+                       generate_tokens=[1], generate_batch=1, text_tokens=4, warmup=0, repeats=5, rounds=2,
+                       log=lambda _: None)
+    per_round = ["oracle", "ficoco-v", "oracle[fastv]", "fastv"]
+    assert calls == per_round * 2
+    assert sum(timed) == 2 * 5 * 2 * (len(per_round) + 1)  # prefill + vision, 5 repeats, 2 batches, 5 variants
+    assert [(r["variant"], r["batch"]) for r in result["prefill"]] == [
+        (v, b) for v in ["vanilla", *per_round] for b in (1, 2)]
+    assert [r["variant"] for r in result["generate"]] == ["vanilla", *per_round]
+    assert result["settings"]["rounds"] == 2 and all(r["prefill_ms"] == 1.0 for r in result["prefill"])
+
+
+def _cpu_inputs(batch: int, text_tokens: int, image_token: int) -> dict:
+    ids = torch.tensor([[1] + [image_token] * 576 + [5] * text_tokens] * batch)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(batch, 3, 336, 336)}

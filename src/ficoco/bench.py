@@ -10,7 +10,9 @@ variants run in one process on one model, so ratios are taken side by side:
   schedule with truncation instead of scoring, the floor for that schedule;
 - every method at each retained count.
 
-Each measurement: CUDA events, warm-up runs, median over repeats. Prefill is timed for the whole
+Each measurement: CUDA events, warm-up runs, median over repeats; the repeats are spread over
+interleaved rounds (every variant once per round), so drifts in clocks or host load hit every
+variant alike. Prefill is timed for the whole
 model (vision tower + projector + LLM, ``logits_to_keep=1``) and for the vision side alone; the
 LLM time is their difference.
 """
@@ -86,8 +88,8 @@ def make_inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype, s
             "pixel_values": pixels.to(device, dtype)}
 
 
-def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (CUDA events)."""
+def cuda_times(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` runs of ``fn`` after ``warmup`` runs (CUDA events)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -98,7 +100,18 @@ def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def cuda_time(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (CUDA events)."""
+    return statistics.median(cuda_times(fn, warmup, repeats))
+
+
+def split_repeats(repeats: int, rounds: int) -> list[int]:
+    """``repeats`` timed runs spread over ``rounds`` interleaved rounds (each round at least one)."""
+    rounds = max(1, min(rounds, repeats))
+    return [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
 
 
 @dataclass
@@ -137,6 +150,25 @@ def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[t
     return out
 
 
+def _time_generation(model, label: str, retain: int, generate_tokens: Sequence[int], batch: int, text_tokens: int,
+                     repeats: int, device: str, dtype: torch.dtype, log: Callable[[str], None]) -> list[dict]:
+    """Images per second of ``generate()`` for each length in ``generate_tokens`` (greedy, forced length)."""
+    inputs = make_inputs(batch, text_tokens, device, dtype)
+    rows = []
+    for new in generate_tokens:
+        with torch.inference_mode():
+            def generate():
+                return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      pad_token_id=0)
+
+            ms = cuda_time(generate, 1, max(2, repeats // 3))
+        rows.append(dict(variant=label, retain=retain, batch=batch, new_tokens=new, ms=ms,
+                         images_per_s=1000 * batch / ms))
+        log(f"{label:>18} retain={retain:<3} generate {new:>2} tokens x {batch}: {ms:8.1f} ms "
+            f"= {1000 * batch / ms:6.1f} img/s")
+    return rows
+
+
 def run(
     preset: str = "llava-1.5-7b",
     *,
@@ -148,6 +180,7 @@ def run(
     text_tokens: int = 64,
     warmup: int = 3,
     repeats: int = 10,
+    rounds: int = 5,
     graph_vision: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -161,56 +194,66 @@ def run(
     geometry = budget.geometry(shape)
     log(f"built {preset} in {time.time() - started:.1f}s")
     prefill_rows, generate_rows = [], []
-    for label, retain, method in variants(retains, methods, geometry):
-        handle = attach(model, method) if method is not None else None
-        graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
+    # every variant is timed in each round, so slow drifts of the GPU (clocks, temperature) and of
+    # the host hit all variants alike and the ratios stay side by side
+    variant_list = variants(retains, methods, geometry)
+    per_round = split_repeats(repeats, rounds)
+    prefill_times: dict[tuple, list[float]] = {}
+    vision_times: dict[tuple, list[float]] = {}
+    memory: dict[tuple, tuple[float, float]] = {}
+    for round_index, round_repeats in enumerate(per_round):
+        last_round = round_index == len(per_round) - 1
+        for label, retain, method in variant_list:
+            handle = attach(model, method) if method is not None else None
+            graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
+            try:
+                for batch in batches:
+                    key = (label, retain, batch)
+                    inputs = make_inputs(batch, text_tokens, device, dtype)
+                    with torch.inference_mode():
+                        def prefill():
+                            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+                        def vision():
+                            return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+                        if key not in memory:
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            out = prefill()
+                            peak = torch.cuda.max_memory_allocated() / 1e9
+                            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+                            memory[key] = (peak, _kv_bytes(cache) / batch / 1e6)
+                            del out
+                        prefill_times.setdefault(key, []).extend(cuda_times(prefill, warmup, round_repeats))
+                        vision_times.setdefault(key, []).extend(cuda_times(vision, warmup, round_repeats))
+                if last_round:
+                    generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
+                                                      text_tokens, repeats, device, dtype, log)
+            finally:
+                if graphed is not None:
+                    graphed.remove()
+                if handle is not None:
+                    handle.remove()
+        log(f"round {round_index + 1}/{len(per_round)} done ({round_repeats} timed runs per variant and batch)")
+    for label, retain, method in variant_list:
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
-        try:
-            for batch in batches:
-                inputs = make_inputs(batch, text_tokens, device, dtype)
-                with torch.inference_mode():
-                    def prefill():
-                        return model(**inputs, use_cache=True, logits_to_keep=1)
-
-                    def vision():
-                        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
-
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    out = prefill()
-                    peak = torch.cuda.max_memory_allocated() / 1e9
-                    kv = _kv_bytes(getattr(out, "past_key_values", None) or getattr(out, "cache", None)) / batch / 1e6
-                    del out
-                    total_ms = cuda_time(prefill, warmup, repeats)
-                    vision_ms = cuda_time(vision, warmup, repeats)
-                row = Measurement(label, method.name if method else "vanilla", retain, batch, total_ms, vision_ms,
-                                  total_ms - vision_ms, peak, kv, cost.llm_tflops)
-                prefill_rows.append(asdict(row))
-                log(f"{label:>18} retain={retain:<3} batch={batch:<2} prefill {total_ms:8.2f} ms "
-                    f"(vision {vision_ms:7.2f}, llm {total_ms - vision_ms:8.2f})  peak {peak:5.1f} GB  kv {kv:6.1f} MB/img")
-            inputs = make_inputs(generate_batch, text_tokens, device, dtype)
-            for new in generate_tokens:
-                with torch.inference_mode():
-                    def generate():
-                        return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                              pad_token_id=0)
-
-                    ms = cuda_time(generate, 1, max(2, repeats // 3))
-                generate_rows.append(dict(variant=label, retain=retain, batch=generate_batch, new_tokens=new,
-                                          ms=ms, images_per_s=1000 * generate_batch / ms))
-                log(f"{label:>18} retain={retain:<3} generate {new:>2} tokens x {generate_batch}: {ms:8.1f} ms "
-                    f"= {1000 * generate_batch / ms:6.1f} img/s")
-        finally:
-            if graphed is not None:
-                graphed.remove()
-            if handle is not None:
-                handle.remove()
+        for batch in batches:
+            key = (label, retain, batch)
+            total_ms, vision_ms = statistics.median(prefill_times[key]), statistics.median(vision_times[key])
+            peak, kv = memory[key]
+            row = Measurement(label, method.name if method else "vanilla", retain, batch, total_ms, vision_ms,
+                              total_ms - vision_ms, peak, kv, cost.llm_tflops)
+            prefill_rows.append(asdict(row))
+            log(f"{label:>18} retain={retain:<3} batch={batch:<2} prefill {total_ms:8.2f} ms "
+                f"(vision {vision_ms:7.2f}, llm {total_ms - vision_ms:8.2f})  peak {peak:5.1f} GB  kv {kv:6.1f} MB/img")
     return {
         "preset": preset,
         "environment": environment(),
         "settings": dict(batches=list(batches), retains=list(retains), methods=list(methods),
                          generate_tokens=list(generate_tokens), generate_batch=generate_batch,
-                         text_tokens=text_tokens, warmup=warmup, repeats=repeats, dtype="bfloat16",
+                         text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
+                         dtype="bfloat16",
                          attention="sdpa", graph_vision=graph_vision),
         "prefill": prefill_rows,
         "generate": generate_rows,
