@@ -115,6 +115,11 @@ def test_run_interleaves_variants_and_reports_every_row(monkeypatch):
         (v, b) for v in ["vanilla", *per_round] for b in (1, 2)]
     assert [r["variant"] for r in result["generate"]] == ["vanilla", *per_round]
     assert result["settings"]["rounds"] == 2 and all(r["prefill_ms"] == 1.0 for r in result["prefill"])
+    assert {r["cache"] for r in result["generate"]} == {"dynamic"}
+    static = bench.run("llava-1.5-7b", batches=[1], retains=[64], methods=["ficoco-v", "fastv"], generate_tokens=[1],
+                       generate_batch=1, text_tokens=4, warmup=0, repeats=1, rounds=1, static_cache=True,
+                       log=lambda _: None)
+    assert [r["variant"] for r in static["generate"] if r["cache"] == "static"] == ["vanilla", "oracle", "ficoco-v"]
 
 
 def _cpu_inputs(batch: int, text_tokens: int, image_token: int) -> dict:

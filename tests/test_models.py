@@ -141,6 +141,29 @@ def test_generate_equals_manual_prefill_and_decode(model, images, prompts, key):
     assert torch.equal(gen.sequences[:, -steps:], tokens)
 
 
+@pytest.mark.parametrize("key", ["vanilla", *METHODS])
+def test_static_cache_generates_the_same_tokens_or_refuses_clearly(model, images, prompts, key):
+    """Encoder-side methods only shorten the LLM's input, so a static KV cache works and gives the
+    dynamic cache's tokens; decoder-side ones keep a different length per layer and refuse."""
+    inputs = batch_inputs(prompts, images, "left")
+    method = build(key) if key != "vanilla" else None
+    handle = ficoco.attach(model, method) if method is not None else None
+    try:
+        with torch.inference_mode():
+            dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            if method is not None and method.language is not None:
+                with pytest.raises(ValueError, match="needs a dynamic KV cache.*StaticCache"):
+                    model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                   cache_implementation="static")
+                return
+            static = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                    cache_implementation="static")
+    finally:
+        if handle:
+            handle.remove()
+    assert torch.equal(static, dynamic)
+
+
 @pytest.mark.parametrize(
     "key, schedule",
     [("ficoco-v", {12: 100, 15: 1, 22: 275}), ("tome", {0: 200, 5: 100, 20: 76}), ("evit", {12: 300, 13: 75}),

@@ -151,19 +151,21 @@ def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[t
 
 
 def _time_generation(model, label: str, retain: int, generate_tokens: Sequence[int], batch: int, text_tokens: int,
-                     repeats: int, device: str, dtype: torch.dtype, log: Callable[[str], None]) -> list[dict]:
+                     repeats: int, device: str, dtype: torch.dtype, log: Callable[[str], None],
+                     cache_implementation: str | None = None) -> list[dict]:
     """Images per second of ``generate()`` for each length in ``generate_tokens`` (greedy, forced length)."""
     inputs = make_inputs(batch, text_tokens, device, dtype)
+    options = {"cache_implementation": cache_implementation} if cache_implementation else {}
     rows = []
     for new in generate_tokens:
         with torch.inference_mode():
             def generate():
                 return model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                      pad_token_id=0)
+                                      pad_token_id=0, **options)
 
             ms = cuda_time(generate, 1, max(2, repeats // 3))
         rows.append(dict(variant=label, retain=retain, batch=batch, new_tokens=new, ms=ms,
-                         images_per_s=1000 * batch / ms))
+                         images_per_s=1000 * batch / ms, cache=cache_implementation or "dynamic"))
         log(f"{label:>18} retain={retain:<3} generate {new:>2} tokens x {batch}: {ms:8.1f} ms "
             f"= {1000 * batch / ms:6.1f} img/s")
     return rows
@@ -182,6 +184,7 @@ def run(
     repeats: int = 10,
     rounds: int = 5,
     graph_vision: bool = False,
+    static_cache: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows)."""
@@ -230,6 +233,10 @@ def run(
                 if last_round:
                     generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
                                                       text_tokens, repeats, device, dtype, log)
+                    if static_cache and (method is None or method.language is None):
+                        # decoder-side reductions keep a different length per layer: dynamic cache only
+                        generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
+                                                          text_tokens, repeats, device, dtype, log, "static")
             finally:
                 if graphed is not None:
                     graphed.remove()
@@ -253,7 +260,7 @@ def run(
         "settings": dict(batches=list(batches), retains=list(retains), methods=list(methods),
                          generate_tokens=list(generate_tokens), generate_batch=generate_batch,
                          text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
-                         dtype="bfloat16",
+                         static_cache=static_cache, dtype="bfloat16",
                          attention="sdpa", graph_vision=graph_vision),
         "prefill": prefill_rows,
         "generate": generate_rows,

@@ -88,15 +88,15 @@ def markdown(data: dict) -> str:
         lines.append(f"| {row['method']} | {row['retain']} | " + " | ".join(cells) + " |")
     if data["generate"]:
         gens = defaultdict(dict)
-        for g in data["generate"]:
-            gens[(g["variant"], g["retain"])][g["new_tokens"]] = g
+        for g in data["generate"]:  # rows of older results have no "cache" field: dynamic
+            gens[(g["variant"], g["retain"], g.get("cache", "dynamic"))][g["new_tokens"]] = g
         counts = sorted({g["new_tokens"] for g in data["generate"]})
         batch = data["generate"][0]["batch"]
         lines += ["", f"### Generation throughput (images/s, batch {batch}, greedy, HF `generate`)", "",
-                  "| variant | retain | " + " | ".join(f"{n} new token(s)" for n in counts) + " |",
-                  "|---|---|" + "---|" * len(counts)]
-        for (variant, retain), by_count in gens.items():
-            lines.append(f"| {variant} | {retain} | " +
+                  "| variant | retain | KV cache | " + " | ".join(f"{n} new token(s)" for n in counts) + " |",
+                  "|---|---|---|" + "---|" * len(counts)]
+        for (variant, retain, cache), by_count in gens.items():
+            lines.append(f"| {variant} | {retain} | {cache} | " +
                          " | ".join(f"{by_count[n]['images_per_s']:.1f}" if n in by_count else "-" for n in counts) + " |")
     if data["flops"]:
         lines += ["", "### LLM FLOPs: FlopCounterMode on the GPU model vs the calculator (batch 1)", "",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
 
 from ..methods import LanguageReduction
 from ..stages import AttentionProbe, NO_POSITION, ReductionResult, TokenGroup
@@ -135,6 +136,11 @@ class LanguageSide:
         extra = bound.get("kwargs", {})
         cache = bound.get("cache", bound.get("past_key_values", extra.get("past_key_values", extra.get("cache"))))
         input_ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"decoder-side token reduction needs a dynamic KV cache (each layer keeps a different number "
+                f"of tokens), got {type(cache).__name__}; drop cache_implementation='static' or use an "
+                f"encoder-side method")
         past = cache.get_seq_length() if cache is not None else 0
         if past:  # decoding (or continuing) after a prefill
             if self.seq is None:
