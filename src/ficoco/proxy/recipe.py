@@ -4,6 +4,7 @@ under ten minutes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -53,12 +54,12 @@ def patch_words(example: Example) -> list[tuple[str, ...]]:
     boxes = [(obj.bbox, (obj.color, obj.shape)) for obj in example.scene.objects]
     if example.scene.word is not None:
         boxes.append((example.scene.word_box, (example.scene.word,)))
+    centres = [i * PATCH_SIZE + PATCH_SIZE // 2 for i in range(GRID)]
     for (x0, y0, x1, y1), words in boxes:
-        for row in range(GRID):
-            if y0 <= row * PATCH_SIZE + PATCH_SIZE // 2 < y1:
-                for col in range(GRID):
-                    if x0 <= col * PATCH_SIZE + PATCH_SIZE // 2 < x1:
-                        labels[row * GRID + col] = words
+        cols = [c for c, x in enumerate(centres) if x0 <= x < x1]
+        for row in (r for r, y in enumerate(centres) if y0 <= y < y1):
+            for col in cols:
+                labels[row * GRID + col] = words
     return labels
 
 
@@ -103,11 +104,14 @@ def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, see
     for sample in easy_vqa_fit:
         by_image.setdefault(sample.image_id, []).append(sample)
 
+    @functools.lru_cache(maxsize=2)  # one shuffle per pass, not per sample
+    def epoch_order(epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(len(easy_vqa_fit))
+
     def sample_at(i: int) -> RenderedExample:
         if easy_vqa_fit and every > 0 and i % every == every - 1:
             epoch, slot = divmod(i // every, len(easy_vqa_fit))
-            rng = np.random.Generator(np.random.PCG64([seed, epoch]))
-            first = easy_vqa_fit[int(rng.permutation(len(easy_vqa_fit))[slot])]
+            first = easy_vqa_fit[int(epoch_order(epoch)[slot])]
             others = [s for s in by_image[first.image_id] if s.question != first.question]
             picked = np.random.Generator(np.random.PCG64([seed, epoch, slot])).permutation(len(others))[:turns - 1]
             item = easy_vqa_rendered(first)

@@ -176,7 +176,8 @@ def train(
         model.model.multi_modal_projector.register_forward_hook(
             lambda module, args, output: tower_out.update(projected=output)),
     ]
-    tokenizer = processor.tokenizer
+    vocab = processor.tokenizer.get_vocab()  # word -> id, looked up once rather than per patch
+    unknown = processor.tokenizer.unk_token_id
 
     def make_batch(indices: list[int]) -> tuple[dict, Tensor | None, Tensor | None]:
         samples = [sample_at(i) for i in indices]
@@ -188,11 +189,9 @@ def train(
         if patch_words is not None:  # [B, P, 2] word ids per patch, -100 where none
             grids = [patch_words(s) for s in samples]
             num_patches = next((len(g) for g in grids if g is not None), 1)
-            patches = torch.full((len(samples), num_patches, 2), -100)
-            for row, grid in enumerate(grids):
-                for patch, words in enumerate(grid or ()):
-                    for slot, word in enumerate(words[:2]):
-                        patches[row, patch, slot] = tokenizer.convert_tokens_to_ids(word)
+            ids = [[([vocab.get(w, unknown) for w in words[:2]] + [-100, -100])[:2] for words in grid] if grid is not None
+                    else [[-100, -100]] * num_patches for grid in grids]
+            patches = torch.tensor(ids)
         return batch, aux, patches
 
     loader = DataLoader(range(config.steps * config.batch_size), batch_size=config.batch_size, shuffle=False,
