@@ -107,7 +107,7 @@ def test_train_proxy_end_to_end_on_cpu(tmp_path):
     assert set(record["validation_accuracy"]) == set(FAMILIES) | {"overall"} | easy
     assert len(record["curve"]) == 4 and record["parameters"] > 0
     saved = json.loads((tmp_path / "training.json").read_text())
-    assert saved["dataset_version"] == "ficoco-proxy-1"
+    assert saved["dataset_version"] == "ficoco-proxy-2"
     assert (tmp_path / "model.safetensors").exists()
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tmp_path)

@@ -1,7 +1,7 @@
 """Procedural 336x336 scenes with question-answer pairs, deterministic by seed.
 
-A :class:`Scene` holds 2-6 non-overlapping coloured shapes (some of them small, one or two CLIP
-patches wide) and, in about half the scenes, a word in large capital letters. :func:`render` draws
+A :class:`Scene` holds 2-5 non-overlapping shapes, each in its own colour (some of them small,
+about two CLIP patches wide) and, in about half the scenes, a word in large capital letters. :func:`render` draws
 it; six question families ask about it, each mirroring one kind of benchmark the paper reports:
 
 ==============  ==============================================================  ================
@@ -9,8 +9,8 @@ family          templates                                                       
 ==============  ==============================================================  ================
 ``attribute``   what color is the {shape}? / what shape is the {color} object?  GQA
                 / what size is the {color} {shape}?
-``counting``    how many {shape}s / {color} objects / {size} objects /          counting
-                objects are there?  (answers ``zero`` ... ``six``)
+``counting``    how many {shape}s / {size} objects / objects are there?         counting
+                (answers ``zero`` ... ``five``)
 ``existence``   is there a {desc} in the image? / does the image contain a      POPE
                 {desc}?  (balanced yes/no, absent objects include adversarial
                 colour-shape and size-colour-shape combinations)
@@ -51,7 +51,7 @@ from types import MappingProxyType
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-DATASET_VERSION = "ficoco-proxy-1"
+DATASET_VERSION = "ficoco-proxy-2"
 
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
@@ -80,7 +80,7 @@ BACKGROUNDS = MappingProxyType({
 })
 TEXT_COLOR = (20, 20, 20)  # near-black, a colour no object has
 SIZES = ("small", "medium", "large")
-SIZE_RANGES = MappingProxyType({"small": (18, 26), "medium": (38, 54), "large": (66, 90)})  # side in px, inclusive
+SIZE_RANGES = MappingProxyType({"small": (20, 28), "medium": (38, 54), "large": (66, 90)})  # side in px, inclusive
 SIZE_WEIGHTS = (0.4, 0.35, 0.25)
 WORDS = (
     "cat", "dog", "sun", "map", "cup", "hat", "key", "pen", "bus", "owl", "fox", "egg",
@@ -92,7 +92,7 @@ OPTION_LETTERS = ("A", "B", "C", "D")
 FAMILIES = ("attribute", "counting", "existence", "spatial", "text", "choice")
 RELATIONS = ("left of", "right of", "above", "below")
 
-MIN_OBJECTS, MAX_OBJECTS = 2, 6
+MIN_OBJECTS, MAX_OBJECTS = 2, 5
 WORD_PROBABILITY = 0.5
 WORD_HEIGHT = (24, 36)  # cap height of the rendered word in px, inclusive (about 2-2.5 patches)
 WORD_ASPECT = 0.85  # box width per letter / cap height
@@ -280,7 +280,8 @@ def generate_scene(rng: np.random.Generator, *, with_word: bool | None = None, n
     """A random scene: ``n_objects`` (default 2-6) non-overlapping shapes, with a word when
     ``with_word`` (default: with probability :data:`WORD_PROBABILITY`).
 
-    Shapes and colours are drawn from a per-scene pool of 2-6 shapes and 3-8 colours, so that
+    Every object has its own colour (as in Sort-of-CLEVR), so a colour names one object and the
+    model can find it by a single lookup; shapes are drawn from a per-scene pool of 2-6, so that
     repeated shapes (for counting) and unique ones (for naming) both occur often."""
     if with_word is None:
         with_word = bool(rng.random() < WORD_PROBABILITY)
@@ -288,7 +289,7 @@ def generate_scene(rng: np.random.Generator, *, with_word: bool | None = None, n
         n_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     background = _pick(rng, tuple(BACKGROUNDS))
     shape_pool = _shuffled(rng, SHAPES)[: int(rng.integers(2, len(SHAPES) + 1))]
-    color_pool = _shuffled(rng, tuple(COLORS))[: int(rng.integers(3, len(COLORS) + 1))]
+    colors = _shuffled(rng, tuple(COLORS))  # object k gets colours[k]: no colour repeats
     taken: list[Box] = []
     word = word_box = None
     if with_word:
@@ -297,12 +298,12 @@ def generate_scene(rng: np.random.Generator, *, with_word: bool | None = None, n
         word_box = _place(rng, round(WORD_ASPECT * height * len(word)), height, taken)
         taken.append(word_box)  # the first box always fits
     objects = []
-    for _ in range(n_objects):
+    for k in range(n_objects):
         size = _weighted(rng, SIZES, SIZE_WEIGHTS)
         lo, hi = SIZE_RANGES[size]
         side = int(rng.integers(lo, hi + 1))
         box = _place(rng, side, side, taken)
-        shape, color = _pick(rng, shape_pool), _pick(rng, color_pool)
+        shape, color = _pick(rng, shape_pool), colors[k]
         if box is not None:  # practically always; a crowded scene just gets one object fewer
             taken.append(box)
             objects.append(SceneObject(shape, color, size, box))
@@ -436,17 +437,12 @@ def _count_questions(scene: Scene) -> list[tuple[str, int]]:
     objs = scene.objects
     out = [("how many objects are there?", len(objs))]
     out += [(f"how many {PLURALS[s]} are there?", sum(o.shape == s for o in objs)) for s in SHAPES]
-    out += [(f"how many {c} objects are there?", sum(o.color == c for o in objs)) for c in COLORS]
     out += [(f"how many {z} objects are there?", sum(o.size == z for o in objs)) for z in SIZES]
-    out += [
-        (f"how many {c} {PLURALS[s]} are there?", sum(o.color == c and o.shape == s for o in objs))
-        for c in COLORS for s in SHAPES
-    ]
-    return out
+    return out  # no per-colour counts: colours do not repeat, so they would be existence questions
 
 
 def counting_question(scene: Scene, rng: np.random.Generator) -> Sample:
-    """How many objects of a shape, colour, size or colour-shape; zero for about one in seven."""
+    """How many objects, or objects of a shape or size; zero for about one in seven."""
     questions = _count_questions(scene)
     zero = [q for q in questions if q[1] == 0]
     if rng.random() < 1 / 7 and zero:
@@ -602,8 +598,8 @@ SPLITS: MappingProxyType[str, SplitSpec] = MappingProxyType({
 })
 
 FINGERPRINTS = MappingProxyType({  # split_fingerprint(make_split(name)) for DATASET_VERSION
-    "validation": "10f85de56f9e45ef0e35f89d7a549d145b13efed7ae0ad141370b7de468e69bf",
-    "test": "f38532ceef7d178207002153202c3e6454f7e4408b3de4eaef1749003fbe980c",
+    "validation": "6afe5b9018dfed7d7e236e5717295771d05bf0ecc3a16de2e6523336519e4a6c",
+    "test": "2adbcce50d00111298c4b5e1cc2127bdec34c8021f337c940d47b79d79b7b085",
 })
 
 
