@@ -629,7 +629,7 @@ def follow_up_questions(example: Example, count: int) -> list[Sample]:
     a clean question of the scene are skipped, and no question repeats."""
     rng = rng_for(example.seed, example.index, stream=2)
     asked, out = {example.question}, []
-    for family in _shuffled(rng, FAMILIES) * 2:
+    for family in _shuffled(rng, FAMILIES) * (count // len(FAMILIES) + 2):  # a family may ask several times
         if len(out) == count:
             break
         try:
