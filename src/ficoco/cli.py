@@ -317,9 +317,9 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 
 @main.command("train-proxy")
 @click.option("--out", "out_dir", required=True, help="Where the trained checkpoint goes.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps [TrainConfig: 2000].")
+@click.option("--steps", type=int, default=None, help="Optimizer steps [TrainConfig: 1800].")
 @click.option("--batch-size", type=int, default=None, help="[TrainConfig: 128].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [TrainConfig: 5e-4].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [TrainConfig: 1e-3].")
 @click.option("--aux-weight", type=float, default=None, help="Weight of the [CLS] scene loss [0.5].")
 @click.option("--patch-weight", type=float, default=None, help="Weight of the patch-word alignment loss [0.5].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
@@ -328,7 +328,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--eval-size", type=int, default=500, show_default=True)
 @click.option("--easy-vqa-every", type=int, default=8, show_default=True,
               help="One training sample in N is an easy-VQA question (0: procedural scenes only).")
-@click.option("--turns", type=int, default=6, show_default=True,
+@click.option("--turns", type=int, default=12, show_default=True,
               help="Questions per training image, asked as the turns of one conversation.")
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)

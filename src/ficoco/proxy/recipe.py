@@ -138,7 +138,7 @@ def build(shape: ProxyShape = ProxyShape(), seed: int = 0, extra_words: Sequence
 
 
 def train_proxy(out_dir: str, config: TrainConfig, shape: ProxyShape = ProxyShape(), eval_size: int = 500,
-                easy_vqa_every: int = 8, turns: int = 6, init_from: str | None = None, log=print) -> dict:
+                easy_vqa_every: int = 8, turns: int = 12, init_from: str | None = None, log=print) -> dict:
     """Train on the procedural ``train`` split mixed with easy-VQA's train images (one sample in
     ``easy_vqa_every``; 0 or a missing ``easy-vqa`` package: procedural only), evaluate on the first
     ``eval_size`` procedural validation samples and on easy-VQA's held-out train images, save the
