@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random LLaVA with LLaVA-1.5's geometry, written with ``save_pretrained``
-and read back with ``from_pretrained`` exactly as a real checkpoint would be."""
+and read back with ``from_pretrained`` exactly as a real checkpoint would be (for equivalence and
+edge-case tests, where answers do not matter), and the embedded trained proxy model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ def checkpoint_with_processor(tmp_path_factory):
     tiny_llava(seed=0).save_pretrained(path)
     tiny_llava_processor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint():
+    """The embedded proxy LLaVA shipped in the package (trained, with its processor): the model for
+    tests that need real answers (evaluation harness, lmms-eval plugin, accuracy regression)."""
+    from ficoco.assets import embedded_model_dir
+
+    return embedded_model_dir()
 
 
 def _load(path, attn):

@@ -1,5 +1,5 @@
 """``ficoco eval``: resumable predictions, scores, tables and plot on fixture benchmarks written
-here in the lmms-lab parquet schema, with a tiny LLaVA checkpoint."""
+here in the lmms-lab parquet schema and LLaVA's own file layout, with the embedded proxy model."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from click.testing import CliRunner  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from ficoco.cli import main  # noqa: E402
 from ficoco.evaluation.readers import read_benchmark  # noqa: E402
 from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
-
-
-def _png(colour) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (48, 40), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _write(path, columns: dict):
@@ -31,30 +24,46 @@ def _write(path, columns: dict):
     return path.parent
 
 
+def _scene_png(example) -> dict:
+    buffer = io.BytesIO()
+    example.image().save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": f"{example.index}.png"}
+
+
 @pytest.fixture(scope="module")
 def benchmarks(tmp_path_factory):
+    """POPE and MME in the lmms-lab parquet schema, over procedural test scenes with questions the
+    embedded model was trained to answer (no benchmark post-prompt: its vocabulary lacks those words)."""
+    from ficoco.proxy.scenes import COLORS, make_split
+
     root = tmp_path_factory.mktemp("bench")
-    image = {"bytes": _png((200, 30, 30)), "path": "x.png"}
+    existence = [e for e in make_split("test", 60) if e.family == "existence"][:6]
     pope = _write(root / "pope" / "data" / "test-00000-of-00001.parquet", {
         "question_id": [str(i) for i in range(6)],
-        "question": ["is there a cat in the image?"] * 6,
-        "answer": ["yes", "no"] * 3,
+        "question": [e.question for e in existence],
+        "answer": [e.answer for e in existence],
         "category": ["adversarial", "adversarial", "popular", "popular", "random", "random"],
-        "image": [image] * 6,
+        "image": [_scene_png(e) for e in existence],
     })
-    mme = _write(root / "mme" / "data" / "test-00000-of-00001.parquet", {
-        "question_id": ["existence/1.png", "existence/1.png", "color/2.png", "color/2.png"],
-        "question": ["is there a red square? please answer yes or no."] * 4,
-        "answer": ["Yes", "No", "Yes", "No"],
-        "category": ["existence", "existence", "color", "color"],
-        "image": [image] * 4,
-    })
+    mme_rows = {"question_id": [], "question": [], "answer": [], "category": [], "image": []}
+    for example, category in zip(existence[:2], ("existence", "color")):  # MME: a yes and a no per image
+        scene = example.scene
+        present = scene.objects[0]
+        absent = next(c for c in COLORS if all(o.color != c for o in scene.objects))
+        for question, answer in ((f"is there a {present.color} {present.shape} in the image?", "Yes"),
+                                 (f"is there a {absent} {present.shape} in the image?", "No")):
+            mme_rows["question_id"].append(f"{category}/{example.index}.png")
+            mme_rows["question"].append(question)
+            mme_rows["answer"].append(answer)
+            mme_rows["category"].append(category)
+            mme_rows["image"].append(_scene_png(example))
+    mme = _write(root / "mme" / "data" / "test-00000-of-00001.parquet", mme_rows)
     return {"pope": str(pope), "mme": str(mme)}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(checkpoint_with_processor):
-    return checkpoint_with_processor
+def checkpoint(embedded_checkpoint):
+    return embedded_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +163,43 @@ def test_two_processes_under_accelerate_launch(checkpoint, benchmarks, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / "results.json").read_text())
     assert [r["score"] for r in again["results"]] == [r["score"] for r in results["results"]]
+
+
+def test_embedded_model_scores_llava_format_pope_end_to_end(checkpoint, tmp_path):
+    """POPE in LLaVA-1.5's layout (question .jsonl, val2014/ images, coco/coco_pope_*.json labels)
+    built from the procedural test split's yes/no existence questions: the reader joins the labels,
+    the embedded model answers, the official POPE scorer counts, and the numbers are the model's
+    real accuracy on those questions (it answers them near-perfectly in its own prompt format)."""
+    from ficoco.proxy.scenes import make_split
+
+    existence = [e for e in make_split("test", 150) if e.family == "existence"][:24]
+    categories = ("adversarial", "popular", "random")
+    questions, labels = [], {c: [] for c in categories}
+    (tmp_path / "pope" / "val2014").mkdir(parents=True)
+    for i, example in enumerate(existence):
+        image, category = f"COCO_val2014_{i:012d}.png", categories[i % 3]
+        example.image().save(tmp_path / "pope" / "val2014" / image)
+        questions.append({"question_id": i + 1, "image": image, "text": example.question, "category": category})
+        labels[category].append({"question_id": len(labels[category]) + 1, "image": image,
+                                 "text": example.question, "label": example.answer})
+    (tmp_path / "pope" / "coco").mkdir()
+    (tmp_path / "pope" / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    for category, rows in labels.items():
+        (tmp_path / "pope" / "coco" / f"coco_pope_{category}.json").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={tmp_path / 'pope'}", "--methods",
+                                    "ficoco-l", "--retain", "192", "--batch-size", "12", "--out", str(tmp_path / "out")])
+    assert out.exit_code == 0, out.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    scores = {r["variant"]: r["score"] for r in results}
+    assert {r["n"] for r in results} == {24}
+    text = json.dumps(scores).lower()
+    assert "adversarial" in text and "random" in text  # scored per POPE split
+    vanilla = _pope_accuracy(scores["vanilla"])
+    assert vanilla >= 0.9, scores["vanilla"]
+    # FiCoCo-L at 192 tokens keeps the proxy model's accuracy (docs/proxy/proxy_accuracy.md)
+    assert _pope_accuracy(scores["ficoco-l@192"]) >= vanilla - 0.1, scores["ficoco-l@192"]
+
+
+def _pope_accuracy(score: dict) -> float:
+    return score["overall"]["accuracy"] / 100  # all splits pooled, as a fraction

@@ -26,29 +26,25 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from ficoco.evaluation import lmms_eval_plugin as plugin  # noqa: E402
 from ficoco.evaluation.runner import answer_batch  # noqa: E402
+from ficoco.proxy.scenes import make_split  # noqa: E402
 
 TASK = "pope_local"
 NEW_TOKENS = 6
-QUESTIONS = ["is there a red circle in the image?", "is there a blue square in the image?",
-             "is there a green triangle?", "are there many shapes in the image?", "is there a square?",
-             "is the circle blue?"]
+EXISTENCE = [e for e in make_split("test", 60) if e.family == "existence"][:6]  # procedural yes/no questions
+QUESTIONS = [e.question for e in EXISTENCE]
 
 
 @pytest.fixture(scope="module")
 def pope_dir(tmp_path_factory):
-    """A POPE-like task folder: six yes/no questions over random images in a parquet file, and a
-    task YAML that includes lmms-eval's own ``pope.yaml`` (prompt, generation settings, metrics)."""
+    """A POPE-like task folder: six yes/no questions about procedural scenes (the embedded model's
+    own kind of question) in a parquet file, and a task YAML that includes lmms-eval's own
+    ``pope.yaml`` (prompt, generation settings, metrics)."""
     import datasets
     import lmms_eval
-    import numpy as np
-    from PIL import Image
 
     folder = tmp_path_factory.mktemp("pope-local")
-    rng = np.random.default_rng(0)
     rows = {"question_id": [str(i) for i in range(len(QUESTIONS))], "question": QUESTIONS,
-            "answer": ["yes", "no"] * (len(QUESTIONS) // 2),
-            "image": [Image.fromarray(rng.integers(0, 256, (60 + 10 * i, 90, 3), dtype=np.uint8))
-                      for i in range(len(QUESTIONS))]}
+            "answer": [e.answer for e in EXISTENCE], "image": [e.image() for e in EXISTENCE]}
     features = datasets.Features({"question_id": datasets.Value("string"), "question": datasets.Value("string"),
                                   "answer": datasets.Value("string"), "image": datasets.Image()})
     datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / "pope_local.parquet")
@@ -78,8 +74,8 @@ def _answers(results: dict) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def vanilla_results(pope_dir, checkpoint_with_processor):
-    return _evaluate(pope_dir, f"pretrained={checkpoint_with_processor},method=vanilla", batch_size=len(QUESTIONS))
+def vanilla_results(pope_dir, embedded_checkpoint):
+    return _evaluate(pope_dir, f"pretrained={embedded_checkpoint},method=vanilla", batch_size=len(QUESTIONS))
 
 
 def test_entry_point_resolves_to_the_plugin():
@@ -109,7 +105,7 @@ def test_import_order_and_missing_lmms_eval(monkeypatch):
         importlib.import_module(plugin.__name__)
 
 
-def test_pope_with_ficoco_v_attaches_the_method(pope_dir, checkpoint_with_processor, vanilla_results, monkeypatch):
+def test_pope_with_ficoco_v_attaches_the_method(pope_dir, embedded_checkpoint, vanilla_results, monkeypatch):
     handles, attach = [], plugin.attach
 
     def spy(model, method, **kw):
@@ -117,7 +113,7 @@ def test_pope_with_ficoco_v_attaches_the_method(pope_dir, checkpoint_with_proces
         return handles[-1]
 
     monkeypatch.setattr(plugin, "attach", spy)
-    results = _evaluate(pope_dir, f"pretrained={checkpoint_with_processor},method=ficoco-v,retain=64,start_layer=10")
+    results = _evaluate(pope_dir, f"pretrained={embedded_checkpoint},method=ficoco-v,retain=64,start_layer=10")
 
     metrics = results["results"][TASK]
     for name in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio"):
@@ -134,7 +130,7 @@ def test_pope_with_ficoco_v_attaches_the_method(pope_dir, checkpoint_with_proces
     assert _answers(results) != _answers(vanilla_results)
 
 
-def test_vanilla_plugin_answers_as_ficoco_eval(pope_dir, checkpoint_with_processor, vanilla_results):
+def test_vanilla_plugin_answers_as_ficoco_eval(pope_dir, embedded_checkpoint, vanilla_results):
     """The plugin's vanilla answers equal ``answer_batch`` (what ``ficoco eval`` runs) on the same
     prompts and images, batched together as the plugin batched them."""
     from lmms_eval.tasks.pope.utils import pope_doc_to_text
@@ -147,18 +143,18 @@ def test_vanilla_plugin_answers_as_ficoco_eval(pope_dir, checkpoint_with_process
     prompt_options = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
     records = [SimpleNamespace(question=pope_doc_to_text(doc, prompt_options),
                                image=lambda doc=doc: doc["image"].convert("RGB")) for doc in docs]
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint_with_processor, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint_with_processor)
+    model = LlavaForConditionalGeneration.from_pretrained(embedded_checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(embedded_checkpoint)
     expected = answer_batch(model, processor, records, NEW_TOKENS)
     got = _answers(vanilla_results)
     assert [got[i] for i in range(len(records))] == expected
     assert any(expected)
 
 
-def test_loglikelihood_and_life_cycle(checkpoint_with_processor):
+def test_loglikelihood_and_life_cycle(embedded_checkpoint):
     from PIL import Image
 
-    lm = plugin.FicocoLlava(pretrained=str(checkpoint_with_processor), method="fastv", retain=32, device="cpu",
+    lm = plugin.FicocoLlava(pretrained=str(embedded_checkpoint), method="fastv", retain=32, device="cpu",
                             dtype="float32")
     assert lm.handle is not None and getattr(lm.model, "_ficoco_handle") is lm.handle
     lm.task_dict = {"t": {"test": [{"image": Image.new("RGB", (50, 40), (200, 10, 10))}]}}
@@ -186,12 +182,12 @@ def test_loglikelihood_and_life_cycle(checkpoint_with_processor):
     assert plugin._cut("yes. no\n\nmore", ["\n\n", "."]) == "yes"
 
 
-def test_generate_until_mixes_image_counts_and_honours_until(checkpoint_with_processor):
+def test_generate_until_mixes_image_counts_and_honours_until(embedded_checkpoint):
     """Rows with 0, 1 and 2 images in one call (batched by image count), answers in request order
     and equal to answering one at a time; ``until`` cuts the text; prompts are ``chat_prompt``'s."""
     from PIL import Image
 
-    lm = plugin.FicocoLlava(pretrained=str(checkpoint_with_processor), method="ficoco-v", retain=64, device="cpu",
+    lm = plugin.FicocoLlava(pretrained=str(embedded_checkpoint), method="ficoco-v", retain=64, device="cpu",
                             batch_size=5)
     counts = [1, 0, 2, 1, 2]
     lm.task_dict = {"t": {"test": [{"n": n} for n in counts]}}
@@ -207,9 +203,10 @@ def test_generate_until_mixes_image_counts_and_honours_until(checkpoint_with_pro
     lm.batch_size_per_gpu = 1
     assert lm.generate_until(requests([])) == batched
     assert all(batched)
-    stop = batched[0].split()[1]
+    stop = batched[0][1:]  # the embedded model answers in one word: cut inside it
     cut = lm.generate_until(requests([stop]))
-    assert cut == [plugin._cut(text, [stop]).strip() for text in batched] and cut[0] == batched[0].split()[0]
+    assert len(stop) >= 1 and cut == [plugin._cut(text, [stop]).strip() for text in batched]
+    assert cut[0] == batched[0][:1]
 
     image = lm.processor.image_token
     assert lm._prompt("what is it?", 1) == plugin.chat_prompt(lm.processor, "what is it?")
@@ -231,11 +228,11 @@ def test_bad_arguments_fail_before_loading():
         plugin.FicocoLlava(pretrained="/nonexistent", dtype="fp16")
 
 
-def test_command_line(pope_dir, checkpoint_with_processor, tmp_path):
+def test_command_line(pope_dir, embedded_checkpoint, tmp_path):
     """The documented command, in a fresh process: ``lmms-eval --model ficoco --model_args ...``."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "lmms_eval", "--model", "ficoco",
-               "--model_args", f"pretrained={checkpoint_with_processor},method=ficoco-v,retain=64,batch_size=3",
+               "--model_args", f"pretrained={embedded_checkpoint},method=ficoco-v,retain=64,batch_size=3",
                "--include_path", str(pope_dir), "--tasks", TASK, "--device", "cpu",
                "--gen_kwargs", f"max_new_tokens={NEW_TOKENS}", "--output_path", str(out), "--verbosity", "DEBUG"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

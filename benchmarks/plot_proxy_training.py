@@ -1,0 +1,72 @@
+"""Answer-loss curves of the proxy-model training attempts (docs/proxy-model.md), from their logs.
+
+    python benchmarks/plot_proxy_training.py docs/proxy/training-attempts.png
+
+Reads the ``step N  answer loss X ...`` lines that ``ficoco train-proxy`` prints. A second stage
+(``--init-from``) is drawn after the step its first stage stopped at, so a two-run recipe reads as
+one curve.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOGS = Path(__file__).resolve().parent.parent / "docs" / "proxy"
+STEP = re.compile(r"^step\s+(\d+)\s+answer loss ([0-9.]+)")
+STOPPED = re.compile(r"at step (\d+) of")
+
+# log file -> (label, first-stage log it continues, or None)
+ATTEMPTS = {
+    "attempt1-v1.log": ("1: one question per image (v1 data)", None),
+    "attempt2-classhead-lr5e-4.log": ("2: + patch-class head (v1)", None),
+    "attempt3-multiturn-lr5e-4.log": ("3: + 6 turns (v1)", None),
+    "attempt3-stage2.log": ("3, stage 2 (v1)", "attempt3-multiturn-lr5e-4.log"),
+    "attempt4-v2-align.log": ("4: v2 data, alignment loss, two runs sharing a GPU", None),
+    "attempt5-stage1-lr5e-4.log": ("5: v2, 12 turns, lr 5e-4", None),
+    "attempt5-stage1-lr1e-3.log": ("5: v2, 12 turns, lr 1e-3 (shipped, stage 1)", None),
+    "attempt5-stage2.log": ("5, stage 2 (shipped model)", "attempt5-stage1-lr1e-3.log"),
+}
+
+
+def read_curve(path: Path) -> tuple[list[int], list[float], int]:
+    """Steps and answer losses logged in ``path``, and the last step trained."""
+    steps, losses, last = [], [], 0
+    for line in path.read_text().splitlines():
+        if match := STEP.match(line):
+            steps.append(int(match[1]))
+            losses.append(float(match[2]))
+            last = max(last, int(match[1]))
+        elif match := STOPPED.search(line):
+            last = int(match[1])
+    return steps, losses, last
+
+
+def main(out: str) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, (label, first_stage) in ATTEMPTS.items():
+        path = LOGS / name
+        if not path.is_file():
+            raise FileNotFoundError(f"training log {path} is missing")
+        steps, losses, _ = read_curve(path)
+        offset = read_curve(LOGS / first_stage)[2] + 1 if first_stage else 0
+        ax.plot([s + offset for s in steps], losses, label=label, linewidth=2 if "shipped" in label else 1)
+    ax.set_xlabel("optimizer step (batch 128 except attempts 1-2; stage 2 drawn after its stage 1)")
+    ax.set_ylabel("answer loss (next-token CE on answers)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Proxy LLaVA training attempts on one H100")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else str(LOGS / "training-attempts.png"))
