@@ -201,24 +201,26 @@ def test_demo_compares_methods_and_draws_the_reduction(runner, checkpoint_with_p
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_defaults_to_the_embedded_model_and_the_bundled_scene(runner, checkpoint_with_processor, tmp_path,
+def test_demo_defaults_to_the_embedded_model_and_the_bundled_scene(runner, embedded_checkpoint, tmp_path,
                                                                    monkeypatch):
+    """The README's main job: ``ficoco demo`` with no arguments loads the shipped model, asks about
+    the bundled scene, and the vanilla model answers every question right."""
     import ficoco.assets
     from ficoco.demo import bundled_example
 
     image, questions, answers = bundled_example()
     assert image.size == (336, 336) and len(questions) == len(answers) >= 4
     assert bundled_example()[1] == questions  # deterministic
+    out = runner.invoke(main, ["demo", "--picture", str(tmp_path / "demo.png")])
+    assert out.exit_code == 0, out.output
+    assert f"model {embedded_checkpoint}" in out.output
+    assert f"Q1: {questions[0]}   (expected: {answers[0]})" in out.output
+    vanilla = next(line for line in out.output.splitlines() if line.startswith("vanilla "))
+    assert f"correct {len(answers)}/{len(answers)}" in vanilla, out.output
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     monkeypatch.setattr(ficoco.assets, "files", lambda _: tmp_path / "assets")
     missing = runner.invoke(main, ["demo", "--picture", str(tmp_path / "x.png")])
     assert missing.exit_code != 0 and "embedded proxy model is missing" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
-    (tmp_path / "assets").symlink_to(checkpoint_with_processor.parent)
-    monkeypatch.setattr(ficoco.assets, "EMBEDDED_MODEL_NAME", checkpoint_with_processor.name)
-    out = runner.invoke(main, ["demo", "--picture", str(tmp_path / "demo.png")])
-    assert out.exit_code == 0, out.output
-    assert f"model {tmp_path / 'assets' / checkpoint_with_processor.name}" in out.output
-    assert f"Q1: {questions[0]}   (expected: {answers[0]})" in out.output
-    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     needs_question = runner.invoke(main, ["demo", "--image", str(tmp_path / "demo.png")])
     assert needs_question.exit_code != 0 and "--question" in needs_question.output

@@ -162,8 +162,13 @@ def test_train_proxy_cli_trains_and_saves(tmp_path):
     from ficoco.cli import main
 
     out = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
-                                    "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2"])
+                                    "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2",
+                                    "--cls-layers", "12,20"])
     assert out.exit_code == 0, out.output
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["config"]["steps"] == 2 and record["config"]["lr"] == TrainConfig().lr and record["turns"] == 2
+    assert record["config"]["cls_layers"] == [12, 20]
+    bad = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path / "bad"), "--steps", "1", "--device", "cpu",
+                                    "--workers", "0", "--eval-size", "0", "--cls-layers", "24"])
+    assert bad.exit_code != 0 and "cls_layers (24,) must lie in 0..23" in bad.output
     assert (tmp_path / "model.safetensors").stat().st_size < 20e6

@@ -257,8 +257,12 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
         click.echo(f"Q{i + 1}: {question}" + (f"   (expected: {expected[i]})" if expected else ""))
     rows = run_demo(model, processor, image, list(questions), retain=retain, picture=picture)
     for row in rows:
+        score = ""
+        if expected:
+            right = sum(a.lower() == e.lower() for a, e in zip(row.answers, expected))
+            score = f"  correct {right}/{len(expected)}"
         click.echo(f"{row.method:<10} visual tokens {row.llm_input_visual:>3} -> {row.llm_final_visual:>3}  "
-                   f"LLM {row.llm_tflops * 1e3:8.3f} GFLOPs  {row.seconds:6.2f} s  answers: {row.answers}")
+                   f"LLM {row.llm_tflops * 1e3:8.3f} GFLOPs  {row.seconds:6.2f} s{score}  answers: {row.answers}")
     click.echo(f"wrote {picture}")
 
 
@@ -322,6 +326,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--lr", type=float, default=None, help="Peak learning rate [TrainConfig: 1e-3].")
 @click.option("--aux-weight", type=float, default=None, help="Weight of the [CLS] scene loss [0.5].")
 @click.option("--patch-weight", type=float, default=None, help="Weight of the patch-word alignment loss [0.5].")
+@click.option("--cls-layers", default="", help="Encoder layers (0-based, comma-separated) whose [CLS] also "
+              "predicts the scene, e.g. 12,16,20 [none].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", type=int, default=None, help="Data-loading processes [CPU count - 2, at most 14].")
@@ -332,8 +338,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
               help="Questions per training image, asked as the turns of one conversation.")
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, max_minutes, device, workers,
-                        eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, max_minutes, device,
+                        workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
@@ -341,6 +347,7 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
     given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
                  num_workers=workers)
     config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
+                         cls_layers=tuple(_int_list(cls_layers)),
                          **{key: value for key, value in given.items() if value is not None})
     train_proxy(out_dir, config, eval_size=eval_size, easy_vqa_every=easy_vqa_every, turns=turns,
                 init_from=init_from, log=click.echo)

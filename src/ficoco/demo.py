@@ -17,7 +17,7 @@ from .prompts import chat_prompt
 from .visualize import patch_destinations, render_reduction
 
 DEMO_METHODS = ("vanilla", "ficoco-v", "ficoco-l", "ficoco-vl")
-#: the bundled demo picture: sample 39 of the proxy dataset's fixed test split (six shapes and a word)
+#: the bundled demo picture: sample 39 of the proxy dataset's fixed test split (five shapes and a word)
 DEMO_SAMPLE = ("test", 39)
 
 

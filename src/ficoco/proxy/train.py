@@ -41,6 +41,10 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.05
     aux_weight: float = 0.5
+    # encoder layers (0-based) whose [CLS] also predicts the scene, each through its own
+    # LayerNorm + linear head: [CLS] must summarise every object already in the layers where
+    # FiCoCo-V and EViT read its attention (12-22), not only at the output
+    cls_layers: tuple[int, ...] = ()
     patch_weight: float = 0.5
     grad_clip: float = 1.0
     seed: int = 0
@@ -94,14 +98,16 @@ def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -
 
 
 class ClsHead(nn.Module):
-    """Linear multi-label head on the pooled [CLS] output of the vision tower."""
+    """Linear multi-label head on the pooled [CLS] output of the vision tower, optionally after a
+    LayerNorm (for the [CLS] state of an inner layer, which the tower's post-LayerNorm never sees)."""
 
-    def __init__(self, hidden: int, num_labels: int) -> None:
+    def __init__(self, hidden: int, num_labels: int, normalize: bool = False) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(hidden) if normalize else nn.Identity()
         self.proj = nn.Linear(hidden, num_labels)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.proj(pooled)
+        return self.proj(self.norm(pooled))
 
 
 def masked_multilabel_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -162,7 +168,13 @@ def train(
     model.to(device).train()
     hidden = model.config.vision_config.hidden_size
     cls_head = ClsHead(hidden, num_aux).to(device) if aux_targets and num_aux else None
-    params = list(model.parameters()) + (list(cls_head.parameters()) if cls_head is not None else [])
+    depth_heads = nn.ModuleDict({str(layer): ClsHead(hidden, num_aux, normalize=True) for layer in config.cls_layers}
+                                if cls_head is not None else {}).to(device)
+    num_layers = model.config.vision_config.num_hidden_layers
+    if any(not 0 <= layer < num_layers for layer in config.cls_layers):
+        raise ValueError(f"cls_layers {config.cls_layers} must lie in 0..{num_layers - 1}")
+    params = (list(model.parameters()) + (list(cls_head.parameters()) if cls_head is not None else [])
+              + list(depth_heads.parameters()))
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -176,6 +188,11 @@ def train(
         model.model.multi_modal_projector.register_forward_hook(
             lambda module, args, output: tower_out.update(projected=output)),
     ]
+    encoder_layers = model.model.vision_tower.encoder.layers
+    for layer in config.cls_layers:  # the [CLS] row of each named layer's output
+        hooks.append(encoder_layers[layer].register_forward_hook(
+            lambda module, args, output, key=f"cls{layer}": tower_out.update(
+                {key: (output[0] if isinstance(output, tuple) else output)[:, 0]})))
     vocab = processor.tokenizer.get_vocab()  # word -> id, looked up once rather than per patch
     unknown = processor.tokenizer.unk_token_id
 
@@ -211,7 +228,12 @@ def train(
                 loss = out.loss
                 aux_loss = patch_loss = torch.zeros((), device=device)
                 if cls_head is not None:
-                    aux_loss = masked_multilabel_loss(cls_head(tower_out["pooled"].float()), aux.to(device))
+                    aux = aux.to(device)
+                    aux_loss = masked_multilabel_loss(cls_head(tower_out["pooled"].float()), aux)
+                    if depth_heads:
+                        inner = [masked_multilabel_loss(head(tower_out[f"cls{layer}"].float()), aux)
+                                 for layer, head in depth_heads.items()]
+                        aux_loss = (aux_loss + sum(inner)) / (1 + len(inner))
                     loss = loss + config.aux_weight * aux_loss
                 if patches is not None:
                     embeddings = model.get_input_embeddings().weight
