@@ -45,7 +45,8 @@ def says_no(tmp_path_factory):
 def table(says_no, tmp_path_factory):
     out = tmp_path_factory.mktemp("proxy-accuracy")
     args = ["proxy-accuracy", "--model", str(says_no), "--out", str(out), "--size", "12", "--retain", "384,64",
-            "--methods", "ficoco-v,fastv,ficoco-vl", "--device", "cpu", "--batch-size", "12"]
+            "--methods", "ficoco-v,fastv,ficoco-vl", "--device", "cpu", "--batch-size", "12",
+            "--method-option", "fastv:k=3"]
     result = CliRunner().invoke(main, args + ([] if HAS_EASY_VQA else ["--no-easy-vqa"]))
     assert result.exit_code == 0, result.output
     return out, result.output
@@ -64,6 +65,8 @@ def test_writes_json_markdown_and_plot(table):
     for row in report["rows"]:
         if row["kind"] == "matched":
             assert row["label"] == matched_label(row["method"], row["retain"])
+        if row["method"] == "fastv" and not row["skipped"]:  # --method-option fastv:k=3 reached the method
+            assert row["schedule"]["language"]["start_layer"] == 2
 
 
 def test_accuracy_per_family_and_percent_of_vanilla(table):
@@ -124,6 +127,9 @@ def test_cli_errors_are_one_line(says_no, tmp_path):
                                    "--methods", "ficoco-v,nope"])
     assert unknown.exit_code != 0 and len(unknown.output.strip().splitlines()) == 1
     assert "unknown method 'nope'" in unknown.output
+    malformed = runner.invoke(main, ["proxy-accuracy", "--model", str(says_no), "--out", str(tmp_path),
+                                     "--method-option", "fastv=3"])
+    assert malformed.exit_code != 0 and "expected METHOD:KEY=VALUE" in malformed.output
     assert not (tmp_path / "proxy_accuracy.json").exists()
 
 

@@ -364,14 +364,40 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--easy-vqa/--no-easy-vqa", "easy_vqa", default=True, show_default=True,
               help="Also score easy-VQA's test questions (a column of their own, not in overall).")
-def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, device, batch_size, easy_vqa) -> None:
+@click.option("--method-option", "method_options", multiple=True, metavar="METHOD:KEY=VALUE",
+              help="A keyword option of one method, e.g. ficoco-l:start_layer=1 (repeatable).")
+def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, device, batch_size, easy_vqa,
+                   method_options) -> None:
     """Accuracy table of the proxy model: vanilla, every method/budget, decoder methods at ficoco-v's TFLOPs."""
     from .proxy.table import run as accuracy_table
 
     accuracy_table(model_path, out_dir, split=split, size=size, retains=_int_list(retains),
                    methods=[m for m in method_names.split(",") if m], device=device, batch_size=batch_size,
-                   easy_vqa=easy_vqa, log=click.echo)
+                   easy_vqa=easy_vqa, options=_method_options(method_options), log=click.echo)
     click.echo(Path(out_dir, "proxy_accuracy.md").read_text())
+
+
+def _method_options(items) -> dict[str, dict]:
+    """``("ficoco-l:start_layer=1", ...)`` -> ``{"ficoco-l": {"start_layer": 1}}`` (values read as
+    int, float, true/false, else text)."""
+    options: dict[str, dict] = {}
+    for item in items:
+        name, sep, assignment = item.partition(":")
+        key, eq, text = assignment.partition("=")
+        if not sep or not eq or not name or not key:
+            raise click.BadParameter(f"expected METHOD:KEY=VALUE, got {item!r}", param_hint="--method-option")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    continue
+        options.setdefault(name, {})[key] = value
+    return options
 
 
 def _open_image(image_path: str):
