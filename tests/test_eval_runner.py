@@ -17,6 +17,8 @@ from ficoco.cli import main  # noqa: E402
 from ficoco.evaluation.readers import read_benchmark  # noqa: E402
 from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
 
+from .test_readers import write_jsonl  # noqa: E402
+
 
 def _write(path, columns: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,11 +184,9 @@ def test_embedded_model_scores_llava_format_pope_end_to_end(checkpoint, tmp_path
         questions.append({"question_id": i + 1, "image": image, "text": example.question, "category": category})
         labels[category].append({"question_id": len(labels[category]) + 1, "image": image,
                                  "text": example.question, "label": example.answer})
-    (tmp_path / "pope" / "coco").mkdir()
-    (tmp_path / "pope" / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    write_jsonl(tmp_path / "pope" / "llava_pope_test.jsonl", questions)
     for category, rows in labels.items():
-        (tmp_path / "pope" / "coco" / f"coco_pope_{category}.json").write_text(
-            "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(tmp_path / "pope" / "coco" / f"coco_pope_{category}.json", rows)
     out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={tmp_path / 'pope'}", "--methods",
                                     "ficoco-l", "--retain", "192", "--batch-size", "12", "--out", str(tmp_path / "out")])
     assert out.exit_code == 0, out.output

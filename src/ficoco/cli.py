@@ -12,11 +12,8 @@ import click
 
 from . import budget
 from .flops import LlavaShape, preset, preset_names
-from .methods import available_methods, get_method
+from .methods import DECODER_METHODS, ENCODER_METHODS, available_methods, get_method
 from .prompts import chat_prompt
-
-ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
-DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 
 
 class _OneLineErrors(click.Group):
@@ -237,12 +234,11 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
     from .assets import embedded_model_dir
     from .demo import bundled_example, run_demo
 
-    expected = None
+    expected = None  # the right answers, known only for the bundled scene's own questions
     if image_path is None:
-        image, default_questions, expected = bundled_example()
-        if questions:
-            expected = None
-        questions = questions or default_questions
+        image, bundled_questions, bundled_answers = bundled_example()
+        if not questions:
+            questions, expected = bundled_questions, bundled_answers
     else:
         image = _open_image(image_path)
         if not questions:

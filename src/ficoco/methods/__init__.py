@@ -25,6 +25,12 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
 })
 
 
+#: the paper's methods and baselines by where they reduce, in the order tables list them
+#: (FiCoCo-VL, which reduces in both, with the decoder side)
+ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
+DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
+
+
 def available_methods() -> dict[str, str]:
     """``{name: one-line summary}`` of every registered method."""
     return {name: summary for name, (_, summary) in _REGISTRY.items()}
@@ -43,7 +49,7 @@ def get_method(name: str, **options) -> Method:
 
 
 __all__ = [
-    "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan", "VisionReduction", "available_methods",
+    "DECODER_METHODS", "ENCODER_METHODS", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan", "VisionReduction", "available_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
     "get_method", "random_drop", "tome",
 ]

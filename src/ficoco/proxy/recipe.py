@@ -33,6 +33,8 @@ TARGET_NAMES = tuple(
 )
 EASY_VQA_FAMILY = "easy-vqa"
 _TARGET_INDEX = MappingProxyType({name: i for i, name in enumerate(TARGET_NAMES)})
+
+
 def scene_targets(example: Example) -> list[float]:
     """Multi-hot ``[len(TARGET_NAMES)]`` description of the scene, the [CLS] head's target."""
     target = [0.0] * len(TARGET_NAMES)

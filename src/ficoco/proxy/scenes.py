@@ -1,8 +1,8 @@
 """Procedural 336x336 scenes with question-answer pairs, deterministic by seed.
 
 A :class:`Scene` holds 2-5 non-overlapping shapes, each in its own colour (some of them small,
-about two CLIP patches wide) and, in about half the scenes, a word in large capital letters. :func:`render` draws
-it; six question families ask about it, each mirroring one kind of benchmark the paper reports:
+about two CLIP patches wide) and, in about half the scenes, a word in large capital letters.
+:func:`render` draws it; six question families ask about it, each mirroring one kind of benchmark the paper reports:
 
 ==============  ==============================================================  ================
 family          templates                                                        like
@@ -277,7 +277,7 @@ def _place(rng: np.random.Generator, width: int, height: int, taken: list[Box], 
 
 
 def generate_scene(rng: np.random.Generator, *, with_word: bool | None = None, n_objects: int | None = None) -> Scene:
-    """A random scene: ``n_objects`` (default 2-6) non-overlapping shapes, with a word when
+    """A random scene: ``n_objects`` (default 2-5) non-overlapping shapes, with a word when
     ``with_word`` (default: with probability :data:`WORD_PROBABILITY`).
 
     Every object has its own colour (as in Sort-of-CLEVR), so a colour names one object and the

@@ -31,12 +31,14 @@ from pathlib import Path
 from .. import budget
 from ..evaluation.runner import _text_tokens, plot_results, variants_for
 from ..flops import LlavaShape
-from ..methods import Method, get_method
+from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
+from .easyvqa import load_easy_vqa
 from .evaluate import accuracy
+from .recipe import EASY_VQA_FAMILY as EASY_VQA  # the column of easy-VQA's test questions
+from .recipe import easy_vqa_rendered, rendered
 from .scenes import FAMILIES, make_split
 
-EASY_VQA = "easy-vqa"  # the column of easy-VQA's test questions (recipe.EASY_VQA_FAMILY)
-DEFAULT_METHODS = ("ficoco-v", "tome", "evit", "random", "ficoco-l", "fastv", "ficoco-vl")
+DEFAULT_METHODS = ENCODER_METHODS + DECODER_METHODS
 REFERENCE = "ficoco-v"  # the method whose cost the matched-TFLOPs rows meet
 FILES = ("proxy_accuracy.json", "proxy_accuracy.md", "proxy_accuracy.png")
 
@@ -49,14 +51,9 @@ def load_samples(split: str = "test", size: int | None = None, easy_vqa: bool = 
     """``{"procedural": [...], "easy-vqa": [...]}``: the first ``size`` samples of the procedural
     ``split`` (all of it without ``size``), rendered, and as many of easy-VQA's test questions
     (none unless ``easy_vqa``; RuntimeError without the easy-vqa package)."""
-    from .recipe import rendered
-
     procedural = [rendered(example) for example in make_split(split, size)]
     samples = {"procedural": procedural}
     if easy_vqa:
-        from .easyvqa import load_easy_vqa
-        from .recipe import easy_vqa_rendered
-
         try:
             questions = load_easy_vqa("test")[:len(procedural)]
         except ImportError as err:

@@ -166,13 +166,13 @@ def train(
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device).train()
+    num_layers = model.config.vision_config.num_hidden_layers
+    if any(not 0 <= layer < num_layers for layer in config.cls_layers):
+        raise ValueError(f"cls_layers {config.cls_layers} must lie in 0..{num_layers - 1}")
     hidden = model.config.vision_config.hidden_size
     cls_head = ClsHead(hidden, num_aux).to(device) if aux_targets and num_aux else None
     depth_heads = nn.ModuleDict({str(layer): ClsHead(hidden, num_aux, normalize=True) for layer in config.cls_layers}
                                 if cls_head is not None else {}).to(device)
-    num_layers = model.config.vision_config.num_hidden_layers
-    if any(not 0 <= layer < num_layers for layer in config.cls_layers):
-        raise ValueError(f"cls_layers {config.cls_layers} must lie in 0..{num_layers - 1}")
     params = (list(model.parameters()) + (list(cls_head.parameters()) if cls_head is not None else [])
               + list(depth_heads.parameters()))
     decay = [p for p in params if p.dim() >= 2]
@@ -189,7 +189,7 @@ def train(
             lambda module, args, output: tower_out.update(projected=output)),
     ]
     encoder_layers = model.model.vision_tower.encoder.layers
-    for layer in config.cls_layers:  # the [CLS] row of each named layer's output
+    for layer in map(int, depth_heads):  # the [CLS] row of each named layer's output
         hooks.append(encoder_layers[layer].register_forward_hook(
             lambda module, args, output, key=f"cls{layer}": tower_out.update(
                 {key: (output[0] if isinstance(output, tuple) else output)[:, 0]})))
