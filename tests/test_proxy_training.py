@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 import ficoco
 from ficoco.proxy.evaluate import accuracy, normalize_answer
@@ -156,6 +157,53 @@ def test_word_alignment_loss_matches_a_loop():
     assert word_alignment_loss(tokens, words, torch.full((2, 5, 2), -100)) == 0
 
 
+def test_cls_attention_saliency_loss_matches_a_loop():
+    from ficoco.proxy.train import cls_attention_saliency_loss
+
+    torch.manual_seed(0)
+    heads, dim, patches = 2, 4, 5
+    query, keys = torch.randn(3, heads * dim), torch.randn(3, 1 + patches, heads * dim)
+    salient = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    losses = []
+    for b in (0, 2):  # row 1 has no salient patch: skipped
+        per_head = [torch.softmax(keys[b, :, h * dim:(h + 1) * dim] @ query[b, h * dim:(h + 1) * dim] * 0.5, dim=0)
+                    for h in range(heads)]
+        attention = torch.stack(per_head).mean(0)[1:]  # [CLS] -> patches, over all 1 + N keys
+        losses.append(-torch.stack([attention[i].log() for i in range(patches) if salient[b, i]]).mean())
+    loss = cls_attention_saliency_loss(query, keys, heads, 0.5, salient)
+    assert torch.allclose(loss, torch.stack(losses).mean(), atol=1e-6)
+    assert cls_attention_saliency_loss(query, keys, heads, 0.5, torch.zeros_like(salient)) == 0
+
+
+def test_cls_attention_loss_reaches_its_layer_and_nothing_after_it(processor):
+    """With and without the saliency loss on layer 1, the gradients of layer 1's query projection
+    differ and those of layer 2 (after it: the loss cannot depend on it) are identical."""
+    from transformers import LlavaForConditionalGeneration
+
+    shape = ProxyShape(vision_layers=4, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=2,
+                       llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
+    words = [("red", "circle") if i % 7 == 0 else () for i in range(576)]
+
+    def gradients(weight: float) -> dict[int, Tensor]:
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape))
+        layers = model.model.vision_tower.encoder.layers
+        grads = {}
+        for i in (1, 2):
+            layers[i].self_attn.q_proj.weight.register_hook(lambda g, i=i: grads.update({i: g.clone()}))
+        config = TrainConfig(steps=1, batch_size=2, device="cpu", num_workers=0, warmup_steps=1, patch_weight=0.0,
+                             cls_attention_layers=(1,), cls_attention_weight=weight)
+        record = train(model, processor, toy, config, patch_words=lambda s: words, log=lambda _: None)
+        assert record["curve"][0]["attention_loss"] > 0
+        return grads
+
+    plain, salient = gradients(0.0), gradients(1.0)
+    assert not torch.allclose(plain[1], salient[1]) and torch.equal(plain[2], salient[2])
+    with pytest.raises(ValueError, match="needs patch_words"):
+        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+              TrainConfig(steps=1, device="cpu", cls_attention_layers=(1,)), log=lambda _: None)
+
+
 def test_train_proxy_cli_trains_and_saves(tmp_path):
     from click.testing import CliRunner
 
@@ -163,11 +211,13 @@ def test_train_proxy_cli_trains_and_saves(tmp_path):
 
     out = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
                                     "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2",
-                                    "--cls-layers", "12,20"])
+                                    "--cls-layers", "12,20", "--cls-attention-layers", "12-14,20"])
     assert out.exit_code == 0, out.output
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["config"]["steps"] == 2 and record["config"]["lr"] == TrainConfig().lr and record["turns"] == 2
     assert record["config"]["cls_layers"] == [12, 20]
+    assert record["config"]["cls_attention_layers"] == [12, 13, 14, 20]
+    assert record["curve"][0]["attention_loss"] > 0
     bad = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path / "bad"), "--steps", "1", "--device", "cpu",
                                     "--workers", "0", "--eval-size", "0", "--cls-layers", "24"])
     assert bad.exit_code != 0 and "cls_layers (24,) must lie in 0..23" in bad.output

@@ -56,10 +56,15 @@ def _shape(model: str) -> LlavaShape:
 
 
 def _int_list(text: str) -> list[int]:
+    """``"1,4,9"`` → ``[1, 4, 9]``; an item ``"12-15"`` is the inclusive range ``12, 13, 14, 15``."""
+    values = []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            first, dash, last = item.partition("-")
+            values.extend(range(int(first), int(last) + 1) if dash and first else [int(item)])
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated integers or ranges (12-22), got {text!r}") from None
+    return values
 
 
 @main.command()
@@ -324,6 +329,9 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--patch-weight", type=float, default=None, help="Weight of the patch-word alignment loss [0.5].")
 @click.option("--cls-layers", default="", help="Encoder layers (0-based, comma-separated) whose [CLS] also "
               "predicts the scene, e.g. 12,16,20 [none].")
+@click.option("--cls-attention-layers", default="", help="Encoder layers whose [CLS] attention must reach every "
+              "object and word patch, e.g. 12-22 [none].")
+@click.option("--cls-attention-weight", type=float, default=None, help="Weight of that saliency loss [0.1].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", type=int, default=None, help="Data-loading processes [CPU count - 2, at most 14].")
@@ -334,16 +342,17 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
               help="Questions per training image, asked as the turns of one conversation.")
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, max_minutes, device,
-                        workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, cls_attention_layers,
+                        cls_attention_weight, max_minutes, device, workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
     given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
-                 num_workers=workers)
+                 cls_attention_weight=cls_attention_weight, num_workers=workers)
     config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
                          cls_layers=tuple(_int_list(cls_layers)),
+                         cls_attention_layers=tuple(_int_list(cls_attention_layers)),
                          **{key: value for key, value in given.items() if value is not None})
     train_proxy(out_dir, config, eval_size=eval_size, easy_vqa_every=easy_vqa_every, turns=turns,
                 init_from=init_from, log=click.echo)

@@ -45,6 +45,11 @@ class TrainConfig:
     # LayerNorm + linear head: [CLS] must summarise every object already in the layers where
     # FiCoCo-V and EViT read its attention (12-22), not only at the output
     cls_layers: tuple[int, ...] = ()
+    # encoder layers (0-based) whose [CLS] attention must reach every object and word patch:
+    # ``-mean log a_i`` over those patches of the head-averaged attention ``a`` from [CLS]
+    # (docs/proxy-model.md: without it the proxy's [CLS] reads background patches, unlike CLIP's)
+    cls_attention_layers: tuple[int, ...] = ()
+    cls_attention_weight: float = 0.1
     patch_weight: float = 0.5
     grad_clip: float = 1.0
     seed: int = 0
@@ -132,6 +137,24 @@ def word_alignment_loss(image_tokens: Tensor, word_embeddings: Tensor, targets: 
     return (per_patch * has_words).sum() / has_words.sum().clamp(min=1)
 
 
+def cls_attention_saliency_loss(cls_query: Tensor, keys: Tensor, num_heads: int, scale: float,
+                                salient: Tensor) -> Tensor:
+    """``-mean_{i salient} log a_i`` with ``a`` ``[B, N]`` the head-averaged attention of the [CLS]
+    query ``[B, E]`` over the layer's keys ``[B, 1 + N, E]`` ([CLS] first), kept at the ``N``
+    patches; ``salient`` ``[B, N]`` bool marks the patches that must be attended. Averaged over the
+    rows that have a salient patch (0 when none). A log per patch, not the log of the summed mass,
+    so that no object patch may be ignored while others take the attention."""
+    b, length, width = keys.shape
+    head_dim = width // num_heads
+    logits = torch.einsum("bhd,blhd->bhl", cls_query.view(b, num_heads, head_dim),
+                          keys.view(b, length, num_heads, head_dim)).float() * scale
+    patches = torch.softmax(logits, dim=-1).mean(dim=1)[:, 1:]
+    log_attention = patches.clamp(min=1e-12).log()
+    per_row = -(log_attention * salient).sum(-1) / salient.sum(-1).clamp(min=1)
+    has_salient = salient.any(-1)
+    return (per_row * has_salient).sum() / has_salient.sum().clamp(min=1)
+
+
 def cosine_lr(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -167,8 +190,11 @@ def train(
     device = torch.device(config.device)
     model.to(device).train()
     num_layers = model.config.vision_config.num_hidden_layers
-    if any(not 0 <= layer < num_layers for layer in config.cls_layers):
-        raise ValueError(f"cls_layers {config.cls_layers} must lie in 0..{num_layers - 1}")
+    for name in ("cls_layers", "cls_attention_layers"):
+        if any(not 0 <= layer < num_layers for layer in getattr(config, name)):
+            raise ValueError(f"{name} {getattr(config, name)} must lie in 0..{num_layers - 1}")
+    if config.cls_attention_layers and patch_words is None:
+        raise ValueError("cls_attention_layers needs patch_words: they say which patches [CLS] must attend to")
     hidden = model.config.vision_config.hidden_size
     cls_head = ClsHead(hidden, num_aux).to(device) if aux_targets and num_aux else None
     depth_heads = nn.ModuleDict({str(layer): ClsHead(hidden, num_aux, normalize=True) for layer in config.cls_layers}
@@ -193,6 +219,14 @@ def train(
         hooks.append(encoder_layers[layer].register_forward_hook(
             lambda module, args, output, key=f"cls{layer}": tower_out.update(
                 {key: (output[0] if isinstance(output, tuple) else output)[:, 0]})))
+    # the [CLS] query and all keys of each saliency layer, read at the projections (the layer's own
+    # attention runs through SDPA and keeps no map)
+    for layer in config.cls_attention_layers:
+        attention = encoder_layers[layer].self_attn
+        hooks.append(attention.q_proj.register_forward_hook(
+            lambda module, args, output, key=f"q{layer}": tower_out.update({key: output[:, 0]})))
+        hooks.append(attention.k_proj.register_forward_hook(
+            lambda module, args, output, key=f"k{layer}": tower_out.update({key: output})))
     vocab = processor.tokenizer.get_vocab()  # word -> id, looked up once rather than per patch
     unknown = processor.tokenizer.unk_token_id
 
@@ -226,7 +260,7 @@ def train(
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                 out = model(**batch)
                 loss = out.loss
-                aux_loss = patch_loss = torch.zeros((), device=device)
+                aux_loss = patch_loss = attention_loss = torch.zeros((), device=device)
                 if cls_head is not None:
                     aux = aux.to(device)
                     aux_loss = masked_multilabel_loss(cls_head(tower_out["pooled"].float()), aux)
@@ -240,6 +274,14 @@ def train(
                     patch_loss = word_alignment_loss(tower_out["projected"].float(), embeddings.float(),
                                                      patches.to(device))
                     loss = loss + config.patch_weight * patch_loss
+                if config.cls_attention_layers:
+                    salient = patches[..., 0].to(device) != -100
+                    attention_loss = sum(
+                        cls_attention_saliency_loss(tower_out[f"q{layer}"], tower_out[f"k{layer}"],
+                                                    encoder_layers[layer].self_attn.num_heads,
+                                                    encoder_layers[layer].self_attn.scale, salient)
+                        for layer in config.cls_attention_layers) / len(config.cls_attention_layers)
+                    loss = loss + config.cls_attention_weight * attention_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -248,11 +290,11 @@ def train(
             out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
             if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                 entry = dict(step=step, loss=float(out.loss.detach()), aux_loss=float(aux_loss.detach()),
-                             patch_loss=float(patch_loss.detach()), lr=optimizer.param_groups[0]["lr"],
+                             patch_loss=float(patch_loss.detach()), attention_loss=float(attention_loss.detach()), lr=optimizer.param_groups[0]["lr"],
                              seconds=elapsed)
                 curve.append(entry)
                 log(f"step {step:5d}  answer loss {entry['loss']:.4f}  cls loss {entry['aux_loss']:.4f}  "
-                    f"patch loss {entry['patch_loss']:.4f}  lr {entry['lr']:.2e}  {elapsed:.0f}s")
+                    f"patch loss {entry['patch_loss']:.4f}  attention loss {entry['attention_loss']:.3f}  lr {entry['lr']:.2e}  {elapsed:.0f}s")
             if out_of_time:  # a safety net for a fixed wall-clock budget; the record says so
                 stopped_at = step
                 log(f"stopped after {elapsed:.0f}s at step {step} of {config.steps} (max_seconds)")
