@@ -204,6 +204,35 @@ def test_cls_attention_loss_reaches_its_layer_and_nothing_after_it(processor):
               TrainConfig(steps=1, device="cpu", cls_attention_layers=(1,)), log=lambda _: None)
 
 
+def test_token_drop_trains_on_random_subsets_through_the_adapter(processor):
+    """Steps with token dropping feed the LLM a random subset (through ficoco's adapter, which
+    cuts placeholders and labels alike); the patch-word targets follow the surviving patches;
+    the draws are deterministic given the seed and the hooks are gone afterwards."""
+    from transformers import LlavaForConditionalGeneration
+
+    shape = ProxyShape(vision_layers=4, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=2,
+                       llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
+    words = [("red", "circle") if i % 5 == 0 else () for i in range(576)]
+
+    def run() -> list[dict]:
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape))
+        config = TrainConfig(steps=8, batch_size=2, device="cpu", num_workers=0, warmup_steps=1, log_every=1,
+                             token_drop_prob=0.5, token_drop_min=16, cls_attention_layers=(1,), seed=1)
+        curve = train(model, processor, toy, config, patch_words=lambda s: words, log=lambda _: None)["curve"]
+        assert getattr(model, "_ficoco_handle", None) is None
+        return curve
+
+    curve = run()
+    tokens = [entry["visual_tokens"] for entry in curve]
+    assert 576 in tokens and any(16 <= t < 576 for t in tokens), tokens
+    assert all(math.isfinite(e["loss"]) and e["patch_loss"] > 0 for e in curve)
+    assert [(e["visual_tokens"], e["loss"]) for e in run()] == [(e["visual_tokens"], e["loss"]) for e in curve]
+    with pytest.raises(ValueError, match="token_drop_min must lie in 1..575"):
+        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+              TrainConfig(steps=1, device="cpu", token_drop_prob=0.5, token_drop_min=576), log=lambda _: None)
+
+
 def test_train_proxy_cli_trains_and_saves(tmp_path):
     from click.testing import CliRunner
 
@@ -211,12 +240,14 @@ def test_train_proxy_cli_trains_and_saves(tmp_path):
 
     out = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
                                     "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2",
-                                    "--cls-layers", "12,20", "--cls-attention-layers", "12-14,20"])
+                                    "--cls-layers", "12,20", "--cls-attention-layers", "12-14,20",
+                                    "--token-drop-prob", "0.5", "--token-drop-min", "48"])
     assert out.exit_code == 0, out.output
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["config"]["steps"] == 2 and record["config"]["lr"] == TrainConfig().lr and record["turns"] == 2
     assert record["config"]["cls_layers"] == [12, 20]
     assert record["config"]["cls_attention_layers"] == [12, 13, 14, 20]
+    assert record["config"]["token_drop_prob"] == 0.5 and record["config"]["token_drop_min"] == 48
     assert record["curve"][0]["attention_loss"] > 0
     bad = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path / "bad"), "--steps", "1", "--device", "cpu",
                                     "--workers", "0", "--eval-size", "0", "--cls-layers", "24"])

@@ -332,6 +332,9 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--cls-attention-layers", default="", help="Encoder layers whose [CLS] attention must reach every "
               "object and word patch, e.g. 12-22 [none].")
 @click.option("--cls-attention-weight", type=float, default=None, help="Weight of that saliency loss [0.1].")
+@click.option("--token-drop-prob", type=float, default=None, help="Share of steps whose LLM sees a random subset "
+              "of the visual tokens, renumbered as after an encoder-side reduction [0].")
+@click.option("--token-drop-min", type=int, default=None, help="Fewest visual tokens such a step keeps [32].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", type=int, default=None, help="Data-loading processes [CPU count - 2, at most 14].")
@@ -343,13 +346,14 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, cls_attention_layers,
-                        cls_attention_weight, max_minutes, device, workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+                        cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
     given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
-                 cls_attention_weight=cls_attention_weight, num_workers=workers)
+                 cls_attention_weight=cls_attention_weight, token_drop_prob=token_drop_prob,
+                 token_drop_min=token_drop_min, num_workers=workers)
     config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
                          cls_layers=tuple(_int_list(cls_layers)),
                          cls_attention_layers=tuple(_int_list(cls_attention_layers)),

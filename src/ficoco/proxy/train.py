@@ -8,6 +8,7 @@ scene contains (a multi-label target supplied by the dataset), as CLIP's contras
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -18,6 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..adapters.llava import attach
+from ..methods.baselines import random_drop
 from ..prompts import chat_prompt, follow_up_prompt
 
 
@@ -51,6 +54,12 @@ class TrainConfig:
     cls_attention_layers: tuple[int, ...] = ()
     cls_attention_weight: float = 0.1
     patch_weight: float = 0.5
+    # share of steps whose batch reaches the LLM with a random subset of ``token_drop_min`` to
+    # all-but-one of the visual tokens, renumbered as encoder-side reductions renumber them: a
+    # proxy trained on the full raster only learns to read the layout from the sequence index
+    # and then fails any encoder-side reduction (docs/proxy-model.md), unlike LLaVA
+    token_drop_prob: float = 0.0
+    token_drop_min: int = 32
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cuda"
@@ -190,6 +199,9 @@ def train(
     device = torch.device(config.device)
     model.to(device).train()
     num_layers = model.config.vision_config.num_hidden_layers
+    grid_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    if config.token_drop_prob > 0 and not 1 <= config.token_drop_min < grid_patches:
+        raise ValueError(f"token_drop_min must lie in 1..{grid_patches - 1}, got {config.token_drop_min}")
     for name in ("cls_layers", "cls_attention_layers"):
         if any(not 0 <= layer < num_layers for layer in getattr(config, name)):
             raise ValueError(f"{name} {getattr(config, name)} must lie in 0..{num_layers - 1}")
@@ -248,6 +260,8 @@ def train(
     loader = DataLoader(range(config.steps * config.batch_size), batch_size=config.batch_size, shuffle=False,
                         num_workers=config.num_workers, collate_fn=make_batch, pin_memory=device.type == "cuda",
                         persistent_workers=config.num_workers > 0)
+    # its own generator: the drop draws do not move the model's or the data's random streams
+    drop_draws = torch.Generator().manual_seed(config.seed)
     use_autocast = device.type == "cuda"
     autocast_dtype = getattr(torch, config.dtype)
     curve, started = [], time.time()
@@ -257,8 +271,18 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * cosine_lr(step, config)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            dropping = config.token_drop_prob > 0 and float(torch.rand((), generator=drop_draws)) < config.token_drop_prob
+            kept = int(torch.randint(config.token_drop_min, grid_patches, (), generator=drop_draws)) if dropping else None
+            # the drop runs through ficoco's own adapter (random dropping at the feature layer), which
+            # cuts placeholders, labels and masks alike; hooks are only needed for the forward pass
+            with (attach(model, random_drop(kept, seed=step)) if dropping else contextlib.nullcontext()) as handle:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
+                    out = model(**batch)
+                word_targets = patches
+                if handle is not None and patches is not None:  # the LLM got the surviving patches only
+                    positions = handle.vision_trace.positions.to(patches.device)
+                    word_targets = patches.gather(1, positions[..., None].expand(-1, -1, patches.shape[-1]))
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-                out = model(**batch)
                 loss = out.loss
                 aux_loss = patch_loss = attention_loss = torch.zeros((), device=device)
                 if cls_head is not None:
@@ -272,7 +296,7 @@ def train(
                 if patches is not None:
                     embeddings = model.get_input_embeddings().weight
                     patch_loss = word_alignment_loss(tower_out["projected"].float(), embeddings.float(),
-                                                     patches.to(device))
+                                                     word_targets.to(device))
                     loss = loss + config.patch_weight * patch_loss
                 if config.cls_attention_layers:
                     salient = patches[..., 0].to(device) != -100
@@ -290,7 +314,8 @@ def train(
             out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
             if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                 entry = dict(step=step, loss=float(out.loss.detach()), aux_loss=float(aux_loss.detach()),
-                             patch_loss=float(patch_loss.detach()), attention_loss=float(attention_loss.detach()), lr=optimizer.param_groups[0]["lr"],
+                             patch_loss=float(patch_loss.detach()), attention_loss=float(attention_loss.detach()),
+                             visual_tokens=grid_patches if kept is None else kept, lr=optimizer.param_groups[0]["lr"],
                              seconds=elapsed)
                 curve.append(entry)
                 log(f"step {step:5d}  answer loss {entry['loss']:.4f}  cls loss {entry['aux_loss']:.4f}  "
