@@ -302,8 +302,10 @@ def environment() -> dict:
     try:
         import subprocess
 
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip()
+        # one line per GPU of the host (whatever CUDA_VISIBLE_DEVICES says); the driver is the host's
+        lines = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20).stdout.split()
+        driver = lines[0] if lines else None
     except (OSError, subprocess.SubprocessError):
         pass
     return {"gpu": props.name, "driver": driver, "torch": torch.__version__, "cuda": torch.version.cuda,
