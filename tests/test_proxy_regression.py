@@ -4,20 +4,25 @@ The shipped model answers a fixed subset of the procedural test split:
 
 - with vanilla;
 - with FiCoCo-V and FiCoCo-L at 192 tokens;
-- with every FiCoCo method and with random dropping at 64 tokens.
+- with every FiCoCo method and with random dropping at 64 tokens;
+
+and the [CLS]-guided encoder methods must keep the patches of the objects and the written word
+(the model's [CLS] attention carries meaning, as CLIP's does).
 
 Thresholds come from the measured accuracy table (docs/proxy/proxy_accuracy.md, 600 test questions),
 with a safety margin for the smaller subset. A broken filter, a merge into the wrong token or a
 lost [CLS] shows up here as lost accuracy. Random weights could never show that.
 
-Some of the issue's criteria fail on this model. They are marked as expected failures, strict, so
+Two of the issue's criteria fail on this model. They are marked as expected failures, strict, so
 they turn into failures the day a retrained model meets them:
 
 - FiCoCo-V at 192 tokens keeps ≥ 95% of vanilla;
-- FiCoCo-V and FiCoCo-VL (whose first half is FiCoCo-V) beat random dropping at 64 tokens.
+- FiCoCo-V beats random dropping by 5 points at 64 tokens.
 
-The reason is the model's [CLS] attention in layers 12-22, which is lowest on object interiors
-(docs/proxy-model.md, "What the accuracy table shows").
+The reason is the model's LLM, which reads the image layout from the sequence positions that every
+encoder-side reduction renumbers: random dropping at the LLM input loses 17.5 points at 192 tokens
+when the kept tokens are renumbered, 5 when they keep their positions (docs/proxy-model.md,
+"What the accuracy table shows").
 """
 
 from __future__ import annotations
@@ -29,17 +34,22 @@ import torch
 
 from ficoco import get_method
 from ficoco.assets import embedded_model_dir
-from ficoco.proxy.evaluate import accuracy
+from ficoco.proxy.evaluate import accuracy, surviving_patch_share
 from ficoco.proxy.model import ProxyShape
-from ficoco.proxy.recipe import rendered
+from ficoco.proxy.recipe import patch_words, rendered
 from ficoco.proxy.scenes import DATASET_VERSION, FAMILIES, make_split
 
 SUBSET = 120  # the first 120 test questions: 20 per family
-# measured: vanilla 89.0% on the first 600 test questions (docs/proxy/proxy_accuracy.md), 93.3% on
-# this subset; FiCoCo-L 92.5% at 192 and 91.7% at 64 tokens, random dropping 62.5% at 64 tokens
-VANILLA_AT_LEAST = 0.83
-FAMILY_AT_LEAST = {"attribute": 0.7, "counting": 0.7, "existence": 0.85, "spatial": 0.45, "text": 0.85, "choice": 0.8}
-CLS_ATTENTION_GAP = "the shipped model's [CLS] attention is lowest on object interiors (docs/proxy-model.md)"
+# measured: vanilla 93.7% on the first 600 test questions (docs/proxy/proxy_accuracy.md) and 95.0%
+# on this subset (100% in five families, spatial 70%); at 64 tokens FiCoCo-VL 72.7% and random
+# dropping 62.0% on the 600 questions
+VANILLA_AT_LEAST = 0.88
+FAMILY_AT_LEAST = {"attribute": 0.85, "counting": 0.85, "existence": 0.9, "spatial": 0.5, "text": 0.9, "choice": 0.9}
+# on the first 8 test images at 192 tokens (16 images: EViT 93%, FiCoCo-V 71%; random dropping
+# keeps 192 / 576 = 33% by construction)
+OBJECT_PATCHES_KEPT_AT_LEAST = {"evit": 0.8, "ficoco-v": 0.55}
+RENUMBERED_POSITIONS = ("the shipped model's LLM reads the image layout from the sequence positions that "
+                        "encoder-side reduction renumbers (docs/proxy-model.md)")
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +110,33 @@ def test_ficoco_l_at_192_tokens_keeps_95_percent_of_vanilla(scores):
     assert scores("ficoco-l", 192)["overall"] >= 0.95 * scores("vanilla")["overall"]
 
 
-@pytest.mark.xfail(strict=True, reason=CLS_ATTENTION_GAP)
+@pytest.mark.parametrize("name", sorted(OBJECT_PATCHES_KEPT_AT_LEAST))
+def test_cls_guided_methods_keep_the_objects(embedded, name):
+    model, processor = embedded
+    scenes = make_split("test", 8)
+    salient = torch.tensor([[bool(words) for words in patch_words(e)] for e in scenes])
+    share = surviving_patch_share(model, processor, [rendered(e) for e in scenes], salient, get_method(name, retain=192))
+    random_share = surviving_patch_share(model, processor, [rendered(e) for e in scenes], salient,
+                                         get_method("random", retain=192))
+    assert share >= OBJECT_PATCHES_KEPT_AT_LEAST[name] and share > random_share + 0.15, (share, random_share)
+
+
+@pytest.mark.xfail(strict=True, reason=RENUMBERED_POSITIONS)
 def test_ficoco_v_at_192_tokens_keeps_95_percent_of_vanilla(scores):
     assert scores("ficoco-v", 192)["overall"] >= 0.95 * scores("vanilla")["overall"]
 
 
 @pytest.mark.parametrize("name", [
     "ficoco-l",
-    pytest.param("ficoco-v", marks=pytest.mark.xfail(strict=True, reason=CLS_ATTENTION_GAP)),
-    pytest.param("ficoco-vl", marks=pytest.mark.xfail(strict=True, reason=CLS_ATTENTION_GAP)),  # its encoder half
+    pytest.param("ficoco-v", marks=pytest.mark.xfail(strict=True, reason=RENUMBERED_POSITIONS)),
+    "ficoco-vl",
 ])
 def test_ficoco_beats_random_dropping_at_64_tokens(scores, name):
     assert scores(name, 64)["overall"] >= scores("random", 64)["overall"] + 0.05
+
+
+def test_surviving_patch_share_needs_an_encoder_side_method(embedded, questions):
+    model, processor = embedded
+    with pytest.raises(ValueError, match="fastv does not reduce in the vision encoder"):
+        surviving_patch_share(model, processor, questions[:2], torch.ones(2, 576, dtype=torch.bool),
+                              get_method("fastv", retain=64))

@@ -50,3 +50,24 @@ def accuracy(
     everything = [hit for hits in correct.values() for hit in hits]
     result["overall"] = sum(everything) / max(1, len(everything))
     return result
+
+
+@torch.inference_mode()
+def surviving_patch_share(model, processor, samples: Sequence[QASample], salient: torch.Tensor,
+                          method: Method) -> float:
+    """Share of the ``salient`` patches (``[B, P]`` bool over each sample's patch grid in raster
+    order) whose own token reaches the LLM when the encoder-side ``method`` runs on ``samples``'
+    images. A patch merged into another token or fused away does not count as reaching it."""
+    if method.vision is None:
+        raise ValueError(f"{method.name} does not reduce in the vision encoder; no patch is dropped there")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(samples, processor, with_answers=False).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    with attach(model, method) as handle:
+        model(**batch)
+        positions = handle.vision_trace.positions.cpu()  # [B, N'], -1 for fused tokens
+    kept = torch.zeros_like(salient)
+    rows = torch.arange(len(samples))[:, None].expand_as(positions)
+    real = positions >= 0
+    kept[rows[real], positions[real]] = True
+    return float((kept & salient).sum() / salient.sum().clamp(min=1))

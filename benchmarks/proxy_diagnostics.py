@@ -1,0 +1,61 @@
+"""Why an encoder-side method keeps or loses accuracy on the embedded proxy model (issue 4).
+
+    python benchmarks/proxy_diagnostics.py [--model DIR] [--images 16] [--questions 120]
+
+1. **Which patches survive.** For the first ``--images`` test scenes, the share of object and word
+   patches (``ficoco.proxy.recipe.patch_words``) that reach the LLM after FiCoCo-V, EViT, random
+   dropping and ToMe at 192 tokens (a token counts as surviving at its own raster position).
+   Random dropping keeps a third of them by construction: 192 / 576.
+2. **Does the LLM read the layout from sequence positions?** Random dropping of the same share
+   at the LLM input, once renumbered (what every encoder-side method hands the LLM) and once with
+   the kept tokens' original positions (``random_drop(side="language", layer=0)``), and after LLM
+   layer 1, on the first ``--questions`` test questions.
+
+CPU, fp32, deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import ficoco
+from ficoco.assets import embedded_model_dir
+from ficoco.proxy.evaluate import accuracy, surviving_patch_share
+from ficoco.proxy.recipe import patch_words, rendered
+from ficoco.proxy.scenes import make_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(embedded_model_dir()))
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--questions", type=int, default=120)
+    args = parser.parse_args()
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    print(f"model {args.model}")
+    print(f"object and word patches reaching the LLM at 192 tokens ({args.images} test images):")
+    scenes = make_split("test", size=args.images)
+    salient = torch.tensor([[bool(words) for words in patch_words(e)] for e in scenes])
+    for name in ("ficoco-v", "evit", "random", "tome"):
+        share = surviving_patch_share(model, processor, [rendered(e) for e in scenes], salient,
+                                      ficoco.get_method(name, retain=192))
+        print(f"  {name:10} {share:.0%}")
+    questions = [rendered(e) for e in make_split("test", size=args.questions)]
+    print(f"accuracy on the first {args.questions} test questions:")
+    print(f"  vanilla {accuracy(model, processor, questions, batch_size=60)['overall']:.1%}")
+    for retain in (192, 64):
+        for label, options in [("renumbered at the LLM input", {}),
+                               ("original positions, at the LLM input", {"side": "language", "layer": 0}),
+                               ("original positions, after LLM layer 1", {"side": "language", "layer": 1})]:
+            method = ficoco.get_method("random", retain=retain, **options)
+            score = accuracy(model, processor, questions, method, batch_size=60)["overall"]
+            print(f"  random@{retain:<3} {label:40} {score:.1%}")
+
+
+if __name__ == "__main__":
+    main()
