@@ -3,8 +3,8 @@
     python benchmarks/plot_proxy_training.py docs/proxy/training-attempts.png
 
 Reads the ``step N  answer loss X ...`` lines that ``ficoco train-proxy`` prints. A second stage
-(``--init-from``) is drawn after the step its first stage stopped at, so a two-run recipe reads as
-one curve.
+(``--init-from``) is drawn after the step the run it continues stopped at (stage after stage), so a
+multi-run recipe reads as one curve.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ ATTEMPTS = {
     "attempt4-v2-align.log": ("4: v2 data, alignment loss, two runs sharing a GPU", None),
     "attempt5-stage1-lr5e-4.log": ("5: v2, 12 turns, lr 5e-4", None),
     "attempt5-stage1-lr1e-3.log": ("5: v2, 12 turns, lr 1e-3 (shipped, stage 1)", None),
-    "attempt5-stage2.log": ("5, stage 2 (shipped model)", "attempt5-stage1-lr1e-3.log"),
+    "attempt5-stage2.log": ("5, stage 2 (shipped, stage 2)", "attempt5-stage1-lr1e-3.log"),
+    "attempt6-stage1-cls-layers.log": ("6a: + [CLS] scene loss at layers 12, 16, 20", None),
+    "attempt6-stage1-attention.log": ("6b: + [CLS]-attention saliency loss", None),
+    "attempt6-stage2-attention.log": ("6b, stage 2", "attempt6-stage1-attention.log"),
+    "attempt6-stage3-attention.log": ("7: stage 2 + saliency loss, lr 3e-4 (shipped, stage 3)",
+                                      "attempt5-stage2.log"),
 }
 
 
@@ -48,16 +53,24 @@ def read_curve(path: Path) -> tuple[list[int], list[float], int]:
     return steps, losses, last
 
 
+def start_step(name: str) -> int:
+    """The step at which the run logged in ``name`` starts on the drawn axis: after every earlier
+    stage of its recipe."""
+    previous = ATTEMPTS[name][1]
+    return 0 if previous is None else start_step(previous) + read_curve(LOGS / previous)[2] + 1
+
+
 def main(out: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
-    for name, (label, first_stage) in ATTEMPTS.items():
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # more attempts than the default ten colours
+    for name, (label, _) in ATTEMPTS.items():
         path = LOGS / name
         if not path.is_file():
             raise FileNotFoundError(f"training log {path} is missing")
         steps, losses, _ = read_curve(path)
-        offset = read_curve(LOGS / first_stage)[2] + 1 if first_stage else 0
+        offset = start_step(name)
         ax.plot([s + offset for s in steps], losses, label=label, linewidth=2 if "shipped" in label else 1)
-    ax.set_xlabel("optimizer step (batch 128 except attempts 1-2; stage 2 drawn after its stage 1)")
+    ax.set_xlabel("optimizer step (batch 128 except attempts 1-2; each later stage drawn after the one it continues)")
     ax.set_ylabel("answer loss (next-token CE on answers)")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)

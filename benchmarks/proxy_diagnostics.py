@@ -10,6 +10,9 @@
    at the LLM input, once renumbered (what every encoder-side method hands the LLM) and once with
    the kept tokens' original positions (``random_drop(side="language", layer=0)``), and after LLM
    layer 1, on the first ``--questions`` test questions.
+3. **Which part of FiCoCo-L costs accuracy** with its start layer scaled to the 8-layer LLM
+   (layer 1): its default, its filter with plain dropping, each filter term alone, all removals
+   at one layer, against FastV (``k = 1``), at 192 tokens on the same questions.
 
 CPU, fp32, deterministic.
 """
@@ -22,9 +25,12 @@ import torch
 
 import ficoco
 from ficoco.assets import embedded_model_dir
+from ficoco.methods.base import LanguageReduction, Method
 from ficoco.proxy.evaluate import accuracy, surviving_patch_share
 from ficoco.proxy.recipe import patch_words, rendered
 from ficoco.proxy.scenes import make_split
+from ficoco.stages import DropCompress, NoCorrelate, TokenReduction
+from ficoco.stages.filters import FiCoCoLanguageFilter
 
 
 def main() -> None:
@@ -55,6 +61,18 @@ def main() -> None:
             method = ficoco.get_method("random", retain=retain, **options)
             score = accuracy(model, processor, questions, method, batch_size=60)["overall"]
             print(f"  random@{retain:<3} {label:40} {score:.1%}")
+    filter_then_drop = Method("ficoco-l filter, dropping", language=LanguageReduction(
+        TokenReduction(FiCoCoLanguageFilter(), NoCorrelate(), DropCompress()), 192, 1))
+    print("FiCoCo-L from LLM layer 1 at 192 tokens:")
+    for label, method in [
+        ("default (beta 0.6, self-preserving merge)", ficoco.get_method("ficoco-l", retain=192, start_layer=1)),
+        ("its filter, plain dropping", filter_then_drop),
+        ("visual term only (beta 1)", ficoco.get_method("ficoco-l", retain=192, start_layer=1, beta=1.0)),
+        ("text term only (beta 0)", ficoco.get_method("ficoco-l", retain=192, start_layer=1, beta=0.0)),
+        ("all removals at layer 1", ficoco.get_method("ficoco-l", retain=192, start_layer=1, end_layer=1)),
+        ("FastV, k = 1", ficoco.get_method("fastv", retain=192, k=1)),
+    ]:
+        print(f"  {label:44} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -101,6 +103,12 @@ def _cache_of(output):
     return output.past_key_values if getattr(output, "past_key_values", None) is not None else output.cache
 
 
+def _cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers 5.x (which
+    deprecates ``past_key_values``), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _manual_greedy(model, inputs, steps):
     """Prefill, then feed one token at a time with the cache, as generate() does (rows that emitted
     EOS (id 2) go on with padding (id 0))."""
@@ -116,8 +124,8 @@ def _manual_greedy(model, inputs, steps):
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         position = position[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=_cache_of(out), use_cache=True,
-                    position_ids=position)
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, position_ids=position,
+                    **{_cache_argument(model): _cache_of(out)})
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
