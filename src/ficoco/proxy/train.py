@@ -3,7 +3,9 @@
 The [CLS] token must carry meaning for FiCoCo-V's semantic term and for EViT, so besides the
 answer loss an auxiliary linear head on the vision tower's pooled [CLS] output predicts what the
 scene contains (a multi-label target supplied by the dataset), as CLIP's contrastive loss trains
-[CLS] in the real model. Only the LLaVA model is saved; the head is training-only.
+[CLS] in the real model. Optional terms (``TrainConfig``): the same head at inner layers, a
+saliency loss on where [CLS] attends in the reducing layers, and steps whose LLM sees a random,
+renumbered subset of the visual tokens. Only the LLaVA model is saved; the heads are training-only.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def train(
     "circle")``; empty for background): each projected image token, scored against the LLM's
     input word embeddings, must put its probability on those words (LLaVA's stage-1 alignment of
     image tokens to the word-embedding space, made dense). Either may return ``None`` for a sample
-    it does not describe.
+    it does not describe. ``patch_words`` also marks the patches that ``config.cls_attention_layers``
+    make [CLS] attend to (:func:`cls_attention_saliency_loss`).
     Returns the loss curve and timing. Data loading uses a ``DataLoader`` over sample indices, so
     sample ``i`` is the same whatever the number of workers.
     """
