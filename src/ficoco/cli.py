@@ -332,7 +332,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--cls-attention-layers", default="", help="Encoder layers whose [CLS] attention must reach every "
               "object and word patch, e.g. 12-22 [none].")
 @click.option("--cls-attention-weight", type=float, default=None, help="Weight of that saliency loss [0.1].")
-@click.option("--token-drop-prob", type=float, default=None, help="Share of steps whose LLM sees a random subset "
+@click.option("--token-drop-prob", type=click.FloatRange(0.0, 1.0), default=None, help="Share of steps whose LLM sees a random subset "
               "of the visual tokens, renumbered as after an encoder-side reduction [0].")
 @click.option("--token-drop-min", type=int, default=None, help="Fewest visual tokens such a step keeps [32].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
@@ -346,7 +346,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, cls_attention_layers,
-                        cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers, eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+                        cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers,
+                        eval_size, easy_vqa_every, turns, init_from, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
