@@ -231,6 +231,9 @@ def test_token_drop_trains_on_random_subsets_through_the_adapter(processor):
     with pytest.raises(ValueError, match="token_drop_min must lie in 1..575"):
         train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
               TrainConfig(steps=1, device="cpu", token_drop_prob=0.5, token_drop_min=576), log=lambda _: None)
+    with pytest.raises(ValueError, match="token_drop_prob must lie in"):
+        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+              TrainConfig(steps=1, device="cpu", token_drop_prob=1.5), log=lambda _: None)
 
 
 def test_train_proxy_cli_trains_and_saves(tmp_path):

@@ -203,6 +203,8 @@ def train(
     model.to(device).train()
     num_layers = model.config.vision_config.num_hidden_layers
     grid_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    if not 0.0 <= config.token_drop_prob <= 1.0:
+        raise ValueError(f"token_drop_prob must lie in [0, 1], got {config.token_drop_prob}")
     if config.token_drop_prob > 0 and not 1 <= config.token_drop_min < grid_patches:
         raise ValueError(f"token_drop_min must lie in 1..{grid_patches - 1}, got {config.token_drop_min}")
     for name in ("cls_layers", "cls_attention_layers"):
