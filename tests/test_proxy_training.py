@@ -157,6 +157,17 @@ def test_word_alignment_loss_matches_a_loop():
     assert word_alignment_loss(tokens, words, torch.full((2, 5, 2), -100)) == 0
 
 
+#: a 4-layer tower and a 2-layer LLM: enough for the training options' wiring, fast on CPU
+SMALL = ProxyShape(vision_layers=4, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=2,
+                   llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
+
+
+def small_model(processor):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration(proxy_config(processor.tokenizer, SMALL))
+
+
 def test_cls_attention_saliency_loss_matches_a_loop():
     from ficoco.proxy.train import cls_attention_saliency_loss
 
@@ -178,15 +189,11 @@ def test_cls_attention_saliency_loss_matches_a_loop():
 def test_cls_attention_loss_reaches_its_layer_and_nothing_after_it(processor):
     """With and without the saliency loss on layer 1, the gradients of layer 1's query projection
     differ and those of layer 2 (after it: the loss cannot depend on it) are identical."""
-    from transformers import LlavaForConditionalGeneration
-
-    shape = ProxyShape(vision_layers=4, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=2,
-                       llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
     words = [("red", "circle") if i % 7 == 0 else () for i in range(576)]
 
     def gradients(weight: float) -> dict[int, Tensor]:
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape))
+        model = small_model(processor)
         layers = model.model.vision_tower.encoder.layers
         grads = {}
         for i in (1, 2):
@@ -200,7 +207,7 @@ def test_cls_attention_loss_reaches_its_layer_and_nothing_after_it(processor):
     plain, salient = gradients(0.0), gradients(1.0)
     assert not torch.allclose(plain[1], salient[1]) and torch.equal(plain[2], salient[2])
     with pytest.raises(ValueError, match="needs patch_words"):
-        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+        train(small_model(processor), processor, toy,
               TrainConfig(steps=1, device="cpu", cls_attention_layers=(1,)), log=lambda _: None)
 
 
@@ -208,15 +215,11 @@ def test_token_drop_trains_on_random_subsets_through_the_adapter(processor):
     """Steps with token dropping feed the LLM a random subset (through ficoco's adapter, which
     cuts placeholders and labels alike); the patch-word targets follow the surviving patches;
     the draws are deterministic given the seed and the hooks are gone afterwards."""
-    from transformers import LlavaForConditionalGeneration
-
-    shape = ProxyShape(vision_layers=4, vision_hidden=32, vision_heads=2, vision_mlp=64, llm_layers=2,
-                       llm_hidden=48, llm_heads=2, llm_kv_heads=2, llm_mlp=96)
     words = [("red", "circle") if i % 5 == 0 else () for i in range(576)]
 
     def run() -> list[dict]:
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape))
+        model = small_model(processor)
         config = TrainConfig(steps=8, batch_size=2, device="cpu", num_workers=0, warmup_steps=1, log_every=1,
                              token_drop_prob=0.5, token_drop_min=16, cls_attention_layers=(1,), seed=1)
         curve = train(model, processor, toy, config, patch_words=lambda s: words, log=lambda _: None)["curve"]
@@ -229,10 +232,10 @@ def test_token_drop_trains_on_random_subsets_through_the_adapter(processor):
     assert all(math.isfinite(e["loss"]) and e["patch_loss"] > 0 for e in curve)
     assert [(e["visual_tokens"], e["loss"]) for e in run()] == [(e["visual_tokens"], e["loss"]) for e in curve]
     with pytest.raises(ValueError, match="token_drop_min must lie in 1..575"):
-        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+        train(small_model(processor), processor, toy,
               TrainConfig(steps=1, device="cpu", token_drop_prob=0.5, token_drop_min=576), log=lambda _: None)
     with pytest.raises(ValueError, match="token_drop_prob must lie in"):
-        train(LlavaForConditionalGeneration(proxy_config(processor.tokenizer, shape)), processor, toy,
+        train(small_model(processor), processor, toy,
               TrainConfig(steps=1, device="cpu", token_drop_prob=1.5), log=lambda _: None)
 
 

@@ -238,6 +238,7 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
 
     from .assets import embedded_model_dir
     from .demo import bundled_example, run_demo
+    from .proxy.evaluate import normalize_answer
 
     expected = None  # the right answers, known only for the bundled scene's own questions
     if image_path is None:
@@ -260,7 +261,7 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
     for row in rows:
         score = ""
         if expected:
-            right = sum(a.lower() == e.lower() for a, e in zip(row.answers, expected))
+            right = sum(normalize_answer(a) == normalize_answer(e) for a, e in zip(row.answers, expected))
             score = f"  correct {right}/{len(expected)}"
         click.echo(f"{row.method:<10} visual tokens {row.llm_input_visual:>3} -> {row.llm_final_visual:>3}  "
                    f"LLM {row.llm_tflops * 1e3:8.3f} GFLOPs  {row.seconds:6.2f} s{score}  answers: {row.answers}")
@@ -332,8 +333,9 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--cls-attention-layers", default="", help="Encoder layers whose [CLS] attention must reach every "
               "object and word patch, e.g. 12-22 [none].")
 @click.option("--cls-attention-weight", type=float, default=None, help="Weight of that saliency loss [0.1].")
-@click.option("--token-drop-prob", type=click.FloatRange(0.0, 1.0), default=None, help="Share of steps whose LLM sees a random subset "
-              "of the visual tokens, renumbered as after an encoder-side reduction [0].")
+@click.option("--token-drop-prob", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of steps whose LLM sees a random subset of the visual tokens, renumbered as after "
+              "an encoder-side reduction [0].")
 @click.option("--token-drop-min", type=int, default=None, help="Fewest visual tokens such a step keeps [32].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)

@@ -49,7 +49,8 @@ def get_method(name: str, **options) -> Method:
 
 
 __all__ = [
-    "DECODER_METHODS", "ENCODER_METHODS", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan", "VisionReduction", "available_methods",
+    "DECODER_METHODS", "ENCODER_METHODS", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan",
+    "VisionReduction", "available_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
     "get_method", "random_drop", "tome",
 ]

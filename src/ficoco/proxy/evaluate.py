@@ -17,12 +17,19 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().replace(".", " ").split())
 
 
+def _prompt_batch(model, processor, samples: Sequence[QASample]) -> dict:
+    """The first prompts of ``samples`` with their images, left-padded, on the model's device and
+    with pixels in its dtype."""
+    parameter = next(model.parameters())
+    batch = {k: v.to(parameter.device) for k, v in collate(samples, processor, with_answers=False).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(parameter.dtype)
+    return batch
+
+
 @torch.inference_mode()
 def answer(model, processor, samples: Sequence[QASample], max_new_tokens: int = 4) -> list[str]:
     """Greedy answers for ``samples`` (one batch, left-padded)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(samples, processor, with_answers=False).items()}
-    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    batch = _prompt_batch(model, processor, samples)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id)
     return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -60,11 +67,8 @@ def surviving_patch_share(model, processor, samples: Sequence[QASample], salient
     images. A patch merged into another token or fused away does not count as reaching it."""
     if method.vision is None:
         raise ValueError(f"{method.name} does not reduce in the vision encoder; no patch is dropped there")
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(samples, processor, with_answers=False).items()}
-    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
     with attach(model, method) as handle:
-        model(**batch)
+        model(**_prompt_batch(model, processor, samples))
         positions = handle.vision_trace.positions.cpu()  # [B, N'], -1 for fused tokens
     kept = torch.zeros_like(salient)
     rows = torch.arange(len(samples))[:, None].expand_as(positions)

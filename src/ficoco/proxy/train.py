@@ -276,16 +276,21 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * cosine_lr(step, config)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            dropping = config.token_drop_prob > 0 and float(torch.rand((), generator=drop_draws)) < config.token_drop_prob
-            kept = int(torch.randint(config.token_drop_min, grid_patches, (), generator=drop_draws)) if dropping else None
+            if patches is not None:
+                patches = patches.to(device, non_blocking=True)
+            dropping = (config.token_drop_prob > 0
+                        and float(torch.rand((), generator=drop_draws)) < config.token_drop_prob)
+            kept_tokens = (int(torch.randint(config.token_drop_min, grid_patches, (), generator=drop_draws))
+                           if dropping else grid_patches)
             # the drop runs through ficoco's own adapter (random dropping at the feature layer), which
             # cuts placeholders, labels and masks alike; hooks are only needed for the forward pass
-            with (attach(model, random_drop(kept, seed=step)) if dropping else contextlib.nullcontext()) as handle:
+            with (attach(model, random_drop(kept_tokens, seed=step)) if dropping
+                  else contextlib.nullcontext()) as handle:
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                     out = model(**batch)
                 word_targets = patches
                 if handle is not None and patches is not None:  # the LLM got the surviving patches only
-                    positions = handle.vision_trace.positions.to(patches.device)
+                    positions = handle.vision_trace.positions
                     word_targets = patches.gather(1, positions[..., None].expand(-1, -1, patches.shape[-1]))
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                 loss = out.loss
@@ -301,10 +306,10 @@ def train(
                 if patches is not None:
                     embeddings = model.get_input_embeddings().weight
                     patch_loss = word_alignment_loss(tower_out["projected"].float(), embeddings.float(),
-                                                     word_targets.to(device))
+                                                     word_targets)
                     loss = loss + config.patch_weight * patch_loss
                 if config.cls_attention_layers:
-                    salient = patches[..., 0].to(device) != -100
+                    salient = patches[..., 0] != -100
                     attention_loss = sum(
                         cls_attention_saliency_loss(tower_out[f"q{layer}"], tower_out[f"k{layer}"],
                                                     encoder_layers[layer].self_attn.num_heads,
@@ -320,11 +325,11 @@ def train(
             if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                 entry = dict(step=step, loss=float(out.loss.detach()), aux_loss=float(aux_loss.detach()),
                              patch_loss=float(patch_loss.detach()), attention_loss=float(attention_loss.detach()),
-                             visual_tokens=grid_patches if kept is None else kept, lr=optimizer.param_groups[0]["lr"],
-                             seconds=elapsed)
+                             visual_tokens=kept_tokens, lr=optimizer.param_groups[0]["lr"], seconds=elapsed)
                 curve.append(entry)
                 log(f"step {step:5d}  answer loss {entry['loss']:.4f}  cls loss {entry['aux_loss']:.4f}  "
-                    f"patch loss {entry['patch_loss']:.4f}  attention loss {entry['attention_loss']:.3f}  lr {entry['lr']:.2e}  {elapsed:.0f}s")
+                    f"patch loss {entry['patch_loss']:.4f}  attention loss {entry['attention_loss']:.3f}  "
+                    f"lr {entry['lr']:.2e}  {elapsed:.0f}s")
             if out_of_time:  # a safety net for a fixed wall-clock budget; the record says so
                 stopped_at = step
                 log(f"stopped after {elapsed:.0f}s at step {step} of {config.steps} (max_seconds)")
