@@ -37,6 +37,10 @@ ATTEMPTS = {
     "attempt6-stage2-attention.log": ("6b, stage 2", "attempt6-stage1-attention.log"),
     "attempt6-stage3-attention.log": ("7: stage 2 + saliency loss, lr 3e-4 (shipped, stage 3)",
                                       "attempt5-stage2.log"),
+    "attempt8-stage4-tokendrop0.25.log": ("8': stage 3 + renumbered token dropping, p 0.25",
+                                          "attempt6-stage3-attention.log"),
+    "attempt8-stage4-tokendrop0.5.log": ("8: stage 3 + renumbered token dropping, p 0.5 (shipped, stage 4)",
+                                         "attempt6-stage3-attention.log"),
 }
 
 
@@ -75,7 +79,7 @@ def main(out: str) -> None:
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Proxy LLaVA training attempts on one H100")
+    ax.set_title("Proxy LLaVA training attempts (one H100 or H200 GPU per run)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
