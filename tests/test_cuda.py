@@ -74,3 +74,22 @@ def test_graphed_vision_tower_matches_eager(cuda_model, images, prompts, key):
             handle.remove()
     torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["ficoco-l", "fastv", "ficoco-vl"])
+def test_graphed_language_steps_match_eager(cuda_model, images, prompts, key):
+    inputs = _to(batch_inputs(prompts, images), "cuda")
+    with ficoco.apply(cuda_model, build(key)) as handle, torch.inference_mode():
+        eager = cuda_model(**inputs).logits
+        eager_kept = handle.kept_index.clone()
+        with ficoco.graph_language_steps(handle) as graphed:
+            first = cuda_model(**inputs).logits
+            again = cuda_model(**inputs).logits  # a replay
+            assert len(graphed.captured) == len(handle.plan.language)  # one graph per reducing layer
+            assert torch.equal(handle.kept_index, eager_kept)
+            gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert handle.language.step_graphs is None
+        eager_gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen, eager_gen)

@@ -383,3 +383,20 @@ def test_graphed_tower_runs_cpu_inputs_eagerly_and_detaches(model, images, promp
         with pytest.raises(RuntimeError, match="already replaced"):
             ficoco.graph_vision_tower(model)
     assert "forward" not in model.model.vision_tower.__dict__
+
+
+def test_graphed_language_steps_run_cpu_inputs_eagerly_and_detach(model, images, prompts):
+    """Graph capture needs CUDA; on CPU inputs the graphed steps run the same eager step."""
+    inputs = batch_inputs(prompts[:2], images[:2])
+    with ficoco.apply(model, build("ficoco-l")) as handle:
+        expected = logits(model, inputs)
+        with ficoco.graph_language_steps(handle) as graphed:
+            assert handle.language.step_graphs is graphed.calls
+            torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+            assert not graphed.captured
+            with pytest.raises(RuntimeError, match="already graphed"):
+                ficoco.graph_language_steps(handle)
+        assert handle.language.step_graphs is None
+    with ficoco.apply(model, build("ficoco-v")) as handle:
+        with pytest.raises(ValueError, match="does not reduce inside the LLM decoder"):
+            ficoco.graph_language_steps(handle)

@@ -10,7 +10,7 @@ Layout: :mod:`ficoco.stages` (filter / correlate / compress), :mod:`ficoco.metho
 and the registry), :mod:`ficoco.adapters` (running them inside HF models), :mod:`ficoco.flops`.
 """
 
-from .adapters import ReductionHandle, apply, attach, graph_vision_tower
+from .adapters import ReductionHandle, apply, attach, graph_language_steps, graph_vision_tower
 from .methods import LanguageReduction, Method, VisionReduction, available_methods, get_method
 from .stages import TokenReduction
 
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LanguageReduction", "Method", "ReductionHandle", "TokenReduction", "VisionReduction", "apply", "attach",
-    "available_methods", "get_method", "graph_vision_tower",
+    "available_methods", "get_method", "graph_language_steps", "graph_vision_tower",
 ]

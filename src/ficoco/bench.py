@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import budget
-from .adapters import attach, graph_vision_tower
+from .adapters import attach, graph_language_steps, graph_vision_tower
 from .flops import LlavaShape, preset_names
 from .flops import preset as flops_preset
 from .methods import Method, get_method
@@ -184,6 +184,7 @@ def run(
     repeats: int = 10,
     rounds: int = 5,
     graph_vision: bool = False,
+    graph_steps: bool = False,
     static_cache: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -209,6 +210,8 @@ def run(
         for label, retain, method in variant_list:
             handle = attach(model, method) if method is not None else None
             graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
+            step_graphs = (graph_language_steps(handle)
+                           if graph_steps and handle is not None and handle.language is not None else None)
             try:
                 for batch in batches:
                     key = (label, retain, batch)
@@ -238,6 +241,8 @@ def run(
                         generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
                                                           text_tokens, repeats, device, dtype, log, "static")
             finally:
+                if step_graphs is not None:
+                    step_graphs.remove()
                 if graphed is not None:
                     graphed.remove()
                 if handle is not None:
@@ -261,7 +266,7 @@ def run(
                          generate_tokens=list(generate_tokens), generate_batch=generate_batch,
                          text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
                          static_cache=static_cache, dtype="bfloat16",
-                         attention="sdpa", graph_vision=graph_vision),
+                         attention="sdpa", graph_vision=graph_vision, graph_steps=graph_steps),
         "prefill": prefill_rows,
         "generate": generate_rows,
     }

@@ -184,11 +184,13 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
               help="Spread the repeats over this many interleaved rounds of all variants.")
 @click.option("--flops/--no-flops", "with_flops", default=True, help="Also count FLOPs with FlopCounterMode.")
 @click.option("--graph-vision", is_flag=True, help="Replay the vision tower as CUDA graphs (every variant).")
+@click.option("--graph-steps", is_flag=True,
+              help="Replay each decoder-side reduction step as a CUDA graph (FiCoCo-L, FastV, FiCoCo-VL).")
 @click.option("--static-cache", is_flag=True,
               help="Also time generation with a static KV cache (vanilla, oracle, encoder-side methods).")
 @click.option("--out", "out_path", default="benchmark.json", show_default=True, help="Where the JSON goes.")
 def bench(preset, batches, retains, method_names, generate_tokens, generate_batch, text_tokens, warmup, repeats,
-          rounds, with_flops, graph_vision, static_cache, out_path) -> None:
+          rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
     """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
     from . import bench as benchmark
 
@@ -198,7 +200,8 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
     result = benchmark.run(preset, batches=_int_list(batches), retains=_int_list(retains), methods=methods_list,
                            generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=rounds,
-                           graph_vision=graph_vision, static_cache=static_cache, log=click.echo)
+                           graph_vision=graph_vision, graph_steps=graph_steps, static_cache=static_cache,
+                           log=click.echo)
     if with_flops:
         result["flops"] = benchmark.measured_flops(preset, retain=_int_list(retains)[0], text_tokens=text_tokens,
                                                    methods=methods_list)

@@ -1,18 +1,24 @@
-"""Replay a LLaVA vision tower as CUDA graphs.
+"""Replay the parts of a reduced forward pass that have static shapes as CUDA graphs.
 
-The vision tower sees fixed-shape inputs (``[B, 3, 336, 336]``) and, with an encoder-side method
-attached, a fixed per-layer schedule, so its whole forward pass -- reductions included -- is one
-static sequence of kernels. At small batch the tower is bound by Python and kernel launches (a
-reduction step is a few hundred small kernels); replaying a captured graph removes that cost for
-vanilla, oracle and every method alike.
+At small batch a reduction step is bound by Python and kernel launches (a few hundred small
+kernels), not by GPU work. Two parts of a LLaVA forward have fixed shapes for a fixed batch and
+schedule, so they can be captured once and replayed:
 
-One graph is captured per (shape, dtype, call options) on first use. Outputs live in the graph's
-memory and are cloned before being returned. Capture happens under the hooks attached at that
-moment: attach the method first, then graph the tower (and un-graph before detaching).
+- the vision tower (:func:`graph_vision_tower`): fixed ``[B, 3, 336, 336]`` inputs and, with an
+  encoder-side method attached, a fixed per-layer schedule, so its whole forward -- reductions
+  included -- is one static sequence of kernels. It replays for vanilla, oracle and every method
+  alike. Capture happens under the hooks attached at that moment: attach the method first, then
+  graph the tower (and un-graph before detaching).
+- each decoder-side reduction step (:func:`graph_language_steps`): the scoring, correlation and
+  merging between one decoder layer's attention and its MLP, a pure function of that layer's
+  hidden states, queries, keys and RoPE tables. The decoder layers themselves run as usual.
+
+One graph is captured per (shapes, dtypes, options) on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +28,7 @@ from torch import Tensor, nn
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    static_input: Tensor
+    static_inputs: tuple[Tensor | None, ...]
     output: object
 
 
@@ -47,6 +53,62 @@ def _freeze(value):
     return value
 
 
+def _signature(inputs: tuple[Tensor | None, ...]) -> tuple:
+    return tuple(None if x is None else (tuple(x.shape), x.dtype, x.device) for x in inputs)
+
+
+class CapturedCalls:
+    """Replays ``fn(*inputs)`` as one CUDA graph per (caller's key, input shapes and dtypes).
+
+    ``fn`` must be a pure function of its tensor inputs (``None`` entries pass through unchanged)
+    with no host synchronisation: it runs eagerly ``warmup`` times on a side stream, is captured
+    once, and afterwards each call copies the inputs into the graph's static buffers and replays
+    it. All graphs of one instance share a memory pool; they run one after another on the current
+    stream, and every captured output stays allocated, so no graph overwrites another's result.
+
+    Args:
+        warmup: eager runs before capture (lets cuBLAS and friends allocate their workspaces).
+        clone: return copies of the outputs. Without it the returned tensors live in the graph's
+            memory and are overwritten by its next replay: use them before calling again.
+    """
+
+    def __init__(self, warmup: int = 2, clone: bool = True) -> None:
+        self.warmup, self.clone = warmup, clone
+        self.captured: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def __call__(self, key, fn: Callable, *inputs: Tensor | None):
+        full_key = (key, _signature(inputs))
+        entry = self.captured.get(full_key)
+        if entry is None:
+            entry = self._capture(fn, inputs)
+            self.captured[full_key] = entry
+        for static, value in zip(entry.static_inputs, inputs):
+            if static is not None:
+                static.copy_(value)
+        entry.graph.replay()  # capture records kernels without running them: the first call replays too
+        return _clone_output(entry.output) if self.clone else entry.output
+
+    def _capture(self, fn: Callable, inputs: tuple[Tensor | None, ...]) -> _Captured:
+        static_inputs = tuple(None if x is None else x.clone() for x in inputs)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = fn(*static_inputs)
+        return _Captured(graph, static_inputs, output)
+
+    def clear(self) -> None:
+        self.captured.clear()
+        self._pool = None
+
+
 class GraphedVisionTower:
     """Installs an instance-level ``forward`` on ``tower`` that replays captured CUDA graphs.
 
@@ -57,42 +119,27 @@ class GraphedVisionTower:
     def __init__(self, tower: nn.Module, warmup: int = 2) -> None:
         if "forward" in tower.__dict__:
             raise RuntimeError("the vision tower's forward is already replaced")
-        self.tower, self.warmup = tower, warmup
+        self.tower = tower
         self.original = tower.forward
-        self.captured: dict[tuple, _Captured] = {}
+        self.calls = CapturedCalls(warmup)
         tower.forward = self._forward
+
+    @property
+    def captured(self) -> dict:
+        return self.calls.captured
 
     def _forward(self, pixel_values: Tensor, *args, **kwargs):
         if args or not pixel_values.is_cuda or torch.is_grad_enabled():
             return self.original(pixel_values, *args, **kwargs)
         try:
-            key = (tuple(pixel_values.shape), pixel_values.dtype, tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
+            options = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items()))
         except TypeError:
             return self.original(pixel_values, **kwargs)
-        entry = self.captured.get(key)
-        if entry is None:
-            entry = self._capture(pixel_values, kwargs)
-            self.captured[key] = entry
-        entry.static_input.copy_(pixel_values)
-        entry.graph.replay()
-        return _clone_output(entry.output)
-
-    def _capture(self, pixel_values: Tensor, kwargs: dict) -> _Captured:
-        static_input = pixel_values.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.original(static_input, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.original(static_input, **kwargs)
-        return _Captured(graph, static_input, output)
+        return self.calls(options, lambda x: self.original(x, **kwargs), pixel_values)
 
     def remove(self) -> None:
         self.tower.__dict__.pop("forward", None)
-        self.captured.clear()
+        self.calls.clear()
 
     def __enter__(self) -> "GraphedVisionTower":
         return self
@@ -108,3 +155,44 @@ def graph_vision_tower(model: nn.Module, warmup: int = 2) -> GraphedVisionTower:
     if tower is None:
         raise TypeError(f"{type(model).__name__} has no vision_tower")
     return GraphedVisionTower(tower, warmup)
+
+
+class GraphedLanguageSteps:
+    """Makes an attached decoder-side reduction replay each reduction step as a CUDA graph.
+
+    One graph per (decoder layer, batch shape); prefill inputs on the CPU, calls with autograd
+    enabled and ``record=True`` attachments run the steps eagerly. Use as a context manager or call
+    :meth:`remove` (before detaching the method).
+    """
+
+    def __init__(self, language_side, warmup: int = 2) -> None:
+        if language_side.step_graphs is not None:
+            raise RuntimeError("this attachment's decoder steps are already graphed")
+        self.language_side = language_side
+        # the step's outputs are consumed (written into the residual stream, gathered into the
+        # bookkeeping) before the same layer's graph replays again, so they need no copy
+        self.calls = CapturedCalls(warmup, clone=False)
+        language_side.step_graphs = self.calls
+
+    @property
+    def captured(self) -> dict:
+        return self.calls.captured
+
+    def remove(self) -> None:
+        if self.language_side.step_graphs is self.calls:
+            self.language_side.step_graphs = None
+        self.calls.clear()
+
+    def __enter__(self) -> "GraphedLanguageSteps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def graph_language_steps(handle) -> GraphedLanguageSteps:
+    """Replay the decoder-side reduction steps of ``handle`` (from :func:`ficoco.attach`) as CUDA graphs."""
+    language_side = getattr(handle, "language", None)
+    if language_side is None:
+        raise ValueError(f"method {handle.method.name!r} does not reduce inside the LLM decoder: nothing to graph")
+    return GraphedLanguageSteps(language_side)

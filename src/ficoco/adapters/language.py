@@ -102,6 +102,7 @@ class LanguageSide:
         self.rope: tuple[Tensor, Tensor] | None = None
         self.cache = None
         self.pending_keep: Tensor | None = None
+        self.step_graphs = None  # a CapturedCalls while graph_language_steps is in effect
         attn = self.layers[0].self_attn
         module = sys.modules[type(attn).__module__]
         self.apply_rotary = getattr(module, "apply_rotary_pos_emb", None)
@@ -268,39 +269,76 @@ class LanguageSide:
             residual = args[0]  # [B, L, D]: residual stream after self-attention
             b, l, _ = residual.shape
             d = attn.head_dim
-            q, k = self.queries.view(b, l, heads, d), self.keys.view(b, l, kv_heads, d)
+            q, k = self.queries, self.keys
             self.queries = self.keys = None
-            candidates = _first_k_true(seq.is_visual, seq.num_visual)
-            text_rows = _first_k_true(seq.is_text, seq.num_text)
-            last_row = torch.where(seq.valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
-            probe = AttentionProbe(
-                q, k, attn.scaling, candidates,
-                key_valid=seq.valid, causal=True,
-                text_rows=text_rows, text_valid=seq.is_text.gather(1, text_rows), last_row=last_row,
-                rope=self._rotation(self.rope, b), attended_keys=self._cached_keys(index, b, l, kv_heads, d),
-            )
             self._ensure_token_state(seq, b, residual.device)
-            tokens = TokenGroup(gather_rows(residual, candidates), seq.sizes, seq.positions, self.grid)
-            result = self.stage.reduction(tokens, probe, count * seq.images_per_sample)
-            kept_rows = candidates.gather(1, result.kept)
-            num_kept = kept_rows.shape[1]
-            write_rows(residual, kept_rows, result.tokens.features[:, :num_kept])
-            survivors = kept_rows
-            if result.new_token_slot is not None:
-                # inside the causal LLM a fused token takes the place (and position) of one source
-                slot_row = candidates.gather(1, result.new_token_slot[:, None])
-                write_rows(residual, slot_row, result.tokens.features[:, num_kept:])
-                survivors = torch.cat([kept_rows, slot_row], dim=1)
-            keep_flags = (~seq.is_visual).scatter(1, survivors, True)
-            self.pending_keep = _first_k_true(keep_flags, l - (seq.num_visual - survivors.shape[1]))
-            order = survivors.argsort(dim=1)
-            seq.sizes = result.tokens.sizes.gather(1, order)
-            seq.positions = result.tokens.positions.gather(1, order)
-            seq.num_visual = survivors.shape[1]
+            cos, sin = self.rope
+            inputs = (residual, q.view(b, l, heads, d), k.view(b, l, kv_heads, d), cos, sin,
+                      self._cached_keys(index, b, l, kv_heads, d),
+                      seq.is_visual, seq.is_text, seq.valid, seq.sizes, seq.positions)
+            removed = count * seq.images_per_sample
+
+            def step(*tensors):
+                return self._reduction_step(removed, seq.num_visual, seq.num_text, attn.scaling, *tensors)
+
+            graphs = self.step_graphs
+            if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
+                key = (index, removed, seq.num_visual, seq.num_text)
+                (rows, features, keep, sizes, positions), result = graphs(key, lambda *x: step(*x)[0], *inputs), None
+            else:
+                (rows, features, keep, sizes, positions), result = step(*inputs)
+            write_rows(residual, rows, features)
+            self.pending_keep = keep
+            seq.sizes, seq.positions, seq.num_visual = sizes, positions, rows.shape[1]
             if self.record:
                 seq.steps.append((index, result))
 
         return reduce_after_attention
+
+    def _reduction_step(
+        self, removed: int, num_visual: int, num_text: int, scaling: float,
+        residual: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, cached_keys: Tensor | None,
+        is_visual: Tensor, is_text: Tensor, valid: Tensor, sizes: Tensor, positions: Tensor,
+    ) -> tuple[tuple[Tensor, ...], ReductionResult]:
+        """One decoder-side reduction: a pure function of tensors with no host sync, so that it can
+        be replayed as a CUDA graph.
+
+        Args:
+            removed: visual tokens to remove per sample; ``num_visual`` / ``num_text``: visual
+                tokens and (max) text queries after the image, per sample, before this step.
+            residual: ``[B, L, D]`` residual stream after self-attention; ``q`` ``[B, L, H, d]``,
+                ``k`` ``[B, L, Hk, d]`` before RoPE; ``cos``/``sin`` ``[1 or B, L, d]``;
+                ``cached_keys`` ``[B, Hk, L, d]`` with RoPE, or ``None``.
+            is_visual / is_text / valid: ``[B, L]`` bool; ``sizes`` / ``positions``: ``[B, N]``.
+
+        Returns:
+            ``((rows, features, keep, sizes, positions), result)``: the residual rows ``[B, K]``
+            to overwrite with ``features`` ``[B, K, D]`` (the survivors, fused token included),
+            the ``[B, L - removed]`` rows that go on to the next layer, the survivors' sizes and
+            grid positions in sequence order, and the stage composition's own result.
+        """
+        b, l, _ = residual.shape
+        candidates = _first_k_true(is_visual, num_visual)
+        text_rows = _first_k_true(is_text, num_text)
+        last_row = torch.where(valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
+        probe = AttentionProbe(
+            q, k, scaling, candidates,
+            key_valid=valid, causal=True,
+            text_rows=text_rows, text_valid=is_text.gather(1, text_rows), last_row=last_row,
+            rope=self._rotation((cos, sin), b), attended_keys=cached_keys,
+        )
+        tokens = TokenGroup(gather_rows(residual, candidates), sizes, positions, self.grid)
+        result = self.stage.reduction(tokens, probe, removed)
+        survivors = candidates.gather(1, result.kept)
+        if result.new_token_slot is not None:
+            # inside the causal LLM a fused token takes the place (and position) of one source
+            survivors = torch.cat([survivors, candidates.gather(1, result.new_token_slot[:, None])], dim=1)
+        features = result.tokens.features[:, :survivors.shape[1]]
+        keep_flags = (~is_visual).scatter(1, survivors, True)
+        keep = _first_k_true(keep_flags, l - (num_visual - survivors.shape[1]))
+        order = survivors.argsort(dim=1)
+        return (survivors, features, keep, result.tokens.sizes.gather(1, order),
+                result.tokens.positions.gather(1, order)), result
 
     def _cached_keys(self, index: int, b: int, l: int, kv_heads: int, d: int) -> Tensor | None:
         """The layer's keys from its KV-cache entry (RoPE applied, ``[B, Hk, L, d]``) when the
