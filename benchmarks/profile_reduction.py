@@ -48,6 +48,10 @@ def main() -> None:
         print(f"==== {name} retain={args.retain} batch={args.batch} graph_steps={args.graph_steps}")
         for e in syncs:
             print(f"sync-ish {e.key}: {e.count} calls, cpu {e.cpu_time_total / 1e3:.2f} ms")
+        for e in events:
+            if e.key.startswith("ficoco."):
+                print(f"range {e.key}: {e.count} calls, cpu {e.cpu_time_total / 1e3:.2f} ms, "
+                      f"device {e.device_time_total / 1e3:.2f} ms")
         key = "self_cpu_time_total" if args.sort == "cpu" else "self_device_time_total"
         print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
 

@@ -79,17 +79,24 @@ def test_graphed_vision_tower_matches_eager(cuda_model, images, prompts, key):
 @pytest.mark.parametrize("key", ["ficoco-l", "fastv", "ficoco-vl"])
 def test_graphed_language_steps_match_eager(cuda_model, images, prompts, key):
     inputs = _to(batch_inputs(prompts, images), "cuda")
+    single = _to(batch_inputs(prompts[:1], images[:1]), "cuda")
     with ficoco.apply(cuda_model, build(key)) as handle, torch.inference_mode():
         eager = cuda_model(**inputs).logits
         eager_kept = handle.kept_index.clone()
+        eager_single = cuda_model(**single).logits
         with ficoco.graph_language_steps(handle) as graphed:
             first = cuda_model(**inputs).logits
             again = cuda_model(**inputs).logits  # a replay
             assert len(graphed.captured) == len(handle.plan.language)  # one graph per reducing layer
             assert torch.equal(handle.kept_index, eager_kept)
+            # a second batch shape: new graphs reading the same shared input buffers
+            graphed_single = cuda_model(**single).logits
+            assert len(graphed.captured) == 2 * len(handle.plan.language)
+            after = cuda_model(**inputs).logits
             gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert handle.language.step_graphs is None
         eager_gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.testing.assert_close(first, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
+    for graphed_logits in (first, again, after):
+        torch.testing.assert_close(graphed_logits, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed_single, eager_single, rtol=1e-4, atol=1e-4)
     assert torch.equal(gen, eager_gen)

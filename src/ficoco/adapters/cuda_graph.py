@@ -63,8 +63,11 @@ class CapturedCalls:
     ``fn`` must be a pure function of its tensor inputs (``None`` entries pass through unchanged)
     with no host synchronisation: it runs eagerly ``warmup`` times on a side stream, is captured
     once, and afterwards each call copies the inputs into the graph's static buffers and replays
-    it. All graphs of one instance share a memory pool; they run one after another on the current
-    stream, and every captured output stays allocated, so no graph overwrites another's result.
+    it. The graphs of one instance run one after another on the current stream, so they share one
+    memory pool for their intermediates and one buffer per input slot for their static inputs
+    (each graph reads a prefix of it, filled just before its replay): 26 captured decoder steps
+    hold one copy of a layer's inputs, not 26. Every captured output stays allocated, so no graph
+    overwrites another's result.
 
     Args:
         warmup: eager runs before capture (lets cuBLAS and friends allocate their workspaces).
@@ -76,6 +79,7 @@ class CapturedCalls:
         self.warmup, self.clone = warmup, clone
         self.captured: dict[tuple, _Captured] = {}
         self._pool = None
+        self._input_buffers: dict[tuple, Tensor] = {}
 
     def __call__(self, key, fn: Callable, *inputs: Tensor | None):
         full_key = (key, _signature(inputs))
@@ -90,7 +94,7 @@ class CapturedCalls:
         return _clone_output(entry.output) if self.clone else entry.output
 
     def _capture(self, fn: Callable, inputs: tuple[Tensor | None, ...]) -> _Captured:
-        static_inputs = tuple(None if x is None else x.clone() for x in inputs)
+        static_inputs = tuple(None if x is None else self._static_input(slot, x) for slot, x in enumerate(inputs))
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
@@ -104,8 +108,21 @@ class CapturedCalls:
             output = fn(*static_inputs)
         return _Captured(graph, static_inputs, output)
 
+    def _static_input(self, slot: int, value: Tensor) -> Tensor:
+        """A contiguous view of ``value``'s shape at the start of this slot's shared buffer, filled
+        with ``value``. A larger input gets a new buffer; graphs captured on the old one keep it."""
+        key = (slot, value.dtype, value.device)
+        buffer = self._input_buffers.get(key)
+        if buffer is None or buffer.numel() < value.numel():
+            buffer = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
+            self._input_buffers[key] = buffer
+        static = buffer[: value.numel()].view(value.shape)
+        static.copy_(value)
+        return static
+
     def clear(self) -> None:
         self.captured.clear()
+        self._input_buffers.clear()
         self._pool = None
 
 
