@@ -15,7 +15,8 @@
    at one layer, against FastV (``k = 1``), at 192 tokens on the same questions.
 4. **Which part of FiCoCo-V costs accuracy** at 192 tokens: its default, its filter with plain
    dropping, each filter term alone, without the local penalty, with an averaging merge, against
-   EViT and ToMe, on the same questions.
+   EViT and ToMe; and at 64 tokens FiCoCo-V and FiCoCo-VL with and without the vision term,
+   against EViT, on the same questions.
 
 ``--parts`` picks sections (``patches,positions,ficoco-l,ficoco-v``; vanilla is always scored).
 CPU, fp32, deterministic.
@@ -115,6 +116,16 @@ def ficoco_v_parts(model, processor, questions) -> None:
         ("averaging merge", ficoco.get_method("ficoco-v", retain=192, compress="average")),
         ("EViT", ficoco.get_method("evit", retain=192)),
         ("ToMe", ficoco.get_method("tome", retain=192)),
+    ]:
+        print(f"  {label:56} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+    print("FiCoCo-V and FiCoCo-VL at 64 tokens:")
+    for label, method in [
+        ("FiCoCo-V default", ficoco.get_method("ficoco-v", retain=64)),
+        ("FiCoCo-V, [CLS] term only (lam 0)", ficoco.get_method("ficoco-v", retain=64, lam=0.0)),
+        ("FiCoCo-VL default", ficoco.get_method("ficoco-vl", retain=64)),
+        ("FiCoCo-VL, [CLS] term only in its encoder half", ficoco.get_method("ficoco-vl", retain=64,
+                                                                             vision_options={"lam": 0.0})),
+        ("EViT", ficoco.get_method("evit", retain=64)),
     ]:
         print(f"  {label:56} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
 

@@ -286,7 +286,8 @@ class LanguageSide:
             with torch.profiler.record_function("ficoco.language_step"):
                 if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
                     key = (index, removed, seq.num_visual, seq.num_text)
-                    (rows, features, keep, sizes, positions), result = graphs(key, lambda *x: step(*x)[0], *inputs), None
+                    outputs = graphs(key, lambda *x: step(*x)[0], *inputs)
+                    (rows, features, keep, sizes, positions), result = outputs, None
                 else:
                     (rows, features, keep, sizes, positions), result = step(*inputs)
             write_rows(residual, rows, features)
