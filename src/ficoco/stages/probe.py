@@ -151,13 +151,23 @@ class AttentionProbe:
     @cached_property
     def mean_logits(self) -> Tensor:
         """``[B, N]``: ``v_i = mean_j A~_ij`` over candidate keys ``j`` of the scaled pre-softmax
-        logits, head-averaged; equal to ``q_i . mean_j(k_j) * scale``, so ``O(N * d)``."""
+        logits, head-averaged; equal to ``q_i . mean_j(k_j) * scale``, so ``O(N * d)``.
+
+        Two matrix products in the model's dtype with float accumulation, as the attention's own
+        logits are computed: the mean key is a ``1/N`` membership row times the keys (no gathered
+        copy of them), and the dot products take the candidate queries as they are, not upcast.
+        The ``scale / H`` factor goes into the mean key first, so that half precision holds a
+        head-averaged logit rather than a sum over heads."""
         b, l, h, d = self.queries.shape
         hk = self.keys.shape[2]
-        q = self.query_rows(self.candidates).float()  # [B, N, H, d]
-        k_mean = gather_rows(self.rotated_keys, self.candidates).float().mean(dim=1)  # [B, Hk, d]
+        keys = self.head_major_keys  # [B, Hk, L, d]
+        member = torch.zeros(b, 1, 1, l, dtype=keys.dtype, device=keys.device)
+        member.scatter_(3, self.candidates[:, None, None, :], 1.0 / self.num_candidates)
+        k_mean = torch.matmul(member, keys)[:, :, 0].float() * (self.scale / h)  # [B, Hk, d]
         k_mean = k_mean.repeat_interleave(h // hk, dim=1)  # [B, H, d]
-        return torch.einsum("bnhd,bhd->bn", q, k_mean) * (self.scale / h)
+        q = self.query_rows(self.candidates)  # [B, N, H, d]
+        v = torch.matmul(q.reshape(b, -1, h * d), k_mean.reshape(b, h * d, 1).to(q.dtype))
+        return v[..., 0].float()
 
     def attention_rows(self, rows: Tensor) -> Tensor:
         """``[B, r, N]``: attention of candidates ``rows`` (``[B, r]`` candidate indices) to every
