@@ -10,6 +10,7 @@ reduction step costs on the device once its launches are out of the way (``--gra
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,16 +33,14 @@ def main() -> None:
     model = bench.random_model("llava-1.5-7b")
     inputs = bench.make_inputs(args.batch, 64, "cuda", torch.bfloat16)
     for name in args.methods.split(","):
-        with ficoco.apply(model, name, retain=args.retain) as handle, torch.inference_mode():
-            graphs = ficoco.graph_language_steps(handle) if args.graph_steps and handle.language else None
+        with ficoco.apply(model, name, retain=args.retain) as handle, torch.inference_mode(), \
+                (ficoco.graph_language_steps(handle) if args.graph_steps and handle.language else nullcontext()):
             for _ in range(3):
                 model(**inputs, logits_to_keep=1)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 model(**inputs, logits_to_keep=1)
                 torch.cuda.synchronize()
-            if graphs is not None:
-                graphs.remove()
         events = prof.key_averages()
         syncs = [e for e in events if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"
                  or e.key == "aten::_local_scalar_dense"]

@@ -88,26 +88,30 @@ def renumbering(model, processor, questions) -> None:
             print(f"  random@{retain:<3} {label:40} {score:.1%}")
 
 
+def print_accuracies(model, processor, questions, rows: list[tuple[str, Method]], width: int = 56) -> None:
+    for label, method in rows:
+        print(f"  {label:{width}} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+
+
 def ficoco_l_parts(model, processor, questions) -> None:
     filter_then_drop = Method("ficoco-l filter, dropping", language=LanguageReduction(
         TokenReduction(FiCoCoLanguageFilter(), NoCorrelate(), DropCompress()), 192, 1))
     print("FiCoCo-L from LLM layer 1 at 192 tokens:")
-    for label, method in [
+    print_accuracies(model, processor, questions, [
         ("default (beta 0.6, self-preserving merge)", ficoco.get_method("ficoco-l", retain=192, start_layer=1)),
         ("its filter, plain dropping", filter_then_drop),
         ("visual term only (beta 1)", ficoco.get_method("ficoco-l", retain=192, start_layer=1, beta=1.0)),
         ("text term only (beta 0)", ficoco.get_method("ficoco-l", retain=192, start_layer=1, beta=0.0)),
         ("all removals at layer 1", ficoco.get_method("ficoco-l", retain=192, start_layer=1, end_layer=1)),
         ("FastV, k = 1", ficoco.get_method("fastv", retain=192, k=1)),
-    ]:
-        print(f"  {label:44} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+    ], width=44)
 
 
 def ficoco_v_parts(model, processor, questions) -> None:
     filter_then_drop = Method("ficoco-v filter, dropping", vision=VisionReduction(
         TokenReduction(FiCoCoVisionFilter(), NoCorrelate(), DropCompress()), 192))
     print("FiCoCo-V at 192 tokens:")
-    for label, method in [
+    print_accuracies(model, processor, questions, [
         ("default (lam 0.35, local penalty, self-preserving merge)", ficoco.get_method("ficoco-v", retain=192)),
         ("its filter, plain dropping", filter_then_drop),
         ("[CLS] term only (lam 0)", ficoco.get_method("ficoco-v", retain=192, lam=0.0)),
@@ -116,18 +120,16 @@ def ficoco_v_parts(model, processor, questions) -> None:
         ("averaging merge", ficoco.get_method("ficoco-v", retain=192, compress="average")),
         ("EViT", ficoco.get_method("evit", retain=192)),
         ("ToMe", ficoco.get_method("tome", retain=192)),
-    ]:
-        print(f"  {label:56} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+    ])
     print("FiCoCo-V and FiCoCo-VL at 64 tokens:")
-    for label, method in [
+    print_accuracies(model, processor, questions, [
         ("FiCoCo-V default", ficoco.get_method("ficoco-v", retain=64)),
         ("FiCoCo-V, [CLS] term only (lam 0)", ficoco.get_method("ficoco-v", retain=64, lam=0.0)),
         ("FiCoCo-VL default", ficoco.get_method("ficoco-vl", retain=64)),
         ("FiCoCo-VL, [CLS] term only in its encoder half", ficoco.get_method("ficoco-vl", retain=64,
                                                                              vision_options={"lam": 0.0})),
         ("EViT", ficoco.get_method("evit", retain=64)),
-    ]:
-        print(f"  {label:56} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+    ])
 
 
 if __name__ == "__main__":

@@ -126,7 +126,27 @@ class CapturedCalls:
         self._pool = None
 
 
-class GraphedVisionTower:
+class _GraphedPart:
+    """What the graphed vision tower and the graphed decoder steps share: a :class:`CapturedCalls`
+    (``self.calls``), its captured graphs, and removal on leaving a ``with`` block."""
+
+    calls: CapturedCalls
+
+    @property
+    def captured(self) -> dict:
+        return self.calls.captured
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class GraphedVisionTower(_GraphedPart):
     """Installs an instance-level ``forward`` on ``tower`` that replays captured CUDA graphs.
 
     Use as a context manager or call :meth:`remove`. Inputs on the CPU, or calls with autograd
@@ -141,10 +161,6 @@ class GraphedVisionTower:
         self.calls = CapturedCalls(warmup)
         tower.forward = self._forward
 
-    @property
-    def captured(self) -> dict:
-        return self.calls.captured
-
     def _forward(self, pixel_values: Tensor, *args, **kwargs):
         if args or not pixel_values.is_cuda or torch.is_grad_enabled():
             return self.original(pixel_values, *args, **kwargs)
@@ -158,12 +174,6 @@ class GraphedVisionTower:
         self.tower.__dict__.pop("forward", None)
         self.calls.clear()
 
-    def __enter__(self) -> "GraphedVisionTower":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
 
 def graph_vision_tower(model: nn.Module, warmup: int = 2) -> GraphedVisionTower:
     """Replay ``model``'s vision tower (LlavaForConditionalGeneration or LlavaModel) as CUDA graphs."""
@@ -174,7 +184,7 @@ def graph_vision_tower(model: nn.Module, warmup: int = 2) -> GraphedVisionTower:
     return GraphedVisionTower(tower, warmup)
 
 
-class GraphedLanguageSteps:
+class GraphedLanguageSteps(_GraphedPart):
     """Makes an attached decoder-side reduction replay each reduction step as a CUDA graph.
 
     One graph per (decoder layer, batch shape); prefill inputs on the CPU, calls with autograd
@@ -191,20 +201,10 @@ class GraphedLanguageSteps:
         self.calls = CapturedCalls(warmup, clone=False)
         language_side.step_graphs = self.calls
 
-    @property
-    def captured(self) -> dict:
-        return self.calls.captured
-
     def remove(self) -> None:
         if self.language_side.step_graphs is self.calls:
             self.language_side.step_graphs = None
         self.calls.clear()
-
-    def __enter__(self) -> "GraphedLanguageSteps":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def graph_language_steps(handle) -> GraphedLanguageSteps:

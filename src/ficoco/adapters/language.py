@@ -24,6 +24,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -277,19 +278,16 @@ class LanguageSide:
                       self._cached_keys(index, b, l, kv_heads, d),
                       seq.is_visual, seq.is_text, seq.valid, seq.sizes, seq.positions)
             removed = count * seq.images_per_sample
-
-            def step(*tensors):
-                return self._reduction_step(removed, seq.num_visual, seq.num_text, attn.scaling, *tensors)
-
+            step = partial(self._reduction_step, removed, seq.num_visual, seq.num_text, attn.scaling)
             graphs = self.step_graphs
             # a named range, so that a profiler can tell the step's own host and device time apart
             with torch.profiler.record_function("ficoco.language_step"):
                 if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
                     key = (index, removed, seq.num_visual, seq.num_text)
-                    outputs = graphs(key, lambda *x: step(*x)[0], *inputs)
-                    (rows, features, keep, sizes, positions), result = outputs, None
+                    outputs, result = graphs(key, lambda *x: step(*x)[0], *inputs), None
                 else:
-                    (rows, features, keep, sizes, positions), result = step(*inputs)
+                    outputs, result = step(*inputs)
+            rows, features, keep, sizes, positions = outputs
             write_rows(residual, rows, features)
             self.pending_keep = keep
             seq.sizes, seq.positions, seq.num_visual = sizes, positions, rows.shape[1]
