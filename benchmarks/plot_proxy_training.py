@@ -41,6 +41,8 @@ ATTEMPTS = {
                                           "attempt6-stage3-attention.log"),
     "attempt8-stage4-tokendrop0.5.log": ("8: stage 3 + renumbered token dropping, p 0.5 (shipped, stage 4)",
                                          "attempt6-stage3-attention.log"),
+    "attempt9-textured-lr3e-4.log": ("9: stage 4 on textured backgrounds, lr 3e-4", "attempt8-stage4-tokendrop0.5.log"),
+    "attempt9-textured-lr1e-3.log": ("9': the same, lr 1e-3", "attempt8-stage4-tokendrop0.5.log"),
 }
 
 

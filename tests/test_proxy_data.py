@@ -254,6 +254,28 @@ def test_palette_is_well_separated():
             assert np.linalg.norm(np.subtract(a, b)) > 100
 
 
+def test_textured_backgrounds_change_only_the_background():
+    """``render(scene, textured=True)``: deterministic; the objects drawn pixel for pixel as on the
+    plain background; a background that varies from patch to patch but stays light, far from every
+    object colour and the text."""
+    palette = np.array(list(COLORS.values()) + [TEXT_COLOR])
+    for scene in _scenes(n=30, seed=13):
+        plain = np.asarray(render(scene)).astype(int)
+        textured = np.asarray(render(scene, textured=True)).astype(int)
+        assert np.array_equal(textured, np.asarray(render(scene, textured=True)))
+        for obj in scene.objects:
+            ink = np.all(plain == COLORS[obj.color], axis=-1)
+            assert np.array_equal(textured[ink], plain[ink])
+        background = np.all(plain == BACKGROUNDS[scene.background], axis=-1)
+        pixels = textured[background]
+        assert pixels.min() >= 120
+        assert np.linalg.norm(pixels[:, None, :] - palette[None], axis=-1).min() > 60
+        patch_means = [textured[r:r + PATCH_SIZE, c:c + PATCH_SIZE].mean()
+                       for r in range(0, 336, PATCH_SIZE) for c in range(0, 336, PATCH_SIZE)
+                       if background[r:r + PATCH_SIZE, c:c + PATCH_SIZE].all()]
+        assert np.std(patch_means) > 2.0  # the plain background's is 0
+
+
 def test_words_are_rendered_large_and_legibly():
     with_word = [generate_scene(rng_for(5, i), with_word=True) for i in range(60)]
     masks = {}
@@ -421,3 +443,12 @@ def test_mixed_training_stream_is_deterministic_and_interleaves_easy_vqa():
     assert image_ids
     single = mixed_training_stream([], 0, 0)(5)
     assert single.turns == () and single.family in FAMILIES
+
+
+def test_training_stream_draws_textured_scenes_when_asked():
+    from ficoco.proxy.recipe import mixed_training_stream
+
+    plain, textured = mixed_training_stream([], 0, 0)(3), mixed_training_stream([], 0, 0, textured=True)(3)
+    assert (plain.question, plain.answer) == (textured.question, textured.answer)
+    assert textured.image.tobytes() == render(textured.example.scene, textured=True).tobytes()
+    assert plain.image.tobytes() == render(plain.example.scene).tobytes() != textured.image.tobytes()

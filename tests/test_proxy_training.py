@@ -247,13 +247,14 @@ def test_train_proxy_cli_trains_and_saves(tmp_path):
     out = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
                                     "--device", "cpu", "--workers", "0", "--eval-size", "0", "--turns", "2",
                                     "--cls-layers", "12,20", "--cls-attention-layers", "12-14,20",
-                                    "--token-drop-prob", "0.5", "--token-drop-min", "48"])
+                                    "--token-drop-prob", "0.5", "--token-drop-min", "48", "--textured-backgrounds"])
     assert out.exit_code == 0, out.output
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["config"]["steps"] == 2 and record["config"]["lr"] == TrainConfig().lr and record["turns"] == 2
     assert record["config"]["cls_layers"] == [12, 20]
     assert record["config"]["cls_attention_layers"] == [12, 13, 14, 20]
     assert record["config"]["token_drop_prob"] == 0.5 and record["config"]["token_drop_min"] == 48
+    assert record["textured_backgrounds"] is True
     assert record["curve"][0]["attention_loss"] > 0
     bad = CliRunner().invoke(main, ["train-proxy", "--out", str(tmp_path / "bad"), "--steps", "1", "--device", "cpu",
                                     "--workers", "0", "--eval-size", "0", "--cls-layers", "24"])

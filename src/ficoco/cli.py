@@ -349,10 +349,11 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--turns", type=int, default=12, show_default=True,
               help="Questions per training image, asked as the turns of one conversation.")
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
+@click.option("--textured-backgrounds", is_flag=True, help="Draw the scenes on textured instead of plain backgrounds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, cls_attention_layers,
                         cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers,
-                        eval_size, easy_vqa_every, turns, init_from, seed) -> None:
+                        eval_size, easy_vqa_every, turns, init_from, textured_backgrounds, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
@@ -365,7 +366,7 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
                          cls_attention_layers=tuple(_int_list(cls_attention_layers)),
                          **{key: value for key, value in given.items() if value is not None})
     train_proxy(out_dir, config, eval_size=eval_size, easy_vqa_every=easy_vqa_every, turns=turns,
-                init_from=init_from, log=click.echo)
+                init_from=init_from, textured=textured_backgrounds, log=click.echo)
 
 
 @main.command("proxy-accuracy")

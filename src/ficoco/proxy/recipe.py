@@ -77,8 +77,8 @@ class RenderedExample:
     turns: tuple[tuple[str, str], ...] = ()  # later (question, answer) turns about the same image
 
 
-def rendered(example: Example) -> RenderedExample:
-    return RenderedExample(example.image(), example.question, example.answer, example.family, example)
+def rendered(example: Example, textured: bool = False) -> RenderedExample:
+    return RenderedExample(example.image(textured), example.question, example.answer, example.family, example)
 
 
 def easy_vqa_rendered(sample: EasyVQASample) -> RenderedExample:
@@ -95,12 +95,14 @@ def easy_vqa_vocabulary() -> list[str]:
     return easy_vqa_question_words(samples) + easy_vqa_answers()
 
 
-def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, seed: int, turns: int = 1):
+def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, seed: int, turns: int = 1,
+                          textured: bool = False):
     """``sample_at(i)`` for training: procedural train sample ``i``, except that every ``every``-th
     index (``i % every == every - 1``) is an easy-VQA question instead, drawn without replacement
     in a seeded order that is reshuffled each pass over ``easy_vqa_fit``. With ``turns > 1`` each
     sample carries up to ``turns - 1`` more questions about the same image as later turns (as in
-    LLaVA's multi-turn instruction data): more supervised answers per image forward pass."""
+    LLaVA's multi-turn instruction data): more supervised answers per image forward pass.
+    ``textured`` draws the scenes on textured backgrounds (:func:`~ficoco.proxy.scenes.background_texture`)."""
     train_seed = SPLITS["train"].seed
     by_image: dict[int, list[EasyVQASample]] = {}
     for sample in easy_vqa_fit:
@@ -120,7 +122,7 @@ def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, see
             item.turns = tuple((others[k].question, others[k].answer) for k in picked)
             return item
         example = example_at(train_seed, i)
-        item = rendered(example)
+        item = rendered(example, textured)
         if turns > 1:
             item.turns = tuple((s.question, s.answer) for s in follow_up_questions(example, turns - 1))
         return item
@@ -140,11 +142,13 @@ def build(shape: ProxyShape = ProxyShape(), seed: int = 0, extra_words: Sequence
 
 
 def train_proxy(out_dir: str, config: TrainConfig, shape: ProxyShape = ProxyShape(), eval_size: int = 500,
-                easy_vqa_every: int = 8, turns: int = 12, init_from: str | None = None, log=print) -> dict:
+                easy_vqa_every: int = 8, turns: int = 12, init_from: str | None = None, textured: bool = False,
+                log=print) -> dict:
     """Train on the procedural ``train`` split mixed with easy-VQA's train images (one sample in
     ``easy_vqa_every``; 0 or a missing ``easy-vqa`` package: procedural only), evaluate on the first
     ``eval_size`` procedural validation samples and on easy-VQA's held-out train images, save the
-    model (fp16 safetensors) and processor to ``out_dir`` with ``training.json`` beside them."""
+    model (fp16 safetensors) and processor to ``out_dir`` with ``training.json`` beside them.
+    ``textured``: scenes (training and validation) on textured backgrounds."""
     easy_fit, easy_validation = [], []
     if easy_vqa_every > 0:
         try:
@@ -159,13 +163,14 @@ def train_proxy(out_dir: str, config: TrainConfig, shape: ProxyShape = ProxyShap
         model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(init_from)
     started = time.time()
-    record = train(model, processor, mixed_training_stream(easy_fit, easy_vqa_every, config.seed, turns), config,
+    stream = mixed_training_stream(easy_fit, easy_vqa_every, config.seed, turns, textured)
+    record = train(model, processor, stream, config,
                    aux_targets=lambda s: scene_targets(s.example) if s.example is not None else None,
                    num_aux=len(TARGET_NAMES),
                    patch_words=lambda s: patch_words(s.example) if s.example is not None else None, log=log)
     metrics = {}
     if eval_size > 0:
-        validation = [rendered(e) for e in make_split("validation", size=eval_size)]
+        validation = [rendered(e, textured) for e in make_split("validation", size=eval_size)]
         metrics = accuracy(model, processor, validation, batch_size=64)
     if easy_validation and eval_size > 0:
         metrics[EASY_VQA_FAMILY] = accuracy(
@@ -175,7 +180,8 @@ def train_proxy(out_dir: str, config: TrainConfig, shape: ProxyShape = ProxyShap
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     record.update(init_from=init_from, easy_vqa_every=easy_vqa_every if easy_fit else 0, turns=turns,
-                  dataset_version=DATASET_VERSION, shape=asdict(shape), parameters=parameter_count(model.config),
+                  dataset_version=DATASET_VERSION, textured_backgrounds=textured, shape=asdict(shape),
+                  parameters=parameter_count(model.config),
                   validation_size=eval_size, validation_accuracy=metrics, total_seconds=time.time() - started)
     (out / "training.json").write_text(json.dumps(record, indent=1))
     log(f"validation accuracy: {metrics}")

@@ -166,7 +166,8 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """Objects on a plain background, with an optional word (lower case; drawn in capitals)."""
+    """Objects on a background (plain, or textured by :func:`render`), with an optional word (lower
+    case; drawn in capitals)."""
 
     objects: tuple[SceneObject, ...]
     background: str
@@ -219,8 +220,8 @@ class Example:
     def options(self) -> tuple[str, ...] | None:
         return self.sample.options
 
-    def image(self) -> Image.Image:
-        return render(self.scene)
+    def image(self, textured: bool = False) -> Image.Image:
+        return render(self.scene, textured=textured)
 
 
 class NoQuestion(Exception):
@@ -365,9 +366,43 @@ def _word_mask(word: str, width: int, height: int) -> Image.Image:
     return canvas.resize((width, height), resample)
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as a 336x336 RGB image (deterministic: same scene, same bytes)."""
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene.background])
+def background_texture(scene: Scene) -> np.ndarray:
+    """``[IMAGE_SIZE, IMAGE_SIZE, 3]`` uint8: the scene's background colour with a texture, as natural
+    images have, where a flat background leaves background patches nothing but their position.
+
+    Smooth shading (four plane waves with periods of 40-200 px, +-12 levels each, slightly
+    different per channel), 24-48 soft blobs of lighter or darker tone (+-18 levels) and pixel
+    noise (sd 3). Everything stays light (at least about 150 per channel), far from the object
+    colours and the near-black text. Seeded by the scene's own description, so the split seeds
+    and every question stay as they are."""
+    digest = hashlib.sha256(json.dumps(scene.to_dict(), sort_keys=True).encode()).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little")))
+    low = IMAGE_SIZE // 4  # the smooth parts are drawn at a quarter of the size, then upsampled
+    y, x = (np.mgrid[0:low, 0:low].astype(np.float32) + 0.5) * (IMAGE_SIZE / low)
+    smooth = np.zeros((3, low, low), np.float32)
+    for _ in range(4):
+        angle, period, phase = rng.random() * np.pi, 40 + rng.random() * 160, rng.random() * 2 * np.pi
+        wave = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+        smooth += (12 * (0.8 + 0.4 * rng.random(3))).astype(np.float32)[:, None, None] * wave
+    for _ in range(int(rng.integers(24, 49))):
+        cx, cy = rng.random(2) * IMAGE_SIZE
+        rx, ry = 6 + rng.random(2) * 30
+        smooth += np.float32(rng.uniform(-18, 18)) * np.exp(-(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2))
+    field = np.stack([np.asarray(Image.fromarray(channel, "F").resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                                       Image.Resampling.BILINEAR))
+                      for channel in smooth], axis=-1)
+    field += rng.normal(0, 3, field.shape).astype(np.float32)
+    base = np.asarray(BACKGROUNDS[scene.background], np.float32)
+    return np.clip(base + field, 0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, textured: bool = False) -> Image.Image:
+    """The scene as a 336x336 RGB image (deterministic: same scene, same bytes), on its plain
+    background or, with ``textured``, on :func:`background_texture`."""
+    if textured:
+        image = Image.fromarray(background_texture(scene), "RGB")
+    else:
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         fill = COLORS[obj.color]
