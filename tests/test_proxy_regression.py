@@ -13,6 +13,13 @@ Thresholds come from the measured accuracy table (docs/proxy/proxy_accuracy.md, 
 with a safety margin for the smaller subset. A broken filter, a merge into the wrong token or a
 lost [CLS] shows up here as lost accuracy. Random weights could never show that.
 
+FiCoCo-V and FiCoCo-VL also have floors at their measured share of vanilla, less a margin. They
+catch a broken filter (FiCoCo-V with its filter negated answers 37.5% at 192 tokens), but not every
+broken merge: on this model a control that merges each source into the *next* kept token answers
+more (87.5% at 192 tokens) than the correct merge (82.5%), because the correct one dilutes the
+object tokens (below). The stage-level reference tests (tests/test_reference.py) are what hold the
+merge to the SPEC.
+
 Three checks fail on this model. They are marked as expected failures, strict, so they turn
 into failures the day a retrained model (or a changed method) meets them:
 
@@ -22,9 +29,13 @@ into failures the day a retrained model (or a changed method) meets them:
 The causes are isolated in docs/proxy-model.md ("What the accuracy table shows"; first 120 test
 questions, vanilla 96.7%, random dropping 95.8% at 192 tokens and 84.2% at 64):
 
-- at 192 tokens, FiCoCo-V's vision-aware term ``v_i = q_i . mean_j(k_j)`` ranks the patches the
-  questions need as the most redundant: with that term alone FiCoCo-V answers 39%, with the [CLS]
-  term alone 87%;
+- at 192 tokens, mostly FiCoCo-V's merge: its correlate sends each discarded patch to the tokens
+  it attends to, which on this model are the objects and the word, so at the LLM input those
+  tokens (10% of the image) stand for 66% of its patches, mostly background blended into them by
+  the self-preserving update. Its filter with plain dropping answers 87.5% against the default's
+  82.5%. Second, its vision-aware term ``v_i = q_i . mean_j(k_j)``, whose
+  sign flips from layer to layer and which in layers 19-22 ranks the object patches as the most
+  redundant: with that term alone FiCoCo-V answers 39%, with the [CLS] term alone 87%;
 - at 64 tokens, every saliency-guided pruning falls below random dropping on this model (FiCoCo-V
   70.0%, with its [CLS] term alone 69.2%; EViT 68.3% against random 77.8% on 600 questions): its
   counting and spatial questions need tokens spread over the whole scene. FiCoCo-VL with the
@@ -58,8 +69,12 @@ FAMILY_AT_LEAST = {"attribute": 0.85, "counting": 0.85, "existence": 0.9, "spati
 # on the first 8 test images at 192 tokens (16 images: EViT 93%, FiCoCo-V 69%; random dropping
 # keeps 192 / 576 = 33% by construction)
 OBJECT_PATCHES_KEPT_AT_LEAST = {"evit": 0.8, "ficoco-v": 0.55}
-VISION_TERM = ("FiCoCo-V's vision-aware term q_i . mean(k) ranks the patches this model's questions need as the "
-               "most redundant (docs/proxy-model.md)")
+# measured on this subset: FiCoCo-V 85% of vanilla at 192 tokens and 72% at 64, FiCoCo-VL 80% at 64
+ENCODER_SIDE_SHARE_AT_LEAST = {("ficoco-v", 192): 0.75, ("ficoco-v", 64): 0.62, ("ficoco-vl", 64): 0.70}
+MERGE_AND_VISION_TERM = (
+    "on this model FiCoCo-V's correlate merges the discarded patches into the object tokens they attend to, "
+    "diluting them, and its vision-aware term q_i . mean(k) ranks object patches as the most redundant in "
+    "layers 19-22 (docs/proxy-model.md)")
 COVERAGE = ("at 64 tokens saliency-guided pruning loses to random dropping on this model, whose counting and spatial "
             "questions need tokens spread over the scene (docs/proxy-model.md)")
 
@@ -151,7 +166,13 @@ def test_random_dropping_at_192_tokens_keeps_90_percent(scores):
     assert scores("random", 192)["overall"] >= 0.9 * scores("vanilla")["overall"]
 
 
-@pytest.mark.xfail(strict=True, reason=VISION_TERM)
+@pytest.mark.parametrize(("name", "retain"), sorted(ENCODER_SIDE_SHARE_AT_LEAST))
+def test_encoder_side_ficoco_keeps_its_measured_share_of_vanilla(scores, name, retain):
+    floor = ENCODER_SIDE_SHARE_AT_LEAST[name, retain]
+    assert scores(name, retain)["overall"] >= floor * scores("vanilla")["overall"], (name, retain)
+
+
+@pytest.mark.xfail(strict=True, reason=MERGE_AND_VISION_TERM)
 def test_ficoco_v_at_192_tokens_keeps_95_percent_of_vanilla(scores):
     assert scores("ficoco-v", 192)["overall"] >= 0.95 * scores("vanilla")["overall"]
 
