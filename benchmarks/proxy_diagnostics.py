@@ -34,8 +34,12 @@
    patch to the tokens it attends to; when those are the objects, the self-preserving update
    leaves an object token with weight 1 for itself against one per absorbed patch.
 
-``--parts`` picks sections (``patches,positions,ficoco-l,ficoco-v,terms,merges``; the accuracy
-sections also score vanilla).
+7. **The paper's FiCoCo-V ablations** (SPEC §10) at 64 tokens, the paper's 1.5-TFLOPs budget:
+   full, without the [CLS] term, without the local penalty, fixed K = 0 (drop), fixed K = 1,
+   plain averaging.
+
+``--parts`` picks sections (``patches,positions,ficoco-l,ficoco-v,terms,merges,ablations``; the
+accuracy sections also score vanilla).
 CPU, fp32, deterministic.
 """
 
@@ -61,7 +65,7 @@ from ficoco.stages.filters import FiCoCoLanguageFilter, FiCoCoVisionFilter, l2_n
 from ficoco.stages.probe import AttentionProbe
 from ficoco.stages.tokens import Correlation
 
-PARTS = ("patches", "positions", "ficoco-l", "ficoco-v", "terms", "merges")
+PARTS = ("patches", "positions", "ficoco-l", "ficoco-v", "terms", "merges", "ablations")
 
 
 def main() -> None:
@@ -101,6 +105,8 @@ def main() -> None:
         ficoco_l_parts(model, processor, questions)
     if "ficoco-v" in parts:
         ficoco_v_parts(model, processor, questions)
+    if "ablations" in parts:
+        paper_ablations(model, processor, questions)
 
 
 def _test_questions(count: int, families: str) -> list:
@@ -263,6 +269,23 @@ def ficoco_v_parts(model, processor, questions) -> None:
         ("EViT", ficoco.get_method("evit", retain=64)),
     ])
 
+
+def paper_ablations(model, processor, questions) -> None:
+    """Overall, and the families nearest the paper's two ablation benchmarks: multiple choice
+    (ScienceQA) and text (TextVQA)."""
+    print("the paper's FiCoCo-V ablations (SPEC §10) at 64 tokens:   overall  choice  text")
+    for label, method in [
+        ("vanilla", None),
+        ("full", ficoco.get_method("ficoco-v", retain=64)),
+        ("without the [CLS] term (lam 1)", ficoco.get_method("ficoco-v", retain=64, lam=1.0)),
+        ("without the local penalty", ficoco.get_method("ficoco-v", retain=64, local_penalty=False)),
+        ("fixed K = 0 (discarded tokens dropped)", ficoco.get_method("ficoco-v", retain=64, fixed_k=0)),
+        ("fixed K = 1", ficoco.get_method("ficoco-v", retain=64, fixed_k=1)),
+        ("plain averaging", ficoco.get_method("ficoco-v", retain=64, compress="average")),
+    ]:
+        result = accuracy(model, processor, questions, method, batch_size=60)
+        print(f"  {label:56} {result['overall']:6.1%} {result.get('choice', float('nan')):7.1%}"
+              f" {result.get('text', float('nan')):5.1%}")
 
 if __name__ == "__main__":
     main()

@@ -364,6 +364,30 @@ def test_readme_stage_swap_composition(model, images, prompts):
     assert all(result.correlation.weights.sum(-1).eq(1).all() for _, result in steps)  # K = 1 per source
 
 
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l"])
+def test_fixed_k_ablation_inside_the_model(model, images, prompts, key):
+    """The paper's fixed-K ablation (SPEC §10): K = 3 sends every discarded token to exactly three
+    kept tokens (the token-adaptive quantile picks one or two here); K = 0 drops them, the same as
+    the filter followed by plain dropping."""
+    inputs = batch_inputs(prompts[:2], images[:2])
+    with ficoco.apply(model, build(key, fixed_k=3), record=True) as handle:
+        logits(model, inputs)
+        steps = handle.vision_trace.steps if key == "ficoco-v" else handle.language_steps
+    assert steps and all(((r.correlation.weights > 0).sum(-1) == 3).all() for _, r in steps)
+    dropped = build(key, fixed_k=0)
+    reduction = (dropped.vision or dropped.language).reduction
+    hand_made = ficoco.TokenReduction(reduction.filter, ficoco.stages.NoCorrelate(), ficoco.stages.DropCompress())
+    side = "vision" if key == "ficoco-v" else "language"
+    by_hand = ficoco.Method("by hand", **{side: type(getattr(dropped, side))(
+        hand_made, **{f: getattr(getattr(dropped, side), f) for f in ("retain", "start_layer", "end_layer")})})
+    with ficoco.apply(model, dropped):
+        out = logits(model, inputs)
+    with ficoco.apply(model, by_hand):
+        torch.testing.assert_close(logits(model, inputs), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fixed_k must be None"):
+        build(key, fixed_k=-1)
+
+
 def test_record_language_steps(model, images, prompts):
     with ficoco.apply(model, build("ficoco-l"), record=True) as handle:
         logits(model, batch_inputs(prompts[:2], images[:2]))

@@ -45,6 +45,7 @@ from ficoco.stages import (
     TokenReduction,
     local_penalty,
     quantile_targets,
+    top_k_targets,
 )
 from ficoco.stages.tokens import complement, gather_rows
 
@@ -625,6 +626,45 @@ def test_quantile_targets_vs_sorted_interpolation(seed, eps, mode):
         assert (out[~allowed[:, None, :].expand_as(out)] == 0).all()
 
 
+def ref_top_k_targets(c: list, k: int, allowed: list | None = None) -> Tensor:
+    """Per row: the k largest allowed values (ties to the lower index) keep their value; a row with
+    no positive kept value sends 1 to its first allowed column."""
+    out = []
+    for b, rows in enumerate(c):
+        cols = [j for j in range(len(rows[0])) if allowed is None or allowed[b][j]]
+        out_rows = []
+        for row in rows:
+            chosen = sorted(cols, key=lambda j: (-row[j], j))[:k]
+            kept = [row[j] if j in chosen else 0.0 for j in range(len(row))]
+            if sum(kept) <= 0:
+                kept = [1.0 if j == cols[0] else 0.0 for j in range(len(row))]
+            out_rows.append(kept)
+        out.append(out_rows)
+    return t64(out)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", (1, 2, 5, 40))
+@pytest.mark.parametrize("mode", ["plain", "allowed", "ties"])
+def test_top_k_targets_vs_reference(seed, k, mode):
+    gen = torch.Generator().manual_seed(seed)
+    b, r, t = 3, 7, 19
+    c = torch.randint(0, 4, (b, r, t), generator=gen).float() / 4 if mode == "ties" else torch.rand(b, r, t, generator=gen)
+    c[0, 0] = 0.0  # a source that sees no target
+    allowed = None
+    if mode == "allowed":
+        allowed = torch.rand(b, t, generator=gen) < 0.5
+        allowed[:, seed] = True
+        allowed[2] = False
+        allowed[2, 5] = True
+    out = top_k_targets(c, k, allowed)
+    expected = ref_top_k_targets(c.double().tolist(), k, None if allowed is None else allowed.tolist())
+    assert_close(out.double(), expected, rtol=0, atol=0)
+    assert ((out > 0).sum(-1) >= 1).all() and ((out > 0).sum(-1) <= k).all()
+    with pytest.raises(ValueError, match="K = 0 is pruning"):
+        top_k_targets(c, 0)
+
+
 def random_split(n: int, r: int, batch: int, seed: int, receivers: bool) -> FilterResult:
     rng = random.Random(seed)
     sources = [rng.sample(range(n), r) for _ in range(batch)]  # unsorted, not contiguous
@@ -671,6 +711,28 @@ def ref_text_mediated(s: Setup, ref: Ref, split: FilterResult, gamma: float) -> 
             rows.append(row)
         out.append(rows)
     return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("receivers", [False, True])
+def test_fixed_k_correlates_take_each_sources_k_largest(seed, receivers):
+    """``fixed_k`` (the paper's fixed-K ablation): the same correlations, the k largest kept."""
+    s, ref = case("encoder", seed)
+    split = random_split(s.n, 8, s.batch, seed, receivers)
+    allowed = None if split.receivers is None else split.receivers.tolist()
+    cand = s.candidates.tolist()
+    c = [[[ref.attn[b][cand[b][i]][cand[b][j]] for j in split.targets[b].tolist()] for i in split.sources[b].tolist()]
+         for b in range(s.batch)]
+    for k in (1, 3):
+        close(AttentionQuantileCorrelate(fixed_k=k)(s.tokens(), s.probe(), split).weights, ref_top_k_targets(c, k, allowed))
+    s, ref = case("decoder_left", seed)
+    split = random_split(s.n, 5, s.batch, seed, receivers)
+    allowed = None if split.receivers is None else split.receivers.tolist()
+    expected = ref_top_k_targets(ref_text_mediated(s, ref, split, 0.6), 2, allowed)
+    close(TextMediatedQuantileCorrelate(fixed_k=2)(s.tokens(), s.probe(), split).weights, expected)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="fixed_k must be None"):
+            AttentionQuantileCorrelate(fixed_k=bad)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from ..stages import (
     AttentionQuantileCorrelate,
     AveragingCompress,
+    DropCompress,
     FiCoCoLanguageFilter,
     FiCoCoVisionFilter,
+    NoCorrelate,
     SelfPreservingCompress,
     TextMediatedQuantileCorrelate,
     TokenReduction,
@@ -28,28 +30,44 @@ def _compressor(compress: str):
     raise ValueError(f"compress must be 'self_preserving' or 'average', got {compress!r}")
 
 
+def _with_targets(filter_, correlate: Callable[[int | None], object], compress: str, fixed_k: int | None) -> TokenReduction:
+    """``filter_`` followed by ``correlate(fixed_k)`` and ``compress``; ``fixed_k = 0`` is the
+    paper's "fixed K = 0" ablation: no targets, the discarded tokens are dropped."""
+    if fixed_k is not None and (not isinstance(fixed_k, int) or fixed_k < 0):
+        raise ValueError(f"fixed_k must be None (token-adaptive targets) or an integer >= 0 (0: drop the discarded "
+                         f"tokens), got {fixed_k!r}")
+    if fixed_k == 0:
+        return TokenReduction(filter_, NoCorrelate(), DropCompress())
+    return TokenReduction(filter_, correlate(fixed_k), _compressor(compress))
+
+
 def ficoco_v_reduction(
     *,
     lam: float = 0.35,
     eps: float = 0.998,
+    fixed_k: int | None = None,
     vision_term: Literal["logits", "received"] = "logits",
     semantic_term: Literal["cls", "key_proxy"] = "cls",
     swap_weights: bool = False,
     local_penalty: bool = True,
     compress: str = "self_preserving",
 ) -> TokenReduction:
-    """FiCoCo-V's filter (+ local penalty), token-adaptive attention correlate, self-preserving compress."""
-    return TokenReduction(
-        FiCoCoVisionFilter(lam=lam, vision_term=vision_term, semantic_term=semantic_term,
-                           swap_weights=swap_weights, local_penalty=local_penalty),
-        AttentionQuantileCorrelate(eps=eps),
-        _compressor(compress),
-    )
+    """FiCoCo-V's filter (+ local penalty), token-adaptive attention correlate, self-preserving
+    compress. ``fixed_k``: each discarded token goes to its ``fixed_k`` most correlated kept tokens
+    instead of the ``eps`` quantile's (0: they are dropped), as in the paper's ablation."""
+    vision_filter = FiCoCoVisionFilter(lam=lam, vision_term=vision_term, semantic_term=semantic_term,
+                                       swap_weights=swap_weights, local_penalty=local_penalty)
+    return _with_targets(vision_filter, lambda k: AttentionQuantileCorrelate(eps=eps, fixed_k=k), compress, fixed_k)
 
 
-def ficoco_l_reduction(*, beta: float = 0.6, gamma: float = 0.6, eps: float = 0.998, compress: str = "self_preserving") -> TokenReduction:
-    """FiCoCo-L's filter (visual logits + text attention received), text-mediated correlate, self-preserving compress."""
-    return TokenReduction(FiCoCoLanguageFilter(beta=beta), TextMediatedQuantileCorrelate(gamma=gamma, eps=eps), _compressor(compress))
+def ficoco_l_reduction(
+    *, beta: float = 0.6, gamma: float = 0.6, eps: float = 0.998, fixed_k: int | None = None,
+    compress: str = "self_preserving",
+) -> TokenReduction:
+    """FiCoCo-L's filter (visual logits + text attention received), text-mediated correlate,
+    self-preserving compress; ``fixed_k`` as in :func:`ficoco_v_reduction`."""
+    return _with_targets(FiCoCoLanguageFilter(beta=beta),
+                         lambda k: TextMediatedQuantileCorrelate(gamma=gamma, eps=eps, fixed_k=k), compress, fixed_k)
 
 
 def ficoco_v(
@@ -63,7 +81,7 @@ def ficoco_v(
 ) -> Method:
     """FiCoCo-V: reduction in the vision encoder from layer 12 (0-based) on.
 
-    ``stage_options`` go to :func:`ficoco_v_reduction` (``lam``, ``eps``, ``vision_term``,
+    ``stage_options`` go to :func:`ficoco_v_reduction` (``lam``, ``eps``, ``fixed_k``, ``vision_term``,
     ``semantic_term``, ``swap_weights``, ``local_penalty``, ``compress``).
     """
     retain = None if schedule is not None else retain
@@ -81,7 +99,8 @@ def ficoco_l(
     **stage_options,
 ) -> Method:
     """FiCoCo-L: reduction in the LLM decoder from layer 5 (0-based) on, spread to ``end_layer``
-    (default: the second-to-last layer). ``stage_options``: ``beta``, ``gamma``, ``eps``, ``compress``."""
+    (default: the second-to-last layer). ``stage_options``: ``beta``, ``gamma``, ``eps``, ``fixed_k``,
+    ``compress``."""
     retain = None if schedule is not None else retain
     language = LanguageReduction(ficoco_l_reduction(**stage_options), retain, start_layer, end_layer, schedule)
     return Method("ficoco-l", language=language, description="FiCoCo-L: filter/correlate/compress inside the LLM decoder")

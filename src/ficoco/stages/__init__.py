@@ -17,6 +17,7 @@ from .correlates import (
     NoCorrelate,
     TextMediatedQuantileCorrelate,
     quantile_targets,
+    top_k_targets,
 )
 from .filters import (
     BipartiteSimilarityFilter,
@@ -39,5 +40,5 @@ __all__ = [
     "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
     "FuseCompress", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
-    "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets",
+    "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets", "top_k_targets",
 ]

@@ -54,25 +54,73 @@ def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Te
     return torch.where(empty, fallback, out)
 
 
+def top_k_targets(c: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """Fixed-``K`` target selection (the paper's "fixed K" ablation, SPEC §10): keep the ``k``
+    largest allowed ``C_ij`` of each source row, zero elsewhere. Ties at the ``k``-th value go to
+    the lower target index. A row with no positive allowed correlation sends weight 1 to its first
+    allowed target, as :func:`quantile_targets` does.
+
+    Args:
+        c: ``[B, r, T]`` non-negative correlations.
+        k: targets per source, at least 1 (``K = 0`` is pruning: no correlate at all).
+        allowed: optional ``[B, T]`` bool, targets that may receive.
+    Returns:
+        ``[B, r, T]``.
+    """
+    if k < 1:
+        raise ValueError(f"a fixed number of targets must be at least 1, got {k}; K = 0 is pruning")
+    c = c.float()
+    ranked = c if allowed is None else c.masked_fill(~allowed[:, None, :], -1.0)
+    # a stable descending sort puts tied values in index order, so the cut is deterministic
+    chosen = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :min(k, c.shape[-1])]
+    keep = torch.zeros_like(c, dtype=torch.bool).scatter_(-1, chosen, True)
+    if allowed is not None:
+        keep &= allowed[:, None, :]
+    out = torch.where(keep, c, torch.zeros((), device=c.device))
+    empty = out.sum(dim=-1, keepdim=True) <= 0
+    first = (ranked >= 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # first allowed target
+    fallback = torch.zeros_like(out).scatter_(-1, first, 1.0)
+    return torch.where(empty, fallback, out)
+
+
+def _choose_targets(c: Tensor, eps: float, fixed_k: int | None, allowed: Tensor | None) -> Tensor:
+    return quantile_targets(c, eps, allowed) if fixed_k is None else top_k_targets(c, fixed_k, allowed)
+
+
+def _check_fixed_k(fixed_k: int | None) -> None:
+    if fixed_k is not None and (not isinstance(fixed_k, int) or fixed_k < 1):
+        raise ValueError(f"fixed_k must be None (token-adaptive) or an integer >= 1, got {fixed_k!r}")
+
+
 @dataclass
 class AttentionQuantileCorrelate(Correlate):
     """FiCoCo-V correlate: ``C_ij = A_ij`` (attention of discarded token ``i`` to kept token ``j``,
-    softmax over all keys), targets chosen per token by the ``eps`` quantile."""
+    softmax over all keys), targets chosen per token by the ``eps`` quantile, or, with ``fixed_k``,
+    each source's ``fixed_k`` most correlated targets (the paper's fixed-K ablation)."""
 
     eps: float = 0.998
+    fixed_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_fixed_k(self.fixed_k)
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
         c = gather_cols(probe.attention_rows(split.sources), split.targets)
-        return Correlation(quantile_targets(c, self.eps, split.receivers))
+        return Correlation(_choose_targets(c, self.eps, self.fixed_k, split.receivers))
 
 
 @dataclass
 class TextMediatedQuantileCorrelate(Correlate):
     """FiCoCo-L correlate (SPEC §4): direct plus indirect correlation through the text,
-    ``C_ij = gamma * A_ij + (1 - gamma) * (1/M) sum_k A_ki A_kj``, targets by the ``eps`` quantile."""
+    ``C_ij = gamma * A_ij + (1 - gamma) * (1/M) sum_k A_ki A_kj``, targets by the ``eps`` quantile
+    or, with ``fixed_k``, each source's ``fixed_k`` most correlated targets."""
 
     gamma: float = 0.6
     eps: float = 0.998
+    fixed_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_fixed_k(self.fixed_k)
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
         direct = gather_cols(probe.attention_rows(split.sources), split.targets)
@@ -81,7 +129,7 @@ class TextMediatedQuantileCorrelate(Correlate):
         t_tgt = text.gather(2, split.targets[:, None, :].expand(-1, text.shape[1], -1))
         indirect = torch.einsum("bms,bmt->bst", t_src, t_tgt) / probe.num_text[:, :, None]
         c = self.gamma * direct + (1 - self.gamma) * indirect
-        return Correlation(quantile_targets(c, self.eps, split.receivers))
+        return Correlation(_choose_targets(c, self.eps, self.fixed_k, split.receivers))
 
 
 @dataclass
