@@ -76,7 +76,7 @@ def test_graphed_vision_tower_matches_eager(cuda_model, images, prompts, key):
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("key", ["ficoco-l", "fastv", "ficoco-vl"])
+@pytest.mark.parametrize("key", ["ficoco-l", "ficoco-l-k2", "fastv", "ficoco-vl"])
 def test_graphed_language_steps_match_eager(cuda_model, images, prompts, key):
     inputs = _to(batch_inputs(prompts, images), "cuda")
     single = _to(batch_inputs(prompts[:1], images[:1]), "cuda")

@@ -16,7 +16,9 @@ from .conftest import IMAGE_TOKEN, PATCHES, batch_inputs
 METHODS = {
     "ficoco-v": dict(retain=100),
     "ficoco-v-prop": dict(retain=100, proportional_attention=True),
+    "ficoco-v-k1": dict(retain=100, fixed_k=1),  # the paper's fixed-K ablation
     "ficoco-l": dict(retain=100, start_layer=2),
+    "ficoco-l-k2": dict(retain=100, start_layer=2, fixed_k=2),
     "ficoco-vl": dict(retain=64, language_start_layer=2),
     "tome": dict(retain=100),
     "evit": dict(retain=100),
@@ -27,7 +29,7 @@ METHODS = {
 
 
 def build(key: str, **overrides) -> ficoco.Method:
-    name = key.removesuffix("-prop").removesuffix("-llm")
+    name = key.removesuffix("-prop").removesuffix("-llm").removesuffix("-k1").removesuffix("-k2")
     return ficoco.get_method(name, **{**METHODS[key], **overrides})
 
 
