@@ -30,7 +30,8 @@ def _compressor(compress: str):
     raise ValueError(f"compress must be 'self_preserving' or 'average', got {compress!r}")
 
 
-def _with_targets(filter_, correlate: Callable[[int | None], object], compress: str, fixed_k: int | None) -> TokenReduction:
+def _with_targets(filter_, correlate: Callable[[int | None], object], compress: str,
+                  fixed_k: int | None) -> TokenReduction:
     """``filter_`` followed by ``correlate(fixed_k)`` and ``compress``; ``fixed_k = 0`` is the
     paper's "fixed K = 0" ablation: no targets, the discarded tokens are dropped."""
     if fixed_k is not None and (not isinstance(fixed_k, int) or fixed_k < 0):
