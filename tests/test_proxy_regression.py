@@ -14,11 +14,12 @@ with a safety margin for the smaller subset. A broken filter, a merge into the w
 lost [CLS] shows up here as lost accuracy. Random weights could never show that.
 
 FiCoCo-V and FiCoCo-VL also have floors at their measured share of vanilla, less a margin. They
-catch a broken filter (FiCoCo-V with its filter negated answers 37.5% at 192 tokens), but not every
-broken merge: on this model a control that merges each source into the *next* kept token answers
-more (87.5% at 192 tokens) than the correct merge (82.5%), because the correct one dilutes the
-object tokens (below). The stage-level reference tests (tests/test_reference.py) are what hold the
-merge to the SPEC.
+catch a broken filter (in a one-off check, FiCoCo-V with its filter negated answered 37.5% of
+these questions at 192 tokens), but not every broken merge: on this model a control that merges
+each source into the *next* kept token answers more (87.5% at 192 tokens) than the correct merge
+(82.5%), because the correct one dilutes the object tokens (below). The reference tests hold the
+merge to the SPEC: each stage against a slow loop (tests/test_stages.py) and the hooked model
+against an explicit re-implementation (tests/test_reference.py).
 
 Three checks fail on this model. They are marked as expected failures, strict, so they turn
 into failures the day a retrained model (or a changed method) meets them:
