@@ -65,7 +65,9 @@ from ficoco.stages.filters import FiCoCoLanguageFilter, FiCoCoVisionFilter, l2_n
 from ficoco.stages.probe import AttentionProbe
 from ficoco.stages.tokens import Correlation
 
-PARTS = ("patches", "positions", "ficoco-l", "ficoco-v", "terms", "merges", "ablations")
+SCENE_PARTS = ("patches", "terms", "merges")  # on the first --images test scenes
+QUESTION_PARTS = ("positions", "ficoco-l", "ficoco-v", "ablations")  # accuracy on the first --questions
+PARTS = SCENE_PARTS + QUESTION_PARTS
 
 
 def main() -> None:
@@ -88,25 +90,19 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
     print(f"model {args.model}")
     scenes = [rendered(e, args.textured_backgrounds) for e in make_split("test", size=args.images)]
-    if "patches" in parts:
-        patch_survival(model, processor, scenes)
-    if "terms" in parts:
-        filter_terms(model, processor, scenes)
-    if "merges" in parts:
-        merge_destinations(model, processor, scenes)
-    if not parts - {"patches", "terms", "merges"}:
+    for name, section in zip(SCENE_PARTS, (patch_survival, filter_terms, merge_destinations)):
+        if name in parts:
+            section(model, processor, scenes)
+    if not parts & set(QUESTION_PARTS):
         return
     questions = [rendered(e, args.textured_backgrounds) for e in _test_questions(args.questions, args.families)]
     print(f"accuracy on the first {len(questions)} test questions{' of ' + args.families if args.families else ''}:")
-    print(f"  vanilla {accuracy(model, processor, questions, batch_size=60)['overall']:.1%}")
-    if "positions" in parts:
-        renumbering(model, processor, questions)
-    if "ficoco-l" in parts:
-        ficoco_l_parts(model, processor, questions)
-    if "ficoco-v" in parts:
-        ficoco_v_parts(model, processor, questions)
-    if "ablations" in parts:
-        paper_ablations(model, processor, questions)
+    vanilla = accuracy(model, processor, questions, batch_size=60)
+    print(f"  vanilla {vanilla['overall']:.1%}")
+    ablations = functools.partial(paper_ablations, vanilla=vanilla)
+    for name, section in zip(QUESTION_PARTS, (renumbering, ficoco_l_parts, ficoco_v_parts, ablations)):
+        if name in parts:
+            section(model, processor, questions)
 
 
 def _test_questions(count: int, families: str) -> list:
@@ -215,9 +211,19 @@ def renumbering(model, processor, questions) -> None:
             print(f"  random@{retain:<3} {label:40} {score:.1%}")
 
 
-def print_accuracies(model, processor, questions, rows: list[tuple[str, Method]], width: int = 56) -> None:
+def print_accuracies(model, processor, questions, rows: list[tuple[str, Method]], width: int = 56,
+                     families: tuple[str, ...] = ()) -> None:
+    """One line per ``(label, method)``: overall accuracy, then each of ``families``."""
     for label, method in rows:
-        print(f"  {label:{width}} {accuracy(model, processor, questions, method, batch_size=60)['overall']:.1%}")
+        _print_row(label, accuracy(model, processor, questions, method, batch_size=60), width, families)
+
+
+def _print_row(label: str, result: dict[str, float], width: int, families: tuple[str, ...]) -> None:
+    if not families:
+        print(f"  {label:{width}} {result['overall']:.1%}")
+        return
+    columns = "".join(f" {result.get(f, float('nan')):{len(f) + 1}.1%}" for f in families)
+    print(f"  {label:{width}} {result['overall']:6.1%}{columns}")
 
 
 def ficoco_l_parts(model, processor, questions) -> None:
@@ -270,22 +276,20 @@ def ficoco_v_parts(model, processor, questions) -> None:
     ])
 
 
-def paper_ablations(model, processor, questions) -> None:
+def paper_ablations(model, processor, questions, vanilla: dict[str, float]) -> None:
     """Overall, and the families nearest the paper's two ablation benchmarks: multiple choice
     (ScienceQA) and text (TextVQA)."""
+    families, width = ("choice", "text"), 56
     print("the paper's FiCoCo-V ablations (SPEC §10) at 64 tokens:   overall  choice  text")
-    for label, method in [
-        ("vanilla", None),
+    _print_row("vanilla", vanilla, width, families)
+    print_accuracies(model, processor, questions, [
         ("full", ficoco.get_method("ficoco-v", retain=64)),
         ("without the [CLS] term (lam 1)", ficoco.get_method("ficoco-v", retain=64, lam=1.0)),
         ("without the local penalty", ficoco.get_method("ficoco-v", retain=64, local_penalty=False)),
         ("fixed K = 0 (discarded tokens dropped)", ficoco.get_method("ficoco-v", retain=64, fixed_k=0)),
         ("fixed K = 1", ficoco.get_method("ficoco-v", retain=64, fixed_k=1)),
         ("plain averaging", ficoco.get_method("ficoco-v", retain=64, compress="average")),
-    ]:
-        result = accuracy(model, processor, questions, method, batch_size=60)
-        print(f"  {label:56} {result['overall']:6.1%} {result.get('choice', float('nan')):7.1%}"
-              f" {result.get('text', float('nan')):5.1%}")
+    ], width, families)
 
 if __name__ == "__main__":
     main()

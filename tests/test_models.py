@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -377,11 +378,11 @@ def test_fixed_k_ablation_inside_the_model(model, images, prompts, key):
         steps = handle.vision_trace.steps if key == "ficoco-v" else handle.language_steps
     assert steps and all(((r.correlation.weights > 0).sum(-1) == 3).all() for _, r in steps)
     dropped = build(key, fixed_k=0)
-    reduction = (dropped.vision or dropped.language).reduction
-    hand_made = ficoco.TokenReduction(reduction.filter, ficoco.stages.NoCorrelate(), ficoco.stages.DropCompress())
     side = "vision" if key == "ficoco-v" else "language"
-    by_hand = ficoco.Method("by hand", **{side: type(getattr(dropped, side))(
-        hand_made, **{f: getattr(getattr(dropped, side), f) for f in ("retain", "start_layer", "end_layer")})})
+    reduction = getattr(dropped, side)
+    hand_made = ficoco.TokenReduction(reduction.reduction.filter, ficoco.stages.NoCorrelate(),
+                                      ficoco.stages.DropCompress())
+    by_hand = ficoco.Method("by hand", **{side: dataclasses.replace(reduction, reduction=hand_made)})
     with ficoco.apply(model, dropped):
         out = logits(model, inputs)
     with ficoco.apply(model, by_hand):

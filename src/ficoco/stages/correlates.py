@@ -46,10 +46,17 @@ def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Te
         tau = torch.nanquantile(c, eps, dim=-1, keepdim=True)
     else:
         tau = torch.quantile(c, eps, dim=-1, keepdim=True)
-    keep = c >= tau  # NaN compares False, so disallowed targets drop out
+    return _kept_or_first_allowed(c, c >= tau, allowed)  # NaN compares False: disallowed targets drop out
+
+
+def _kept_or_first_allowed(c: Tensor, keep: Tensor, allowed: Tensor | None) -> Tensor:
+    """``c`` where ``keep`` (``[B, r, T]``), zero elsewhere; a row left with no positive weight
+    sends weight 1 to its first allowed target instead, so that no source is lost."""
     out = torch.where(keep, c, torch.zeros((), device=c.device))
     empty = out.sum(dim=-1, keepdim=True) <= 0
-    first = (c.nan_to_num(-1.0) >= 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # first allowed target
+    first = torch.zeros(out.shape[:2] + (1,), dtype=torch.long, device=c.device)
+    if allowed is not None:
+        first += allowed.to(torch.int8).argmax(dim=-1)[:, None, None]
     fallback = torch.zeros_like(out).scatter_(-1, first, 1.0)
     return torch.where(empty, fallback, out)
 
@@ -76,11 +83,7 @@ def top_k_targets(c: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
     keep = torch.zeros_like(c, dtype=torch.bool).scatter_(-1, chosen, True)
     if allowed is not None:
         keep &= allowed[:, None, :]
-    out = torch.where(keep, c, torch.zeros((), device=c.device))
-    empty = out.sum(dim=-1, keepdim=True) <= 0
-    first = (ranked >= 0).to(torch.int8).argmax(dim=-1, keepdim=True)  # first allowed target
-    fallback = torch.zeros_like(out).scatter_(-1, first, 1.0)
-    return torch.where(empty, fallback, out)
+    return _kept_or_first_allowed(c, keep, allowed)
 
 
 def _choose_targets(c: Tensor, eps: float, fixed_k: int | None, allowed: Tensor | None) -> Tensor:
