@@ -34,7 +34,7 @@
    patch to the tokens it attends to; when those are the objects, the self-preserving update
    leaves an object token with weight 1 for itself against one per absorbed patch.
 
-7. **The paper's FiCoCo-V ablations** (SPEC §10) at 64 tokens, the paper's 1.5-TFLOPs budget:
+7. **The paper's FiCoCo-V ablations** (docs/spec.md §10) at 64 tokens, the paper's 1.5-TFLOPs budget:
    full, without the [CLS] term, without the local penalty, fixed K = 0 (drop), fixed K = 1,
    plain averaging.
 
@@ -280,7 +280,7 @@ def paper_ablations(model, processor, questions, vanilla: dict[str, float]) -> N
     """Overall, and the families nearest the paper's two ablation benchmarks: multiple choice
     (ScienceQA) and text (TextVQA)."""
     families, width = ("choice", "text"), 56
-    print("the paper's FiCoCo-V ablations (SPEC §10) at 64 tokens:   overall  choice  text")
+    print("the paper's FiCoCo-V ablations (docs/spec.md §10) at 64 tokens:   overall  choice  text")
     _print_row("vanilla", vanilla, width, families)
     print_accuracies(model, processor, questions, [
         ("full", ficoco.get_method("ficoco-v", retain=64)),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -59,7 +63,44 @@ def test_flops_solver_rows_meet_their_budgets(runner):
     assert {r["method"] for r in solved} >= {"ficoco-v", "fastv"}
     for row in solved:
         assert row["llm_tflops"] <= float(row["budget"].split()[0]) + 1e-9
-    assert any("ficoco-l at 1.5" in note for note in out["notes"])  # unreachable from layer 5: said, not hidden
+    # unreachable from layer 5: said, not hidden, and why (no unexplained solver variable)
+    (note,) = [n for n in out["notes"] if n.startswith("ficoco-l cannot meet 1.5")]
+    assert "keeping even 1 visual token" in note and "LLM layers 0-5 run on all 636 tokens" in note
+    assert not any("n=" in n for n in out["notes"])
+
+
+def test_flops_solver_is_monotone_and_prints_its_schedule(runner):
+    """A smaller TFLOPs budget never keeps more tokens: each method keeps one schedule shape for
+    every budget asked, and the table prints it (FiCoCo-VL kept 76 tokens at 2.4 TFLOPs but 38
+    at 3.3 when the shape switched silently)."""
+    out = json.loads(runner.invoke(main, ["flops", "--tflops", "3.3,2.9,2.4,2.0,1.5", "--json"]).output)
+    by_method: dict[str, list] = {}
+    for row in out["rows"][1:]:
+        by_method.setdefault(row["method"], []).append((float(row["budget"].split()[0]), row))
+    assert set(by_method) == {"ficoco-v", "ficoco-l", "fastv", "ficoco-vl"}
+    for name, rows in by_method.items():
+        rows.sort(key=lambda item: -item[0])
+        kept = [row["llm_final_visual"] for _, row in rows]
+        assert kept == sorted(kept, reverse=True), (name, kept)
+        assert len({row["schedule"] for _, row in rows}) == 1, name
+    assert by_method["ficoco-vl"][0][1]["schedule"] == "encoder L12-22 + LLM L5"
+    assert any(n.startswith("ficoco-vl: every LLM-side removal at its first reducing layer") for n in out["notes"])
+    table = runner.invoke(main, ["flops", "--tflops", "3.3,2.4"]).output
+    assert "schedule" in table.splitlines()[2] and "encoder L12-22 + LLM L5" in table
+
+
+def test_help_is_instant_and_plain(runner):
+    """``ficoco --help`` imports neither torch nor transformers, and no help text shows the
+    double backticks of reStructuredText."""
+    import subprocess
+    import sys
+
+    script = "import sys, ficoco.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    for command in [[], *([name] for name in main.commands)]:
+        text = runner.invoke(main, [*command, "--help"]).output
+        assert "``" not in text, command
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,6 +138,10 @@ def test_run_answers(runner, checkpoint_with_processor, image_file, method):
     ("missing-model", "model folder not found"),
     ("bad-method", "unknown method"),
     ("bad-retain", "retain must be a positive"),
+    ("cuda-on-cpu-torch", "sees no CUDA GPU; use --device cpu"),
+    ("bad-device", "unknown device 'gpu'"),
+    ("no-processor", "has no processor: it lacks an image processor"),
+    ("other-family", "is a 'llava_next' checkpoint"),
 ])
 def test_run_errors_are_one_line(runner, checkpoint_with_processor, image_file, tmp_path, case, message):
     model, image, extra = str(checkpoint_with_processor), str(image_file), []
@@ -112,7 +157,23 @@ def test_run_errors_are_one_line(runner, checkpoint_with_processor, image_file, 
         extra = ["--method", "nope"]
     elif case == "bad-retain":
         extra = ["--retain", "0"]
-    out = runner.invoke(main, ["run", model, "--image", image, "--prompt", "what ?", *extra])
+    elif case == "cuda-on-cpu-torch":
+        if torch.cuda.is_available():
+            pytest.skip("this torch sees a GPU")
+        extra = ["--device", "cuda"]
+    elif case == "bad-device":
+        extra = ["--device", "gpu"]
+    elif case in ("no-processor", "other-family"):
+        model = str(tmp_path / case)
+        shutil.copytree(checkpoint_with_processor, model)
+        if case == "no-processor":
+            for name in ("processor_config.json", "preprocessor_config.json"):
+                Path(model, name).unlink(missing_ok=True)
+        else:
+            config = json.loads(Path(model, "config.json").read_text())
+            config.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"])
+            Path(model, "config.json").write_text(json.dumps(config))
+    out = runner.invoke(main, ["run", model, "--image", image, "--question", "what ?", *extra])
     assert out.exit_code != 0
     assert message in out.stderr and "Traceback" not in out.output
     assert out.stdout == "" and out.stderr.strip().splitlines()[-1].startswith("Error: ")
@@ -142,8 +203,26 @@ def test_solver_meets_target_and_is_tight():
 
 
 def test_solver_unreachable_is_a_clear_error():
-    with pytest.raises(ValueError, match="ficoco-l cannot meet 1.5 TFLOPs.*minimum cost"):
+    with pytest.raises(ValueError, match="ficoco-l cannot meet 1.5 TFLOPs.*keeping even 1 visual token with its "
+                                         "removals in LLM L5-30 costs 5.18"):
         budget.solve_for_tflops(llava_1_5_7b(), "ficoco-l", 1.5)
+    with pytest.raises(ValueError, match="removals in LLM L5 costs 2.2"):
+        budget.solve_for_tflops(llava_1_5_7b(), "ficoco-l", 1.5, spread="first_layer")
+    with pytest.raises(ValueError, match="spread must be one of"):
+        budget.solve_for_tflops(llava_1_5_7b(), "ficoco-l", 3.3, spread="last_layer")
+    with pytest.raises(ValueError, match="reduces only in the encoder"):
+        budget.solve_for_tflops(llava_1_5_7b(), "ficoco-v", 3.3, spread="first_layer")
+
+
+@pytest.mark.parametrize("spread", budget.SPREADS)
+def test_solver_keeps_fewer_tokens_for_smaller_budgets(spread):
+    shape, kept = llava_1_5_7b(), []
+    for target in (4.0, 3.5, 3.3, 3.0, 2.7, 2.4, 2.1):
+        try:
+            kept.append(budget.solve_for_tflops(shape, "ficoco-vl", target, spread=spread)[1].llm_final_visual)
+        except ValueError:
+            kept.append(0)
+    assert kept == sorted(kept, reverse=True) and kept[0] > 0
 
 
 def test_vision_cost_shrinks_with_encoder_reduction():
@@ -199,6 +278,7 @@ def test_demo_compares_methods_and_draws_the_reduction(runner, checkpoint_with_p
     assert [line.split()[0] for line in lines] == ["vanilla", "ficoco-v", "ficoco-l", "ficoco-vl"]
     assert "576 -> 576" in lines[0] and "64 ->  64" in lines[1] and "576 ->  64" in lines[2]
     assert picture.read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote the picture to {picture}" in out.stdout
 
 
 def test_demo_defaults_to_the_embedded_model_and_the_bundled_scene(runner, embedded_checkpoint, tmp_path,

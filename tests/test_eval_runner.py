@@ -3,6 +3,7 @@ here in the lmms-lab parquet schema and LLaVA's own file layout, with the embedd
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -14,6 +15,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from click.testing import CliRunner  # noqa: E402
 
 from ficoco.cli import main  # noqa: E402
+from ficoco.evaluation.prompt_format import in_prompt_format  # noqa: E402
 from ficoco.evaluation.readers import read_benchmark  # noqa: E402
 from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
 
@@ -75,23 +77,85 @@ def loaded(checkpoint):
     return LlavaForConditionalGeneration.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(checkpoint)
 
 
-def test_evaluate_writes_scores_tables_and_predictions(loaded, benchmarks, tmp_path):
+@pytest.fixture(scope="module")
+def own_format_run(loaded, benchmarks, tmp_path_factory):
+    """POPE and MME asked in the embedded model's own prompt format (the bare questions), with
+    vanilla, FiCoCo-V and FastV at 64 tokens: ``(summary, out folder, console warnings)``."""
     model, processor = loaded
-    # the model's own prompt format: the benchmarks' post-prompt words are not in its vocabulary
-    tasks = {name: read_benchmark(name, path, post_prompt="") for name, path in benchmarks.items()}
-    variants = variants_for(["ficoco-v", "fastv"], [64])
-    summary = evaluate(model, processor, tasks, variants, str(tmp_path), batch_size=4, show_progress=False)
+    tasks = {name: in_prompt_format(read_benchmark(name, path), "model") for name, path in benchmarks.items()}
+    out, logged = tmp_path_factory.mktemp("own-format"), []
+    summary = evaluate(model, processor, tasks, variants_for(["ficoco-v", "fastv"], [64]), str(out), batch_size=4,
+                       show_progress=False, log=logged.append)
+    return summary, out, logged
+
+
+@pytest.fixture(scope="module")
+def benchmark_format_run(loaded, benchmarks, tmp_path_factory):
+    """POPE with its own instruction ("Answer the question using a single word or phrase."), which
+    the embedded model never saw: ``(summary, out folder, console warnings)``."""
+    model, processor = loaded
+    tasks = {"pope": read_benchmark("pope", benchmarks["pope"])}
+    out, logged = tmp_path_factory.mktemp("benchmark-format"), []
+    summary = evaluate(model, processor, tasks, variants_for(["ficoco-v"], [64]), str(out), batch_size=6,
+                       show_progress=False, log=logged.append)
+    return summary, out, logged
+
+
+def test_evaluate_writes_scores_tables_and_predictions(own_format_run):
+    summary, out, logged = own_format_run
     rows = {(r["task"], r["variant"]): r for r in summary["results"]}
     assert set(rows) == {(t, v) for t in ("pope", "mme") for v in ("vanilla", "ficoco-v@64", "fastv@64")}
     assert rows[("pope", "vanilla")]["n"] == 6 and "f1" in json.dumps(rows[("pope", "vanilla")]["score"]).lower()
     assert rows[("mme", "vanilla")]["score"]["metric"]
     assert rows[("pope", "ficoco-v@64")]["llm_tflops"] < rows[("pope", "vanilla")]["llm_tflops"]
-    table = (tmp_path / "results.md").read_text()
-    assert table.splitlines()[0].startswith("| variant | LLM TFLOPs (mean) | pope | mme | % of vanilla |")
-    assert "| vanilla |" in table and "| 100.00 |" in table.splitlines()[2]
-    assert (tmp_path / "results.csv").read_text().startswith("variant,")
-    predictions = load_predictions(tmp_path / "pope" / "vanilla.jsonl")
+    table = (out / "results.md").read_text()
+    lines = table.splitlines()
+    # every column names its benchmark and metric; TFLOPs keep three significant figures
+    assert lines[0] == ("| variant | LLM TFLOPs (mean) | POPE F1 (mean of 3 splits) | MME perception score "
+                        "| % of vanilla |")
+    assert "| 100.00 |" in lines[2]
+    tflops = lines[2].split("|")[2].strip()
+    assert float(tflops) > 0 and len(tflops.replace("0.", "").lstrip("0").replace(".", "")) == 3, tflops
+    # the embedded model answers its own kind of question: every answer parsed, no warning
+    assert "Unparsed answers" in table and "| vanilla | 0.0% | 0.0% |" in table
+    assert "⚠" not in table and not summary["warnings"] and not logged
+    assert all(r["unparsed"] == 0 for r in summary["results"])
+    csv_text = (out / "results.csv").read_text()
+    assert csv_text.startswith("variant,") and "unparsed POPE" in csv_text.splitlines()[0]
+    predictions = load_predictions(out / "pope" / "vanilla.jsonl")
     assert sorted(predictions) == [str(i) for i in range(6)]
+
+
+def test_garbage_answers_are_flagged_not_scored_as_good(benchmark_format_run):
+    """With a prompt it cannot follow the embedded model answers noise; POPE counts unparsed answers
+    as "yes", which alone gives F1 66.67. The table must say the cell is unparsed noise."""
+    summary, out, logged = benchmark_format_run
+    vanilla = next(r for r in summary["results"] if r["variant"] == "vanilla")
+    assert vanilla["unparsed"] > 0.10
+    assert vanilla["score"]["n_unparsed"] == round(vanilla["unparsed"] * 6)
+    table = (out / "results.md").read_text()
+    assert "⚠" in table and "**Warning: answers the benchmarks could not parse.**" in table
+    assert "POPE vanilla:" in table and "measures the answer format, not the model" in table
+    assert any("POPE vanilla" in line and "could not be parsed" in line for line in logged)
+    assert any("unknown to the model's tokenizer" in line and "'phrase'" in line for line in logged)
+    assert summary["warnings"] and json.loads((out / "results.json").read_text())["warnings"] == summary["warnings"]
+
+
+def test_prompts_the_model_cannot_read_are_refused_before_any_work(loaded, benchmarks, tmp_path):
+    model, processor = loaded
+    records = read_benchmark("pope", benchmarks["pope"], post_prompt="\nRépondez par un seul mot, s'il vous plaît.")
+    french = [dataclasses.replace(r, question="Quelle forme voyez-vous dans cette image colorée ?") for r in records]
+    with pytest.raises(ValueError, match="pope: the model cannot read these prompts"):
+        evaluate(model, processor, {"pope": french}, variants_for([], []), str(tmp_path), show_progress=False)
+    assert not (tmp_path / "pope").exists()
+
+
+def test_resume_refuses_predictions_made_with_other_prompts(loaded, benchmarks, tmp_path):
+    model, processor = loaded
+    records = read_benchmark("pope", benchmarks["pope"], limit=2)
+    run_task(model, processor, "pope", records, Variant(), tmp_path, batch_size=2)
+    with pytest.raises(ValueError, match="made with other prompts"):
+        run_task(model, processor, "pope", in_prompt_format(records, "model"), Variant(), tmp_path)
 
 
 def test_resume_after_a_kill_loses_and_duplicates_nothing(loaded, benchmarks, tmp_path):
@@ -121,13 +185,22 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(loaded, benchmarks, tm
 
 
 def test_cli_eval_end_to_end(checkpoint, benchmarks, tmp_path):
-    out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={benchmarks['pope']}", "--methods",
+    """With the embedded model (the default MODEL_PATH) ``--prompt-format auto`` asks the bare
+    questions; ``benchmark`` asks POPE's own prompt and the console flags the noise it gets."""
+    out = CliRunner().invoke(main, ["eval", "--data", f"pope={benchmarks['pope']}", "--methods",
                                     "ficoco-v", "--retain", "64", "--limit", "4", "--batch-size", "2", "--out",
-                                    str(tmp_path)])
+                                    str(tmp_path / "auto")])
     assert out.exit_code == 0, out.output
-    assert "| ficoco-v@64 |" in out.stdout
-    assert (tmp_path / "accuracy-vs-tflops.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(load_predictions(tmp_path / "pope" / "vanilla.jsonl")) == 4
+    assert "prompt format: model" in out.stdout and "| ficoco-v@64 |" in out.stdout
+    assert "warning" not in out.stderr and "⚠" not in out.stdout
+    assert (tmp_path / "auto" / "accuracy-vs-tflops.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(load_predictions(tmp_path / "auto" / "pope" / "vanilla.jsonl")) == 4
+    noise = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", f"pope={benchmarks['pope']}", "--methods",
+                                      "ficoco-v", "--retain", "64", "--limit", "4", "--batch-size", "4",
+                                      "--prompt-format", "benchmark", "--no-plot", "--out", str(tmp_path / "bench")])
+    assert noise.exit_code == 0, noise.output
+    assert "prompt format: benchmark" in noise.stdout and "⚠" in noise.stdout
+    assert "warning: ⚠ POPE vanilla" in noise.stderr and "could not be parsed" in noise.stderr
 
 
 def test_cli_eval_bad_data_argument(checkpoint, tmp_path):

@@ -25,6 +25,7 @@ from lmms_eval.evaluator import simple_evaluate  # noqa: E402  (a half-installed
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from ficoco.evaluation import lmms_eval_plugin as plugin  # noqa: E402
+from ficoco.evaluation.prompt_format import bare_question  # noqa: E402
 from ficoco.evaluation.runner import answer_batch  # noqa: E402
 from ficoco.proxy.scenes import make_split  # noqa: E402
 
@@ -132,7 +133,8 @@ def test_pope_with_ficoco_v_attaches_the_method(pope_dir, embedded_checkpoint, v
 
 def test_vanilla_plugin_answers_as_ficoco_eval(pope_dir, embedded_checkpoint, vanilla_results):
     """The plugin's vanilla answers equal ``answer_batch`` (what ``ficoco eval`` runs) on the same
-    prompts and images, batched together as the plugin batched them."""
+    prompts and images, batched together as the plugin batched them. The embedded model is asked
+    in its own prompt format (``prompt_format=auto``): POPE's answer instruction is dropped."""
     from lmms_eval.tasks.pope.utils import pope_doc_to_text
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -141,14 +143,53 @@ def test_vanilla_plugin_answers_as_ficoco_eval(pope_dir, embedded_checkpoint, va
     docs = datasets.load_dataset("parquet", data_files=str(pope_dir / "pope_local.parquet"), split="train",
                                  cache_dir=str(pope_dir / "hf-datasets-cache"))
     prompt_options = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
-    records = [SimpleNamespace(question=pope_doc_to_text(doc, prompt_options),
+    records = [SimpleNamespace(question=bare_question(pope_doc_to_text(doc, prompt_options)),
                                image=lambda doc=doc: doc["image"].convert("RGB")) for doc in docs]
+    assert [r.question for r in records] == QUESTIONS
     model = LlavaForConditionalGeneration.from_pretrained(embedded_checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(embedded_checkpoint)
     expected = answer_batch(model, processor, records, NEW_TOKENS)
     got = _answers(vanilla_results)
     assert [got[i] for i in range(len(records))] == expected
-    assert any(expected)
+    assert set(expected) <= {"yes", "no"} and any(expected)
+
+
+def test_unparsed_answers_are_counted_and_flagged(pope_dir, embedded_checkpoint):
+    """Asked with POPE's instruction (``prompt_format=benchmark``), which it was never trained on,
+    the embedded model answers noise: the plugin warns that its unknown words may give noise,
+    and that more than 10% of the answers are neither yes nor no. In its own format it answers
+    yes/no and the log says 0%."""
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="INFO")
+    try:
+        benchmark = _evaluate(pope_dir, f"pretrained={embedded_checkpoint},method=vanilla,prompt_format=benchmark",
+                              batch_size=len(QUESTIONS))
+        own = _evaluate(pope_dir, f"pretrained={embedded_checkpoint},method=vanilla,prompt_format=model",
+                        batch_size=len(QUESTIONS))
+    finally:
+        logger.remove(sink)
+    assert not set(_answers(benchmark).values()) <= {"yes", "no"}
+    warned = [m for m in messages if "pope_local" in m and "cannot be parsed" in m]
+    assert len(warned) == 2, messages
+    assert "WARNING" in warned[0] and "say neither yes nor no" in warned[0] and "more than 10%" in warned[0]
+    assert "0 of 6 answers (0.0%)" in warned[1] and "WARNING" not in warned[1]
+    assert any("unknown to the model's tokenizer" in m and "'phrase'" in m for m in messages)
+    assert set(_answers(own).values()) <= {"yes", "no"}
+
+
+def test_prompts_the_model_cannot_read_are_refused(embedded_checkpoint):
+    from PIL import Image
+
+    lm = plugin.FicocoLlava(pretrained=str(embedded_checkpoint), device="cpu")
+    lm.task_dict = {"t": {"test": [{}]}}
+    request = SimpleNamespace(args=("Quelle est la couleur du carré dessiné ici ?", {"max_new_tokens": 2},
+                                    lambda doc: [Image.new("RGB", (40, 30))], 0, "t", "test"))
+    with pytest.raises(ValueError, match="t: the model cannot read these prompts.*unknown"):
+        lm.generate_until([request])
+    assert lm.unparsed == {}  # refused before answering anything
+    lm.close()
 
 
 def test_loglikelihood_and_life_cycle(embedded_checkpoint):
@@ -242,3 +283,4 @@ def test_command_line(pope_dir, embedded_checkpoint, tmp_path):
     results = json.loads(path.read_text())
     assert 0.0 <= results["results"][TASK]["pope_accuracy,none"] <= 1.0
     assert "pope_accuracy" in done.stdout  # the table lmms-eval prints
+    assert f"ficoco: {TASK}: 0 of 6 answers (0.0%) cannot be parsed" in done.stdout + done.stderr

@@ -369,7 +369,7 @@ def test_readme_stage_swap_composition(model, images, prompts):
 
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l"])
 def test_fixed_k_ablation_inside_the_model(model, images, prompts, key):
-    """The paper's fixed-K ablation (SPEC §10): K = 3 sends every discarded token to exactly three
+    """The paper's fixed-K ablation (docs/spec.md §10): K = 3 sends every discarded token to exactly three
     kept tokens (the token-adaptive quantile picks one or two here); K = 0 drops them, the same as
     the filter followed by plain dropping."""
     inputs = batch_inputs(prompts[:2], images[:2])

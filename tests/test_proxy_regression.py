@@ -18,7 +18,7 @@ catch a broken filter (in a one-off check, FiCoCo-V with its filter negated answ
 these questions at 192 tokens), but not every broken merge: on this model a control that merges
 each source into the *next* kept token answers more (87.5% at 192 tokens) than the correct merge
 (82.5%), because the correct one dilutes the object tokens (below). The reference tests hold the
-merge to the SPEC: each stage against a slow loop (tests/test_stages.py) and the hooked model
+merge to docs/spec.md: each stage against a slow loop (tests/test_stages.py) and the hooked model
 against an explicit re-implementation (tests/test_reference.py).
 
 Three checks fail on this model. They are marked as expected failures, strict, so they turn

@@ -2,7 +2,7 @@
 
 The reference runs every layer by hand from its submodules (layer norms, projections, MLP) with
 explicit attention maps, performs each reduction between a layer's attention and its MLP exactly
-as SPEC §3/§4 describe, handles one sample at a time with no padding, and tracks original
+as docs/spec.md §3/§4 describe, handles one sample at a time with no padding, and tracks original
 positions with plain Python. The hooked, batched, padded, SDPA model must give the same logits.
 """
 

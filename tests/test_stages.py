@@ -1,4 +1,4 @@
-"""Stage-by-stage checks: every vectorised stage against a slow reference written from SPEC §3, §4,
+"""Stage-by-stage checks: every vectorised stage against a slow reference written from docs/spec.md §3, §4,
 §6 and §7 with plain Python loops over batch, tokens and heads.
 
 The references never call the code they check. Attention references build the whole per-head map

@@ -8,15 +8,40 @@ Two lines to use it::
 
 Layout: :mod:`ficoco.stages` (filter / correlate / compress), :mod:`ficoco.methods` (compositions
 and the registry), :mod:`ficoco.adapters` (running them inside HF models), :mod:`ficoco.flops`.
+
+The names below are imported on first use, so that ``import ficoco.cli`` (and ``ficoco --help``)
+does not pay for importing torch.
 """
 
-from .adapters import ReductionHandle, apply, attach, graph_language_steps, graph_vision_tower
-from .methods import LanguageReduction, Method, VisionReduction, available_methods, get_method
-from .stages import TokenReduction
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LanguageReduction", "Method", "ReductionHandle", "TokenReduction", "VisionReduction", "apply", "attach",
-    "available_methods", "get_method", "graph_language_steps", "graph_vision_tower",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "ReductionHandle": "adapters", "apply": "adapters", "attach": "adapters", "graph_language_steps": "adapters",
+    "graph_vision_tower": "adapters", "LanguageReduction": "methods", "Method": "methods",
+    "VisionReduction": "methods", "available_methods": "methods", "get_method": "methods",
+    "TokenReduction": "stages",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ficoco' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from .adapters import ReductionHandle, apply, attach, graph_language_steps, graph_vision_tower
+    from .methods import LanguageReduction, Method, VisionReduction, available_methods, get_method
+    from .stages import TokenReduction

@@ -2,7 +2,7 @@
 finds the schedule meeting a TFLOPs budget.
 
 Counting matches what the adapters execute: a layer that reduces still runs its attention *and*
-MLP on its input length; later layers run on the reduced length (SPEC §8's "a reduction at layer l
+MLP on its input length; later layers run on the reduced length (docs/spec.md §8's "a reduction at layer l
 counts the first l layers at full length" with ``l`` = reducing layer + 1). LLM prefill and the
 vision side are reported separately; the LM head is not counted (as in the paper).
 """
@@ -88,41 +88,79 @@ def _with_end_layer(method: Method, end_layer: int) -> Method:
     return replace(method, language=replace(method.language, end_layer=end_layer))
 
 
+#: how a decoder-side method's removals are laid out when :func:`solve_for_tflops` picks ``retain``:
+#: ``"method"`` spreads them over the method's own layers, ``"first_layer"`` makes them all at its
+#: first reducing layer (cheaper per kept token, but a different method in effect)
+SPREADS = ("method", "first_layer")
+
+
+def describe_schedule(method: Method | None, geometry_or_plan) -> str:
+    """A short human reading of where a method removes tokens: ``"encoder L12-22"``,
+    ``"LLM L5-30"``, ``"LLM L5"``, ``"encoder L12-22 + LLM L5-30"``, ``"-"`` for none."""
+    if method is None:
+        return "-"
+    plan = geometry_or_plan if isinstance(geometry_or_plan, ResolvedPlan) else method.plan(geometry_or_plan)
+    parts = []
+    for where, layers in (("encoder", plan.vision), ("LLM", plan.language)):
+        if layers:
+            first, last = min(layers), max(layers)
+            parts.append(f"{where} L{first}" + (f"-{last}" if last != first else ""))
+    return " + ".join(parts) or "-"
+
+
 def solve_for_tflops(
-    shape: LlavaShape, name: str, target_tflops: float, text_tokens: int = 60, *, retain: int | None = None, **options
+    shape: LlavaShape, name: str, target_tflops: float, text_tokens: int = 60, *, retain: int | None = None,
+    spread: str = "method", **options,
 ) -> tuple[Method, MethodCost]:
     """The method ``name`` with the schedule whose LLM prefill fits ``target_tflops``.
 
-    Without ``retain``: the largest ``retain`` that fits, with the method's layers; for a
-    decoder-side method whose spread cannot fit, all removals move to its first reducing layer.
+    Without ``retain``: the largest ``retain`` that fits. ``spread`` (decoder-side methods, see
+    :data:`SPREADS`) says where the removals go: over the method's own layers (default), or all at
+    its first reducing layer. Within one ``spread`` the kept tokens never grow as the target
+    shrinks; compare targets under one ``spread``.
     With ``retain`` (decoder-side methods): the latest ``end_layer`` that fits, i.e. the gentlest
-    spread of the removals. Raises ``ValueError`` naming the cheapest reachable cost when the target
-    cannot be met.
+    spread of a fixed number of removals.
+
+    Raises ``ValueError`` saying why the target cannot be met and what the cheapest schedule of
+    that shape costs.
     """
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {', '.join(SPREADS)}; got {spread!r}")
 
     def cost(method: Method) -> float:
         return method_cost(shape, method, text_tokens).llm_tflops
 
-    def largest_retain(make) -> Method:
-        return make(solve_largest(target_tflops, lambda n: cost(make(n)), 1, shape.num_patches))
+    def unreachable(why: str) -> ValueError:
+        return ValueError(f"{name} cannot meet {target_tflops:g} TFLOPs with {text_tokens} text tokens: {why}")
 
     base = get_method(name, **{**options, "retain": retain or shape.num_patches})
-    try:
-        if retain is None:
-            try:
-                method = largest_retain(lambda n: get_method(name, **{**options, "retain": n}))
-            except ValueError:
-                if base.language is None:
-                    raise
-                start = base.language.start_layer
-                method = largest_retain(lambda n: _with_end_layer(get_method(name, **{**options, "retain": n}), start))
-        else:
-            if base.language is None:
-                raise ValueError("an encoder-side method's cost is fixed by retain; leave retain out")
-            start = base.language.start_layer
-            last = shape.language.num_layers - 2
-            spread = solve_largest(target_tflops, lambda s: cost(_with_end_layer(base, start + s)), 0, last - start)
-            method = _with_end_layer(base, start + spread)
-    except ValueError as err:
-        raise ValueError(f"{name} cannot meet {target_tflops} TFLOPs with {text_tokens} text tokens: {err}") from None
+    if base.language is None and (retain is not None or spread != "method"):
+        raise ValueError(f"{name} reduces only in the encoder: its cost is fixed by retain alone "
+                         f"(leave retain and spread out)")
+    if retain is None:
+        def make(n: int) -> Method:
+            method = get_method(name, **{**options, "retain": n})
+            return _with_end_layer(method, method.language.start_layer) if spread == "first_layer" else method
+
+        cheapest = make(1)
+        floor = method_cost(shape, cheapest, text_tokens)
+        if floor.llm_tflops > target_tflops:
+            plan = cheapest.plan(geometry(shape))
+            if not plan.language:
+                raise unreachable(f"even 1 visual token costs {floor.llm_tflops:.4g} TFLOPs")
+            first = min(plan.language)
+            raise unreachable(
+                f"keeping even 1 visual token with its removals in {describe_schedule(cheapest, plan)} costs "
+                f"{floor.llm_tflops:.4g} TFLOPs, since LLM layers 0-{first} run on all "
+                f"{floor.llm_tokens_per_layer[0]} tokens that enter the LLM")
+        method = make(solve_largest(target_tflops, lambda n: cost(make(n)), 1, shape.num_patches))
+        return method, method_cost(shape, method, text_tokens)
+    start = base.language.start_layer
+    last = shape.language.num_layers - 2
+    earliest = _with_end_layer(base, start)
+    if cost(earliest) > target_tflops:
+        raise unreachable(f"keeping {retain} visual tokens costs at least {cost(earliest):.4g} TFLOPs, with every "
+                          f"removal at LLM layer {start}")
+    steps = solve_largest(target_tflops, lambda s: cost(_with_end_layer(base, start + s)), 0, last - start)
+    method = _with_end_layer(base, start + steps)
     return method, method_cost(shape, method, text_tokens)

@@ -1,19 +1,20 @@
-"""The ``ficoco`` command line: ``methods``, ``flops``, ``run``."""
+"""The ``ficoco`` command line.
+
+Only ``click`` is imported here at start-up: every command imports what it needs (torch,
+transformers) when it runs, so that ``ficoco --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from . import budget
-from .flops import LlavaShape, preset, preset_names
-from .methods import DECODER_METHODS, ENCODER_METHODS, available_methods, get_method
-from .prompts import chat_prompt
+#: ``--question`` (the name every command documents) and ``--prompt`` (its alias) on run and demo
+QUESTION_NAMES = ("--question", "--prompt")
 
 
 class _OneLineErrors(click.Group):
@@ -27,7 +28,7 @@ class _OneLineErrors(click.Group):
         except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
             sys.stdout = open(os.devnull, "w")
             ctx.exit(0)
-        except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError) as err:
+        except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, ImportError) as err:
             raise click.ClickException(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
 
@@ -40,11 +41,15 @@ def main() -> None:
 @main.command()
 def methods() -> None:
     """List the registered methods."""
+    from .methods import available_methods
+
     for name, summary in available_methods().items():
         click.echo(f"{name:<10} {summary}")
 
 
-def _shape(model: str) -> LlavaShape:
+def _shape(model: str):
+    from .flops import LlavaShape, preset, preset_names
+
     if model in preset_names():
         return preset(model)
     path = Path(model)
@@ -75,77 +80,126 @@ def _int_list(text: str) -> list[int]:
 @click.option("--tflops", "targets", default=None, help="Comma-separated TFLOPs budgets to solve schedules for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def flops(model: str, text_tokens: int | None, retains: str, targets: str | None, as_json: bool) -> None:
-    """Budget table: LLM prefill TFLOPs, vision TFLOPs and KV cache per method and budget."""
+    """Budget table: LLM prefill TFLOPs, vision TFLOPs and KV cache per method and budget.
+
+    With --tflops each decoder-side method keeps one schedule shape for all the budgets asked: its
+    own layers when they reach every budget, else all removals at its first reducing layer. So its
+    kept tokens never grow as the budget shrinks; the schedule column and the notes say which."""
+    from . import budget
+    from .methods import DECODER_METHODS, ENCODER_METHODS, get_method
+
     shape = _shape(model)
     if text_tokens is None:
         text_tokens = 512 if shape.language.num_layers >= 40 else 60
+    geometry = budget.geometry(shape)
     vanilla = budget.vanilla_cost(shape, text_tokens)
-    rows, notes = [("-", vanilla)], []
+    rows, notes = [("-", vanilla, "-")], []
     if targets:
-        for target in (float(x) for x in targets.split(",")):
-            _, encoder_cost = budget.solve_for_tflops(shape, "ficoco-v", target, text_tokens)
-            rows.append((f"{target:g} TF", encoder_cost))
-            for name in DECODER_METHODS:
-                try:  # the method's own layers, else as many tokens as ficoco-v keeps, spread over fewer layers
-                    _, cost = budget.solve_for_tflops(shape, name, target, text_tokens)
-                except ValueError:
-                    try:
-                        _, cost = budget.solve_for_tflops(shape, name, target, text_tokens,
-                                                          retain=encoder_cost.llm_final_visual)
-                    except ValueError as err:
-                        notes.append(f"{name} at {target:g} TFLOPs: {err}")
-                        continue
-                rows.append((f"{target:g} TF", cost))
+        try:
+            values = [float(x) for x in targets.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {targets!r}", param_hint="--tflops") from None
+        solved: dict[str, dict[float, tuple]] = {}
+        for name in ENCODER_METHODS[:1] + DECODER_METHODS:
+            solved[name], note = _solve_every_target(budget, shape, name, values, text_tokens)
+            notes += note
+        for target in values:
+            for name in solved:
+                if target in solved[name]:
+                    method, cost = solved[name][target]
+                    rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
         for retain in _int_list(retains):
             for name in ENCODER_METHODS[:1] + DECODER_METHODS:
-                rows.append((str(retain), budget.method_cost(shape, get_method(name, retain=retain), text_tokens)))
+                method = get_method(name, retain=retain)
+                rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
+                             budget.describe_schedule(method, geometry)))
     if as_json:
         click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "notes": notes,
-                               "rows": [dict(budget=b, **c.as_dict()) for b, c in rows]}, indent=1))
+                               "rows": [dict(budget=b, schedule=s, **c.as_dict()) for b, c, s in rows]}, indent=1))
         return
     click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image, "
-               f"{text_tokens} text tokens; LLM prefill counted as in SPEC §8")
+               f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget")
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \
-             f"{'vision TFLOPs':>13} {'KV MB':>8}"
+             f"{'vision TFLOPs':>13} {'KV MB':>8}  schedule"
     click.echo(header)
     click.echo("-" * len(header))
-    for label, cost in rows:
+    for label, cost, schedule in rows:
         click.echo(f"{label:>8} {cost.method:<10} {cost.llm_input_visual:>6} {cost.llm_final_visual:>7} "
                    f"{cost.llm_tflops:>10.2f} {100 * cost.llm_tflops / vanilla.llm_tflops:>8.1f}% "
-                   f"{cost.vision_tflops:>13.3f} {cost.kv_cache_mb:>8.1f}")
+                   f"{cost.vision_tflops:>13.3f} {cost.kv_cache_mb:>8.1f}  {schedule}")
     for note in notes:
         click.echo(f"note: {note}")
+
+
+def _solve_every_target(budget, shape, name: str, targets: list[float], text_tokens: int):
+    """``({target: (method, cost)}, notes)`` for ``name`` under one schedule shape for all
+    ``targets``: the first of ``budget.SPREADS`` that reaches the most of them."""
+    from .methods import get_method
+
+    own = get_method(name, retain=1)
+    spreads = budget.SPREADS if own.language is not None else budget.SPREADS[:1]
+    best = None
+    for spread in spreads:
+        reached, failed = {}, {}
+        for target in targets:
+            try:
+                reached[target] = budget.solve_for_tflops(shape, name, target, text_tokens, spread=spread)
+            except ValueError as err:
+                failed[target] = str(err)
+        if best is None or len(reached) > len(best[0]):
+            best = (reached, failed, spread)
+    reached, failed, spread = best
+    notes = [failed[t] for t in targets if t in failed]
+    if spread != budget.SPREADS[0] and reached:
+        geometry = budget.geometry(shape)
+        chosen = budget.describe_schedule(next(iter(reached.values()))[0], geometry)
+        floor = budget.method_cost(shape, own, text_tokens).llm_tflops
+        notes.insert(0, f"{name}: every LLM-side removal at its first reducing layer ({chosen}) for every budget here, because "
+                        f"spread over its own layers ({budget.describe_schedule(own, geometry)}) it costs at least "
+                        f"{floor:.3g} TFLOPs; compare its rows with each other")
+    return reached, notes
 
 
 @main.command()
 @click.argument("model_path", type=click.Path(file_okay=False))
 @click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False), help="Image file.")
-@click.option("--prompt", required=True, help="Question about the image.")
+@click.option(*QUESTION_NAMES, "question", required=True, help="Question about the image (--prompt is an alias).")
 @click.option("--method", "method_name", default="ficoco-v", show_default=True,
               help="Method name, or 'vanilla' for no reduction.")
 @click.option("--retain", type=int, default=192, show_default=True, help="Visual tokens kept per image.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-def run(model_path: str, image_path: str, prompt: str, method_name: str, retain: int, max_new_tokens: int,
+def run(model_path: str, image_path: str, question: str, method_name: str, retain: int, max_new_tokens: int,
         device: str, dtype: str) -> None:
-    """Answer PROMPT about an image with a LLaVA checkpoint at MODEL_PATH, with token reduction."""
+    """Answer a question about an image with the LLaVA checkpoint at MODEL_PATH, with token reduction.
+
+    The question is put into the processor's chat template with the image token, so give the
+    plain question."""
+    import time
+
     import torch
 
+    from . import budget
     from .adapters import attach
+    from .checkpoint import load_model, load_processor, resolve_device
+    from .flops import LlavaShape
+    from .methods import get_method
+    from .prompts import chat_prompt, vocabulary_check
 
     method = None if method_name == "vanilla" else get_method(method_name, retain=retain)
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_path}")
+    target = resolve_device(device)
     image = _open_image(image_path)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(model_path)
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    text = chat_prompt(processor, prompt)
-    inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+    processor = load_processor(model_path)
+    check = vocabulary_check(processor.tokenizer, [question])
+    if check.unknown:
+        click.echo(f"warning: {check.describe()}; the answer may be noise", err=True)
+    model = load_model(model_path, dtype=dtype, device=target)
+    text = chat_prompt(processor, question)
+    inputs = processor(images=image, text=text, return_tensors="pt").to(target)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     shape = LlavaShape.from_config(model.config)
     image_token = model.config.image_token_id
     text_tokens = int((inputs["input_ids"][0] != image_token).sum())
@@ -154,7 +208,7 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        if device.startswith("cuda"):
+        if target.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     finally:
@@ -165,7 +219,7 @@ def run(model_path: str, image_path: str, prompt: str, method_name: str, retain:
     click.echo(f"answer: {answer}")
     click.echo(f"method: {method_name}  visual tokens: {cost.llm_input_visual} into the LLM, "
                f"{cost.llm_final_visual} after its last reduction (of {shape.num_patches})")
-    click.echo(f"LLM prefill: {cost.llm_tflops:.4f} TFLOPs  vision: {cost.vision_tflops:.4f} TFLOPs  "
+    click.echo(f"LLM prefill: {cost.llm_tflops:.4g} TFLOPs  vision: {cost.vision_tflops:.4g} TFLOPs  "
                f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens")
 
 
@@ -193,6 +247,7 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
           rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
     """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
     from . import bench as benchmark
+    from .methods import get_method
 
     methods_list = [m for m in method_names.split(",") if m]
     for name in methods_list:
@@ -217,7 +272,7 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
 @click.option("--plot", "plot_path", default=None, help="Write a latency-vs-tokens PNG here.")
 @click.option("--plot-batch", type=int, default=8, show_default=True)
 def bench_report(results, plot_path, plot_batch) -> None:
-    """Markdown tables (and a plot) from one or more ``ficoco bench`` JSON files."""
+    """Markdown tables (and a plot) from one or more JSON files of 'ficoco bench'."""
     from . import bench_report as report
 
     data = report.load(list(results))
@@ -231,15 +286,17 @@ def bench_report(results, plot_path, plot_batch) -> None:
               help="LLaVA checkpoint folder (with its processor) [the embedded proxy model].")
 @click.option("--image", "image_path", default=None, type=click.Path(dir_okay=False),
               help="Image file [the bundled demo scene, with its own questions].")
-@click.option("--question", "questions", multiple=True, help="Repeat for several questions.")
+@click.option(*QUESTION_NAMES, "questions", multiple=True,
+              help="Repeat for several questions (--prompt is an alias) [the bundled scene's].")
 @click.option("--retain", type=int, default=64, show_default=True)
-@click.option("--picture", default="ficoco-demo.png", show_default=True,
-              help="PNG: the image, FiCoCo-V's kept patches, and where the discarded ones were merged.")
-def demo(model_path, image_path, questions, retain, picture) -> None:
+@click.option("--picture", default="ficoco-demo.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where the PNG goes: the image, FiCoCo-V's kept patches, where the discarded ones went, "
+                   "and every method's answers.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:N.")
+def demo(model_path, image_path, questions, retain, picture, device) -> None:
     """Answer questions about an image with vanilla and FiCoCo-V / -L / -VL, side by side."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     from .assets import embedded_model_dir
+    from .checkpoint import load_model, load_processor, resolve_device
     from .demo import bundled_example, run_demo
     from .proxy.evaluate import normalize_answer
 
@@ -252,15 +309,18 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
         image = _open_image(image_path)
         if not questions:
             raise click.UsageError("--question is required with --image")
+    target = resolve_device(device)
+    picture_path = Path(picture).expanduser().resolve()
+    if not picture_path.parent.is_dir():
+        raise FileNotFoundError(f"--picture: folder {picture_path.parent} does not exist")
     model_path = model_path or str(embedded_model_dir())
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
-    processor = AutoProcessor.from_pretrained(model_path)
-    model = LlavaForConditionalGeneration.from_pretrained(model_path).eval()
+    processor = load_processor(model_path)
+    model = load_model(model_path, device=target)
     click.echo(f"model {model_path}")
     for i, question in enumerate(questions):
         click.echo(f"Q{i + 1}: {question}" + (f"   (expected: {expected[i]})" if expected else ""))
-    rows = run_demo(model, processor, image, list(questions), retain=retain, picture=picture)
+    rows = run_demo(model, processor, image, list(questions), retain=retain, picture=str(picture_path),
+                    expected=expected)
     for row in rows:
         score = ""
         if expected:
@@ -268,11 +328,12 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
             score = f"  correct {right}/{len(expected)}"
         click.echo(f"{row.method:<10} visual tokens {row.llm_input_visual:>3} -> {row.llm_final_visual:>3}  "
                    f"LLM {row.llm_tflops * 1e3:8.3f} GFLOPs  {row.seconds:6.2f} s{score}  answers: {row.answers}")
-    click.echo(f"wrote {picture}")
+    click.echo(f"wrote the picture to {picture_path} (input image, FiCoCo-V's kept patches, where the discarded "
+               f"patches went, every method's answers)")
 
 
 @main.command("eval")
-@click.argument("model_path", type=click.Path(file_okay=False))
+@click.argument("model_path", required=False, type=click.Path(file_okay=False))
 @click.option("--data", "data", multiple=True, required=True,
               help="TASK=PATH, an lmms-eval task name and its files on disk (repeat per benchmark).")
 @click.option("--methods", "method_names", default="ficoco-v,ficoco-l,fastv", show_default=True)
@@ -283,40 +344,50 @@ def demo(model_path, image_path, questions, retain, picture) -> None:
 @click.option("--device", default="auto", show_default=True,
               help="auto: this process's accelerate device when launched with several, else cuda if present, else cpu.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--plot/--no-plot", default=True, help="Write accuracy-vs-TFLOPs.png beside the tables.")
-def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, plot) -> None:
+@click.option("--prompt-format", type=click.Choice(["auto", "benchmark", "model"]), default="auto", show_default=True,
+              help="benchmark: each benchmark's own prompt (with its answer instruction); model: the bare question, "
+                   "as a model trained by 'ficoco train-proxy' expects; auto: model for such a checkpoint, else "
+                   "benchmark.")
+@click.option("--plot/--no-plot", default=True, help="Write accuracy-vs-tflops.png beside the tables.")
+def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, prompt_format,
+                 plot) -> None:
     """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot.
 
-    Under ``accelerate launch --num_processes N -m ficoco.cli eval ...`` the samples are sharded
-    across the processes and the main process merges and scores them."""
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    MODEL_PATH is a local checkpoint folder with its processor [the embedded proxy model]. Under
+    'accelerate launch --num_processes N -m ficoco.cli eval ...' the samples are sharded across the
+    processes and the main process merges and scores them."""
+    from .assets import embedded_model_dir
+    from .checkpoint import checkpoint_config, check_supported, load_model, load_processor, resolve_device
+    from .evaluation.prompt_format import in_prompt_format, resolve_prompt_format
     from .evaluation.readers import read_benchmark
-    from .evaluation.runner import Shard, evaluate, plot_results, variants_for
+    from .evaluation.report import plot_results
+    from .evaluation.runner import Shard, evaluate, variants_for
 
+    model_path = model_path or str(embedded_model_dir())
+    check_supported(checkpoint_config(model_path), model_path)
+    prompt_format = resolve_prompt_format(prompt_format, model_path)
     tasks = {}
     for item in data:
         task, sep, path = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
-        tasks[task] = read_benchmark(task, path, limit=limit)
+        tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit), prompt_format)
     variants = variants_for([m for m in method_names.split(",") if m], _int_list(retains))
     for variant in variants:
         variant.build()  # fail fast on a bad method or budget
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
     shard = Shard.current()
-    if device == "auto":
-        if shard.world > 1:
-            from accelerate import PartialState
+    if device == "auto" and shard.world > 1:
+        from accelerate import PartialState
 
-            device = PartialState().device
-        else:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-    processor = AutoProcessor.from_pretrained(model_path)
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
-    summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size, shard=shard)
+        device = PartialState().device
+    target = resolve_device(device)
+    if shard.rank == 0:
+        click.echo(f"prompt format: {prompt_format}" + (
+            " (bare questions: the benchmarks' answer instructions are dropped)" if prompt_format == "model" else ""))
+    processor = load_processor(model_path)
+    model = load_model(model_path, dtype=dtype, device=target)
+    summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size, shard=shard,
+                       log=lambda line: click.echo(f"warning: {line}", err=True))
     if summary is None:  # not the main process under accelerate launch
         return
     if plot:
@@ -355,9 +426,11 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
                         cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers,
                         eval_size, easy_vqa_every, turns, init_from, textured_backgrounds, seed) -> None:
     """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
+    from .checkpoint import resolve_device
     from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
+    device = str(resolve_device(device))
     given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
                  cls_attention_weight=cls_attention_weight, token_drop_prob=token_drop_prob,
                  token_drop_min=token_drop_min, num_workers=workers)
@@ -375,7 +448,7 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
 @click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True)
 @click.option("--size", type=click.IntRange(min=1), default=None, help="First N samples of the split [all 2000].")
 @click.option("--retain", "retains", default="192,128,64", show_default=True, help="Visual-token budgets.")
-@click.option("--methods", "method_names", default=",".join(ENCODER_METHODS + DECODER_METHODS), show_default=True)
+@click.option("--methods", "method_names", default=None, help="Comma-separated [every method].")
 @click.option("--device", default=None, help="cuda or cpu [cuda if present] (fp16 on cuda, fp32 on cpu).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--easy-vqa/--no-easy-vqa", "easy_vqa", default=True, show_default=True,
@@ -385,10 +458,13 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
 def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, device, batch_size, easy_vqa,
                    method_options) -> None:
     """Accuracy table of the proxy model: vanilla, every method/budget, decoder methods at ficoco-v's TFLOPs."""
+    from .checkpoint import resolve_device
+    from .methods import DECODER_METHODS, ENCODER_METHODS
     from .proxy.table import run as accuracy_table
 
-    accuracy_table(model_path, out_dir, split=split, size=size, retains=_int_list(retains),
-                   methods=[m for m in method_names.split(",") if m], device=device, batch_size=batch_size,
+    names = [m for m in method_names.split(",") if m] if method_names else list(ENCODER_METHODS + DECODER_METHODS)
+    accuracy_table(model_path, out_dir, split=split, size=size, retains=_int_list(retains), methods=names,
+                   device=None if device is None else str(resolve_device(device)), batch_size=batch_size,
                    easy_vqa=easy_vqa, options=_method_options(method_options), log=click.echo)
     click.echo(Path(out_dir, "proxy_accuracy.md").read_text())
 

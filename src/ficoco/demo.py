@@ -56,9 +56,11 @@ def _method(name: str, retain: int, llm_layers: int):
 
 @torch.inference_mode()
 def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequence[str] = DEMO_METHODS,
-             retain: int = 64, picture: str | None = None, max_new_tokens: int = 4) -> list[DemoRow]:
-    """Answer ``questions`` about ``image`` with each method; optionally save the reduction picture
-    (kept patches and merge map of FiCoCo-V) to ``picture``."""
+             retain: int = 64, picture: str | None = None, max_new_tokens: int = 4,
+             expected: Sequence[str] | None = None) -> list[DemoRow]:
+    """Answer ``questions`` about ``image`` with each method; optionally save to ``picture`` the
+    figure of FiCoCo-V's reduction (kept patches, merge map) with every method's answers (and the
+    ``expected`` ones, when known)."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     prompts = [chat_prompt(processor, q) for q in questions]
@@ -68,7 +70,7 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
     shape = LlavaShape.from_config(model.config)
     text_tokens = int((batch["input_ids"][0] != model.config.image_token_id).sum() - (batch["attention_mask"][0] == 0).sum())
     llm_layers = model.config.text_config.num_hidden_layers
-    rows = []
+    rows, trace = [], None
     for name in methods:
         method = _method(name, retain, llm_layers)
         handle = attach(model, method, record=True) if method is not None else None
@@ -77,7 +79,8 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             seconds = time.perf_counter() - start
-            trace = handle.vision_trace if handle is not None else None
+            if name == "ficoco-v" and handle is not None:
+                trace = handle.vision_trace
         finally:
             if handle is not None:
                 handle.remove()
@@ -85,7 +88,13 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
                                                                skip_special_tokens=True)]
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
         rows.append(DemoRow(name, answers, cost.llm_input_visual, cost.llm_final_visual, cost.llm_tflops, seconds))
-        if picture and name == "ficoco-v" and trace is not None:
-            render_reduction(image, trace.positions[0].cpu(), patch_destinations(trace.steps, shape.num_patches)[0],
-                             path=picture)
+    if picture and trace is not None:
+        render_reduction(image, trace.positions[0].cpu(), patch_destinations(trace.steps, shape.num_patches)[0],
+                         grid=_grid(shape), path=picture, method=f"FiCoCo-V at {retain} tokens", questions=questions,
+                         answers={row.method: row.answers for row in rows}, expected=expected)
     return rows
+
+
+def _grid(shape: LlavaShape) -> tuple[int, int]:
+    side = round(shape.num_patches ** 0.5)
+    return side, side

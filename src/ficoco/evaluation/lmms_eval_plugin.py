@@ -10,8 +10,10 @@ token-reduction method attached::
 ``model_args``: ``pretrained`` (local checkpoint folder with its processor), ``method`` (a name from
 ``ficoco methods``, or ``vanilla``), ``retain`` (visual tokens per image), ``device``
 (default ``cuda`` when there is one), ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``),
-``batch_size``, ``max_new_tokens`` (used when the task does not set it), ``attn_implementation``;
-every other key is an option of the method (``start_layer=12``, ``lam=0.35``,
+``batch_size``, ``max_new_tokens`` (used when the task does not set it), ``attn_implementation``,
+``prompt_format`` (``auto``, ``benchmark`` or ``model``: see
+:mod:`ficoco.evaluation.prompt_format`; ``auto`` asks a model made by ``ficoco train-proxy`` the
+bare questions, without the tasks' answer instructions); every other key is an option of the method (``start_layer=12``, ``lam=0.35``,
 ``schedule={"12":40,"13":40}``, ...). Under ``accelerate launch`` each process takes its share
 of the samples on its own GPU.
 
@@ -19,6 +21,11 @@ The method is attached once, with :func:`ficoco.attach`, when the model is built
 :meth:`FicocoLlava.close` (lmms-eval calls :meth:`~FicocoLlava.clean` after the last request).
 Prompts use the processor's chat template with one image, exactly as ``ficoco eval``
 (:func:`ficoco.prompts.chat_prompt`), so both give the same answers.
+
+Honest output: before answering, each task's prompts are checked against the tokenizer (mostly
+unknown words: ``ValueError``; some: a warning). After answering, the share of answers each task's
+parser could not read (no yes/no, no option letter, empty) is logged per task, loudly above 10%,
+and kept in :attr:`FicocoLlava.unparsed`.
 
 lmms-eval is not a dependency of ficoco; this module alone needs it. Its PyPI release requires
 torchvision, OpenCV, wandb and more that this module never uses, so install it without them::
@@ -34,8 +41,12 @@ from collections.abc import Sequence
 import torch
 
 from ..adapters import attach
+from ..checkpoint import load_model, load_processor, resolve_device
 from ..methods import get_method
 from ..prompts import chat_prompt
+from .prompt_format import bare_question, check_task_prompts, resolve_prompt_format
+from .report import UNPARSED_WARN_SHARE
+from .scoring import answer_format, is_unparsed
 
 INSTALL_HINT = ("pip install --no-deps lmms-eval==0.7.3, then ficoco's 'lmms' extra "
                 "(pip install -e '.[lmms]' in a ficoco checkout)")
@@ -62,6 +73,8 @@ except ImportError as err:  # pragma: no cover - exercised only without lmms-eva
     ) from err
 
 _VANILLA = ("vanilla", "none", "")
+_UNPARSED_MEANS = {"yes/no": "say neither yes nor no", "an option letter": "give no option letter",
+                   "any text": "are empty"}
 
 
 def _as_schedule(value):
@@ -79,10 +92,8 @@ class FicocoLlava(lmms):
     def __init__(self, pretrained: str, method: str = "vanilla", retain: int | None = None, *,
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
                  max_new_tokens: int = 128, attn_implementation: str = "sdpa", max_batch_size=None,
-                 **method_options) -> None:
+                 prompt_format: str = "auto", **method_options) -> None:
         super().__init__()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
         method = "vanilla" if method is None else str(method).lower()
         if method in _VANILLA:
             method = "vanilla"
@@ -106,6 +117,10 @@ class FicocoLlava(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.pretrained = str(pretrained)
         self.method_name, self.retain = method, retain
+        self.prompt_format = resolve_prompt_format(str(prompt_format), self.pretrained)
+        #: ``{task: (unparsed answers, answers)}`` over every ``generate_until`` call so far
+        self.unparsed: dict[str, tuple[int, int]] = {}
+        self._checked_tasks: set[str] = set()
 
         self._rank, self._world_size = 0, 1
         from accelerate import Accelerator
@@ -116,13 +131,13 @@ class FicocoLlava(lmms):
             self._device = torch.device(f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available()
                                         else "cpu")
         else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self._device = resolve_device(device)
         self.accelerator = accelerator
 
         torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-        self._model = LlavaForConditionalGeneration.from_pretrained(
-            self.pretrained, dtype=torch_dtype, attn_implementation=attn_implementation).to(self._device).eval()
-        self.processor = AutoProcessor.from_pretrained(self.pretrained)
+        self.processor = load_processor(self.pretrained)
+        self._model = load_model(self.pretrained, dtype=torch_dtype, device=self._device,
+                                 attn_implementation=attn_implementation)
         self.processor.tokenizer.padding_side = "left"
         self.handle = attach(self._model, self.method) if self.method is not None else None
 
@@ -193,7 +208,10 @@ class FicocoLlava(lmms):
         return out
 
     def _prompt(self, context: str, images: int) -> str:
-        """``context`` as the user turn about ``images`` images, ending in the assistant's cue."""
+        """``context`` as the user turn about ``images`` images, ending in the assistant's cue
+        (without the task's answer instruction when ``prompt_format`` is ``model``)."""
+        if self.prompt_format == "model":
+            context = bare_question(context)
         token = getattr(self.processor, "image_token", "<image>")
         in_text = context.count(token)
         if images == 1 and in_text == 0:
@@ -221,6 +239,7 @@ class FicocoLlava(lmms):
         from tqdm.auto import tqdm
 
         args = [request.args for request in requests]
+        self._check_prompts(args)
         keys = [json.dumps(a[1], sort_keys=True, default=str) for a in args]
         order = sorted(range(len(args)), key=lambda i: (keys[i], -len(args[i][0]), i))  # long first: OOM early
         results: list[str | None] = [None] * len(args)
@@ -243,7 +262,45 @@ class FicocoLlava(lmms):
                     self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
             bar.update(len(chunk))
         bar.close()
+        self._report_unparsed(args, results)
         return results
+
+    def _check_prompts(self, args) -> None:
+        """Refuse (``ValueError``) a task whose prompts the tokenizer mostly cannot read, warn
+        about one with some unknown words; each task once, before any answer is generated."""
+        from loguru import logger
+        from types import SimpleNamespace
+
+        by_task: dict[str, list] = {}
+        for a in args:
+            if a[4] not in self._checked_tasks:
+                question = bare_question(a[0]) if self.prompt_format == "model" else a[0]
+                by_task.setdefault(a[4], []).append(SimpleNamespace(question=question))
+        check_task_prompts(self.tokenizer, by_task, warn=lambda line: logger.warning(f"ficoco: {line}"))
+        self._checked_tasks.update(by_task)
+
+    def _report_unparsed(self, args, answers: Sequence[str]) -> None:
+        """Count, per task, the answers its parser could not read; log each task's share, as a
+        warning above :data:`~ficoco.evaluation.report.UNPARSED_WARN_SHARE`."""
+        from loguru import logger
+
+        counts: dict[str, list[int]] = {}
+        for a, text in zip(args, answers):
+            count = counts.setdefault(a[4], [0, 0])
+            count[0] += is_unparsed(a[4], text)
+            count[1] += 1
+        for task, (bad, total) in counts.items():
+            before = self.unparsed.get(task, (0, 0))
+            self.unparsed[task] = (before[0] + bad, before[1] + total)
+            bad, total = self.unparsed[task]
+            share = bad / total
+            line = (f"ficoco: {task}: {bad} of {total} answers ({100 * share:.1f}%) cannot be parsed: they "
+                    f"{_UNPARSED_MEANS[answer_format(task)]}")
+            if share > UNPARSED_WARN_SHARE:
+                logger.warning(f"{line}: more than {100 * UNPARSED_WARN_SHARE:.0f}%, so the task's score measures "
+                               f"the answer format, not the model")
+            else:
+                logger.info(line)
 
     @torch.inference_mode()
     def _generate(self, contexts: Sequence[str], visuals: Sequence[list], gen_kwargs: dict | None) -> list[str]:

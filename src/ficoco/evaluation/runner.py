@@ -9,15 +9,12 @@ length of the task's prompts.
 
 from __future__ import annotations
 
-from types import MappingProxyType
-
-import csv
-import io
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -26,8 +23,10 @@ from ..adapters import attach
 from ..flops import LlavaShape
 from ..methods import Method, get_method
 from ..prompts import chat_prompt
+from .prompt_format import check_task_prompts
 from .readers import TASKS, Record
-from .scoring import SCORERS
+from .report import csv_table, markdown_table, warnings
+from .scoring import SCORERS, unparsed_share
 
 #: generation length per kind of task (short answers vs free-form)
 MAX_NEW_TOKENS = MappingProxyType({"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512})
@@ -172,6 +171,11 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / shard.file_name(variant.label)
     done = load_all_predictions(folder, variant.label)  # any process's earlier work counts
+    changed = [r.sample_id for r in records if r.sample_id in done and done[r.sample_id].get("question", r.question)
+               != r.question]
+    if changed:
+        raise ValueError(f"{task} {variant.label}: the predictions in {folder} were made with other prompts (e.g. "
+                         f"sample {changed[0]}: another prompt format?); use another --out folder or delete them")
     todo = [r for r in shard.take(records) if r.sample_id not in done]
     tokens = max_new_tokens or MAX_NEW_TOKENS[TASKS[task].kind]
     method = variant.build()
@@ -203,17 +207,25 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     text = _text_tokens(processor, records)
     cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
-            "llm_tflops": cost.llm_tflops, "text_tokens": text, "predictions": str(folder)}
+            "unparsed": unparsed_share(score), "llm_tflops": cost.llm_tflops, "text_tokens": text,
+            "predictions": str(folder)}
 
 
 def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
-             batch_size: int = 8, judge=None, show_progress: bool = True, shard: Shard | None = None) -> dict | None:
+             batch_size: int = 8, judge=None, show_progress: bool = True, shard: Shard | None = None,
+             log: Callable[[str], None] | None = None) -> dict | None:
     """Every task × variant; the main process writes ``results.json``, ``results.md`` and
     ``results.csv`` in ``out_dir`` and returns the summary (other processes return ``None``).
-    Under ``accelerate launch`` every process answers its shard of the samples."""
+    Under ``accelerate launch`` every process answers its shard of the samples.
+
+    Before anything runs, each task's prompts are checked against the model's tokenizer
+    (:func:`~ficoco.evaluation.prompt_format.check_task_prompts`): mostly unknown words raise
+    ``ValueError``. ``log`` receives the warnings: some unknown words, and every result where more
+    than 10% of the answers could not be parsed (``results.md`` flags those cells too)."""
     from tqdm.auto import tqdm
 
     shard = shard or Shard.current()
+    check_task_prompts(processor.tokenizer, tasks, warn=log if shard.rank == 0 else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -229,83 +241,11 @@ def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Seq
                 results.append(result)
     if shard.rank != 0:
         return None
-    summary = {"results": results, "processes": shard.world}
+    summary = {"results": results, "processes": shard.world, "warnings": warnings(results)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown_table(results))
     (out / "results.csv").write_text(csv_table(results))
+    if log is not None:
+        for line in summary["warnings"]:
+            log(line)
     return summary
-
-
-def _headline(score: dict) -> float | None:
-    return None if score.get("skipped") else score.get("score")
-
-
-def _table(results: Sequence[dict]) -> tuple[list[str], list[list]]:
-    tasks = list(dict.fromkeys(r["task"] for r in results))
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    by_key = {(r["task"], r["variant"]): r for r in results}
-    header = ["variant", "LLM TFLOPs (mean)"] + tasks + ["% of vanilla"]
-    rows = []
-    for variant in variants:
-        cells = [by_key.get((t, variant)) for t in tasks]
-        flops = [c["llm_tflops"] for c in cells if c]
-        scores = [_headline(c["score"]) if c else None for c in cells]
-        ratios = []
-        for task, value in zip(tasks, scores):
-            base = by_key.get((task, "vanilla"))
-            base_value = _headline(base["score"]) if base else None
-            if value is not None and base_value:
-                ratios.append(value / base_value)
-        rows.append([variant, sum(flops) / len(flops) if flops else None] + scores +
-                    [100 * sum(ratios) / len(ratios) if ratios else None])
-    return header, rows
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
-
-
-def markdown_table(results: Sequence[dict]) -> str:
-    """The paper's layout: one row per method@budget, TFLOPs, a column per benchmark, % of vanilla."""
-    header, rows = _table(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(results: Sequence[dict]) -> str:
-    header, rows = _table(results)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows([[("" if v is None else v) for v in row] for row in rows])
-    return buffer.getvalue()
-
-
-def plot_results(results: Sequence[dict], path: str) -> None:
-    """Accuracy vs LLM TFLOPs, one panel per benchmark, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(r["task"] for r in results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        lines: dict[str, list[tuple[float, float]]] = {}
-        for r in results:
-            value = _headline(r["score"])
-            if r["task"] == task and value is not None:
-                lines.setdefault(r["variant"].split("@")[0], []).append((r["llm_tflops"], value))
-        for name, points in sorted(lines.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                    linestyle="--" if name == "vanilla" else "-")
-        ax.set_title(task)
-        ax.set_xlabel("LLM prefill TFLOPs")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

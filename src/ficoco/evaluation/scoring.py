@@ -10,6 +10,12 @@ Each result carries ``metric`` (name of the headline number), ``score`` (that nu
   2000; cognition sums 4, max 800);
 * LLaVA-Bench: the relative score in percent (mean model score / mean reference score x 100).
 
+Every result also carries ``n_unparsed``: the answers the benchmark's own parser could not read
+(POPE: neither yes nor no, counted as "yes" by POPE's rule; MME: neither yes nor no; multiple
+choice: no option letter; VQA, GQA and the judged tasks: an empty answer). A score computed over
+many unparsed answers measures the answer format, not the model: :func:`unparsed_share` gives the
+share, and the evaluation runner reports and flags it.
+
 ``SCORERS`` maps lmms-eval task names to scorers; call ``SCORERS[task](records, **kwargs)``.
 
 Sources (facts and formulas, not code, were taken from them):
@@ -67,6 +73,9 @@ __all__ = (
     "score_judged",
     "score_mmvet",
     "score_llava_bench",
+    "unparsed_share",
+    "answer_format",
+    "is_unparsed",
 )
 
 Record = Mapping[str, Any]
@@ -99,6 +108,21 @@ def _first(record: Record, *keys: str, default: Any = None) -> Any:
 
 def _pct(numerator: float, denominator: float) -> float:
     return 100.0 * numerator / denominator if denominator else 0.0
+
+
+def _count_empty(rows: Sequence[Record]) -> int:
+    """Answers with no text at all: what "unparsed" means for free-form answers."""
+    return sum(not _text(row.get("prediction")).strip() for row in rows)
+
+
+def unparsed_share(score: Mapping[str, Any]) -> float | None:
+    """Share (0-1) of the answers behind ``score`` that its parser could not read, or ``None``
+    when the result does not say (``n_unparsed`` over the records scored)."""
+    unparsed = score.get("n_unparsed")
+    total = score.get("n_records", score.get("n"))
+    if unparsed is None or not total:
+        return None
+    return unparsed / total
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +331,7 @@ def score_vqa(
         "score": accuracy,
         "accuracy": accuracy,
         "n": len(rows),
+        "n_unparsed": _count_empty(rows),
         "unanswerable_predictions": sum(p == "unanswerable" for p in preds),
     }
     if by_type:
@@ -509,6 +534,7 @@ def score_mme(records: Iterable[Record]) -> dict[str, Any]:
         "per_subtask": ordered,
         "n": len(rows),
         "n_other": other,
+        "n_unparsed": other,
     }
 
 
@@ -699,6 +725,7 @@ def score_mmbench(
     matched-but-wrong variant fails the question. Variants left unmatched go to ``fallback``
     (in lmms-eval, a GPT matcher; here any callable ``record -> letter | None``); without one, they
     count as wrong, and ``n_unresolved`` counts the questions that failed only for that reason.
+    ``n_unparsed`` counts the records (variants) whose answer gave no letter, before any fallback.
     Categories come from the original question (``index < 1_000_000``, else the lowest index).
     """
     rows = _as_list(records)
@@ -706,11 +733,12 @@ def score_mmbench(
     for row in rows:
         groups[int(row["index"]) % _CIRCULAR_BASE].append(row)
     hits: dict[int, bool] = {}
-    unresolved = 0
+    unresolved = unparsed = 0
     for key, members in groups.items():
         members.sort(key=lambda r: int(r["index"]))
         golds = [_gold_letter(r.get("answer")) for r in members]
         picks = [extract_option(_text(r.get("prediction")).strip(), _record_options(r)) for r in members]
+        unparsed += sum(p is None for p in picks)
         if any(p is not None and p != g for p, g in zip(picks, golds)):
             hits[key] = False
             continue
@@ -733,6 +761,7 @@ def score_mmbench(
         "n": len(hits),
         "n_records": len(rows),
         "n_unresolved": unresolved,
+        "n_unparsed": unparsed,
     }
     for out_key, fields in (("per_category", ("category",)), ("per_l2_category", ("l2-category", "l2_category"))):
         bucket: dict[str, list[bool]] = defaultdict(list)
@@ -762,7 +791,8 @@ def score_exact_match(records: Iterable[Record]) -> dict[str, Any]:
     rows = _as_list(records)
     marks = [_exact_match_form(_text(r.get("prediction"))) == _exact_match_form(_text(r.get("answer"))) for r in rows]
     accuracy = _pct(sum(marks), len(marks))
-    return {"metric": "exact_match", "score": accuracy, "accuracy": accuracy, "n": len(rows)}
+    return {"metric": "exact_match", "score": accuracy, "accuracy": accuracy, "n": len(rows),
+            "n_unparsed": _count_empty(rows)}
 
 
 def score_gqa(records: Iterable[Record]) -> dict[str, Any]:
@@ -832,6 +862,7 @@ def score_judged(
             "metric": metric,
             "score": None,
             "n": len(rows),
+            "n_unparsed": _count_empty(rows),
         }
     if protocol == "mmvet":
         scores, caps = [], []
@@ -849,7 +880,8 @@ def score_judged(
             if chosen:
                 per_cap[cap] = _pct(sum(chosen), len(chosen))
         total = _pct(sum(scores), len(scores))
-        return {"skipped": False, "metric": metric, "score": total, "per_capability": per_cap, "n": len(rows)}
+        return {"skipped": False, "metric": metric, "score": total, "per_capability": per_cap, "n": len(rows),
+                "n_unparsed": _count_empty(rows)}
 
     pairs: list[tuple[float, float]] = []
     by_cat: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -886,6 +918,7 @@ def score_judged(
         "prediction_mean": overall["prediction_mean"],
         "per_category": {k: relative(v) for k, v in sorted(by_cat.items())},
         "n": len(rows),
+        "n_unparsed": _count_empty(rows),
     }
 
 
@@ -897,6 +930,34 @@ def score_mmvet(records: Iterable[Record], judge: Judge | None = None) -> dict[s
 def score_llava_bench(records: Iterable[Record], judge: Judge | None = None) -> dict[str, Any]:
     """LLaVA-Bench (in-the-wild) as lmms-eval ``llava_in_the_wild``; see :func:`score_judged`."""
     return score_judged(records, judge, protocol="llava_bench")
+
+
+# --------------------------------------------------------------------------------------------
+# Answer format of a task, without its ground truth
+# --------------------------------------------------------------------------------------------
+
+
+def answer_format(task: str) -> str:
+    """What answers of the lmms-eval task ``task`` must look like to be parsed: ``"yes/no"`` (POPE
+    and its splits, MME), ``"an option letter"`` (ScienceQA, SEED-Bench, MMBench) or ``"any text"``."""
+    name = task.lower()
+    if name.startswith(("pope", "mme")):
+        return "yes/no"
+    if name.startswith(("scienceqa", "seedbench", "mmbench")):
+        return "an option letter"
+    return "any text"
+
+
+def is_unparsed(task: str, prediction: str) -> bool:
+    """Whether the scorer of ``task`` could not read ``prediction`` (see ``n_unparsed``), judged
+    from the answer alone: what a model wrapper can check before any scoring."""
+    text = _text(prediction)
+    kind = answer_format(task)
+    if kind == "yes/no":
+        return parse_mme_answer(text) == "other" if task.lower().startswith("mme") else parse_yes_no(text) is None
+    if kind == "an option letter":
+        return extract_option(text.strip(), {}) is None
+    return not text.strip()
 
 
 # --------------------------------------------------------------------------------------------

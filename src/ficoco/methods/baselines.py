@@ -1,4 +1,4 @@
-"""ToMe, EViT, FastV and random dropping recast as filter/correlate/compress compositions (SPEC §7)."""
+"""ToMe, EViT, FastV and random dropping recast as filter/correlate/compress compositions (docs/spec.md §7)."""
 
 from __future__ import annotations
 

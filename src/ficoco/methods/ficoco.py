@@ -1,4 +1,4 @@
-"""FiCoCo-V, FiCoCo-L and FiCoCo-VL (SPEC §3–§5) as compositions of the three stages."""
+"""FiCoCo-V, FiCoCo-L and FiCoCo-VL (docs/spec.md §3–§5) as compositions of the three stages."""
 
 from __future__ import annotations
 

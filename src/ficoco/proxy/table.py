@@ -8,8 +8,9 @@ and of every method at every retained count, and of the decoder-side methods at 
 - ``<method>@tflops(<retain>)``: every decoder-side method (one with an LLM reduction: ficoco-l,
   fastv, ficoco-vl) with the schedule :func:`ficoco.budget.solve_for_tflops` finds for the LLM
   prefill TFLOPs that ficoco-v costs at ``<retain>``, the paper's (and ``ficoco flops``')
-  TFLOPs axis. A method that cannot get that cheap on this model is kept as a skipped row with
-  the solver's reason.
+  TFLOPs axis: spread over the method's own layers where that can get so cheap, else with every
+  removal at its first reducing layer (the row's ``spread``). A method that cannot get that cheap
+  either way is kept as a skipped row with the solver's reason.
 
 TFLOPs come from :mod:`ficoco.budget` on the checkpoint's own shape, one image and the mean text
 length of the procedural prompts; the LLM prefill and the vision side (tower + projector) are
@@ -29,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import budget
-from ..evaluation.runner import _text_tokens, plot_results, variants_for
+from ..evaluation.report import plot_results
+from ..evaluation.runner import _text_tokens, variants_for
 from ..flops import LlavaShape
 from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
 from .easyvqa import load_easy_vqa
@@ -105,12 +107,15 @@ def plan_variants(shape: LlavaShape, methods: Sequence[str], retains: Sequence[i
                    "target_llm_tflops": reference.llm_tflops if reference else None, "schedule": {}, "skipped": None}
             method = None
             if reference is not None:
-                try:
-                    method, cost = budget.solve_for_tflops(shape, name, reference.llm_tflops, text_tokens,
-                                                           **options.get(name, {}))
-                    row.update(schedule=_schedule(method), **_cost_fields(cost))
-                except ValueError as err:
-                    row["skipped"] = str(err)
+                for spread in budget.SPREADS:  # the method's own layers where they can get that cheap
+                    try:
+                        method, cost = budget.solve_for_tflops(shape, name, reference.llm_tflops, text_tokens,
+                                                               spread=spread, **options.get(name, {}))
+                    except ValueError as err:
+                        row["skipped"] = str(err)
+                        continue
+                    row.update(schedule=_schedule(method), spread=spread, skipped=None, **_cost_fields(cost))
+                    break
             else:
                 row["skipped"] = reason
             planned.append((row, method))
@@ -190,7 +195,7 @@ def markdown(report: Mapping) -> str:
 
 
 def plot(report: Mapping, path: str) -> None:
-    """Accuracy vs LLM prefill TFLOPs (:func:`ficoco.evaluation.runner.plot_results`): a panel for
+    """Accuracy vs LLM prefill TFLOPs (:func:`ficoco.evaluation.report.plot_results`): a panel for
     the procedural overall and one for easy-VQA, a line per method (its matched-TFLOPs rows a line
     of their own), vanilla a single marker."""
     points = []

@@ -53,7 +53,7 @@ def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weigh
 
 @dataclass
 class SelfPreservingCompress(Compress):
-    """FiCoCo's compression (SPEC §3): with ``alpha_ij = C_ij / sum_{j' in J_i} C_ij'``,
+    """FiCoCo's compression (docs/spec.md §3): with ``alpha_ij = C_ij / sum_{j' in J_i} C_ij'``,
     ``x_j <- (x_j + sum_i alpha_ij x_i) / (1 + sum_i alpha_ij)``: a target keeps weight 1 for itself."""
 
     def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:

@@ -28,7 +28,7 @@ class Correlate(ABC):
 
 
 def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Tensor:
-    """Token-adaptive target selection (SPEC §3): keep ``C_ij`` where ``C_ij >= tau_i``,
+    """Token-adaptive target selection (docs/spec.md §3): keep ``C_ij`` where ``C_ij >= tau_i``,
     ``tau_i = quantile_eps({C_ij : j allowed})``, per source row; zero elsewhere.
 
     Args:
@@ -62,7 +62,7 @@ def _kept_or_first_allowed(c: Tensor, keep: Tensor, allowed: Tensor | None) -> T
 
 
 def top_k_targets(c: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
-    """Fixed-``K`` target selection (the paper's "fixed K" ablation, SPEC §10): keep the ``k``
+    """Fixed-``K`` target selection (the paper's "fixed K" ablation, docs/spec.md §10): keep the ``k``
     largest allowed ``C_ij`` of each source row, zero elsewhere. Ties at the ``k``-th value go to
     the lower target index. A row with no positive allowed correlation sends weight 1 to its first
     allowed target, as :func:`quantile_targets` does.
@@ -114,7 +114,7 @@ class AttentionQuantileCorrelate(Correlate):
 
 @dataclass
 class TextMediatedQuantileCorrelate(Correlate):
-    """FiCoCo-L correlate (SPEC §4): direct plus indirect correlation through the text,
+    """FiCoCo-L correlate (docs/spec.md §4): direct plus indirect correlation through the text,
     ``C_ij = gamma * A_ij + (1 - gamma) * (1/M) sum_k A_ki A_kj``, targets by the ``eps`` quantile
     or, with ``fixed_k``, each source's ``fixed_k`` most correlated targets."""
 

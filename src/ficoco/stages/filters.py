@@ -46,7 +46,7 @@ def l2_normalize(x: Tensor) -> Tensor:
 
 
 def local_penalty(scores: Tensor, positions: Tensor, grid: tuple[int, int], window: int = 2) -> Tensor:
-    """FiCoCo-V's local penalty (SPEC §3).
+    """FiCoCo-V's local penalty (docs/spec.md §3).
 
     Lays the scores on the patch grid, cuts it into non-overlapping ``window x window`` cells and,
     in each cell, makes the single most redundant present token more discardable: score x2 if
@@ -84,14 +84,14 @@ def local_penalty(scores: Tensor, positions: Tensor, grid: tuple[int, int], wind
 
 @dataclass
 class FiCoCoVisionFilter(Filter):
-    """FiCoCo-V filter: ``s_i = lam * v_i - (1 - lam) * c_i`` (SPEC §3), then the local penalty.
+    """FiCoCo-V filter: ``s_i = lam * v_i - (1 - lam) * c_i`` (docs/spec.md §3), then the local penalty.
 
     Attributes:
         lam: weight of the vision-aware term ``v`` (0.35).
         vision_term: ``"logits"`` (default): ``v_i = mean_j A~_ij``, O(N d); ``"received"``: the
             column mean of the softmax map (the appendix wording), O(N^2 d).
         semantic_term: ``"cls"`` (default): ``c_i`` = [CLS] attention; ``"key_proxy"``:
-            ``c_i = -cos(mean key, k_i)`` for encoders without [CLS] (SPEC §6).
+            ``c_i = -cos(mean key, k_i)`` for encoders without [CLS] (docs/spec.md §6).
         swap_weights: put ``lam`` on the semantic term instead (the reference code's assignment).
         normalize: L2-normalise both terms over the tokens before combining (reference behaviour).
         local_penalty: apply the 2x2 local penalty.
@@ -128,7 +128,7 @@ class FiCoCoVisionFilter(Filter):
 
 def key_proxy_semantic(probe: AttentionProbe) -> Tensor:
     """``[B, N]``: ``c_i = -cos(mu, k_i)`` with ``k_i`` the head-averaged key and ``mu`` the mean
-    candidate key (SPEC §6), a [CLS]-free stand-in for semantic importance."""
+    candidate key (docs/spec.md §6), a [CLS]-free stand-in for semantic importance."""
     k = probe.mean_keys
     mu = k.mean(dim=1, keepdim=True)
     return -F.cosine_similarity(k, mu, dim=-1)
@@ -136,7 +136,7 @@ def key_proxy_semantic(probe: AttentionProbe) -> Tensor:
 
 @dataclass
 class FiCoCoLanguageFilter(Filter):
-    """FiCoCo-L filter (SPEC §4): ``s_i = beta * mean_{j in V} A~_ij - (1 - beta) * (1/M) sum_k A_ki``.
+    """FiCoCo-L filter (docs/spec.md §4): ``s_i = beta * mean_{j in V} A~_ij - (1 - beta) * (1/M) sum_k A_ki``.
 
     The text term is the attention candidate ``i`` receives from the text queries that follow the
     image. Attributes:
