@@ -4,10 +4,20 @@ edge-case tests, where answers do not matter), and the embedded trained proxy mo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from ficoco.testing import tiny_llava
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n N``) each worker gets its share of the cores for torch's own
+    threads: N workers that each spread matmuls over every core only slow each other down."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 IMAGE_TOKEN = 95
 PATCHES = 576

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+# under pytest-xdist (--dist loadgroup) one worker runs this module: its module fixtures are costly
+pytestmark = pytest.mark.xdist_group("eval-runner")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 

@@ -29,6 +29,8 @@ from ficoco.evaluation.prompt_format import bare_question  # noqa: E402
 from ficoco.evaluation.runner import answer_batch  # noqa: E402
 from ficoco.proxy.scenes import make_split  # noqa: E402
 
+# under pytest-xdist (--dist loadgroup) one worker runs this module: its module fixtures are costly
+pytestmark = pytest.mark.xdist_group("lmms-eval-plugin")
 TASK = "pope_local"
 NEW_TOKENS = 6
 EXISTENCE = [e for e in make_split("test", 60) if e.family == "existence"][:6]  # procedural yes/no questions

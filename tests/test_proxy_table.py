@@ -16,6 +16,8 @@ from ficoco.flops import LlavaShape
 from ficoco.proxy.table import DEFAULT_METHODS, REFERENCE, matched_label, plan_variants
 from ficoco.testing import tiny_llava, tiny_llava_config, tiny_llava_processor
 
+# under pytest-xdist (--dist loadgroup) one worker runs this module: its module fixtures are costly
+pytestmark = pytest.mark.xdist_group("proxy-table")
 HAS_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
 
 

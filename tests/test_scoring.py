@@ -475,3 +475,57 @@ def test_registry_names_and_immutability():
 def test_empty_records_rejected():
     with pytest.raises(ValueError):
         score_pope([])
+
+
+# ------------------------------------------------------------------------------ unparsed answers
+
+
+def _records_for(task: str, predictions: list[str]) -> list[dict]:
+    """Two-or-more valid records of ``task`` with the given predictions."""
+    if task == "pope":
+        return [{"prediction": p, "answer": "yes", "category": "random"} for p in predictions]
+    if task == "mme":
+        return [{"prediction": p, "answer": "Yes", "category": "existence", "image_id": i // 2}
+                for i, p in enumerate(predictions)]
+    if task in ("scienceqa_img", "seedbench"):
+        return [{"prediction": p, "answer": "A", "options": {"A": "cat", "B": "dog"}} for p in predictions]
+    if task.startswith("mmbench"):
+        return [{"prediction": p, "answer": "A", "index": i, "A": "cat", "B": "dog"} for i, p in enumerate(predictions)]
+    if task in ("mmvet", "llava_in_the_wild"):
+        return [{"prediction": p, "answer": "a cat", "question": "what?"} for p in predictions]
+    if task == "gqa":
+        return [{"prediction": p, "answer": "cat"} for p in predictions]
+    return [{"prediction": p, "answers": ["cat"] * 10} for p in predictions]
+
+
+@pytest.mark.parametrize("task", sorted(SCORERS))
+def test_every_scorer_counts_unparsed_answers(task):
+    """Every benchmark says how many answers its parser could not read: a garbage answer ("maybe so"
+    has no yes/no and no option letter; "" is empty) counts, a well-formed one does not."""
+    from ficoco.evaluation.scoring import is_unparsed, unparsed_share
+
+    good = {"pope": "yes", "mme": "Yes", "scienceqa_img": "A", "seedbench": "A", "mmbench_en_dev": "A",
+            "mmbench_cn_dev": "A"}.get(task, "cat")
+    bad = "" if task in ("textvqa_val", "vqav2_val", "vizwiz_vqa_val", "gqa", "mmvet", "llava_in_the_wild") else "maybe so"
+    if task == "seedbench":
+        bad = ""  # SEED-Bench reads the first character: only an empty answer has none
+    result = SCORERS[task](_records_for(task, [good, bad, bad, good]))
+    assert result["n_unparsed"] == 2, result
+    assert unparsed_share(result) == 0.5
+    assert is_unparsed(task, bad) and not is_unparsed(task, good)
+
+
+def test_unparsed_share_is_none_without_a_count():
+    from ficoco.evaluation.scoring import unparsed_share
+
+    assert unparsed_share({"score": 1.0, "n": 4}) is None
+    assert unparsed_share({"n_unparsed": 1, "n": 4, "n_records": 8}) == 0.125  # MMBench: per record
+
+
+def test_answer_format_by_task_name():
+    from ficoco.evaluation.scoring import answer_format, is_unparsed
+
+    assert answer_format("pope_adv") == "yes/no" and answer_format("mme") == "yes/no"
+    assert answer_format("mmbench_en_test") == "an option letter" and answer_format("textvqa_val") == "any text"
+    assert is_unparsed("pope_pop", "b") and not is_unparsed("pope_pop", "No, there is not.")
+    assert is_unparsed("mme", "maybe") and not is_unparsed("mme", "y")
