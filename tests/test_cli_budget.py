@@ -304,3 +304,13 @@ def test_demo_defaults_to_the_embedded_model_and_the_bundled_scene(runner, embed
     assert len(missing.output.strip().splitlines()) == 1
     needs_question = runner.invoke(main, ["demo", "--image", str(tmp_path / "demo.png")])
     assert needs_question.exit_code != 0 and "--question" in needs_question.output
+
+
+def test_questions_outside_the_vocabulary_are_named(runner, checkpoint_with_processor, image_file):
+    """The tiny processor's word-level vocabulary has "color", not "colour": the run still
+    answers, and says which words the model cannot read."""
+    out = runner.invoke(main, ["run", str(checkpoint_with_processor), "--image", str(image_file), "--prompt",
+                               "what is the colour of the shape ?", "--method", "vanilla", "--max-new-tokens", "2"])
+    assert out.exit_code == 0, out.output
+    assert "warning: 1 of 8 words (12%) are unknown to the model's tokenizer: 'colour'" in out.stderr
+    assert out.stdout.startswith("answer:")

@@ -298,6 +298,7 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
     from .assets import embedded_model_dir
     from .checkpoint import load_model, load_processor, resolve_device
     from .demo import bundled_example, run_demo
+    from .prompts import vocabulary_check
     from .proxy.evaluate import normalize_answer
 
     expected = None  # the right answers, known only for the bundled scene's own questions
@@ -315,6 +316,9 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
         raise FileNotFoundError(f"--picture: folder {picture_path.parent} does not exist")
     model_path = model_path or str(embedded_model_dir())
     processor = load_processor(model_path)
+    check = vocabulary_check(processor.tokenizer, questions)
+    if check.unknown:
+        click.echo(f"warning: {check.describe()}; answers to those questions may be noise", err=True)
     model = load_model(model_path, device=target)
     click.echo(f"model {model_path}")
     for i, question in enumerate(questions):
