@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
 #: ``model_type`` of the checkpoints ficoco runs, and what they are
-SUPPORTED_MODEL_TYPES = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_MODEL_TYPES = MappingProxyType({"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"})
+_DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import torch
 
@@ -73,8 +74,8 @@ except ImportError as err:  # pragma: no cover - exercised only without lmms-eva
     ) from err
 
 _VANILLA = ("vanilla", "none", "")
-_UNPARSED_MEANS = {"yes/no": "say neither yes nor no", "an option letter": "give no option letter",
-                   "any text": "are empty"}
+_UNPARSED_MEANS = MappingProxyType({"yes/no": "say neither yes nor no", "an option letter": "give no option letter",
+                                   "any text": "are empty"})
 
 
 def _as_schedule(value):

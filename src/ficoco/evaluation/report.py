@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from .scoring import unparsed_share
 
@@ -21,16 +22,16 @@ UNPARSED_WARN_SHARE = 0.10
 FLAG = "⚠"
 
 #: how the papers name each benchmark
-TASK_TITLES: Mapping[str, str] = {
+TASK_TITLES: Mapping[str, str] = MappingProxyType({
     "textvqa_val": "TextVQA", "vqav2_val": "VQAv2", "vizwiz_vqa_val": "VizWiz", "pope": "POPE", "mme": "MME",
     "scienceqa_img": "SQA-IMG", "seedbench": "SEED", "gqa": "GQA", "mmbench_en_dev": "MMB", "mmbench_cn_dev": "MMB-CN",
     "mmvet": "MM-Vet", "llava_in_the_wild": "LLaVA-W",
-}
-_METRIC_TITLES: Mapping[str, str] = {
+})
+_METRIC_TITLES: Mapping[str, str] = MappingProxyType({
     "vqa_accuracy": "VQA accuracy", "perception": "perception score", "accuracy": "accuracy",
     "circular_accuracy": "circular accuracy", "exact_match": "exact match", "gpt_score": "GPT score",
     "relative_score": "relative score",
-}
+})
 
 
 def headline(score: Mapping) -> float | None:
