@@ -4,6 +4,11 @@
 :class:`LanguageReduction` inside the LLM decoder; a :class:`Method` holds one or both. Budgets are
 given as ``retain`` (tokens left after the last reduction) or an explicit ``schedule`` and are
 resolved against the model's geometry when the method is attached.
+
+``retain`` is a count (``int``: visual tokens kept per image) or a share (``float`` in (0, 1]:
+``round(share x tokens)`` of each image's own tokens, at least one; ``1.0`` keeps every token).
+A share is what models with dynamic resolution need, whose images bring different token counts;
+plans are then resolved per token count (:meth:`Method.plan`).
 """
 
 from __future__ import annotations
@@ -15,15 +20,25 @@ from ..schedule import spread_evenly, tokens_entering_layers, validate_schedule
 from ..stages import BipartiteSimilarityFilter, TokenReduction
 
 
-def _check_retain(retain: int | None, available: int, where: str) -> None:
-    if retain is None:
-        return
-    if not isinstance(retain, int) or isinstance(retain, bool):
-        raise ValueError(f"retain must be an integer, got {retain!r}")
-    if retain <= 0:
-        raise ValueError(f"retain must be positive, got {retain}")
+def check_retain_value(retain) -> None:
+    """``retain`` is a positive integer (a count) or a float in (0, 1] (a share of the tokens)."""
+    if isinstance(retain, bool) or not isinstance(retain, (int, float)):
+        raise ValueError(f"retain must be a positive integer (tokens kept) or a float in (0, 1] (their share), "
+                         f"got {retain!r}")
+    if isinstance(retain, int) and retain <= 0:
+        raise ValueError(f"retain must be a positive integer (tokens kept), got {retain}")
+    if isinstance(retain, float) and not 0.0 < retain <= 1.0:
+        raise ValueError(f"retain as a share of the tokens must lie in (0, 1], got {retain}")
+
+
+def kept_count(retain: int | float, available: int, where: str) -> int:
+    """Tokens kept of ``available`` under ``retain`` (a count, or a share rounded, at least 1)."""
+    check_retain_value(retain)
+    if isinstance(retain, float):
+        return max(1, min(available, round(retain * available)))
     if retain > available:
         raise ValueError(f"retain={retain} exceeds the {available} visual tokens available to the {where}")
+    return retain
 
 
 @dataclass
@@ -35,16 +50,30 @@ class _Reduction:
     schedule: Mapping[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if (self.retain is None) == (self.schedule is None):
-            raise ValueError("give exactly one of retain= or schedule=")
-        if self.retain is not None and (not isinstance(self.retain, int) or self.retain <= 0):
-            raise ValueError(f"retain must be a positive integer, got {self.retain!r}")
+        if self.retain is not None and self.schedule is not None:
+            raise ValueError("give one of retain= or schedule=, not both")
+        if self.retain is not None:
+            check_retain_value(self.retain)
 
-    def _resolve(self, reducible: range, default_start: int, available: int, where: str) -> dict[int, int]:
+    @property
+    def has_budget(self) -> bool:
+        return self.retain is not None or self.schedule is not None
+
+    def _resolve(self, reducible: range, default_start: int, available: int, where: str,
+                 allowed: frozenset[int] | None = None, keep: int | None = None) -> dict[int, int]:
+        """``{layer: removed}`` over the layers of ``reducible`` (only those in ``allowed``, when
+        given: e.g. the full-attention blocks of a windowed encoder), keeping ``keep`` tokens
+        (default: ``retain`` resolved against ``available``)."""
         if self.schedule is not None:
             plan = validate_schedule(self.schedule, reducible, available, where)
+            if allowed is not None and not set(plan) <= allowed:
+                raise ValueError(f"schedule layers {sorted(set(plan) - allowed)} cannot reduce in this {where}; "
+                                 f"it reduces in layers {sorted(allowed)}")
         else:
-            _check_retain(self.retain, available, where)
+            if keep is None:
+                if self.retain is None:
+                    raise ValueError(f"the {where} reduction has no budget: give retain= or schedule=")
+                keep = kept_count(self.retain, available, where)
             start = default_start if self.start_layer is None else self.start_layer
             end = reducible.stop - 1 if self.end_layer is None else self.end_layer
             # negative layers count back from the last reducible layer (-1 = the last one)
@@ -54,7 +83,11 @@ class _Reduction:
                     f"{where} reduction layers {start}..{end} must lie within "
                     f"{reducible.start}..{reducible.stop - 1}"
                 )
-            plan = spread_evenly(available - self.retain, range(start, end + 1))
+            layers = [layer for layer in range(start, end + 1) if allowed is None or layer in allowed]
+            if not layers and keep < available:
+                raise ValueError(f"no {where} layer between {start} and {end} can reduce; it reduces in layers "
+                                 f"{sorted(allowed)}")
+            plan = spread_evenly(available - keep, layers)
         if isinstance(self.reduction.filter, BipartiteSimilarityFilter):
             _check_bipartite_limit(plan, available, self.reduction.extra_sources)
         return plan
@@ -87,10 +120,13 @@ class VisionReduction(_Reduction):
 
     proportional_attention: bool = False
 
-    def resolve(self, num_layers: int, feature_layer: int, num_patches: int, default_start: int = 12) -> dict[int, int]:
+    def resolve(self, num_layers: int, feature_layer: int, num_patches: int, default_start: int = 12, *,
+                reducible: frozenset[int] | None = None, keep: int | None = None) -> dict[int, int]:
         """``{layer: removed}`` for an encoder of ``num_layers`` whose layer ``feature_layer`` (index)
-        output feeds the LLM, with ``num_patches`` patch tokens per image."""
-        return self._resolve(range(0, feature_layer + 1), min(default_start, feature_layer), num_patches, "vision encoder")
+        output feeds the LLM, with ``num_patches`` candidate tokens per image; ``reducible``: the
+        only layers that may reduce (``None``: every layer); ``keep``: overrides ``retain``."""
+        return self._resolve(range(0, feature_layer + 1), min(default_start, feature_layer), num_patches,
+                             "vision encoder", reducible, keep)
 
 
 @dataclass
@@ -105,12 +141,14 @@ class LanguageReduction(_Reduction):
         schedule: explicit ``{layer: removed}`` instead of ``retain``.
     """
 
-    def resolve(self, num_layers: int, num_visual: int, default_start: int = 5) -> dict[int, int]:
+    def resolve(self, num_layers: int, num_visual: int, default_start: int = 5, *, keep: int | None = None
+                ) -> dict[int, int]:
         """``{layer: removed}`` per image for a decoder of ``num_layers`` fed ``num_visual`` visual
-        tokens per image."""
+        tokens per image; ``keep`` overrides ``retain``."""
         if num_layers < 2:
             raise ValueError("the LLM needs at least two layers for a reduction inside it to matter")
-        return self._resolve(range(0, num_layers - 1), min(default_start, num_layers - 2), num_visual, "LLM")
+        return self._resolve(range(0, num_layers - 1), min(default_start, num_layers - 2), num_visual, "LLM",
+                             keep=keep)
 
 
 @dataclass
@@ -121,32 +159,65 @@ class Method:
     vision: VisionReduction | None = None
     language: LanguageReduction | None = None
     description: str = ""
+    #: with both reductions and ``vision.retain is None``: the share of the removals (down to
+    #: ``language.retain``) that the encoder makes, resolved per token count (FiCoCo-VL's split)
+    vision_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.vision is None and self.language is None:
             raise ValueError(f"method {self.name!r} reduces nowhere: give a vision or a language reduction")
+        for side in (self.vision, self.language):
+            if side is not None and not side.has_budget and (side is self.language or self.vision_fraction is None):
+                raise ValueError("give exactly one of retain= or schedule=")
+        if self.vision_fraction is not None:
+            if not 0.0 <= self.vision_fraction <= 1.0:
+                raise ValueError(f"vision_fraction must be in [0, 1], got {self.vision_fraction}")
+            if self.vision is None or self.language is None or self.language.retain is None:
+                raise ValueError("vision_fraction splits a final retain between an encoder and a decoder reduction")
 
     def plan(self, geometry: "ModelGeometry") -> "ResolvedPlan":
-        """Resolve budgets into per-layer schedules for a model of this geometry."""
+        """Resolve budgets into per-layer schedules for a model of this geometry (one image of
+        ``geometry.num_patches`` tokens; dynamic-resolution models resolve one plan per size)."""
         vision_plan: dict[int, int] = {}
         llm_visual = geometry.num_patches
         if self.vision is not None:
-            vision_plan = self.vision.resolve(geometry.vision_layers, geometry.feature_layer, geometry.num_patches)
+            keep = None
+            if self.vision_fraction is not None:
+                final = kept_count(self.language.retain, geometry.num_patches, "LLM")
+                keep = geometry.num_patches - round(self.vision_fraction * (geometry.num_patches - final))
+            vision_plan = self.vision.resolve(geometry.vision_layers, geometry.feature_layer, geometry.num_patches,
+                                              reducible=geometry.vision_reducible, keep=keep)
             llm_visual = geometry.num_patches - sum(vision_plan.values())
         language_plan: dict[int, int] = {}
         if self.language is not None:
-            language_plan = self.language.resolve(geometry.llm_layers, llm_visual)
+            keep = None
+            if self.vision_fraction is not None or isinstance(self.language.retain, float):
+                # a share counts the image's own tokens, not what the encoder left of them
+                keep = kept_count(self.language.retain, geometry.num_patches, "LLM")
+                if keep > llm_visual:
+                    raise ValueError(f"the LLM cannot keep {keep} tokens: the encoder hands it {llm_visual}")
+            language_plan = self.language.resolve(geometry.llm_layers, llm_visual, keep=keep)
         return ResolvedPlan(geometry, vision_plan, language_plan, llm_visual)
 
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """The shapes a plan depends on (read from a LLaVA config by the adapter or the FLOPs table)."""
+    """The shapes a plan depends on (read from a model config by the adapter or the FLOPs table).
+
+    Attributes:
+        vision_layers: encoder layers.
+        feature_layer: index of the encoder layer whose output the LLM reads.
+        num_patches: candidate tokens of one image (patches, or merge groups of patches).
+        llm_layers: decoder layers.
+        vision_reducible: the only encoder layers that may reduce (``None``: any), e.g. the
+            full-attention blocks of a windowed encoder.
+    """
 
     vision_layers: int
-    feature_layer: int  # index of the encoder layer whose output the LLM reads
+    feature_layer: int
     num_patches: int
     llm_layers: int
+    vision_reducible: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)

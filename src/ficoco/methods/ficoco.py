@@ -16,10 +16,7 @@ from ..stages import (
     TextMediatedQuantileCorrelate,
     TokenReduction,
 )
-from .base import LanguageReduction, Method, VisionReduction
-
-#: LLaVA-1.5's visual tokens per image, for splitting FiCoCo-VL's budget when no model is at hand.
-LLAVA_PATCHES = 576
+from .base import LanguageReduction, Method, VisionReduction, check_retain_value
 
 
 def _compressor(compress: str):
@@ -108,11 +105,10 @@ def ficoco_l(
 
 
 def ficoco_vl(
-    retain: int = 64,
+    retain: int | float = 64,
     *,
-    vision_retain: int | None = None,
+    vision_retain: int | float | None = None,
     vision_fraction: float = 0.5,
-    num_patches: int = LLAVA_PATCHES,
     vision_start_layer: int = 12,
     language_start_layer: int = 5,
     language_end_layer: int | None = None,
@@ -120,18 +116,19 @@ def ficoco_vl(
     language_options: Mapping | None = None,
 ) -> Method:
     """FiCoCo-VL: FiCoCo-V in the encoder down to ``vision_retain`` tokens, then FiCoCo-L in the
-    decoder down to ``retain``. By default the encoder does ``vision_fraction`` of the removals
-    (the paper does not publish its split)."""
+    decoder down to ``retain``. Without ``vision_retain`` the encoder makes ``vision_fraction`` of
+    the removals, resolved per image size when the method is attached (the paper does not publish
+    its split)."""
     if not 0.0 <= vision_fraction <= 1.0:
         raise ValueError(f"vision_fraction must be in [0, 1], got {vision_fraction}")
-    if not isinstance(retain, int) or retain <= 0:
-        raise ValueError(f"retain must be a positive integer, got {retain!r}")
-    if vision_retain is None:
-        vision_retain = num_patches - round(vision_fraction * (num_patches - retain))
-    if vision_retain < retain:
-        raise ValueError(f"vision_retain={vision_retain} is below the final retain={retain}")
+    check_retain_value(retain)
+    if vision_retain is not None:
+        check_retain_value(vision_retain)
+        if type(vision_retain) is type(retain) and vision_retain < retain:
+            raise ValueError(f"vision_retain={vision_retain} is below the final retain={retain}")
     vision = VisionReduction(ficoco_v_reduction(**dict(vision_options or {})), vision_retain, vision_start_layer)
     language = LanguageReduction(ficoco_l_reduction(**dict(language_options or {})), retain, language_start_layer,
                                  language_end_layer)
     return Method("ficoco-vl", vision=vision, language=language,
-                  description="FiCoCo-VL: FiCoCo-V in the encoder, then FiCoCo-L in the decoder")
+                  description="FiCoCo-VL: FiCoCo-V in the encoder, then FiCoCo-L in the decoder",
+                  vision_fraction=None if vision_retain is not None else vision_fraction)
