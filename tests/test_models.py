@@ -281,7 +281,7 @@ def test_unsupported_model_class():
 
     llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, vocab_size=50))
-    with pytest.raises(TypeError, match="supports Hugging Face LlavaForConditionalGeneration.*LlamaForCausalLM"):
+    with pytest.raises(TypeError, match="ficoco supports LLaVA-1.5 .*Qwen2-VL.*; got LlamaForCausalLM"):
         ficoco.attach(llm, "ficoco-v")
 
 
@@ -314,13 +314,42 @@ def test_double_attach_rejected(model):
             ficoco.attach(model, "fastv")
 
 
-def test_unequal_image_counts_rejected_for_decoder_methods(model, images, prompts):
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("key", ["fastv", "ficoco-l", "ficoco-vl", "random-llm"])
+def test_samples_with_different_image_counts_batch_like_one_by_one(model, images, prompts, key, side):
+    """One sample with one image, one with two: they remove different numbers of visual tokens per
+    decoder layer; the batch stays rectangular through dead rows, masked out of attention and of
+    the outputs, and each sample's logits equal running it alone."""
     from .conftest import make_prompt
 
     two = make_prompt([4], [5], images=2)
-    inputs = batch_inputs([prompts[0], two], images[:3])
-    with ficoco.apply(model, build("fastv")), pytest.raises(ValueError, match="same number of image tokens"):
-        logits(model, inputs)
+    inputs = batch_inputs([prompts[0], two], images[:3], side)
+    with ficoco.apply(model, build(key)) as handle:
+        batched = logits(model, inputs)
+        valid = handle.kept_valid.clone()
+        assert handle.kept_dead is not None and bool(handle.kept_dead.any())
+        singles = [logits(model, batch_inputs([prompt], pixels, side))[0]
+                   for prompt, pixels in ((prompts[0], images[:1]), (two, images[1:3]))]
+    for row, single in enumerate(singles):
+        torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["fastv", "ficoco-l"])
+def test_generation_with_dead_rows_equals_one_by_one(model, images, prompts, key):
+    """Decoding after a prefill with dead rows: every step's logits as for each sample alone."""
+    from .conftest import make_prompt
+
+    two = make_prompt([4], [5], images=2)
+    with ficoco.apply(model, build(key)), torch.inference_mode():
+        options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                       pad_token_id=0)
+        batched = model.generate(**batch_inputs([prompts[0], two], images[:3], "left"), **options)
+        singles = [model.generate(**batch_inputs([prompt], pixels, "left"), **options)
+                   for prompt, pixels in ((prompts[0], images[:1]), (two, images[1:3]))]
+    for row, single in enumerate(singles):
+        steps = len(single.logits)  # a sample alone stops at its end-of-sequence token
+        torch.testing.assert_close(torch.stack(batched.logits[:steps], dim=1)[row], torch.stack(single.logits, dim=1)[0],
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -338,17 +367,25 @@ def siglip_llava():
     return LlavaForConditionalGeneration(config).eval()
 
 
-def test_encoder_without_cls_uses_key_proxy(siglip_llava, images, prompts):
-    with pytest.raises(ValueError, match="no \\[CLS\\].*key_proxy"):
-        ficoco.attach(siglip_llava, "ficoco-v")
-    method = ficoco.get_method("ficoco-v", retain=100, semantic_term="key_proxy", start_layer=6)
-    with ficoco.apply(siglip_llava, method) as handle:
+def test_encoder_without_cls_uses_the_stand_ins(siglip_llava, images, prompts):
+    """Without [CLS], FiCoCo-V's [CLS] term becomes the mean-key stand-in (docs/spec.md §6) and
+    EViT ranks and weights by attention received: the same as asking for them explicitly."""
+    explicit = ficoco.get_method("ficoco-v", retain=100, semantic_term="key_proxy", start_layer=6)
+    with ficoco.apply(siglip_llava, "ficoco-v", retain=100, start_layer=6) as handle:
+        assert handle.method == explicit
+        default = logits(siglip_llava, batch_inputs(prompts, images))
+    with ficoco.apply(siglip_llava, explicit) as handle:
         batched = logits(siglip_llava, batch_inputs(prompts, images))
         positions = handle.vision_trace.positions
         single = logits(siglip_llava, batch_inputs(prompts[:1], images[:1]))[0]
+    torch.testing.assert_close(default, batched, rtol=0, atol=0)
     assert handle.plan.vision and max(handle.plan.vision) == 12  # features from layer -2 of 14
     assert positions.shape == (3, 100) and bool((positions[:, 1:] > positions[:, :-1]).all())
     torch.testing.assert_close(batched[0, -single.shape[0]:], single, rtol=1e-4, atol=1e-4)
+    with ficoco.apply(siglip_llava, "evit", retain=100) as handle:
+        reduction = handle.method.vision.reduction
+        assert reduction.filter.importance == "received" and reduction.correlate.weights == "received"
+        assert logits(siglip_llava, batch_inputs(prompts[:1], images[:1])).isfinite().all()
 
 
 def test_readme_stage_swap_composition(model, images, prompts):

@@ -1,9 +1,15 @@
-"""Model adapters: run methods inside Hugging Face LLaVA models (:func:`apply`, :func:`attach`)."""
+"""Model adapters: run methods inside Hugging Face multimodal models (:func:`apply`, :func:`attach`).
+
+One module per model family (``llava.py``, ``qwen_vl.py``) behind :class:`ReductionHandle`
+(``handle.py``); ``families.py`` picks the family; ``vision.py`` / ``packed_vision.py`` run
+encoder-side reductions, ``language.py`` decoder-side ones.
+"""
 
 from .cuda_graph import GraphedLanguageSteps, GraphedVisionTower, graph_language_steps, graph_vision_tower
-from .llava import ReductionHandle, apply, attach
+from .families import FAMILIES, apply, attach, family_of, family_of_model_type
+from .handle import ReductionHandle
 
 __all__ = [
-    "GraphedLanguageSteps", "GraphedVisionTower", "ReductionHandle", "apply", "attach", "graph_language_steps",
-    "graph_vision_tower",
+    "FAMILIES", "GraphedLanguageSteps", "GraphedVisionTower", "ReductionHandle", "apply", "attach", "family_of",
+    "family_of_model_type", "graph_language_steps", "graph_vision_tower",
 ]

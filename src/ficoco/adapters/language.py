@@ -1,4 +1,4 @@
-"""Running a :class:`~ficoco.methods.LanguageReduction` inside the LLM decoder of a LLaVA model.
+"""Running a :class:`~ficoco.methods.LanguageReduction` inside the LLM decoder of a multimodal model.
 
 The decoder's hidden states get shorter mid-model. What every later layer needs is rebuilt from the
 model's own tensors by gathering, never by re-implementing a layer:
@@ -7,15 +7,22 @@ model's own tensors by gathering, never by re-implementing a layer:
   (prefill), or columns of the kept prompt tokens plus all generated ones (decoding, where each
   layer's KV cache holds only what that layer saw);
 - RoPE ``(cos, sin)`` and ``position_ids`` at the kept rows, so every kept token keeps its
-  original position; generated tokens continue from the full prompt length;
+  original position (with M-RoPE, its 3-D position); generated tokens continue from the full
+  prompt;
 - the KV cache itself needs nothing: each layer appends what it computes, so cache lengths differ
   per layer and the gathered masks match them.
 
+Samples may bring different numbers of visual tokens (dynamic resolution) and so remove different
+numbers per layer. The reduction then runs once per group of samples that agree, and the batch
+stays rectangular: a sample that removed more than the least-removing one keeps some of its
+removed rows as *dead* rows, masked out of every later attention and of the outputs
+(``kept_valid``). When every sample agrees (LLaVA-1.5) there are none.
+
 Hooks per reducing layer: ``q_proj`` / ``k_proj`` outputs are kept, RoPE is applied to them with the
 model's own ``apply_rotary_pos_emb``, a pre-hook on ``post_attention_layernorm`` reduces the
-residual stream in place and a forward hook keeps only the surviving rows. A pre-hook on the LLaVA
-model marks each forward as prefill (empty cache: locate image tokens, text queries, padding) or
-decoding (reuse the prefill's bookkeeping).
+residual stream in place and a forward hook keeps only the surviving rows. A pre-hook on the
+multimodal model marks each forward as prefill (empty cache: locate visual tokens, text queries,
+padding) or decoding (reuse the prefill's bookkeeping).
 """
 
 from __future__ import annotations
@@ -43,6 +50,30 @@ def _first_k_true(flags: Tensor, k: int) -> Tensor:
 
 
 @dataclass
+class SampleGroup:
+    """Samples of a batch whose visual tokens are reduced alike.
+
+    Attributes:
+        rows: ``[G]`` their batch rows (``None``: the whole batch, in order).
+        num_visual: visual tokens each of them has now.
+        num_text: text queries after the image (the most any of them has).
+        removals: ``{layer: removed}`` each of them removes.
+    """
+
+    rows: Tensor | None
+    num_visual: int
+    num_text: int
+    removals: dict[int, int]
+    row_list: tuple[int, ...] = ()
+
+    def take(self, x: Tensor | None) -> Tensor | None:
+        """``x`` (``[B, ...]``) at this group's rows."""
+        if x is None or self.rows is None:
+            return x
+        return x.index_select(0, self.rows.to(x.device)) if x.shape[0] > 1 else x
+
+
+@dataclass
 class _Sequence:
     """Bookkeeping of one batch of prompts, built at prefill and reused while decoding.
 
@@ -50,59 +81,87 @@ class _Sequence:
     """
 
     prefill_len: int
-    images_per_sample: int
-    num_visual: int  # per sample, current
-    num_text: int  # max text queries after the image, per sample
+    groups: list[SampleGroup]
     is_visual: Tensor
     is_text: Tensor
-    valid: Tensor
+    valid: Tensor  # real tokens: neither padding nor dead rows
     orig_index: Tensor  # original column of each current token
+    dead: Tensor | None = None  # dead rows (see the module docstring), once there are any
     stage_index: list[Tensor] = field(default_factory=list)  # orig_index after each reduction
+    stage_valid: list[Tensor | None] = field(default_factory=list)  # valid after each reduction if it has dead rows
     layer_stage: dict[int, int] = field(default_factory=dict)
     prefill: bool = True
     step_inputs: dict[int, tuple] = field(default_factory=dict)  # per stage, for the current forward
-    sizes: Tensor | None = None
+    sizes: Tensor | None = None  # [B, N_max] of the current visual tokens, in sequence order
     positions: Tensor | None = None
     steps: list[tuple[int, ReductionResult]] = field(default_factory=list)
+    #: per reduction: ``(group, ReductionResult)`` of each group, for replaying merges on DeepStack features
+    results: list[list[tuple[SampleGroup, ReductionResult]]] = field(default_factory=list)
 
     @property
     def stage(self) -> int:
         return len(self.stage_index)
 
-    def advance(self, keep: Tensor) -> None:
+    @property
+    def has_dead_rows(self) -> bool:
+        return any(v is not None for v in self.stage_valid)
+
+    def advance(self, keep: Tensor, dead: Tensor | None) -> None:
         self.is_visual = self.is_visual.gather(1, keep)
         self.is_text = self.is_text.gather(1, keep)
         self.valid = self.valid.gather(1, keep)
+        if dead is not None:
+            self.is_visual, self.valid = self.is_visual & ~dead, self.valid & ~dead
         self.orig_index = self.orig_index.gather(1, keep)
+        if dead is not None or self.dead is not None:
+            before = self.dead.gather(1, keep) if self.dead is not None else torch.zeros_like(keep, dtype=torch.bool)
+            self.dead = before if dead is None else before | dead
         self.stage_index.append(self.orig_index)
+        self.stage_valid.append(self.valid if dead is not None or self.has_dead_rows else None)
+
+
+#: ``schedule(visual_counts)`` -> per sample ``{layer: removed}`` (the model family's budget rule)
+Schedule = Callable[[Tensor], list[dict[int, int]]]
 
 
 class LanguageSide:
-    """Hooks a language-side reduction into the decoder layers of a LLaVA model."""
+    """Hooks a language-side reduction into the decoder layers of a multimodal model.
+
+    Args:
+        core_model: the model whose ``forward`` takes ``input_ids`` / ``inputs_embeds`` and whose
+            ``language_model.layers`` are the decoder layers (``LlavaModel``, ``Qwen2_5_VLModel``, ...).
+        stage: the reduction.
+        layers: the decoder layers that may reduce (the union of every sample's schedule).
+        schedule: per sample, ``{layer: removed}`` from the prefill's ``is_visual`` ``[B, L]``.
+        visual_token_ids: the placeholder ids of visual tokens (image, video).
+        token_state: ``(B, counts) -> (sizes, positions)`` ``[B, max(counts)]`` of the visual
+            tokens entering the LLM (what the encoder did to them), or ``None`` for fresh ones.
+        grid: the patch grid the positions refer to.
+    """
 
     def __init__(
         self,
-        llava_model: nn.Module,
+        core_model: nn.Module,
         stage: LanguageReduction,
-        removals: dict[int, int],
+        layers: set[int],
         *,
-        visual_per_image: int,
+        schedule: Schedule,
+        visual_token_ids: tuple[int, ...],
         grid: tuple[int, int],
-        vision_trace: Callable[[], object] | None = None,
+        token_state: Callable[[int, list[int], torch.device], tuple[Tensor, Tensor] | None] | None = None,
         record: bool = False,
     ) -> None:
-        self.llava, self.stage, self.removals = llava_model, stage, removals
-        self.layers = llava_model.language_model.layers
-        self.visual_per_image, self.grid = visual_per_image, grid
-        self.vision_trace, self.record = vision_trace, record
-        self.image_token_id = llava_model.config.image_token_id
-        self.signature = inspect.signature(type(llava_model).forward)
+        self.core, self.stage, self.reducing = core_model, stage, set(layers)
+        self.layers = core_model.language_model.layers
+        self.schedule, self.visual_token_ids, self.grid = schedule, tuple(visual_token_ids), grid
+        self.token_state, self.record = token_state, record
+        self.signature = inspect.signature(type(core_model).forward)
         self.seq: _Sequence | None = None
         self.queries: Tensor | None = None
         self.keys: Tensor | None = None
         self.rope: tuple[Tensor, Tensor] | None = None
         self.cache = None
-        self.pending_keep: Tensor | None = None
+        self.pending: tuple[Tensor, Tensor | None] | None = None
         self.step_graphs = None  # a CapturedCalls while graph_language_steps is in effect
         attn = self.layers[0].self_attn
         module = sys.modules[type(attn).__module__]
@@ -113,23 +172,33 @@ class LanguageSide:
     # -- installation ---------------------------------------------------------------------------
 
     def install(self, hooks: HookSet) -> None:
-        if not self.removals:
+        if not self.reducing:
             return
-        hooks.pre(self.llava, self._start_forward, with_kwargs=True)
-        first = min(self.removals)
+        hooks.pre(self.core, self._start_forward, with_kwargs=True)
+        first = min(self.reducing)
         for index, layer in enumerate(self.layers):
             if index >= first:
                 hooks.pre(layer, self._layer_inputs(index), with_kwargs=True)
-            if index in self.removals:
+            if index in self.reducing:
                 hooks.post(layer.self_attn.q_proj, self._keep_queries)
                 hooks.post(layer.self_attn.k_proj, self._keep_keys)
-                hooks.pre(layer.post_attention_layernorm, self._reducer(index, self.removals[index], layer.self_attn))
+                hooks.pre(layer.post_attention_layernorm, self._reducer(index, layer.self_attn))
                 hooks.post(layer, self._drop_rows, prepend=True)
 
     @property
     def kept_index(self) -> Tensor | None:
         """``[B, L']`` original column of every token the last prefill's final layers saw."""
         return None if self.seq is None else self.seq.orig_index
+
+    @property
+    def kept_valid(self) -> Tensor | None:
+        """``[B, L']`` which of them are real tokens (not padding, not dead rows)."""
+        return None if self.seq is None else self.seq.valid
+
+    @property
+    def kept_dead(self) -> Tensor | None:
+        """``[B, L']`` which of them are dead rows (``None`` when there are none)."""
+        return None if self.seq is None else self.seq.dead
 
     # -- per forward ----------------------------------------------------------------------------
 
@@ -148,34 +217,32 @@ class LanguageSide:
             if self.seq is None:
                 return
             step = input_ids if input_ids is not None else embeds
-            if step.shape[1] > 1 and bool(self._image_positions(input_ids, embeds).any()):
+            if step.shape[1] > 1 and bool(self._visual_positions(input_ids, embeds).any()):
                 raise ValueError("image tokens after a filled cache: start a new prompt with an empty cache")
             self.seq.prefill = False
             self.seq.step_inputs = {}
             return
-        self.seq = self._new_sequence(self._image_positions(input_ids, embeds), bound.get("attention_mask"))
+        self.seq = self._new_sequence(self._visual_positions(input_ids, embeds), bound.get("attention_mask"))
 
-    def _image_positions(self, input_ids: Tensor | None, embeds: Tensor | None) -> Tensor:
+    def _visual_positions(self, input_ids: Tensor | None, embeds: Tensor | None) -> Tensor:
         if input_ids is not None:
-            return input_ids == self.image_token_id
-        table = self.llava.get_input_embeddings()
-        token = table(torch.tensor(self.image_token_id, device=embeds.device))
-        return (embeds == token.to(embeds.dtype)).all(dim=-1)
+            found = input_ids == self.visual_token_ids[0]
+            for token in self.visual_token_ids[1:]:
+                found = found | (input_ids == token)
+            return found
+        table = self.core.get_input_embeddings()
+        found = None
+        for token in self.visual_token_ids:
+            row = table(torch.tensor(token, device=embeds.device)).to(embeds.dtype)
+            hit = (embeds == row).all(dim=-1)
+            found = hit if found is None else found | hit
+        return found
 
     def _new_sequence(self, is_visual: Tensor, attention_mask: Tensor | None) -> _Sequence | None:
         b, l = is_visual.shape
         counts = is_visual.sum(dim=1).tolist()  # one host sync per prefill
         if max(counts) == 0:
             return None  # text-only prompt: nothing to reduce
-        if len(set(counts)) != 1:
-            raise ValueError(
-                f"decoder-side reduction needs the same number of image tokens in every sample, got {counts}"
-            )
-        images, rest = divmod(counts[0], self.visual_per_image)
-        if rest:
-            raise ValueError(
-                f"{counts[0]} image tokens per sample is not a whole number of images of {self.visual_per_image} tokens"
-            )
         device = is_visual.device
         valid = torch.ones(b, l, dtype=torch.bool, device=device)
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -183,11 +250,21 @@ class LanguageSide:
         columns = torch.arange(l, device=device)
         last_visual = torch.where(is_visual, columns, -1).amax(dim=1, keepdim=True)
         is_text = valid & (columns > last_visual)
-        num_text = int(is_text.sum(dim=1).max())
-        return _Sequence(
-            prefill_len=l, images_per_sample=images, num_visual=counts[0], num_text=num_text,
-            is_visual=is_visual, is_text=is_text, valid=valid, orig_index=columns.expand(b, l),
-        )
+        num_text = is_text.sum(dim=1).tolist()
+        per_sample = self.schedule(is_visual)
+        for row, (count, removals) in enumerate(zip(counts, per_sample)):
+            if sum(removals.values()) >= count > 0:
+                raise ValueError(f"sample {row} has {count} visual tokens but its schedule removes "
+                                 f"{sum(removals.values())}")
+        keys: dict[tuple, list[int]] = {}
+        for row, (count, removals) in enumerate(zip(counts, per_sample)):
+            keys.setdefault((count, tuple(sorted(removals.items()))), []).append(row)
+        groups = []
+        for (count, removals), rows in keys.items():
+            index = None if len(keys) == 1 else torch.tensor(rows, device=device)
+            groups.append(SampleGroup(index, count, max(num_text[r] for r in rows), dict(removals), tuple(rows)))
+        return _Sequence(prefill_len=l, groups=groups, is_visual=is_visual, is_text=is_text, valid=valid,
+                         orig_index=columns.expand(b, l))
 
     # -- per layer ------------------------------------------------------------------------------
 
@@ -201,22 +278,23 @@ class LanguageSide:
             stage = seq.layer_stage.get(index, 0)
             if stage:
                 if stage not in seq.step_inputs:
-                    seq.step_inputs[stage] = self._stage_inputs(seq, seq.stage_index[stage - 1], kwargs)
+                    seq.step_inputs[stage] = self._stage_inputs(seq, stage, kwargs)
                 mask, rope, position_ids = seq.step_inputs[stage]
                 kwargs["attention_mask"] = mask
                 if rope is not None:
                     kwargs["position_embeddings"] = rope
                 if position_ids is not None:
                     kwargs["position_ids"] = position_ids
-            if index in self.removals:
+            if index in self.reducing:
                 self.rope = kwargs.get("position_embeddings")
                 self.cache = kwargs.get("past_key_values", kwargs.get("cache"))
             return args, kwargs
 
         return gather_layer_inputs
 
-    def _stage_inputs(self, seq: _Sequence, kept: Tensor, kwargs: dict) -> tuple:
-        """Mask, RoPE and position ids for a layer whose cache holds the prompt columns ``kept``."""
+    def _stage_inputs(self, seq: _Sequence, stage: int, kwargs: dict) -> tuple:
+        """Mask, RoPE and position ids for a layer whose cache holds the prompt columns of ``stage``."""
+        kept, stage_valid = seq.stage_index[stage - 1], seq.stage_valid[stage - 1]
         b = kept.shape[0]
         mask = kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, Tensor):
@@ -235,19 +313,35 @@ class LanguageSide:
                     mask = mask.gather(3, cols)
                 else:  # [B, L] padding mask (flash attention)
                     mask = mask.gather(1, kept)
+            elif stage_valid is not None:  # no mask (causal SDPA): dead rows need one
+                n = kept.shape[1]
+                mask = torch.ones(n, n, dtype=torch.bool, device=kept.device).tril()[None, None].expand(b, 1, n, n)
             if rope is not None:
                 rope = tuple(gather_rows(x.expand(b, *x.shape[1:]), kept) for x in rope)
             if position_ids is not None:
                 position_ids = position_ids.expand(b, -1).gather(1, kept)
-        elif mask is not None:
-            total = mask.shape[-1]
-            generated = torch.arange(seq.prefill_len, total, device=kept.device).expand(b, -1)
-            cols = torch.cat([kept, generated], dim=1)
-            mask = mask.expand(b, *mask.shape[1:])
-            if mask.dim() == 4:
-                mask = mask.gather(3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-            else:
-                mask = mask.gather(1, cols)
+            key_valid = stage_valid
+        else:
+            total = None if mask is None else mask.shape[-1]
+            if mask is not None:
+                generated = torch.arange(seq.prefill_len, total, device=kept.device).expand(b, -1)
+                cols = torch.cat([kept, generated], dim=1)
+                mask = mask.expand(b, *mask.shape[1:])
+                if mask.dim() == 4:
+                    mask = mask.gather(3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+                else:
+                    mask = mask.gather(1, cols)
+            key_valid = None
+            if stage_valid is not None:
+                cache_len = kept.shape[1]
+                layer_cache = self.cache
+                generated_len = (total - seq.prefill_len) if total is not None else None
+                if generated_len is None:  # no mask at all: every generated column is attended
+                    generated_len = int(layer_cache.get_seq_length()) - cache_len + 1 if layer_cache else 1
+                    mask = torch.ones(b, 1, 1, cache_len + generated_len, dtype=torch.bool, device=kept.device)
+                key_valid = torch.cat([stage_valid, stage_valid.new_ones(b, generated_len)], dim=1)
+        if key_valid is not None and mask is not None:
+            mask = _mask_columns(mask, key_valid)
         return mask, rope, position_ids
 
     def _keep_queries(self, module, args, output) -> None:
@@ -258,7 +352,7 @@ class LanguageSide:
         if self.seq is not None and self.seq.prefill:
             self.keys = output
 
-    def _reducer(self, index: int, count: int, attn: nn.Module):
+    def _reducer(self, index: int, attn: nn.Module):
         config = attn.config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -273,28 +367,75 @@ class LanguageSide:
             q, k = self.queries, self.keys
             self.queries = self.keys = None
             self._ensure_token_state(seq, b, residual.device)
+            removing = [g for g in seq.groups if g.removals.get(index, 0)]
+            if not removing:
+                return
             cos, sin = self.rope
-            inputs = (residual, q.view(b, l, heads, d), k.view(b, l, kv_heads, d), cos, sin,
-                      self._cached_keys(index, b, l, kv_heads, d),
-                      seq.is_visual, seq.is_text, seq.valid, seq.sizes, seq.positions)
-            removed = count * seq.images_per_sample
-            step = partial(self._reduction_step, removed, seq.num_visual, seq.num_text, attn.scaling)
-            graphs = self.step_graphs
-            # a named range, so that a profiler can tell the step's own host and device time apart
-            with torch.profiler.record_function("ficoco.language_step"):
-                if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
-                    key = (index, removed, seq.num_visual, seq.num_text)
-                    outputs, result = graphs(key, lambda *x: step(*x)[0], *inputs), None
-                else:
-                    outputs, result = step(*inputs)
-            rows, features, keep, sizes, positions = outputs
-            write_rows(residual, rows, features)
-            self.pending_keep = keep
-            seq.sizes, seq.positions, seq.num_visual = sizes, positions, rows.shape[1]
-            if self.record:
-                seq.steps.append((index, result))
+            q, k = q.view(b, l, heads, d), k.view(b, l, kv_heads, d)
+            cached = self._cached_keys(index, b, l, kv_heads, d)
+            outcomes = []
+            for group in removing:
+                take = group.take
+                inputs = (take(residual), take(q), take(k), take(cos), take(sin), take(cached), take(seq.is_visual),
+                          take(seq.is_text), take(seq.valid), take(seq.sizes)[:, :group.num_visual],
+                          take(seq.positions)[:, :group.num_visual])
+                removed = group.removals[index]
+                step = partial(self._reduction_step, removed, group.num_visual, group.num_text, attn.scaling)
+                graphs = self.step_graphs
+                # a named range, so that a profiler can tell the step's own host and device time apart
+                with torch.profiler.record_function("ficoco.language_step"):
+                    if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
+                        key = (index, removed, group.num_visual, group.num_text, inputs[0].shape[0])
+                        outputs, result = graphs(key, lambda *x: step(*x)[0], *inputs), None
+                    else:
+                        outputs, result = step(*inputs)
+                outcomes.append((group, removed, outputs, result))
+            self._apply(seq, index, residual, outcomes)
 
         return reduce_after_attention
+
+    def _apply(self, seq: _Sequence, index: int, residual: Tensor, outcomes: list) -> None:
+        """Write each group's survivors into ``residual`` and set the rows the next layers keep
+        (``self.pending``): each sample's survivors and text, plus dead rows where a sample removed
+        more than the least-removing one."""
+        b, l, _ = residual.shape
+        seq.results.append([(group, result) for group, _, _, result in outcomes])
+        if self.record:
+            seq.steps.extend((index, result) for *_, result in outcomes)
+        if len(outcomes) == 1 and outcomes[0][0].rows is None:  # every sample alike: no groups, no dead rows
+            group, _, (rows, features, keep, sizes, positions), _ = outcomes[0]
+            write_rows(residual, rows, features)
+            self.pending = (keep, None)
+            seq.sizes, seq.positions, group.num_visual = sizes, positions, rows.shape[1]
+            return
+        removed_by_row = [0] * b
+        for group, removed, *_ in outcomes:
+            for row in group.row_list:
+                removed_by_row[row] = removed
+        least = min(removed_by_row)
+        keep = torch.arange(l - least, device=residual.device).expand(b, l - least).clone()
+        dead = torch.zeros(b, l - least, dtype=torch.bool, device=residual.device)
+        for group, removed, (rows, features, group_keep, sizes, positions), _ in outcomes:
+            batch_rows = group.rows.to(residual.device)
+            residual[batch_rows[:, None], rows] = features.to(residual.dtype)
+            if removed > least:  # keep some of the removed visual rows, as dead padding
+                gone = group.take(seq.is_visual).scatter(1, rows, False)
+                padding = _first_k_true(gone, removed - least)
+                group_keep = torch.cat([group_keep, padding], dim=1).sort(dim=1).values
+                dead[batch_rows] = (group_keep[:, :, None] == padding[:, None, :]).any(dim=2)
+            keep[batch_rows] = group_keep
+            group.num_visual = rows.shape[1]
+        width = max(g.num_visual for g in seq.groups)
+        sizes_all = torch.nn.functional.pad(seq.sizes, (0, max(0, width - seq.sizes.shape[1])))[:, :width].clone()
+        positions_all = torch.nn.functional.pad(seq.positions, (0, max(0, width - seq.positions.shape[1])),
+                                                value=NO_POSITION)[:, :width].clone()
+        for group, _, (rows, _, _, sizes, positions), _ in outcomes:
+            batch_rows = group.rows.to(residual.device)
+            sizes_all[batch_rows] = torch.nn.functional.pad(sizes, (0, width - sizes.shape[1]))
+            positions_all[batch_rows] = torch.nn.functional.pad(positions, (0, width - positions.shape[1]),
+                                                                value=NO_POSITION)
+        seq.sizes, seq.positions = sizes_all, positions_all
+        self.pending = (keep, dead if bool(dead.any()) else None)
 
     def _reduction_step(
         self, removed: int, num_visual: int, num_text: int, scaling: float,
@@ -363,23 +504,83 @@ class LanguageSide:
         return rope
 
     def _ensure_token_state(self, seq: _Sequence, b: int, device) -> None:
+        """Sizes and grid positions of the visual tokens entering the LLM, per sample in sequence
+        order (``[B, max count]``): what the encoder left (its trace) or fresh tokens."""
         if seq.sizes is not None:
             return
-        trace = self.vision_trace() if self.vision_trace is not None else None
-        n = seq.num_visual
-        if trace is not None and trace.sizes.numel() == b * n:
-            seq.sizes = trace.sizes.reshape(b, n).to(device)
-            seq.positions = trace.positions.reshape(b, n).to(device)
-            return
-        seq.sizes = torch.ones(b, n, device=device)
-        within_image = torch.arange(n, device=device) % self.visual_per_image
-        if self.visual_per_image != self.grid[0] * self.grid[1]:
-            within_image = torch.full_like(within_image, NO_POSITION)  # not a full grid: no positions
-        seq.positions = within_image.expand(b, n)
+        counts = [0] * b
+        for group in seq.groups:
+            for row in (group.row_list or range(b)):
+                counts[row] = group.num_visual
+        state = self.token_state(b, counts, device) if self.token_state is not None else None
+        if state is None:
+            n = max(counts)
+            state = torch.ones(b, n, device=device), torch.full((b, n), NO_POSITION, dtype=torch.long, device=device)
+        seq.sizes, seq.positions = state
 
     def _drop_rows(self, module, args, output):
-        keep, self.pending_keep = self.pending_keep, None
-        if keep is None:
+        pending, self.pending = self.pending, None
+        if pending is None:
             return None
-        self.seq.advance(keep)
+        keep, dead = pending
+        self.seq.advance(keep, dead)
         return replace_hidden_output(output, lambda h: gather_rows(h, keep))
+
+    # -- DeepStack (Qwen3-VL): visual features added to the first decoder layers' outputs ---------
+
+    def deepstack_inputs(self, visual_mask: Tensor, embeds: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+        """The ``(visual_pos_masks, embeds)`` that DeepStack adds after decoder ``layer``, for the
+        tokens that layer's output holds: the masks at the kept columns (dead rows excluded) and
+        the embeds of the kept visual tokens, merged by every reduction so far exactly as the main
+        visual tokens were (the same compress, split and correlation)."""
+        seq = self.seq
+        if seq is None or not seq.results:
+            return visual_mask, embeds
+        b, l = visual_mask.shape
+        # the DeepStack features of each sample's visual tokens, in sequence order
+        counts = visual_mask.sum(dim=1).tolist()
+        width = max(counts)
+        full = embeds.new_zeros(b, width, embeds.shape[-1])
+        full[torch.arange(width, device=embeds.device)[None, :] < torch.tensor(counts, device=embeds.device)[:, None]] \
+            = embeds
+        tokens = full
+        for results in seq.results[:seq.stage]:
+            tokens = self._replay(tokens, results, b)
+        kept_mask = visual_mask.gather(1, seq.orig_index) & seq.valid & seq.is_visual
+        kept_counts = kept_mask.sum(dim=1)
+        order = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < kept_counts[:, None]
+        return kept_mask, tokens[order]
+
+    def _replay(self, tokens: Tensor, results: list, b: int) -> Tensor:
+        """``tokens`` (``[B, N, D]``, each sample's visual tokens in order) after one reduction, as
+        each group's compress applied its split and correlation to the main tokens (samples that
+        removed nothing there keep theirs). Sizes are taken as one each: no decoder-side method
+        weighs merges by size."""
+        replayed = tokens
+        for group, result in results:
+            n = result.kept.shape[1] + result.sources.shape[1]
+            candidates = TokenGroup.fresh(group.take(tokens)[:, :n], self.grid)
+            split = result.filter_result
+            merged = self.stage.reduction.compress(candidates.select(split.targets), candidates.select(split.sources),
+                                                   result.correlation).features
+            slots = result.kept if result.new_token_slot is None else torch.cat(
+                [result.kept, result.new_token_slot[:, None]], dim=1)
+            merged = merged.gather(1, slots.argsort(dim=1)[..., None].expand(-1, -1, merged.shape[-1]))
+            if group.rows is None:
+                return merged
+            if replayed is tokens:
+                replayed = tokens.clone()
+            rows = group.rows.to(tokens.device)
+            replayed[rows] = torch.nn.functional.pad(merged, (0, 0, 0, tokens.shape[1] - merged.shape[1]))
+        return replayed
+
+
+def _mask_columns(mask: Tensor, key_valid: Tensor) -> Tensor:
+    """``mask`` (``[B, H, Q, K]`` bool or additive float, or ``[B, K]``) with the keys where
+    ``key_valid`` (``[B, K]``) is false masked out."""
+    if mask.dim() == 2:
+        return mask * key_valid.to(mask.dtype)
+    valid = key_valid[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & valid
+    return mask.masked_fill(~valid, torch.finfo(mask.dtype).min)

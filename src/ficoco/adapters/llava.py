@@ -1,7 +1,9 @@
-"""Attaching a method to a Hugging Face LLaVA model, reversibly.
+"""The LLaVA-1.5 family: ``LlavaForConditionalGeneration`` / ``LlavaModel`` with a CLIP or SigLIP tower.
 
->>> with ficoco.apply(model, ficoco.get_method("ficoco-v", retain=192)):
-...     out = model.generate(**inputs, max_new_tokens=32)
+What this family is to ficoco: encoder layers ``vision_tower(.vision_model).encoder.layers``, a
+[CLS] for CLIP (none for SigLIP: methods use their stand-ins), one square patch grid per image
+(576 patches for CLIP-336/14), features from ``vision_feature_layer``, one ``<image>``
+placeholder per visual token in the prompt, and plain 1-D positions.
 
 Everything is done with hooks on the model's own modules (plus, for encoder-side methods, an
 instance-level ``generate`` wrapper); :meth:`ReductionHandle.remove` restores the model exactly.
@@ -9,20 +11,15 @@ instance-level ``generate`` wrapper); :meth:`ReductionHandle.remove` restores th
 
 from __future__ import annotations
 
-import functools
-import inspect
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
 from ..methods import Method, ModelGeometry, ResolvedPlan
-from .hooks import HookSet
+from ..stages import NO_POSITION
+from .handle import ReductionHandle
 from .inputs import shrink_placeholders
 from .language import LanguageSide
-from .vision import VisionSide, VisionTrace
-
-_HANDLE_ATTRIBUTE = "_ficoco_handle"
+from .vision import VisionSide
 _PER_TOKEN_INPUTS = ("attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids")
 
 
@@ -66,111 +63,82 @@ def _vision_layout(llava: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, in
     return layers, kinds[vcfg.model_type], (side, side), index
 
 
-class ReductionHandle:
-    """A method attached to a model. Use as a context manager or call :meth:`remove`.
+class LlavaHandle(ReductionHandle):
+    """A method attached to a Hugging Face LLaVA model (LLaVA-1.5: CLIP or SigLIP tower, one square
+    patch grid per image, 1-D positions).
 
     Attributes:
         plan: the resolved per-layer schedule.
-        vision_trace: what the encoder did to the last image batch (kept positions and sizes).
-        kept_index: ``[B, L']`` original prompt column of each position of the last prefill's output
-            (decoder-side methods; ``None`` otherwise).
     """
+
+    family = "llava"
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         llava, outer = _llava_parts(model)
-        if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:
-            raise RuntimeError("a ficoco method is already attached to this model; remove it first")
+        super().__init__(model, llava, outer, method, record=record)
+        self.llava = llava
         layers, has_cls, grid, feature_layer = _vision_layout(llava)
-        self.model, self.llava, self.outer, self.method = model, llava, outer, method
-        self.grid, self.has_cls = grid, has_cls
+        self.encoder_layers, self.grid, self.has_cls = layers, grid, has_cls
+        if not has_cls:
+            self.method = method = method.without_cls()
         config = llava.config
         self.strategy = getattr(config, "vision_feature_select_strategy", "default")
         self.cls_to_llm = int(has_cls and self.strategy == "full")
         geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers))
         self.plan: ResolvedPlan = method.plan(geometry)
-        self._check_cls(has_cls)
-        self.hooks = HookSet()
-        self.vision: VisionSide | None = None
-        self.language: LanguageSide | None = None
-        self._stashed_labels: Tensor | None = None
-        self._signatures = {id(m): inspect.signature(type(m).forward) for m in (llava, outer) if m is not None}
-        self._original_generate = None
-        try:
-            if self.plan.vision:
-                self.vision = VisionSide(layers, method.vision, self.plan.vision, grid=grid, has_cls=has_cls,
-                                         record=record)
-                self.hooks.pre(llava, self._rewrite_model_inputs, with_kwargs=True)
-                if outer is not None:
-                    self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
-                    self._wrap_generate(outer)
-                self.vision.install(self.hooks)
-            if self.plan.language:
-                self.language = LanguageSide(
-                    llava, method.language, self.plan.language,
-                    visual_per_image=self.plan.llm_input_visual + self.cls_to_llm, grid=grid,
-                    vision_trace=(lambda: self.vision.last) if self.vision is not None else None, record=record,
-                )
-                self.language.install(self.hooks)
-                if outer is not None:
-                    self.hooks.pre(outer, self._stash_labels, with_kwargs=True)
-                    self.hooks.post(outer, self._loss_on_kept_tokens)
-        except Exception:
-            self.remove()
-            raise
-        setattr(model, _HANDLE_ATTRIBUTE, self)
+        self._attach()
 
-    def _check_cls(self, has_cls: bool) -> None:
-        if has_cls or self.method.vision is None:
-            return
-        filt = self.method.vision.reduction.filter
-        if getattr(filt, "semantic_term", None) == "cls" or type(filt).__name__ == "CLSAttentionFilter":
-            raise ValueError(
-                f"method {self.method.name!r} reads [CLS] attention but this vision tower has no [CLS]; "
-                "use semantic_term='key_proxy'"
+    def _install(self) -> None:
+        llava, outer, method = self.llava, self.outer, self.method
+        if self.plan.vision:
+            self.vision = VisionSide(self.encoder_layers, method.vision, self.plan.vision, grid=self.grid,
+                                     has_cls=self.has_cls, record=self.record)
+            self.hooks.pre(llava, self._rewrite_model_inputs, with_kwargs=True)
+            if outer is not None:
+                self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
+                self._wrap_generate(outer)
+            self.vision.install(self.hooks)
+        if self.plan.language:
+            per_image = self.plan.llm_input_visual + self.cls_to_llm
+            self.language = LanguageSide(
+                llava, method.language, set(self.plan.language), schedule=self._schedule,
+                visual_token_ids=(llava.config.image_token_id,), grid=self.grid, token_state=self._token_state,
+                record=self.record,
             )
+            self.language.install(self.hooks)
+            self._install_loss_hooks()
 
     # -- public -------------------------------------------------------------------------------
-
-    @property
-    def vision_trace(self) -> VisionTrace | None:
-        return None if self.vision is None else self.vision.last
-
-    @property
-    def kept_index(self) -> Tensor | None:
-        return None if self.language is None else self.language.kept_index
-
-    @property
-    def language_steps(self) -> list:
-        """``(layer, ReductionResult)`` of each decoder reduction of the last prefill (``record=True``)."""
-        if self.language is None or self.language.seq is None:
-            return []
-        return list(self.language.seq.steps)
 
     @property
     def visual_tokens_per_image(self) -> int:
         """Visual tokens per image after the last reduction (what the LLM's last layers see)."""
         return self.plan.llm_final_visual
 
-    def prepare_inputs(self, **inputs):
-        """Cut the image placeholders of processor outputs to what the encoder hands on. ``generate``
-        and ``forward`` do this by themselves; call it to run a manual decoding loop whose attention
-        mask must match the prefill length."""
-        return self._rewrite(dict(inputs))
+    # -- decoder side: every sample removes per image -----------------------------------------------
 
-    def remove(self) -> None:
-        """Detach: remove every hook and the ``generate`` wrapper."""
-        self.hooks.remove()
-        if self._original_generate is not None and self.outer is not None:
-            self.outer.__dict__.pop("generate", None)
-            self._original_generate = None
-        if getattr(self.model, _HANDLE_ATTRIBUTE, None) is self:
-            delattr(self.model, _HANDLE_ATTRIBUTE)
+    def _schedule(self, is_visual: Tensor) -> list[dict[int, int]]:
+        per_image = self.plan.llm_input_visual + self.cls_to_llm
+        schedules = []
+        for count in is_visual.sum(dim=1).tolist():
+            images, rest = divmod(count, per_image)
+            if rest:
+                raise ValueError(f"{count} image tokens in a sample is not a whole number of images of {per_image} "
+                                 f"tokens")
+            schedules.append({layer: removed * images for layer, removed in self.plan.language.items()})
+        return schedules
 
-    def __enter__(self) -> "ReductionHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def _token_state(self, b: int, counts: list[int], device) -> tuple[Tensor, Tensor] | None:
+        """Sizes and grid positions of the visual tokens: the encoder's trace, or fresh patches."""
+        n = max(counts)
+        trace = self.vision_trace
+        if trace is not None and len(set(counts)) == 1 and trace.sizes.numel() == b * n:
+            return trace.sizes.reshape(b, n).to(device), trace.positions.reshape(b, n).to(device)
+        per_image = self.plan.llm_input_visual + self.cls_to_llm
+        within_image = torch.arange(n, device=device) % per_image
+        if per_image != self.grid[0] * self.grid[1]:
+            within_image = torch.full_like(within_image, NO_POSITION)  # not a full grid: no positions
+        return torch.ones(b, n, device=device), within_image.expand(b, n)
 
     # -- encoder-side: placeholders -------------------------------------------------------------
 
@@ -199,74 +167,3 @@ class ReductionHandle:
         inputs.update(cut)
         inputs["input_ids"] = new_ids
         return inputs
-
-    def _rewrite_model_inputs(self, module, args, kwargs):
-        if not args and kwargs.get("pixel_values") is None:
-            return None  # nothing to cut: decoding steps, text-only calls
-        bound = self._signatures[id(module)].bind_partial(module, *args, **kwargs).arguments
-        bound.pop("self", None)
-        extra = bound.pop("kwargs", {})
-        rewritten = self._rewrite({**bound, **extra})
-        return (), rewritten
-
-    def _wrap_generate(self, outer: nn.Module) -> None:
-        original = outer.generate
-        self._original_generate = original
-
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            if args and isinstance(args[0], Tensor) and "input_ids" not in kwargs:
-                kwargs["input_ids"], args = args[0], args[1:]
-            prompt = kwargs.get("input_ids")
-            kwargs = self._rewrite(kwargs, default_side="left")
-            out = original(*args, **kwargs)
-            if prompt is None or kwargs.get("input_ids") is prompt:
-                return out
-            # give back the caller's prompt in front of the new tokens, as without reduction
-            cut_len = kwargs["input_ids"].shape[1]
-            if isinstance(out, Tensor):
-                return torch.cat([prompt, out[:, cut_len:]], dim=1)
-            out.sequences = torch.cat([prompt, out.sequences[:, cut_len:]], dim=1)
-            return out
-
-        outer.generate = generate
-
-    # -- decoder-side: loss on the surviving positions ------------------------------------------
-
-    def _stash_labels(self, module, args, kwargs):
-        if kwargs.get("labels") is None:
-            return None
-        self._stashed_labels = kwargs.pop("labels")
-        return args, kwargs
-
-    def _loss_on_kept_tokens(self, module, args, output):
-        labels, self._stashed_labels = self._stashed_labels, None
-        if labels is None:
-            return None
-        kept = self.kept_index
-        if kept is not None and output.logits.shape[1] != labels.shape[1]:
-            labels = labels.gather(1, kept.to(labels.device))
-        output.loss = module.loss_function(logits=output.logits, labels=labels,
-                                           vocab_size=module.config.text_config.vocab_size)
-        return output
-
-
-def attach(model: nn.Module, method: Method | str, *, record: bool = False, **options) -> ReductionHandle:
-    """Attach ``method`` (a :class:`Method` or a registered name with ``options``) to ``model``."""
-    if isinstance(method, str):
-        from ..methods import get_method
-
-        method = get_method(method, **options)
-    elif options:
-        raise ValueError("options are only accepted together with a method name")
-    return ReductionHandle(model, method, record=record)
-
-
-@contextmanager
-def apply(model: nn.Module, method: Method | str, *, record: bool = False, **options):
-    """Context manager: ``with apply(model, "ficoco-v", retain=192): model.generate(...)``."""
-    handle = attach(model, method, record=record, **options)
-    try:
-        yield handle
-    finally:
-        handle.remove()

@@ -15,11 +15,14 @@ from .baselines import evit, fastv, random_drop, tome
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
 
 _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingProxyType({
-    "ficoco-v": (ficoco_v, "FiCoCo-V: local-penalty filter, token-adaptive correlate, self-preserving merge in the vision encoder"),
+    "ficoco-v": (ficoco_v, "FiCoCo-V: local-penalty filter, token-adaptive correlate, self-preserving merge in the "
+                           "vision encoder; without [CLS] (SigLIP, Qwen-VL) its [CLS] term is the mean-key stand-in"),
     "ficoco-l": (ficoco_l, "FiCoCo-L: text-aware filter and text-mediated correlate inside the LLM decoder"),
-    "ficoco-vl": (ficoco_vl, "FiCoCo-VL: FiCoCo-V in the encoder followed by FiCoCo-L in the decoder"),
+    "ficoco-vl": (ficoco_vl, "FiCoCo-VL: FiCoCo-V in the encoder followed by FiCoCo-L in the decoder (FiCoCo-V's "
+                             "stand-in without [CLS])"),
     "tome": (tome, "ToMe: bipartite matching of similar keys, size-weighted merging (encoder)"),
-    "evit": (evit, "EViT: keep tokens [CLS] attends to, fuse the rest into one token (encoder)"),
+    "evit": (evit, "EViT: keep tokens [CLS] attends to, fuse the rest into one token (encoder); without [CLS] "
+                   "it ranks and weights tokens by the attention they receive"),
     "fastv": (fastv, "FastV: drop visual tokens the last token ignores, after LLM layer K-1"),
     "random": (random_drop, "random dropping, a floor for every other method"),
 })

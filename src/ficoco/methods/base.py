@@ -14,7 +14,7 @@ plans are then resolved per token count (:meth:`Method.plan`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..schedule import spread_evenly, tokens_entering_layers, validate_schedule
 from ..stages import BipartiteSimilarityFilter, TokenReduction
@@ -120,6 +120,9 @@ class VisionReduction(_Reduction):
 
     proportional_attention: bool = False
 
+    def without_cls(self) -> "VisionReduction":
+        return replace(self, reduction=self.reduction.without_cls())
+
     def resolve(self, num_layers: int, feature_layer: int, num_patches: int, default_start: int = 12, *,
                 reducible: frozenset[int] | None = None, keep: int | None = None) -> dict[int, int]:
         """``{layer: removed}`` for an encoder of ``num_layers`` whose layer ``feature_layer`` (index)
@@ -174,6 +177,12 @@ class Method:
                 raise ValueError(f"vision_fraction must be in [0, 1], got {self.vision_fraction}")
             if self.vision is None or self.language is None or self.language.retain is None:
                 raise ValueError("vision_fraction splits a final retain between an encoder and a decoder reduction")
+
+    def without_cls(self) -> "Method":
+        """This method for a vision encoder without [CLS] (SigLIP, Qwen-VL): FiCoCo-V's [CLS] term
+        becomes the mean-key stand-in (docs/spec.md §6), EViT's [CLS] attention becomes attention
+        received; methods that read no [CLS] are returned as they are."""
+        return self if self.vision is None else replace(self, vision=self.vision.without_cls())
 
     def plan(self, geometry: "ModelGeometry") -> "ResolvedPlan":
         """Resolve budgets into per-layer schedules for a model of this geometry (one image of

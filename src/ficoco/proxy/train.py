@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..adapters.llava import attach
+from ..adapters import attach
 from ..methods.baselines import random_drop
 from ..prompts import chat_prompt, follow_up_prompt
 

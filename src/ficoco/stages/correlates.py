@@ -7,7 +7,8 @@ whose weights are ``[B, r, T]`` (``r`` sources, ``T`` targets).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ class Correlate(ABC):
 
     @abstractmethod
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation: ...
+
+    def without_cls(self) -> "Correlate":
+        """This correlate for an encoder without [CLS]: itself, or its stand-in."""
+        return self
 
 
 def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Tensor:
@@ -152,13 +157,23 @@ class ArgmaxSimilarityCorrelate(Correlate):
 @dataclass
 class ConvergentCorrelate(Correlate):
     """EViT correlate: every discarded token converges into one new fused token, weighted by the
-    attention [CLS] pays it."""
+    attention [CLS] pays it (``weights="cls"``) or, without [CLS], the attention it receives
+    from all tokens (``"received"``)."""
 
     creates_token = True
+    weights: Literal["cls", "received"] = "cls"
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("cls", "received"):
+            raise ValueError(f"weights must be 'cls' or 'received', got {self.weights!r}")
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
-        w = probe.cls_attention.gather(1, split.sources)
+        importance = probe.cls_attention if self.weights == "cls" else probe.received_attention
+        w = importance.gather(1, split.sources)
         return Correlation(w[:, :, None], into_new_token=True)
+
+    def without_cls(self) -> "ConvergentCorrelate":
+        return replace(self, weights="received")
 
 
 @dataclass

@@ -8,7 +8,7 @@ the vision encoder or the LLM wherever its statistics exist.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -29,6 +29,10 @@ class Filter(ABC):
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
         s = self.scores(tokens, probe)
         return split_top(s, num_sources)
+
+    def without_cls(self) -> "Filter":
+        """This filter for an encoder without [CLS] (SigLIP, Qwen-VL): itself, or its stand-in."""
+        return self
 
 
 def split_top(scores: Tensor, num_sources: int) -> FilterResult:
@@ -125,6 +129,10 @@ class FiCoCoVisionFilter(Filter):
             s = local_penalty(s, tokens.positions, tokens.grid, self.window)
         return s
 
+    def without_cls(self) -> "FiCoCoVisionFilter":
+        """The mean-key stand-in for the [CLS] term (docs/spec.md §6)."""
+        return replace(self, semantic_term="key_proxy") if self.semantic_term == "cls" else self
+
 
 def key_proxy_semantic(probe: AttentionProbe) -> Tensor:
     """``[B, N]``: ``c_i = -cos(mu, k_i)`` with ``k_i`` the head-averaged key and ``mu`` the mean
@@ -161,10 +169,25 @@ class FiCoCoLanguageFilter(Filter):
 
 @dataclass
 class CLSAttentionFilter(Filter):
-    """EViT's filter: the tokens [CLS] attends to least are discarded."""
+    """EViT's filter: the tokens [CLS] attends to least are discarded.
+
+    Attributes:
+        importance: ``"cls"``: the attention [CLS] pays each token; ``"received"``: the attention a
+            token receives from all tokens (column mean of the softmax map), the stand-in for
+            encoders without [CLS].
+    """
+
+    importance: Literal["cls", "received"] = "cls"
+
+    def __post_init__(self) -> None:
+        if self.importance not in ("cls", "received"):
+            raise ValueError(f"importance must be 'cls' or 'received', got {self.importance!r}")
 
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
-        return -probe.cls_attention
+        return -(probe.cls_attention if self.importance == "cls" else probe.received_attention)
+
+    def without_cls(self) -> "CLSAttentionFilter":
+        return replace(self, importance="received")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .compressors import Compress
 from .correlates import Correlate, NoCorrelate
@@ -34,6 +34,14 @@ class TokenReduction:
             raise ValueError(f"{type(self.compress).__name__} needs a convergent correlate (ConvergentCorrelate)")
         if isinstance(self.correlate, NoCorrelate) and self.compress.uses_weights:
             raise ValueError(f"{type(self.compress).__name__} needs correlation weights; NoCorrelate gives none")
+
+    def without_cls(self) -> "TokenReduction":
+        """This composition for an encoder without [CLS]: each stage's stand-in (docs/spec.md §6)."""
+        return replace(self, filter=self.filter.without_cls(), correlate=self.correlate.without_cls())
+
+    @property
+    def needs_cls(self) -> bool:
+        return self.without_cls() != self
 
     @property
     def extra_sources(self) -> int:

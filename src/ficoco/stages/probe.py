@@ -218,3 +218,57 @@ class AttentionProbe:
     def mean_keys(self) -> Tensor:
         """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
         return gather_rows(self.rotated_keys, self.candidates).float().mean(dim=2)
+
+
+class GroupedProbe:
+    """The statistics of :class:`AttentionProbe` for candidates that are groups of ``size``
+    sub-tokens, each group one token downstream (Qwen-VL's vision tower merges every 2x2 patches
+    into one LLM token, so it is whole groups that must be kept, merged or dropped).
+
+    ``probe`` is a sub-token probe whose candidates are the groups' sub-tokens, group by group
+    (``[B, N * size]``: group ``i`` is candidates ``i*size .. i*size + size - 1``). A group's
+    score is the mean of its sub-tokens' (``mean_logits``, ``mean_keys``); attention received by a
+    group is the sum over its sub-tokens; the attention of group ``i`` to group ``j`` is the mean
+    over ``i``'s sub-token queries of their attention summed over ``j``'s sub-token keys, so that
+    each group row still sums to at most one.
+    """
+
+    def __init__(self, probe: AttentionProbe, size: int) -> None:
+        if probe.num_candidates % size:
+            raise ValueError(f"{probe.num_candidates} sub-tokens do not form groups of {size}")
+        self.probe, self.size = probe, size
+
+    @property
+    def num_candidates(self) -> int:
+        return self.probe.num_candidates // self.size
+
+    def _grouped(self, x: Tensor) -> Tensor:
+        """``[B, N * g, ...]`` → ``[B, N, g, ...]``."""
+        return x.reshape(x.shape[0], -1, self.size, *x.shape[2:])
+
+    @cached_property
+    def mean_logits(self) -> Tensor:
+        return self._grouped(self.probe.mean_logits).mean(dim=2)
+
+    @cached_property
+    def mean_keys(self) -> Tensor:
+        return self._grouped(self.probe.mean_keys).mean(dim=2)
+
+    @cached_property
+    def cls_attention(self) -> Tensor:
+        return self._grouped(self.probe.cls_attention).sum(dim=2)
+
+    @cached_property
+    def received_attention(self) -> Tensor:
+        return self._grouped(self.probe.received_attention).sum(dim=2)
+
+    def attention_rows(self, rows: Tensor) -> Tensor:
+        """``[B, r, N]``: attention of the groups ``rows`` (``[B, r]`` group indices) to every group."""
+        b, r = rows.shape
+        sub = (rows[:, :, None] * self.size + torch.arange(self.size, device=rows.device)).reshape(b, r * self.size)
+        a = self.probe.attention_rows(sub)  # [B, r * g, N * g]
+        return a.reshape(b, r, self.size, -1, self.size).mean(dim=2).sum(dim=-1)
+
+    def __getattr__(self, name: str):
+        # text and last-token statistics exist only inside the LLM, where tokens are not grouped
+        raise AttributeError(f"{name!r} is not defined for grouped candidates (encoder merge groups)")
