@@ -67,3 +67,104 @@ def tiny_llava_processor(image_token_id: int = 95):
     processor = proxy_processor(sorted(words))
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == image_token_id
     return processor
+
+
+# -- the Qwen-VL family -----------------------------------------------------------------------------
+
+#: the three Qwen-VL generations ficoco runs, by ``config.model_type``
+QWEN_GENERATIONS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: token ids of the tiny Qwen-VL models (a 160-word vocabulary)
+QWEN_TOKENS = {"pad": 0, "bos": 1, "eos": 2, "vision_start": 150, "vision_end": 151, "image": 152, "video": 153}
+QWEN_VOCAB = 160
+
+
+def qwen_patch_size(generation: str) -> int:
+    """Qwen2-VL and Qwen2.5-VL use 14-pixel patches, Qwen3-VL 16-pixel ones."""
+    return 16 if generation == "qwen3_vl" else 14
+
+
+def tiny_qwen_config(generation: str, *, llm_layers: int = 8, vision_width: int = 32,
+                     attn_implementation: str = "sdpa"):
+    """A Qwen-VL config with the family's real geometry at tiny widths.
+
+    Real: patch size (14, or 16 for Qwen3-VL), temporal patch 2, 2x2 merge, tower depth (32, or 27),
+    Qwen2.5-VL's 112-pixel windows and full-attention blocks 7/15/23/31, Qwen3-VL's DeepStack
+    blocks 8/16/24 and learned 48x48 position grid, the LLM's M-RoPE sections (16/24/24, or
+    interleaved 24/20/20) on 128-wide heads. Tiny: a 32-wide tower with 2 heads, a 256-wide LLM of
+    ``llm_layers`` layers with 2 query heads and 1 key/value head (grouped-query attention).
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig, Qwen2VLConfig,
+                              Qwen2VLTextConfig, Qwen2VLVisionConfig, Qwen3VLConfig, Qwen3VLTextConfig,
+                              Qwen3VLVisionConfig)
+
+    hidden, tokens = 256, QWEN_TOKENS
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=llm_layers, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=QWEN_VOCAB, max_position_embeddings=4096,
+                pad_token_id=tokens["pad"], bos_token_id=tokens["bos"], eos_token_id=tokens["eos"])
+    ids = dict(image_token_id=tokens["image"], video_token_id=tokens["video"],
+               vision_start_token_id=tokens["vision_start"], vision_end_token_id=tokens["vision_end"])
+    if generation == "qwen2_vl":
+        vision = Qwen2VLVisionConfig(depth=32, embed_dim=vision_width, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        text = Qwen2VLTextConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                          "mrope_section": [16, 24, 24]})
+        config = Qwen2VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **ids)
+    elif generation == "qwen2_5_vl":
+        vision = Qwen2_5_VLVisionConfig(depth=32, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                                        num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                                        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+        text = Qwen2_5_VLTextConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                             "mrope_section": [16, 24, 24]})
+        config = Qwen2_5_VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **ids)
+    elif generation == "qwen3_vl":
+        vision = Qwen3VLVisionConfig(depth=27, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                                     num_heads=2, out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+                                     temporal_patch_size=2, num_position_embeddings=2304,
+                                     deepstack_visual_indexes=[8, 16, 24])
+        text = Qwen3VLTextConfig(**text, head_dim=128, rope_parameters={
+            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+        config = Qwen3VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), **ids)
+    else:
+        raise ValueError(f"unknown Qwen-VL generation {generation!r}; one of {', '.join(QWEN_GENERATIONS)}")
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_qwen_vl(generation: str, seed: int = 0, **config_options):
+    """A ``*ForConditionalGeneration`` of ``generation`` with random weights, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_qwen_config(generation, **config_options)
+    name = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration"}[generation]
+    model = getattr(transformers, name)(config)
+    with torch.no_grad():  # sharper attention than random init, so that scores are informative
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(("q_proj.weight", "k_proj.weight", "attn.qkv.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+def qwen_image_processor(generation: str):
+    """The image processor of ``generation`` (PIL backend, no download), images between 2x2 and
+    32x32 merge groups."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    patch = qwen_patch_size(generation)
+    unit = 2 * patch
+    return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                    min_pixels=(2 * unit) ** 2, max_pixels=(32 * unit) ** 2)
+
+
+def qwen_prompt(text_before: list[int], items: list[tuple[str, int]], text_after: list[int]) -> tuple[list, list]:
+    """``(input_ids, mm_token_type_ids)`` of one prompt: text, each visual item as
+    ``<vision_start>`` + its placeholders + ``<vision_end>``, text. ``items``: ``("image" or
+    "video", number of LLM tokens)``."""
+    ids, types = [QWEN_TOKENS["bos"], *text_before], [0] * (1 + len(text_before))
+    for kind, tokens in items:
+        ids += [QWEN_TOKENS["vision_start"], *[QWEN_TOKENS[kind]] * tokens, QWEN_TOKENS["vision_end"]]
+        types += [0, *[1 if kind == "image" else 2] * tokens, 0]
+    return ids + list(text_after), types + [0] * len(text_after)

@@ -9,13 +9,14 @@ re-padded on the side the batch was padded on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import torch
 from torch import Tensor
 
 #: fill values for per-token tensors when rows must be re-padded
-PAD_VALUES = MappingProxyType({"attention_mask": 0, "labels": -100, "position_ids": 0})
+PAD_VALUES = MappingProxyType({"attention_mask": 0, "labels": -100, "position_ids": 0, "mm_token_type_ids": 0})
 
 
 def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:
@@ -27,6 +28,51 @@ def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:
         if bool((attention_mask[:, -1] == 0).any()):
             return "right"
     return default
+
+
+def run_keep_mask(input_ids: Tensor, token_id: int, full: Sequence[int], kept: Sequence[int]) -> Tensor:
+    """``[B, L]``: which tokens stay when the ``i``-th run of ``token_id`` placeholders (counted over
+    the batch, row by row) is cut from ``full[i]`` to its first ``kept[i]`` tokens. Other tokens stay."""
+    is_token = input_ids == token_id
+    total = int(sum(full))
+    found = int(is_token.sum())
+    if found != total:
+        raise ValueError(f"the prompt has {found} placeholders (token {token_id}) for visual inputs that need {total}")
+    if total == 0:
+        return torch.ones_like(is_token)
+    device = input_ids.device
+    ends = torch.tensor(list(full), device=device).cumsum(0)
+    index = is_token.flatten().long().cumsum(0) - 1  # running count of placeholders over the batch
+    item = torch.searchsorted(ends, index.clamp_min(0), right=True).clamp_max(len(full) - 1)
+    within = index - (ends - torch.tensor(list(full), device=device))[item]
+    keep = within < torch.tensor(list(kept), device=device)[item]
+    return (~is_token.flatten() | keep).view_as(is_token)
+
+
+def cut_tokens(input_ids: Tensor, per_token: dict[str, Tensor], keep: Tensor, *, pad_token_id: int,
+               default_side: str = "right") -> tuple[Tensor, dict[str, Tensor]]:
+    """``input_ids`` and the ``[B, L]`` (or ``[1, L]``) tensors of ``per_token`` without the tokens
+    where ``keep`` (``[B, L]``) is false; rows that end up shorter are re-padded on the side the
+    batch was padded on (``default_side`` when it had no padding)."""
+    counts = keep.sum(dim=1)
+    new_len = int(counts.max())
+    b, l = input_ids.shape
+    side = padding_side(per_token.get("attention_mask"), default_side)
+    # destination column of each kept token: left-aligned, or right-aligned for left padding
+    dest = keep.cumsum(dim=1) - 1
+    if side == "left":
+        dest = dest + (new_len - counts)[:, None]
+    dest = torch.where(keep, dest, new_len)  # dropped tokens go to a scratch column
+
+    def cut(x: Tensor, fill: int) -> Tensor:
+        if x.shape[0] != b:
+            x = x.expand(b, *x.shape[1:])
+        out = torch.full((b, new_len + 1, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+        index = dest.reshape(b, l, *([1] * (x.dim() - 2))).expand_as(x)
+        return out.scatter_(1, index, x)[:, :new_len]
+
+    new_ids = cut(input_ids, pad_token_id)
+    return new_ids, {name: cut(t, PAD_VALUES.get(name, 0)) for name, t in per_token.items()}
 
 
 def shrink_placeholders(
@@ -51,22 +97,4 @@ def shrink_placeholders(
     is_image = input_ids == image_token_id
     index_in_image = (is_image.cumsum(dim=1) - 1) % full_per_image
     keep = ~is_image | (index_in_image < kept_per_image)
-    counts = keep.sum(dim=1)
-    new_len = int(counts.max())
-    b, l = input_ids.shape
-    side = padding_side(per_token.get("attention_mask"), default_side)
-    # destination column of each kept token: left-aligned, or right-aligned for left padding
-    dest = keep.cumsum(dim=1) - 1
-    if side == "left":
-        dest = dest + (new_len - counts)[:, None]
-    dest = torch.where(keep, dest, new_len)  # dropped tokens go to a scratch column
-
-    def cut(x: Tensor, fill: int) -> Tensor:
-        if x.shape[0] != b:
-            x = x.expand(b, *x.shape[1:])
-        out = torch.full((b, new_len + 1, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-        index = dest.reshape(b, l, *([1] * (x.dim() - 2))).expand_as(x)
-        return out.scatter_(1, index, x)[:, :new_len]
-
-    new_ids = cut(input_ids, pad_token_id)
-    return new_ids, {name: cut(t, PAD_VALUES.get(name, 0)) for name, t in per_token.items()}
+    return cut_tokens(input_ids, per_token, keep, pad_token_id=pad_token_id, default_side=default_side)
