@@ -162,9 +162,13 @@ def qwen_image_processor(generation: str):
 def qwen_prompt(text_before: list[int], items: list[tuple[str, int]], text_after: list[int]) -> tuple[list, list]:
     """``(input_ids, mm_token_type_ids)`` of one prompt: text, each visual item as
     ``<vision_start>`` + its placeholders + ``<vision_end>``, text. ``items``: ``("image" or
-    "video", number of LLM tokens)``."""
+    "video", number of LLM tokens)``, or ``("text", token id)`` for a text token between them (the
+    timestamp Qwen3-VL writes before each video frame)."""
     ids, types = [QWEN_TOKENS["bos"], *text_before], [0] * (1 + len(text_before))
     for kind, tokens in items:
+        if kind == "text":
+            ids, types = ids + [tokens], types + [0]
+            continue
         ids += [QWEN_TOKENS["vision_start"], *[QWEN_TOKENS[kind]] * tokens, QWEN_TOKENS["vision_end"]]
         types += [0, *[1 if kind == "image" else 2] * tokens, 0]
     return ids + list(text_after), types + [0] * len(text_after)

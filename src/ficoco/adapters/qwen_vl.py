@@ -72,6 +72,11 @@ class QwenVLHandle(ReductionHandle):
         self.vision_blocks = set(nominal.vision)
         self.language_layers = set(nominal.language)
         self.deepstack = bool(getattr(tower, "deepstack_visual_indexes", None))
+        self._encoded: dict[int, list[tuple[int, int, int]]] = {}
+        self._traces: dict = {}  # placeholder token -> PackedTrace of the tower call that encoded those items
+        self._encoding = False
+        self._prompt = None
+        self._positions = None
         self._attach()
 
     def _resolve(self, tokens: int) -> ResolvedPlan:
@@ -93,12 +98,11 @@ class QwenVLHandle(ReductionHandle):
                 self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
                 self._wrap_generate(outer)
             self.vision.install(self.hooks)
-            for name in ("get_image_features", "get_video_features"):
-                if hasattr(core, name):
-                    self._wrap(core, name, self._kept_features)
             self._wrap(core, "get_rope_index", self._rope_index_of_cut_prompt)
             self.hooks.pre(core.language_model, self._true_positions, with_kwargs=True)
-            self._positions: tuple | None = None
+        for token, name in zip(self.visual_ids, ("get_image_features", "get_video_features")):
+            if hasattr(core, name):
+                self._wrap(core, name, self._features_wrapper(token))
         if method.language is not None and self.language_layers:
             self.language = LanguageSide(core, method.language, self.language_layers, schedule=self._schedule,
                                          visual_token_ids=self.visual_ids, grid=_LLM_GRID,
@@ -135,14 +139,13 @@ class QwenVLHandle(ReductionHandle):
             raise ValueError("encoder-side reduction computes the M-RoPE positions of the kept tokens itself; "
                              "leave position_ids out")
         keep = None
-        for token, grids in self._items(inputs).items():
-            if not grids:
+        for token, segments in self._segments(self._items(inputs)).items():
+            if not segments:
                 continue
-            full = [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
-            kept = [self.kept_tokens(grid) for grid in grids]
+            full, kept = [s[2] for s in segments], [s[3] for s in segments]
             if int((input_ids == token).sum()) == sum(kept) and kept != full:
                 continue  # already cut
-            mask = run_keep_mask(input_ids, token, full, kept)
+            mask = run_keep_mask(input_ids, token, full, kept)  # frame by frame
             keep = mask if keep is None else keep & mask
         if keep is None or bool(keep.all()):
             return inputs
@@ -155,92 +158,129 @@ class QwenVLHandle(ReductionHandle):
         inputs["input_ids"] = new_ids
         return inputs
 
-    def _kept_features(self, original):
-        """``get_image_features`` / ``get_video_features`` giving each item's kept tokens only."""
+    def _features_wrapper(self, token: int):
+        """``get_image_features`` / ``get_video_features`` that remember the grids of the items they
+        encode (the decoder side's schedule needs them: transformers >= 5.2x encodes them in
+        ``generate`` before the prefill, whose call then carries no grids) and, with an
+        encoder-side method, give each item's kept tokens only."""
 
-        def kept_features(*args, **kwargs):
-            out = original(*args, **kwargs)
-            trace = self.vision.last
-            if trace is None:
-                return out
-            mask = trace.kept_mask(self.merge)
-            counts = [int(k.numel()) for k in trace.kept]
+        def make(original):
+            signature = inspect.signature(original)
 
-            def kept(x):  # one tensor over every item's grid, or one per item (split by the model)
-                if isinstance(x, (tuple, list)):
-                    whole = torch.cat(list(x))
-                    return tuple(torch.split(whole[mask.to(whole.device)], counts))
-                return x[mask.to(x.device)]
+            def features(*args, **kwargs):
+                if self._encoding:  # Qwen3-VL's get_video_features calls get_image_features: once is enough
+                    return original(*args, **kwargs)
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                grids = next((v for k, v in bound.items() if k.endswith("grid_thw")), None)
+                if grids is not None:
+                    self._encoded[token] = [tuple(int(x) for x in row) for row in grids.tolist()]
+                self._encoding = True
+                try:
+                    out = original(*args, **kwargs)
+                finally:
+                    self._encoding = False
+                if self.vision is None:
+                    return out
+                self._traces[token] = self.vision.last
+                return self._kept(out)
 
-            pooled = kept(out.pooler_output if hasattr(out, "pooler_output") else out[1])
-            stack = getattr(out, "deepstack_features", None)
-            if stack is not None:
-                stack[:] = [kept(x) for x in stack]
-            if hasattr(out, "pooler_output"):
-                out.pooler_output = pooled
-                return out
-            return (out[0], pooled, *out[2:])
+            return features
 
-        return kept_features
+        return make
+
+    def _kept(self, out):
+        """A tower output with each item's kept tokens only (and DeepStack features alike)."""
+        trace = self.vision.last
+        if trace is None:
+            return out
+        mask = trace.kept_mask(self.merge)
+        counts = [int(k.numel()) for k in trace.kept]
+
+        def kept(x):  # one tensor over every item's grid, or one per item (split by the model)
+            if isinstance(x, (tuple, list)):
+                whole = torch.cat(list(x))
+                return tuple(torch.split(whole[mask.to(whole.device)], counts))
+            return x[mask.to(x.device)]
+
+        pooled = kept(out.pooler_output if hasattr(out, "pooler_output") else out[1])
+        stack = getattr(out, "deepstack_features", None)
+        if stack is not None:
+            stack[:] = [kept(x) for x in stack]
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = pooled
+            return out
+        return (out[0], pooled, *out[2:])
+
 
     # -- encoder side: positions ----------------------------------------------------------------
+
+    def _segments(self, grids: dict[int, list[tuple[int, int, int]]]) -> dict[int, list[tuple[int, int, int, int]]]:
+        """Per placeholder token, ``(item, frame, full tokens, kept tokens)`` of every frame in prompt
+        order. A frame is the unit: Qwen2-VL and Qwen2.5-VL put all frames of a video in one run of
+        placeholders, Qwen3-VL one run per frame with its timestamp in between."""
+        return {token: [(item, frame, n, self.plan_for(n).llm_input_visual)
+                        for item, frame, n in frame_sizes(items, self.merge)] for token, items in grids.items()}
+
+    def _walk(self, ids: list[int], segments: dict[int, list[tuple[int, int, int, int]]], counters: dict[int, int],
+              cut: bool):
+        """``(start, end, token, segment)`` of each visual frame within one prompt row (``segment``
+        ``None`` for text), consuming ``counters``; ``cut``: the row holds each frame's kept tokens."""
+        position = 0
+        while position < len(ids):
+            token, run = ids[position], position
+            while run < len(ids) and ids[run] == token:
+                run += 1
+            if token not in segments or not segments[token]:
+                yield position, run, token, None
+                position = run
+                continue
+            while position < run:
+                segment = segments[token][counters[token]]
+                counters[token] += 1
+                length = segment[3] if cut else segment[2]
+                yield position, position + length, token, segment
+                position += length
 
     def _expand(self, input_ids: Tensor, mm_types: Tensor | None, attention_mask: Tensor | None,
                 grids: dict[int, list[tuple[int, int, int]]], kept: dict[int, list[Tensor]] | None):
         """The full prompt a cut one came from, and where each cut column sits in it.
 
         Returns ``(ids, mm_types, attention_mask, columns)``: ``[B, L_full]`` tensors and
-        ``columns`` ``[B, L']``: for text, its column in the full prompt; for the ``i``-th kept token
-        of an item, the column of its raster index (``kept[token][item]``; ``None``: the first ones)."""
+        ``columns`` ``[B, L']``: for text, its column in the full prompt; for a kept visual token,
+        the column of its raster index (``kept[token][item]``; ``None``: the first ones of each frame)."""
         b, l = input_ids.shape
-        ids_rows, type_rows, mask_rows, column_rows = [], [], [], []
-        counters = {token: 0 for token in grids}
-        ids_list = input_ids.tolist()
-        for row in range(b):
-            ids, columns, types, mask = [], [], [], []
-            position = 0
-            while position < l:
-                token = ids_list[row][position]
-                run = position
-                while run < l and ids_list[row][run] == token:
-                    run += 1
-                if token in grids and grids[token]:
-                    length = run - position
-                    while length > 0:
-                        item = counters[token]
-                        t, h, w = grids[token][item]
-                        full = t * (h // self.merge) * (w // self.merge)
-                        cut = self.kept_tokens((t, h, w))
-                        take = min(cut, length)
-                        start = len(ids)
-                        raster = (list(range(take)) if kept is None else kept[token][item].tolist()[:take])
-                        columns.extend(start + r for r in raster)
-                        ids.extend([token] * full)
-                        types.extend([mm_types[row, position].item() if mm_types is not None else 1] * full)
-                        mask.extend([1] * full)
-                        counters[token] += 1
-                        length -= take
-                        position += take
+        segments = self._segments(grids)
+        counters = {token: 0 for token in segments}
+        rows = []
+        for row, ids in enumerate(input_ids.tolist()):
+            full_ids, full_types, full_mask, columns = [], [], [], []
+            for start, end, token, segment in self._walk(ids, segments, counters, cut=True):
+                if segment is None:
+                    columns.extend(range(len(full_ids), len(full_ids) + end - start))
+                    full_ids.extend(ids[start:end])
+                    full_types.extend([0] * (end - start) if mm_types is None else mm_types[row, start:end].tolist())
+                    full_mask.extend([1] * (end - start) if attention_mask is None
+                                     else attention_mask[row, start:end].tolist())
+                    continue
+                item, frame, full, cut = segment
+                if kept is None:
+                    within = list(range(cut))
                 else:
-                    for column in range(position, run):
-                        columns.append(len(ids))
-                        ids.append(token)
-                        types.append(0 if mm_types is None else int(mm_types[row, column]))
-                        mask.append(1 if attention_mask is None else int(attention_mask[row, column]))
-                    position = run
-            ids_rows.append(ids)
-            type_rows.append(types)
-            mask_rows.append(mask)
-            column_rows.append(columns)
-        width = max(len(ids) for ids in ids_rows)
+                    raster = kept[token][item]
+                    within = (raster[(raster // full) == frame] - frame * full).tolist()
+                columns.extend(len(full_ids) + r for r in within)
+                full_ids.extend([token] * full)
+                full_types.extend([int(mm_types[row, start]) if mm_types is not None else 1] * full)
+                full_mask.extend([1] * full)
+            rows.append((full_ids, full_types, full_mask, columns))
+        width = max(len(r[0]) for r in rows)
         device = input_ids.device
 
-        def padded(rows, fill):
-            return torch.tensor([r + [fill] * (width - len(r)) for r in rows], device=device)
+        def padded(index, fill):  # the full rows padded on the right, masked out
+            return torch.tensor([r[index] + [fill] * (width - len(r[index])) for r in rows], device=device)
 
-        # padding stays where the cut prompt had it: pad the full rows on the right, masked out
-        return (padded(ids_rows, ids_list[0][0]).to(input_ids.dtype), padded(type_rows, 0),
-                padded(mask_rows, 0), torch.tensor(column_rows, device=device))
+        return padded(0, 0).to(input_ids.dtype), padded(1, 0), padded(2, 0), torch.tensor([r[3] for r in rows],
+                                                                                         device=device)
 
     def _rope_index_of_cut_prompt(self, original):
         """``get_rope_index`` for a prompt whose visual runs were cut: the positions of the full
@@ -279,17 +319,16 @@ class QwenVLHandle(ReductionHandle):
     def _true_positions(self, module, args, kwargs):
         """Prefill: the kept tokens' own positions, now that the tower has chosen them."""
         stash, self._positions = self._positions, None
-        trace = self.vision.last
         position_ids = kwargs.get("position_ids")
-        if stash is None or trace is None or position_ids is None:
+        if stash is None or position_ids is None:
             return None
         positions, cut_ids, grids, mm_types, mask = stash
-        kept, index = {}, 0
+        kept = {}
         for token in self.visual_ids:
-            kept[token] = trace.kept[index:index + len(grids[token])] if grids[token] else []
-            index += len(grids[token])
-        if index != len(trace.kept):
-            return None  # the trace is of another call
+            trace = self._traces.get(token)
+            if grids[token] and (trace is None or trace.grids != grids[token]):
+                return None  # these items were not encoded by this method
+            kept[token] = trace.kept if grids[token] else []
         _, _, _, columns = self._expand(cut_ids, mm_types, mask, grids, kept)
         true = positions.gather(2, columns[None].expand(positions.shape[0], -1, -1))
         rows = position_ids.shape[0]
@@ -305,73 +344,65 @@ class QwenVLHandle(ReductionHandle):
         """Keep a prefill's visual items (grids and placeholder ids) for the decoder side's schedule."""
         bound = self._signatures[id(module)].bind_partial(module, *args, **kwargs).arguments
         bound.update(bound.pop("kwargs", {}))
-        if bound.get("input_ids") is not None and (bound.get("image_grid_thw") is not None
-                                                   or bound.get("video_grid_thw") is not None):
+        if bound.get("input_ids") is None:
+            return
+        if bound.get("image_grid_thw") is not None or bound.get("video_grid_thw") is not None:
             self._prompt = (bound["input_ids"], self._items(bound))
+        else:  # encoded before this call (generate): the grids the feature functions saw
+            self._prompt = (bound["input_ids"], {token: list(self._encoded.get(token, [])) for token in self.visual_ids})
 
-    def _runs(self) -> list[list[tuple[int, int, int]]]:
-        """Per sample, ``(placeholder token, item, tokens in the prompt)`` of each visual run."""
-        prompt = getattr(self, "_prompt", None)
-        if prompt is None:
+    def _runs(self) -> list[list[tuple[int, int, int, int]]]:
+        """Per sample of the last prefill, ``(placeholder token, item, frame, tokens in the prompt)``
+        of each visual frame."""
+        if self._prompt is None:
             raise ValueError("decoder-side reduction on Qwen-VL needs input_ids and the grids of the images "
                              "(image_grid_thw / video_grid_thw) in the prefill call")
-        input_ids, grids = prompt
-        counters = {token: 0 for token in grids}
+        input_ids, grids = self._prompt
+        segments = self._segments(grids)
+        if self.vision is None:  # nothing was cut: frames hold all their tokens
+            segments = {token: [(i, f, n, n) for i, f, n, _ in s] for token, s in segments.items()}
+        counters = {token: 0 for token in segments}
         runs = []
         for ids in input_ids.tolist():
-            sample, position = [], 0
-            while position < len(ids):
-                token, end = ids[position], position
-                while end < len(ids) and ids[end] == token:
-                    end += 1
-                if token in grids and grids[token]:
-                    length = end - position
-                    while length > 0:
-                        item = counters[token]
-                        tokens = self.kept_tokens(grids[token][item]) if self.vision is not None else \
-                            self._full_tokens(grids[token][item])
-                        sample.append((token, item, tokens))
-                        counters[token] += 1
-                        length -= tokens
-                position = end
-            runs.append(sample)
+            runs.append([(token, segment[0], segment[1], segment[3])
+                         for _, _, token, segment in self._walk(ids, segments, counters, cut=True)
+                         if segment is not None])
         return runs
 
-    def _full_tokens(self, grid: tuple[int, int, int]) -> int:
-        t, h, w = grid
-        return t * (h // self.merge) * (w // self.merge)
-
     def _schedule(self, is_visual: Tensor) -> list[dict[int, int]]:
-        _, grids = self._prompt if getattr(self, "_prompt", None) else (None, None)
+        _, grids = self._prompt
         schedules = []
         for sample in self._runs():
             removals: dict[int, int] = {}
-            for token, item, _ in sample:
-                for _, _, n in frame_sizes([grids[token][item]], self.merge):
-                    for layer, removed in self.plan_for(n).language.items():
-                        removals[layer] = removals.get(layer, 0) + removed
+            for token, item, frame, _ in sample:
+                t, h, w = grids[token][item]
+                for layer, removed in self.plan_for((h // self.merge) * (w // self.merge)).language.items():
+                    removals[layer] = removals.get(layer, 0) + removed
             schedules.append(removals)
         return schedules
 
     def _token_state(self, b: int, counts: list[int], device) -> tuple[Tensor, Tensor]:
         """Per sample, the sizes and raster positions of its visual tokens: the tower's trace when
         it reduced in this forward, else fresh tokens."""
-        runs = self._runs()
-        trace = self.vision.last if self.vision is not None else None
+        grids = self._prompt[1]
         width = max(counts)
         sizes = torch.ones(b, width, device=device)
         positions = torch.zeros(b, width, dtype=torch.long, device=device)
-        images = len(self._prompt[1][self.visual_ids[0]])
-        for row, sample in enumerate(runs):
+        for row, sample in enumerate(self._runs()):
             parts_size, parts_position = [], []
-            for token, item, tokens in sample:
-                index = item if token == self.visual_ids[0] else images + item
-                if trace is not None and index < len(trace.kept) and trace.kept[index].numel() == tokens:
-                    parts_size.append(trace.sizes[index].to(device))
-                    parts_position.append(trace.kept[index].to(device))
+            for token, item, frame, tokens in sample:
+                t, h, w = grids[token][item]
+                per_frame = (h // self.merge) * (w // self.merge)
+                trace = self._traces.get(token) if self.vision is not None else None
+                if trace is not None and trace.grids == grids[token]:
+                    index = item
+                    raster = trace.kept[index]
+                    mine = (raster // per_frame) == frame
+                    parts_size.append(trace.sizes[index][mine].to(device))
+                    parts_position.append(raster[mine].to(device))
                 else:
                     parts_size.append(torch.ones(tokens, device=device))
-                    parts_position.append(torch.arange(tokens, device=device))
+                    parts_position.append(frame * per_frame + torch.arange(tokens, device=device))
             if parts_size:
                 n = sum(x.numel() for x in parts_size)
                 sizes[row, :n] = torch.cat(parts_size)

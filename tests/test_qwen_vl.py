@@ -1,0 +1,324 @@
+"""Every method inside real (tiny) Qwen2-VL, Qwen2.5-VL and Qwen3-VL models: the LLaVA-1.5 matrix
+(reduction off == vanilla, detach restores, batched == one by one with mixed image sizes and
+padding on both sides, eager == SDPA, generate() == manual prefill + cached decoding, exact token
+counts) plus what is Qwen's own: kept tokens keep their M-RoPE positions, decoding continues at
+the right position, videos and several images per prompt, and the tower's reduction against an
+explicit one-image-at-a-time re-implementation."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import ficoco
+from ficoco.testing import QWEN_GENERATIONS, tiny_qwen_vl
+
+from .qwen_inputs import image_batch, sample_of, tokens_of, video_and_images
+
+pytestmark = pytest.mark.xdist_group("qwen-vl")
+
+# the three images bring 48, 16 and 60 tokens (Qwen3-VL alike, with 16-pixel patches)
+METHODS = {
+    "ficoco-v": dict(retain=0.5),
+    "ficoco-v-count": dict(retain=8),
+    "ficoco-l": dict(retain=0.5, start_layer=2),
+    "ficoco-vl": dict(retain=0.25, language_start_layer=2),
+    "tome": dict(retain=0.5),
+    "evit": dict(retain=0.5),
+    "fastv": dict(retain=0.5),
+    "random": dict(retain=0.5),
+}
+ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random")
+
+
+def build(key: str, **overrides) -> ficoco.Method:
+    return ficoco.get_method(key.removesuffix("-count"), **{**METHODS[key], **overrides})
+
+
+@pytest.fixture(scope="module", params=QWEN_GENERATIONS)
+def generation(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Each generation saved with ``save_pretrained``, as a real checkpoint is."""
+    paths = {}
+    for name in QWEN_GENERATIONS:
+        paths[name] = tmp_path_factory.mktemp(name)
+        tiny_qwen_vl(name, seed=0).save_pretrained(paths[name])
+    return paths
+
+
+def _load(path, attn):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    return {name: _load(path, "sdpa") for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def eager_models(checkpoints):
+    return {name: _load(path, "eager") for name, path in checkpoints.items()}
+
+
+def logits(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
+def output_valid(handle, inputs) -> torch.Tensor:
+    """``[B, L']`` which output positions are real tokens."""
+    if handle is not None and handle.kept_valid is not None:
+        return handle.kept_valid
+    prepared = handle.prepare_inputs(**inputs) if handle is not None else inputs
+    return prepared["attention_mask"].bool()
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# -- attaching ------------------------------------------------------------------------------------
+
+
+def test_family_is_picked_from_the_model(models, generation):
+    model = models[generation]
+    with ficoco.apply(model, build("ficoco-v")) as handle:
+        assert handle.family == "qwen-vl"
+        # no [CLS]: FiCoCo-V's [CLS] term is the mean-key stand-in, EViT ranks by attention received
+        assert handle.method.vision.reduction.filter.semantic_term == "key_proxy"
+    with ficoco.apply(model, build("evit")) as handle:
+        assert handle.method.vision.reduction.filter.importance == "received"
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_detach_restores_the_model(models, generation, key):
+    model = models[generation]
+    inputs = image_batch(generation)
+    vanilla = logits(model, inputs)
+    before = hook_count(model)
+    with ficoco.apply(model, build(key)) as handle:
+        reduced = logits(model, inputs)
+        assert hook_count(model) > before
+    assert reduced.shape[1] < vanilla.shape[1] or handle.kept_index is not None
+    assert hook_count(model) == before
+    core = model.model
+    assert not {"generate", "get_image_features", "get_video_features", "get_rope_index"} & set(vars(core)) | \
+        set(vars(model)) & {"generate"}
+    torch.testing.assert_close(logits(model, inputs), vanilla, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "evit"])
+def test_keeping_every_token_is_vanilla(models, generation, key):
+    model = models[generation]
+    inputs = image_batch(generation)
+    vanilla = logits(model, inputs)
+    overrides = {"retain": 1.0} if key != "ficoco-vl" else {"retain": 1.0}
+    with ficoco.apply(model, build(key, **overrides)):
+        torch.testing.assert_close(logits(model, inputs), vanilla, rtol=0, atol=0)
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("key", list(METHODS))
+def test_batched_equals_one_by_one(models, generation, key, side):
+    """Three images of three sizes (48, 16, 60 tokens) in one batch: each sample keeps its own share
+    of its own tokens and answers as alone."""
+    model = models[generation]
+    inputs = image_batch(generation, side=side)
+    with ficoco.apply(model, build(key)) as handle:
+        batched = logits(model, inputs)
+        valid = output_valid(handle, inputs).clone()
+        for row in range(3):
+            single = logits(model, sample_of(inputs, row, generation))[0]
+            torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_eager_equals_sdpa(models, eager_models, generation, key):
+    inputs = image_batch(generation)
+    with ficoco.apply(models[generation], build(key)) as handle:
+        sdpa = logits(models[generation], inputs)
+        valid = output_valid(handle, inputs).clone()
+    with ficoco.apply(eager_models[generation], build(key)):
+        eager = logits(eager_models[generation], inputs)
+    torch.testing.assert_close(sdpa[valid], eager[valid], rtol=1e-4, atol=1e-4)
+
+
+# -- budgets and positions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_exact_token_counts(models, generation, key):
+    model = models[generation]
+    inputs = image_batch(generation)
+    counts = [tokens_of(grid) for grid in inputs["image_grid_thw"]]  # 48, 16, 60
+    method = build(key)
+    with ficoco.apply(model, method, record=True) as handle:
+        logits(model, inputs)
+        plans = [handle.plan_for(n) for n in counts]
+        if method.vision is not None:
+            assert [k.numel() for k in handle.vision_trace.kept] == [p.llm_input_visual for p in plans]
+            prepared = handle.prepare_inputs(**image_batch(generation))
+            assert (prepared["input_ids"] == 152).sum(dim=1).tolist() == [p.llm_input_visual for p in plans]
+        if method.language is not None:
+            final = (handle.kept_valid & (model.model.config.image_token_id ==
+                                          handle.prepare_inputs(**image_batch(generation))["input_ids"].gather(
+                                              1, handle.kept_index))).sum(dim=1).tolist()
+            assert final == [p.llm_final_visual for p in plans]
+    share = METHODS[key]["retain"]
+    expected = [min(n, share) if isinstance(share, int) else max(1, round(share * n)) for n in counts]
+    assert [p.llm_final_visual for p in plans] == expected
+
+
+class PositionSpy:
+    """The M-RoPE position ids the language model receives at prefill."""
+
+    seen: list = []
+
+    def __init__(self, model):
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is None or not cache.get_seq_length():
+            PositionSpy.seen.append(kwargs["position_ids"][-3:].clone())
+
+    def remove(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "tome", "evit", "random", "ficoco-vl"])
+def test_kept_tokens_keep_their_m_rope_positions(models, generation, key):
+    """Every token the LLM receives sits at the (temporal, height, width) position it had in the
+    full prompt, the text after the image too; decoding continues where the full prompt would."""
+    model = models[generation]
+    inputs = image_batch(generation, side="right")
+    PositionSpy.seen = []
+    spy = PositionSpy(model)
+    try:
+        logits(model, inputs)
+    finally:
+        spy.remove()
+    vanilla_deltas = model.model.rope_deltas.clone()
+    with ficoco.apply(model, build(key), record=True) as handle:
+        spy = PositionSpy(model)  # after the method's hooks: what the language model really gets
+        try:
+            logits(model, inputs)
+        finally:
+            spy.remove()
+        trace = handle.vision_trace
+        prepared = handle.prepare_inputs(**image_batch(generation, side="right"))
+    reduced_deltas = model.model.rope_deltas.clone()
+    full, cut = spy.seen
+    image = model.model.config.image_token_id
+    for row in range(3):
+        full_ids, cut_ids = inputs["input_ids"][row], prepared["input_ids"][row]
+        full_image = (full_ids == image).nonzero()[:, 0]
+        kept_columns = full_image[trace.kept[row]]
+        cut_image = (cut_ids == image).nonzero()[:, 0]
+        torch.testing.assert_close(cut[:, row, cut_image], full[:, row, kept_columns], rtol=0, atol=0)
+        full_text = (full_ids != image) & inputs["attention_mask"][row].bool()
+        cut_text = (cut_ids != image) & prepared["attention_mask"][row].bool()
+        torch.testing.assert_close(cut[:, row, cut_text], full[:, row, full_text], rtol=0, atol=0)
+    # the next position is the same: deltas grow by exactly the tokens cut
+    removed = inputs["attention_mask"].sum(1) - prepared["attention_mask"].sum(1)
+    torch.testing.assert_close(reduced_deltas[:, 0], vanilla_deltas[:, 0] + removed, rtol=0, atol=0)
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+
+def _manual_greedy(model, inputs, steps):
+    """Prefill, then one token at a time with the cache, as generate() does (rows that emitted the
+    end-of-sequence id 2 go on with padding id 0)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    finished = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+    tokens, step_logits = [], []
+    with torch.inference_mode():
+        out = model(**inputs, use_cache=True)
+        for _ in range(steps):
+            last = out.logits[:, -1]
+            step_logits.append(last)
+            token = torch.where(finished, torch.zeros_like(last[:, :1].long()), last.argmax(-1, keepdim=True))
+            tokens.append(token)
+            finished |= token == 2
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            # decoding continues at the prompt's last position + 1: text position + rope_deltas, as generate()
+            position = (mask.long().cumsum(-1) - 1)[:, -1:] + model.model.rope_deltas
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, position_ids=position[None].expand(3, -1, -1),
+                        **{cache_name: cache})
+    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
+
+
+@pytest.mark.parametrize("key", ["vanilla", *METHODS])
+def test_generate_equals_manual_prefill_and_decode(models, generation, key):
+    model = models[generation]
+    inputs = image_batch(generation, side="left")
+    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    try:
+        with torch.inference_mode():
+            gen = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+        prepared = handle.prepare_inputs(**image_batch(generation, side="left")) if handle else inputs
+        tokens, step_logits = _manual_greedy(model, prepared, 4)
+    finally:
+        if handle:
+            handle.remove()
+    assert torch.equal(gen.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    torch.testing.assert_close(torch.stack(gen.logits, dim=1), step_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, -4:], tokens)
+
+
+# -- videos and several images --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "tome", "fastv"])
+def test_videos_and_several_images_per_prompt(models, generation, key):
+    """A video (two temporal patches, reduced frame by frame) and an image in one sample, two
+    images in the other: batched == one by one, and every frame keeps its share."""
+    model = models[generation]
+    inputs = video_and_images(generation)
+    method = build(key)
+    with ficoco.apply(model, method, record=True) as handle:
+        batched = logits(model, inputs)
+        valid = output_valid(handle, inputs).clone()
+        if method.vision is not None:
+            video_tokens = handle.vision_trace.kept  # the last tower call: the video
+            assert video_tokens[0].numel() == 2 * handle.plan_for(24).llm_input_visual  # 2 frames of 4x6 tokens
+        first = {k: v for k, v in inputs.items() if k not in ("image_grid_thw", "pixel_values")}
+        first = {k: v[:1] if k in ("input_ids", "mm_token_type_ids", "attention_mask") else v for k, v in first.items()}
+        grid = inputs["image_grid_thw"]
+        patches = int(grid[0].prod())
+        first.update(image_grid_thw=grid[:1], pixel_values=inputs["pixel_values"][:patches])
+        keep = first["attention_mask"][0].bool()
+        first = {**first, "input_ids": first["input_ids"][:, keep], "mm_token_type_ids": first["mm_token_type_ids"][:, keep],
+                 "attention_mask": first["attention_mask"][:, keep]}
+        single = logits(model, first)[0]
+    torch.testing.assert_close(batched[0][valid[0]], single, rtol=1e-4, atol=1e-4)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_clear_errors(models, generation):
+    model = models[generation]
+    inputs = image_batch(generation)
+    with ficoco.apply(model, build("ficoco-v")):
+        with pytest.raises(ValueError, match="leave position_ids out"):
+            logits(model, {**inputs, "position_ids": torch.zeros(3, *inputs["input_ids"].shape, dtype=torch.long)})
+    with ficoco.apply(model, "ficoco-v", retain=20), pytest.raises(ValueError, match="retain=20 exceeds the 16"):
+        logits(model, inputs)
+    with pytest.raises(ValueError, match="lie within"):
+        ficoco.attach(model, "ficoco-v", retain=0.5, start_layer=40)
