@@ -136,5 +136,7 @@ def test_checkpoint_problems_are_named(tmp_path, checkpoint, checkpoint_with_pro
     assert load_processor(checkpoint_with_processor).tokenizer is not None
     config = json.loads((checkpoint / "config.json").read_text())
     check_supported(config, checkpoint)
-    with pytest.raises(ValueError, match="'qwen2_5_vl' checkpoint .* ficoco runs llava"):
-        check_supported({"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, "x")
+    assert check_supported({"model_type": "qwen2_5_vl"}, "x").name.startswith("Qwen2-VL")
+    with pytest.raises(ValueError, match=r"'llava_next' checkpoint \(LlavaNextForConditionalGeneration\); ficoco "
+                                         r"runs LLaVA-1.5 \(llava\); Qwen2-VL / Qwen2.5-VL / Qwen3-VL"):
+        check_supported({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}, "x")

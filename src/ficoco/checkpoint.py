@@ -10,8 +10,6 @@ from types import MappingProxyType
 
 import torch
 
-#: ``model_type`` of the checkpoints ficoco runs, and what they are
-SUPPORTED_MODEL_TYPES = MappingProxyType({"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)"})
 _DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})
 
 
@@ -59,13 +57,15 @@ def checkpoint_config(path: str | Path) -> dict:
         raise ValueError(f"{config} is not valid JSON ({err})") from None
 
 
-def check_supported(config: dict, where: str | Path) -> None:
-    """Refuse, in one line naming the supported families, a checkpoint ficoco does not run."""
+def check_supported(config: dict, where: str | Path):
+    """The model family of a checkpoint's config, or one line naming the supported families."""
+    from .adapters.families import BY_MODEL_TYPE, supported
+
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in BY_MODEL_TYPE:
         architecture = ", ".join(config.get("architectures") or []) or "unknown architecture"
-        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_MODEL_TYPES.items())
-        raise ValueError(f"{where} is a {model_type!r} checkpoint ({architecture}); ficoco runs {supported}")
+        raise ValueError(f"{where} is a {model_type!r} checkpoint ({architecture}); ficoco runs {supported()}")
+    return BY_MODEL_TYPE[model_type]
 
 
 def _processor_parts(folder: Path) -> list[str]:
@@ -105,8 +105,9 @@ def load_processor(path: str | Path):
 
 def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device | None = "cpu",
                attn_implementation: str | None = None):
-    """The model of the local checkpoint folder ``path``, in eval mode on ``device``."""
-    from transformers import LlavaForConditionalGeneration
+    """The model of the local checkpoint folder ``path`` (its family picked from ``config.json``), in
+    eval mode on ``device``."""
+    from transformers import AutoModelForImageTextToText
 
     folder = Path(path)
     check_supported(checkpoint_config(folder), folder)
@@ -114,7 +115,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     options = {"dtype": resolve_dtype(dtype), "local_files_only": True}
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
-    return LlavaForConditionalGeneration.from_pretrained(folder, **options).to(target).eval()
+    return AutoModelForImageTextToText.from_pretrained(folder, **options).to(target).eval()
 
 
 def is_proxy_checkpoint(path: str | Path) -> bool:
