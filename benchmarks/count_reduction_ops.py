@@ -16,8 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ficoco
-from ficoco import budget
-from ficoco.flops import LlavaShape
+from ficoco.measure import budget
+from ficoco.measure.flops import LlavaShape
 from ficoco.methods.baselines import oracle
 from ficoco.testing import tiny_llava
 

@@ -18,7 +18,7 @@ import torch
 
 import ficoco
 from ficoco.adapters.cuda_graph import graph_vision_tower
-from ficoco.bench import cuda_times, make_inputs, random_model
+from ficoco.measure.bench import cuda_times, make_inputs, random_model
 from ficoco.methods.baselines import oracle
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ficoco
-from ficoco import bench
+from ficoco.measure import bench
 
 
 def main() -> None:

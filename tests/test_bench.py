@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ficoco import bench, bench_report, budget
-from ficoco.flops import LlavaShape, llava_1_5_7b, llava_1_5_13b
+from ficoco.measure import bench, bench_report, budget
+from ficoco.measure.flops import LlavaShape, llava_1_5_7b, llava_1_5_13b
 
 
 @pytest.mark.parametrize("preset, reference", [("llava-1.5-7b", llava_1_5_7b()), ("llava-1.5-13b", llava_1_5_13b())])

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import ficoco
-from ficoco import budget
+from ficoco.measure import budget
 from ficoco.cli import main
-from ficoco.flops import llava_1_5_7b, llava_1_5_13b
+from ficoco.measure.flops import llava_1_5_7b, llava_1_5_13b
 from ficoco.testing import tiny_llava
 
 
@@ -247,7 +247,7 @@ def test_calculator_matches_flops_measured_on_the_hooked_model(name, options, ll
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ficoco.flops import LlavaShape
+    from ficoco.measure.flops import LlavaShape
 
     model = tiny_llava()
     ids = torch.full((1, 5 + 576 + 20), 5)

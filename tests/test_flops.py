@@ -1,4 +1,4 @@
-"""Tests for ficoco.flops: paper numbers, agreement with torch's FlopCounterMode, bad inputs."""
+"""Tests for ficoco.measure.flops: paper numbers, agreement with torch's FlopCounterMode, bad inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ficoco.flops import (
+from ficoco.measure.flops import (
     LanguageModelShape,
     LlavaShape,
     VisionTowerShape,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ficoco import budget
+from ficoco.measure import budget
 from ficoco.cli import main
-from ficoco.flops import LlavaShape
+from ficoco.measure.flops import LlavaShape
 from ficoco.proxy.table import DEFAULT_METHODS, REFERENCE, matched_label, plan_variants
 from ficoco.testing import tiny_llava, tiny_llava_config, tiny_llava_processor
 

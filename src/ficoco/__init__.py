@@ -7,7 +7,7 @@ Two lines to use it::
         out = model.generate(**inputs)
 
 Layout: :mod:`ficoco.stages` (filter / correlate / compress), :mod:`ficoco.methods` (compositions
-and the registry), :mod:`ficoco.adapters` (running them inside HF models), :mod:`ficoco.flops`.
+and the registry), :mod:`ficoco.adapters` (running them inside HF models), :mod:`ficoco.measure` (FLOPs, budgets, benchmarks).
 
 The names below are imported on first use, so that ``import ficoco.cli`` (and ``ficoco --help``)
 does not pay for importing torch.

@@ -48,7 +48,7 @@ def methods() -> None:
 
 
 def _shape(model: str):
-    from .flops import LlavaShape, preset, preset_names
+    from .measure.flops import LlavaShape, preset, preset_names
 
     if model in preset_names():
         return preset(model)
@@ -85,7 +85,7 @@ def flops(model: str, text_tokens: int | None, retains: str, targets: str | None
     With --tflops each decoder-side method keeps one schedule shape for all the budgets asked: its
     own layers when they reach every budget, else all removals at its first reducing layer. So its
     kept tokens never grow as the budget shrinks; the schedule column and the notes say which."""
-    from . import budget
+    from .measure import budget
     from .methods import DECODER_METHODS, ENCODER_METHODS, get_method
 
     shape = _shape(model)
@@ -182,10 +182,10 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 
     import torch
 
-    from . import budget
+    from .measure import budget
     from .adapters import attach
     from .checkpoint import load_model, load_processor, resolve_device
-    from .flops import LlavaShape
+    from .measure.flops import LlavaShape
     from .methods import get_method
     from .prompts import chat_prompt, vocabulary_check
 
@@ -246,7 +246,7 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 def bench(preset, batches, retains, method_names, generate_tokens, generate_batch, text_tokens, warmup, repeats,
           rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
     """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
-    from . import bench as benchmark
+    from .measure import bench as benchmark
     from .methods import get_method
 
     methods_list = [m for m in method_names.split(",") if m]
@@ -273,7 +273,7 @@ def bench(preset, batches, retains, method_names, generate_tokens, generate_batc
 @click.option("--plot-batch", type=int, default=8, show_default=True)
 def bench_report(results, plot_path, plot_batch) -> None:
     """Markdown tables (and a plot) from one or more JSON files of 'ficoco bench'."""
-    from . import bench_report as report
+    from .measure import bench_report as report
 
     data = report.load(list(results))
     click.echo(report.markdown(data))

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import budget
+from .measure import budget
 from .adapters import attach
-from .flops import LlavaShape
+from .measure.flops import LlavaShape
 from .methods import get_method
 from .prompts import chat_prompt
 from .visualize import patch_destinations, render_reduction

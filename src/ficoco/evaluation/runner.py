@@ -3,7 +3,7 @@
 Per (task, variant) the predictions go to ``<out>/<task>/<variant>.jsonl``, one JSON line per
 sample, flushed and fsync'ed after every batch. A rerun skips the samples already there, and a
 line cut short by a kill is dropped before appending, so nothing is lost or written twice. Scores
-come from :mod:`ficoco.evaluation.scoring`; TFLOPs from :mod:`ficoco.budget` at the mean text
+come from :mod:`ficoco.evaluation.scoring`; TFLOPs from :mod:`ficoco.measure.budget` at the mean text
 length of the task's prompts.
 """
 
@@ -18,9 +18,9 @@ from types import MappingProxyType
 
 import torch
 
-from .. import budget
+from ..measure import budget
 from ..adapters import attach
-from ..flops import LlavaShape
+from ..measure.flops import LlavaShape
 from ..methods import Method, get_method
 from ..prompts import chat_prompt
 from .prompt_format import check_task_prompts

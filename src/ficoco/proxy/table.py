@@ -6,13 +6,13 @@ and of every method at every retained count, and of the decoder-side methods at 
 - ``vanilla``;
 - ``<method>@<retain>``: every requested method (encoder- and decoder-side) at every count;
 - ``<method>@tflops(<retain>)``: every decoder-side method (one with an LLM reduction: ficoco-l,
-  fastv, ficoco-vl) with the schedule :func:`ficoco.budget.solve_for_tflops` finds for the LLM
+  fastv, ficoco-vl) with the schedule :func:`ficoco.measure.budget.solve_for_tflops` finds for the LLM
   prefill TFLOPs that ficoco-v costs at ``<retain>``, the paper's (and ``ficoco flops``')
   TFLOPs axis: spread over the method's own layers where that can get so cheap, else with every
   removal at its first reducing layer (the row's ``spread``). A method that cannot get that cheap
   either way is kept as a skipped row with the solver's reason.
 
-TFLOPs come from :mod:`ficoco.budget` on the checkpoint's own shape, one image and the mean text
+TFLOPs come from :mod:`ficoco.measure.budget` on the checkpoint's own shape, one image and the mean text
 length of the procedural prompts; the LLM prefill and the vision side (tower + projector) are
 reported apart and summed. Accuracy is exact match after normalisation
 (:func:`ficoco.proxy.evaluate.accuracy`) on the first ``size`` samples of a fixed procedural split,
@@ -29,10 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import budget
+from ..measure import budget
 from ..evaluation.report import plot_results
 from ..evaluation.runner import _text_tokens, variants_for
-from ..flops import LlavaShape
+from ..measure.flops import LlavaShape
 from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
 from .easyvqa import load_easy_vqa
 from .evaluate import accuracy

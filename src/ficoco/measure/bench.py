@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import budget
-from .adapters import attach, graph_language_steps, graph_vision_tower
+from ..adapters import attach, graph_language_steps, graph_vision_tower
 from .flops import LlavaShape, preset_names
 from .flops import preset as flops_preset
-from .methods import Method, get_method
-from .methods.baselines import oracle
+from ..methods import Method, get_method
+from ..methods.baselines import oracle
 
 IMAGE_TOKEN = 32000
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .flops import LlavaShape, kv_cache_bytes, llm_prefill_flops, solve_largest, vision_flops
-from .methods import Method, ModelGeometry, ResolvedPlan, get_method
+from ..methods import Method, ModelGeometry, ResolvedPlan, get_method
 
 
 def counted_decoder_flops(per_module: dict) -> float:
