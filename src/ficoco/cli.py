@@ -47,17 +47,48 @@ def methods() -> None:
         click.echo(f"{name:<10} {summary}")
 
 
-def _shape(model: str):
+def _shape(model: str, image_size: str | None = None):
+    """The FLOPs shape of a preset or a checkpoint folder (Qwen-VL: at ``image_size``, "WxH")."""
     from .measure.flops import LlavaShape, preset, preset_names
+    from .measure.qwen import QwenVLShape
 
     if model in preset_names():
-        return preset(model)
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{model!r} is neither a preset ({', '.join(preset_names())}) nor a folder with config.json")
-    from transformers import AutoConfig
+        shape = preset(model)
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model!r} is neither a preset ({', '.join(preset_names())}) nor a folder with "
+                             f"config.json")
+        from transformers import AutoConfig
 
-    return LlavaShape.from_config(AutoConfig.from_pretrained(path))
+        from .checkpoint import check_supported, checkpoint_config
+
+        family = check_supported(checkpoint_config(path), path)
+        config = AutoConfig.from_pretrained(path)
+        shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else QwenVLShape.from_config(config)
+    if image_size is not None:
+        if not isinstance(shape, QwenVLShape):
+            raise click.BadParameter("LLaVA-1.5 sees every image at its fixed size; --image-size is for Qwen-VL",
+                                     param_hint="--image-size")
+        try:
+            width, height = (int(x) for x in image_size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"expected WIDTHxHEIGHT in pixels, got {image_size!r}",
+                                     param_hint="--image-size") from None
+        shape = shape.with_image(width, height)
+    return shape
+
+
+def _budgets(text: str) -> list[int | float]:
+    """``"600,500,0.25"`` → ``[600, 500, 0.25]``: token counts, or shares of each image's tokens."""
+    values: list[int | float] = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            values.append(float(item) if "." in item else int(item))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated token counts or shares (0.25), got {text!r}",
+                                     param_hint="--retain") from None
+    return values
 
 
 def _int_list(text: str) -> list[int]:
@@ -74,12 +105,18 @@ def _int_list(text: str) -> list[int]:
 
 @main.command()
 @click.option("--model", "model", default="llava-1.5-7b", show_default=True,
-              help="Preset name (llava-1.5-7b, llava-1.5-13b) or a checkpoint folder with config.json.")
-@click.option("--text-tokens", type=int, default=None, help="Text tokens in the prompt [60 for 7B, 512 for 13B].")
-@click.option("--retain", "retains", default="192,128,64", show_default=True, help="Visual-token budgets.")
+              help="Preset name (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b) or a "
+                   "checkpoint folder with config.json.")
+@click.option("--image-size", default=None, help="Qwen-VL: the image's WIDTHxHEIGHT in pixels [1280x720].")
+@click.option("--text-tokens", type=int, default=None,
+              help="Text tokens in the prompt [LLaVA: 60 for 7B, 512 for 13B; Qwen-VL: 64].")
+@click.option("--retain", "retains", default=None,
+              help="Visual-token budgets: counts, or shares such as 0.25 [LLaVA: 192,128,64; Qwen-VL: 600,500,400, "
+                   "the paper's Table 3].")
 @click.option("--tflops", "targets", default=None, help="Comma-separated TFLOPs budgets to solve schedules for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def flops(model: str, text_tokens: int | None, retains: str, targets: str | None, as_json: bool) -> None:
+def flops(model: str, image_size: str | None, text_tokens: int | None, retains: str | None, targets: str | None,
+          as_json: bool) -> None:
     """Budget table: LLM prefill TFLOPs, vision TFLOPs and KV cache per method and budget.
 
     With --tflops each decoder-side method keeps one schedule shape for all the budgets asked: its
@@ -88,9 +125,14 @@ def flops(model: str, text_tokens: int | None, retains: str, targets: str | None
     from .measure import budget
     from .methods import DECODER_METHODS, ENCODER_METHODS, get_method
 
-    shape = _shape(model)
+    from .measure.qwen import QwenVLShape
+
+    shape = _shape(model, image_size)
+    qwen = isinstance(shape, QwenVLShape)
     if text_tokens is None:
-        text_tokens = 512 if shape.language.num_layers >= 40 else 60
+        text_tokens = 64 if qwen else 512 if shape.language.num_layers >= 40 else 60
+    if retains is None:
+        retains = "600,500,400" if qwen else "192,128,64"
     geometry = budget.geometry(shape)
     vanilla = budget.vanilla_cost(shape, text_tokens)
     rows, notes = [("-", vanilla, "-")], []
@@ -109,7 +151,7 @@ def flops(model: str, text_tokens: int | None, retains: str, targets: str | None
                     method, cost = solved[name][target]
                     rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
-        for retain in _int_list(retains):
+        for retain in _budgets(retains):
             for name in ENCODER_METHODS[:1] + DECODER_METHODS:
                 method = get_method(name, retain=retain)
                 rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
@@ -118,7 +160,9 @@ def flops(model: str, text_tokens: int | None, retains: str, targets: str | None
         click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "notes": notes,
                                "rows": [dict(budget=b, schedule=s, **c.as_dict()) for b, c, s in rows]}, indent=1))
         return
-    click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image, "
+    image = (f" ({shape.image_size[0]}x{shape.image_size[1]} px image, {shape.grid[1]}x{shape.grid[0]} patches)"
+             if qwen else "")
+    click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image{image}, "
                f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget")
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .flops import LlavaShape, kv_cache_bytes, llm_prefill_flops, solve_largest, vision_flops
 from ..methods import Method, ModelGeometry, ResolvedPlan, get_method
+from .flops import LlavaShape, kv_cache_bytes, llm_prefill_flops, solve_largest, vision_flops
+from .qwen import QwenVLShape, qwen_vision_flops
+
+#: a model the calculator costs: LLaVA-1.5 (one fixed grid) or Qwen-VL (at one image size)
+Shape = LlavaShape | QwenVLShape
 
 
 def counted_decoder_flops(per_module: dict) -> float:
@@ -22,8 +26,12 @@ def counted_decoder_flops(per_module: dict) -> float:
                      if "language_model.layers." in key and key.split(".")[-2] == "layers"))
 
 
-def geometry(shape: LlavaShape) -> ModelGeometry:
+def geometry(shape: Shape) -> ModelGeometry:
     """The layer/patch geometry a method plan needs, from a FLOPs shape."""
+    if isinstance(shape, QwenVLShape):
+        v = shape.vision
+        full = frozenset(v.full_attention_blocks) if v.window_size else None
+        return ModelGeometry(v.num_layers, v.num_layers - 1, shape.num_patches, shape.language.num_layers, full)
     layer = shape.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"ficoco needs one vision_feature_layer, got {layer!r}")
@@ -56,12 +64,15 @@ class MethodCost:
         return asdict(self)
 
 
-def plan_cost(shape: LlavaShape, plan: ResolvedPlan, text_tokens: int, name: str = "") -> MethodCost:
+def plan_cost(shape: Shape, plan: ResolvedPlan, text_tokens: int, name: str = "") -> MethodCost:
     """Cost of a resolved plan."""
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be non-negative, got {text_tokens}")
     llm_tokens = [v + text_tokens for v in plan.llm_visual_per_layer()]
-    vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), plan.llm_input_visual)
+    if isinstance(shape, QwenVLShape):
+        vision = qwen_vision_flops(shape, plan.vision_tokens_per_layer(with_cls=False), plan.llm_input_visual)
+    else:
+        vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), plan.llm_input_visual)
     return MethodCost(
         method=name,
         llm_input_visual=plan.llm_input_visual,
@@ -73,12 +84,12 @@ def plan_cost(shape: LlavaShape, plan: ResolvedPlan, text_tokens: int, name: str
     )
 
 
-def method_cost(shape: LlavaShape, method: Method, text_tokens: int = 60) -> MethodCost:
+def method_cost(shape: Shape, method: Method, text_tokens: int = 60) -> MethodCost:
     """Cost of ``method`` on ``shape`` with ``text_tokens`` text tokens."""
     return plan_cost(shape, method.plan(geometry(shape)), text_tokens, method.name)
 
 
-def vanilla_cost(shape: LlavaShape, text_tokens: int = 60) -> MethodCost:
+def vanilla_cost(shape: Shape, text_tokens: int = 60) -> MethodCost:
     """Cost with no reduction."""
     geo = geometry(shape)
     return plan_cost(shape, ResolvedPlan(geo, {}, {}, geo.num_patches), text_tokens, "vanilla")
@@ -109,7 +120,7 @@ def describe_schedule(method: Method | None, geometry_or_plan) -> str:
 
 
 def solve_for_tflops(
-    shape: LlavaShape, name: str, target_tflops: float, text_tokens: int = 60, *, retain: int | None = None,
+    shape: Shape, name: str, target_tflops: float, text_tokens: int = 60, *, retain: int | None = None,
     spread: str = "method", **options,
 ) -> tuple[Method, MethodCost]:
     """The method ``name`` with the schedule whose LLM prefill fits ``target_tflops``.

@@ -292,19 +292,27 @@ _PRESETS: tuple[tuple[str, Callable[[], LlavaShape]], ...] = (
 )
 
 
+def _all_presets() -> tuple:
+    from .qwen import PRESETS as QWEN_PRESETS
+
+    return _PRESETS + QWEN_PRESETS
+
+
 def preset_names() -> tuple[str, ...]:
     """Names accepted by :func:`preset`."""
-    return tuple(name for name, _ in _PRESETS)
+    return tuple(name for name, _ in _all_presets())
 
 
-def preset(name: str) -> LlavaShape:
-    """Return a new :class:`LlavaShape` for a preset name ("llava-1.5-7b", "llava-1.5-13b").
+def preset(name: str):
+    """A new shape for a preset name: :class:`LlavaShape` ("llava-1.5-7b", "llava-1.5-13b") or
+    :class:`~ficoco.measure.qwen.QwenVLShape` ("qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
+    costed at a 1280x720 image).
 
     Matching ignores case and surrounding whitespace.  Raises ``ValueError`` listing the valid
     names for anything else.
     """
     key = name.strip().lower() if isinstance(name, str) else name
-    for preset_name, factory in _PRESETS:
+    for preset_name, factory in _all_presets():
         if key == preset_name:
             return factory()
     raise ValueError(f"unknown preset {name!r}; valid names: {', '.join(preset_names())}")
@@ -359,12 +367,13 @@ def _check_tokens(tokens_per_layer: Sequence[int], num_layers: int, what: str) -
     return out
 
 
-def _language(shape: LanguageModelShape | LlavaShape) -> LanguageModelShape:
-    if isinstance(shape, LlavaShape):
-        return shape.language
+def _language(shape) -> LanguageModelShape:
     if isinstance(shape, LanguageModelShape):
         return shape
-    raise TypeError(f"expected LanguageModelShape or LlavaShape, got {type(shape).__name__}")
+    language = getattr(shape, "language", None)  # LlavaShape, QwenVLShape
+    if isinstance(language, LanguageModelShape):
+        return language
+    raise TypeError(f"expected LanguageModelShape or a model shape, got {type(shape).__name__}")
 
 
 def _vision(shape: VisionTowerShape | LlavaShape) -> VisionTowerShape:
