@@ -105,7 +105,7 @@ def test_help_is_instant_and_plain(runner):
 
 @pytest.mark.parametrize("args, message", [
     (["flops", "--model", "nope"], "neither a preset"),
-    (["flops", "--retain", "x"], "comma-separated integers"),
+    (["flops", "--retain", "x"], "comma-separated token counts or shares"),
 ])
 def test_flops_errors_are_one_line(runner, args, message):
     out = runner.invoke(main, args)

@@ -322,3 +322,35 @@ def test_clear_errors(models, generation):
         logits(model, inputs)
     with pytest.raises(ValueError, match="lie within"):
         ficoco.attach(model, "ficoco-v", retain=0.5, start_layer=40)
+
+
+# -- one attention call per tower block -------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl"])
+def test_one_call_vision_attention_equals_the_stock_path(models, generation, key):
+    """The tower's attention in one call per block (all images, all windows) gives the stock
+    per-segment loop's outputs, with or without a reduction attached, and switches back."""
+    from ficoco.adapters.varlen import ATTENTION_NAME, fast_vision_attention
+
+    model = models[generation]
+    inputs = image_batch(generation)
+    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    try:
+        stock = logits(model, inputs)
+        with fast_vision_attention(model):
+            assert model.model.visual.config._attn_implementation == ATTENTION_NAME
+            fast = logits(model, inputs)
+    finally:
+        if handle:
+            handle.remove()
+    assert model.model.visual.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_layout():
+    from ficoco.adapters.varlen import segment_layout
+
+    segment, position, valid = segment_layout(torch.tensor([0, 3, 4, 8], dtype=torch.int32), 8, 4)
+    assert segment.tolist() == [0, 0, 0, 1, 2, 2, 2, 2] and position.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert valid.tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
