@@ -268,9 +268,15 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 
 
 @main.command()
-@click.option("--preset", default="llava-1.5-7b", show_default=True, help="llava-1.5-7b or llava-1.5-13b shapes.")
-@click.option("--batches", default="1,8,32", show_default=True)
-@click.option("--retain", "retains", default="192,128,64", show_default=True)
+@click.option("--preset", default="llava-1.5-7b", show_default=True,
+              help="llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, qwen2.5-vl-7b or qwen3-vl-8b shapes.")
+@click.option("--batches", default=None, help="[LLaVA: 1,8,32; Qwen-VL: 1,8]")
+@click.option("--retain", "retains", default=None,
+              help="Budgets [LLaVA: 192,128,64 tokens; Qwen-VL: shares 0.5,0.25,0.125 of each image's tokens].")
+@click.option("--image-size", default="1280x720", show_default=True, help="Qwen-VL: the image's WIDTHxHEIGHT.")
+@click.option("--attention", default="sdpa,varlen", show_default=True,
+              help="Qwen-VL: the tower's attention paths to time (sdpa: transformers' own; varlen: one call per "
+                   "block, ficoco.fast_vision_attention).")
 @click.option("--methods", "method_names", default="ficoco-v,ficoco-l,ficoco-vl,tome,evit,fastv,random",
               show_default=True)
 @click.option("--generate-tokens", default="1,32", show_default=True, help="New tokens per generation run.")
@@ -287,15 +293,30 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 @click.option("--static-cache", is_flag=True,
               help="Also time generation with a static KV cache (vanilla, oracle, encoder-side methods).")
 @click.option("--out", "out_path", default="benchmark.json", show_default=True, help="Where the JSON goes.")
-def bench(preset, batches, retains, method_names, generate_tokens, generate_batch, text_tokens, warmup, repeats,
-          rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
-    """GPU speed benchmark on random-weight LLaVA-1.5 shapes (vanilla, oracle, every method)."""
+def bench(preset, batches, retains, image_size, attention, method_names, generate_tokens, generate_batch, text_tokens,
+          warmup, repeats, rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
+    """GPU speed benchmark on random-weight model shapes (vanilla, oracle, every method)."""
     from .measure import bench as benchmark
+    from .measure.bench_qwen import GENERATIONS
     from .methods import get_method
 
     methods_list = [m for m in method_names.split(",") if m]
     for name in methods_list:
         get_method(name)  # fail fast on a typo
+    if preset in GENERATIONS:
+        from .measure import bench_qwen
+
+        if graph_vision or graph_steps or static_cache:
+            raise click.UsageError("--graph-vision, --graph-steps and --static-cache are LLaVA-1.5 options")
+        width, height = (int(x) for x in _shape(preset, image_size).image_size)
+        result = bench_qwen.run(preset, image_size=(width, height), batches=_int_list(batches or "1,8"),
+                                shares=_budgets(retains or "0.5,0.25,0.125"), methods=methods_list,
+                                attention=[a for a in attention.split(",") if a], text_tokens=text_tokens,
+                                warmup=warmup, repeats=repeats, rounds=rounds, log=click.echo)
+        benchmark.save(result, out_path)
+        click.echo(f"wrote {out_path}")
+        return
+    batches, retains = batches or "1,8,32", retains or "192,128,64"
     result = benchmark.run(preset, batches=_int_list(batches), retains=_int_list(retains), methods=methods_list,
                            generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=rounds,

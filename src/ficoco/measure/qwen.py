@@ -44,6 +44,7 @@ class QwenVisionShape:
         full_attention_blocks: the blocks that attend over the whole image when there are windows.
         deepstack_blocks: blocks whose features also go, through their own merger, to the LLM.
         num_channels: image channels.
+        num_heads: attention heads (the benchmark builds the model from this shape).
     """
 
     num_layers: int
@@ -58,6 +59,7 @@ class QwenVisionShape:
     full_attention_blocks: tuple[int, ...] = ()
     deepstack_blocks: tuple[int, ...] = ()
     num_channels: int = 3
+    num_heads: int = 16
 
     @property
     def factor(self) -> int:
@@ -78,7 +80,7 @@ class QwenVisionShape:
                    vcfg.spatial_merge_size, out, getattr(vcfg, "window_size", 0) or 0,
                    tuple(getattr(vcfg, "fullatt_block_indexes", ()) or ()),
                    tuple(getattr(vcfg, "deepstack_visual_indexes", ()) or ()),
-                   getattr(vcfg, "in_channels", None) or getattr(vcfg, "in_chans", None) or 3)
+                   getattr(vcfg, "in_channels", None) or getattr(vcfg, "in_chans", None) or 3, vcfg.num_heads)
 
 
 @dataclass(frozen=True)
