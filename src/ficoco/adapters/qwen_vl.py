@@ -135,9 +135,6 @@ class QwenVLHandle(ReductionHandle):
             return inputs
         if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
             return inputs
-        if isinstance(inputs.get("position_ids"), Tensor):
-            raise ValueError("encoder-side reduction computes the M-RoPE positions of the kept tokens itself; "
-                             "leave position_ids out")
         keep = None
         for token, segments in self._segments(self._items(inputs)).items():
             if not segments:
@@ -148,7 +145,10 @@ class QwenVLHandle(ReductionHandle):
             mask = run_keep_mask(input_ids, token, full, kept)  # frame by frame
             keep = mask if keep is None else keep & mask
         if keep is None or bool(keep.all()):
-            return inputs
+            return inputs  # nothing to cut, or cut already (generate's prefill)
+        if isinstance(inputs.get("position_ids"), Tensor):
+            raise ValueError("encoder-side reduction computes the M-RoPE positions of the kept tokens itself; "
+                             "leave position_ids out")
         per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
                      and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
         pad = self.config.text_config.pad_token_id
