@@ -125,3 +125,35 @@ def test_run_interleaves_variants_and_reports_every_row(monkeypatch):
 def _cpu_inputs(batch: int, text_tokens: int, image_token: int) -> dict:
     ids = torch.tensor([[1] + [image_token] * 576 + [5] * text_tokens] * batch)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(batch, 3, 336, 336)}
+
+
+# -- Qwen-VL ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
+def test_qwen_benchmark_models_have_the_presets_shapes(preset):
+    from ficoco.measure import bench_qwen
+    from ficoco.measure.flops import preset as flops_preset
+    from ficoco.measure.qwen import QwenVLShape
+
+    shape = QwenVLShape.from_config(bench_qwen.qwen_config(preset))
+    reference = flops_preset(preset)
+    assert shape.vision == reference.vision and shape.language == reference.language
+
+
+def test_qwen_variants_and_inputs():
+    from ficoco.measure import bench_qwen
+    from ficoco.measure.flops import preset as flops_preset
+
+    shape = flops_preset("qwen2.5-vl-7b")
+    skipped = []
+    labels = [(label, share) for label, share, _ in bench_qwen.variants([0.25, 0.125], ["ficoco-v", "tome", "fastv"],
+                                                                        budget.geometry(shape), skipped.append)]
+    assert labels[:7] == [("vanilla", 1.0), ("oracle", 0.25), ("oracle[ficoco-v]", 0.25), ("ficoco-v", 0.25),
+                          ("oracle[tome]", 0.25), ("tome", 0.25), ("oracle[fastv]", 0.25)]
+    assert ("tome", 0.125) not in labels and "ToMe merges at most half" in skipped[0]  # 3 full-attention blocks
+    inputs = bench_qwen.make_inputs(shape, 2, 64, "cpu", torch.float32)
+    assert inputs["input_ids"].shape == (2, 64 + 1196) and int((inputs["input_ids"] == 151655).sum()) == 2 * 1196
+    assert inputs["pixel_values"].shape == (2 * 4784, 3 * 2 * 14 * 14)
+    assert inputs["image_grid_thw"].tolist() == [[1, 52, 92]] * 2
+    assert int(inputs["mm_token_type_ids"].sum()) == 2 * 1196

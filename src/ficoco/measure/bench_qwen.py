@@ -27,7 +27,7 @@ from ..adapters import attach, fast_vision_attention
 from ..methods import Method, get_method
 from ..methods.baselines import oracle
 from . import budget
-from .bench import _kv_bytes, cuda_times, environment, split_repeats
+from .bench import cuda_times, environment, split_repeats
 from .flops import preset as flops_preset
 from .qwen import QwenVLShape
 

@@ -1,0 +1,71 @@
+"""Qwen-VL on a GPU (skipped without CUDA): every method batched == one by one, the one-call
+tower attention (PyTorch's varlen kernels in bf16) equal to the stock path, bf16 runs with exact
+budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ficoco
+from ficoco.testing import QWEN_GENERATIONS, tiny_qwen_vl
+
+from .qwen_inputs import image_batch, sample_of
+from .test_qwen_vl import METHODS, build, output_valid
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(inputs, device, dtype=None):
+    return {k: (v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device))
+            for k, v in inputs.items()}
+
+
+@pytest.fixture(scope="module", params=QWEN_GENERATIONS)
+def cuda_model(request):
+    return request.param, tiny_qwen_vl(request.param).cuda()
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_cuda_batched_equals_one_by_one(cuda_model, key):
+    generation, model = cuda_model
+    inputs = image_batch(generation)
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        batched = model(**_to(inputs, "cuda")).logits
+        valid = output_valid(handle, _to(inputs, "cuda"))
+        for row in range(3):
+            single = model(**_to(sample_of(inputs, row, generation), "cuda")).logits[0]
+            torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl"])
+def test_cuda_one_call_attention_in_bf16(cuda_model, key):
+    """PyTorch's varlen attention (or the padded SDPA call) against the stock per-segment loop, bf16."""
+    generation, model = cuda_model
+    model = tiny_qwen_vl(generation).to("cuda", torch.bfloat16)
+    inputs = _to(image_batch(generation), "cuda", torch.bfloat16)
+    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    try:
+        with torch.inference_mode():
+            stock = model(**inputs).logits.float()
+            with ficoco.fast_vision_attention(model):
+                fast = model(**inputs).logits.float()
+    finally:
+        if handle:
+            handle.remove()
+    torch.testing.assert_close(fast, stock, rtol=0.05, atol=0.05)
+    assert (fast - stock).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_cuda_bfloat16_generates_with_exact_budget(cuda_model, key):
+    generation, _ = cuda_model
+    model = tiny_qwen_vl(generation).to("cuda", torch.bfloat16)
+    inputs = _to(image_batch(generation), "cuda", torch.bfloat16)
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        plans = [handle.plan_for(n) for n in (48, 16, 60)]
+    assert torch.isfinite(out).all() and gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    if handle.vision_trace is not None:
+        assert [k.numel() for k in handle.vision_trace.kept] == [p.llm_input_visual for p in plans]
