@@ -38,23 +38,29 @@ def test_cuda_batched_equals_one_by_one(cuda_model, key):
             torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl"])
-def test_cuda_one_call_attention_in_bf16(cuda_model, key):
-    """PyTorch's varlen attention (or the padded SDPA call) against the stock per-segment loop, bf16."""
-    generation, model = cuda_model
+def test_cuda_one_call_attention_in_bf16(cuda_model):
+    """PyTorch's varlen attention kernels (bf16) against the stock per-segment loop, no reduction:
+    in bf16 a reduction's choices can flip on rounding, so reductions are compared in float32."""
+    generation, _ = cuda_model
     model = tiny_qwen_vl(generation).to("cuda", torch.bfloat16)
     inputs = _to(image_batch(generation), "cuda", torch.bfloat16)
-    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
-    try:
-        with torch.inference_mode():
-            stock = model(**inputs).logits.float()
-            with ficoco.fast_vision_attention(model):
-                fast = model(**inputs).logits.float()
-    finally:
-        if handle:
-            handle.remove()
+    with torch.inference_mode():
+        stock = model(**inputs).logits.float()
+        with ficoco.fast_vision_attention(model):
+            fast = model(**inputs).logits.float()
     torch.testing.assert_close(fast, stock, rtol=0.05, atol=0.05)
     assert (fast - stock).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "tome", "ficoco-vl"])
+def test_cuda_one_call_attention_with_reductions(cuda_model, key):
+    generation, model = cuda_model
+    inputs = _to(image_batch(generation), "cuda")
+    with ficoco.apply(model, build(key)), torch.inference_mode():
+        stock = model(**inputs).logits
+        with ficoco.fast_vision_attention(model):
+            fast = model(**inputs).logits
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("key", list(METHODS))
