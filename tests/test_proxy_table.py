@@ -124,7 +124,7 @@ def test_cli_errors_are_one_line(says_no, tmp_path):
     nowhere = tmp_path / "nowhere"
     missing = runner.invoke(main, ["proxy-accuracy", "--model", str(nowhere), "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "Traceback" not in missing.output
-    assert missing.output.strip().splitlines() == [f"Error: no LLaVA checkpoint (config.json) in {nowhere}"]
+    assert missing.output.strip().splitlines() == [f"Error: model folder not found: {nowhere}"]
     unknown = runner.invoke(main, ["proxy-accuracy", "--model", str(says_no), "--out", str(tmp_path),
                                    "--methods", "ficoco-v,nope"])
     assert unknown.exit_code != 0 and len(unknown.output.strip().splitlines()) == 1

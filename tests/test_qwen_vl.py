@@ -354,3 +354,31 @@ def test_segment_layout():
     segment, position, valid = segment_layout(torch.tensor([0, 3, 4, 8], dtype=torch.int32), 8, 4)
     assert segment.tolist() == [0, 0, 0, 1, 2, 2, 2, 2] and position.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
     assert valid.tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
+
+
+def test_padded_one_call_attention_trains_like_the_stock_path(models, generation):
+    """``kernel="padded"`` (the training path) gives the stock path's loss and gradients."""
+    from ficoco.adapters.varlen import PADDED_ATTENTION_NAME, fast_vision_attention
+
+    model = models[generation]
+    inputs = image_batch(generation)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("model.visual") and p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    stock_loss, stock = loss_and_grads()
+    with fast_vision_attention(model, kernel="padded"):
+        assert model.model.visual.config._attn_implementation == PADDED_ATTENTION_NAME
+        loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, stock_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == stock.keys() and grads
+    for name in stock:
+        torch.testing.assert_close(grads[name], stock[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="unknown kernel 'flash'.*auto, padded"):
+        fast_vision_attention(model, kernel="flash")

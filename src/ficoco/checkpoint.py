@@ -86,17 +86,24 @@ def _processor_parts(folder: Path) -> list[str]:
 
 
 def load_processor(path: str | Path):
-    """``AutoProcessor`` of the local folder ``path``, never looked up on a hub."""
+    """``AutoProcessor`` of the local folder ``path``, never looked up on a hub. A Qwen-VL
+    checkpoint on a machine without torchvision gets its processor for images only
+    (:mod:`ficoco.qwen_processor`)."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    from .qwen_processor import PROCESSOR_CLASSES, load_image_only_processor
 
     folder = Path(path)
-    checkpoint_config(folder)
+    model_type = checkpoint_config(folder).get("model_type")
     missing = _processor_parts(folder)
     if missing:
         raise FileNotFoundError(
             f"{folder} has no processor: it lacks {' and '.join(missing)}; save the model's processor next to "
             f"its weights with processor.save_pretrained({str(folder)!r})")
     try:
+        if model_type in PROCESSOR_CLASSES and not is_torchvision_available():
+            return load_image_only_processor(folder, model_type)
         return AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -348,19 +348,21 @@ def bench_report(results, plot_path, plot_batch) -> None:
 
 @main.command()
 @click.option("--model", "model_path", default=None, type=click.Path(file_okay=False),
-              help="LLaVA checkpoint folder (with its processor) [the embedded proxy model].")
+              help="A checkpoint folder (with its processor), or an embedded proxy model: llava (LLaVA-1.5-shaped) "
+                   "or qwen (Qwen2.5-VL-shaped) [llava].")
 @click.option("--image", "image_path", default=None, type=click.Path(dir_okay=False),
               help="Image file [the bundled demo scene, with its own questions].")
 @click.option(*QUESTION_NAMES, "questions", multiple=True,
               help="Repeat for several questions (--prompt is an alias) [the bundled scene's].")
-@click.option("--retain", type=int, default=64, show_default=True)
+@click.option("--retain", default=None, help="Visual tokens kept: a count, or a share of the image's tokens (0.25) "
+              "[64 on LLaVA-1.5, 0.25 on Qwen-VL].")
 @click.option("--picture", default="ficoco-demo.png", show_default=True, type=click.Path(dir_okay=False),
               help="Where the PNG goes: the image, FiCoCo-V's kept patches, where the discarded ones went, "
                    "and every method's answers.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:N.")
 def demo(model_path, image_path, questions, retain, picture, device) -> None:
     """Answer questions about an image with vanilla and FiCoCo-V / -L / -VL, side by side."""
-    from .assets import embedded_model_dir
+    from .assets import EMBEDDED_MODELS, embedded_model_dir
     from .checkpoint import load_model, load_processor, resolve_device
     from .demo import bundled_example, run_demo
     from .prompts import vocabulary_check
@@ -379,7 +381,10 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
     picture_path = Path(picture).expanduser().resolve()
     if not picture_path.parent.is_dir():
         raise FileNotFoundError(f"--picture: folder {picture_path.parent} does not exist")
-    model_path = model_path or str(embedded_model_dir())
+    model_path = str(embedded_model_dir(model_path or "llava")) if model_path in (None, *EMBEDDED_MODELS) else model_path
+    retain = None if retain is None else _budgets(retain)
+    if retain is not None and len(retain) != 1:
+        raise click.BadParameter(f"expected one count or share, got {len(retain)}", param_hint="--retain")
     processor = load_processor(model_path)
     check = vocabulary_check(processor.tokenizer, questions)
     if check.unknown:
@@ -388,7 +393,7 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
     click.echo(f"model {model_path}")
     for i, question in enumerate(questions):
         click.echo(f"Q{i + 1}: {question}" + (f"   (expected: {expected[i]})" if expected else ""))
-    rows = run_demo(model, processor, image, list(questions), retain=retain, picture=str(picture_path),
+    rows = run_demo(model, processor, image, list(questions), retain=retain and retain[0], picture=str(picture_path),
                     expected=expected)
     for row in rows:
         score = ""
@@ -466,9 +471,15 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 
 @main.command("train-proxy")
 @click.option("--out", "out_dir", required=True, help="Where the trained checkpoint goes.")
+@click.option("--family", type=click.Choice(["llava", "qwen"]), default="llava", show_default=True,
+              help="llava: the LLaVA-1.5-shaped proxy; qwen: the Qwen2.5-VL-shaped one at varied resolutions, its "
+              "decoder started from a LLaVA proxy's (--language-from).")
+@click.option("--language-from", default=None, help="qwen: the LLaVA proxy checkpoint whose decoder and word "
+              "embeddings the Qwen proxy starts from [the embedded LLaVA proxy].")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [TrainConfig: 1800].")
 @click.option("--batch-size", type=int, default=None, help="[TrainConfig: 128].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [TrainConfig: 1e-3].")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [TrainConfig: 200].")
 @click.option("--aux-weight", type=float, default=None, help="Weight of the [CLS] scene loss [0.5].")
 @click.option("--patch-weight", type=float, default=None, help="Weight of the patch-word alignment loss [0.5].")
 @click.option("--cls-layers", default="", help="Encoder layers (0-based, comma-separated) whose [CLS] also "
@@ -480,6 +491,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
               help="Share of steps whose LLM sees a random subset of the visual tokens, renumbered as after "
               "an encoder-side reduction [0].")
 @click.option("--token-drop-min", type=int, default=None, help="Fewest visual tokens such a step keeps [32].")
+@click.option("--token-drop-min-share", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="qwen: smallest share of each image's tokens such a step keeps [0.1].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", type=int, default=None, help="Data-loading processes [CPU count - 2, at most 14].")
@@ -491,18 +504,38 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--init-from", default=None, help="Continue from this saved proxy checkpoint (a later stage).")
 @click.option("--textured-backgrounds", is_flag=True, help="Draw the scenes on textured instead of plain backgrounds.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight, cls_layers, cls_attention_layers,
-                        cls_attention_weight, token_drop_prob, token_drop_min, max_minutes, device, workers,
-                        eval_size, easy_vqa_every, turns, init_from, textured_backgrounds, seed) -> None:
-    """Train the proxy LLaVA on the procedural dataset (+ easy-VQA) and save it in HF format."""
+def train_proxy_command(out_dir, family, language_from, steps, batch_size, lr, warmup_steps, aux_weight, patch_weight, cls_layers,
+                        cls_attention_layers, cls_attention_weight, token_drop_prob, token_drop_min,
+                        token_drop_min_share, max_minutes, device, workers, eval_size, easy_vqa_every, turns,
+                        init_from, textured_backgrounds, seed) -> None:
+    """Train a proxy model (LLaVA-1.5- or Qwen2.5-VL-shaped) on the procedural dataset and save it in HF format."""
     from .checkpoint import resolve_device
-    from .proxy.recipe import train_proxy
     from .proxy.train import TrainConfig
 
     device = str(resolve_device(device))
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, aux_weight=aux_weight, patch_weight=patch_weight,
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, aux_weight=aux_weight,
+                 patch_weight=patch_weight,
                  cls_attention_weight=cls_attention_weight, token_drop_prob=token_drop_prob,
-                 token_drop_min=token_drop_min, num_workers=workers)
+                 token_drop_min=token_drop_min, token_drop_min_share=token_drop_min_share, num_workers=workers)
+    if family == "qwen":
+        llava_only = {"--aux-weight": aux_weight, "--cls-layers": cls_layers or None,
+                      "--cls-attention-layers": cls_attention_layers or None,
+                      "--cls-attention-weight": cls_attention_weight, "--token-drop-min": token_drop_min,
+                      "--textured-backgrounds": textured_backgrounds or None}
+        given_there = [name for name, value in llava_only.items() if value is not None]
+        if given_there:
+            raise click.UsageError(f"{', '.join(given_there)}: LLaVA proxy options (the Qwen proxy has no [CLS] "
+                                   f"and plain backgrounds)")
+        from .assets import embedded_model_dir
+        from .proxy.qwen import train_qwen_proxy
+
+        config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
+                             **{key: value for key, value in given.items() if value is not None})
+        train_qwen_proxy(out_dir, config, language_from or (None if init_from else str(embedded_model_dir())),
+                         eval_size=eval_size, turns=turns, init_from=init_from, log=click.echo)
+        return
+    from .proxy.recipe import train_proxy
+
     config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
                          cls_layers=tuple(_int_list(cls_layers)),
                          cls_attention_layers=tuple(_int_list(cls_attention_layers)),
@@ -516,7 +549,8 @@ def train_proxy_command(out_dir, steps, batch_size, lr, aux_weight, patch_weight
 @click.option("--out", "out_dir", required=True, help="Where proxy_accuracy.json / .md / .png go.")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True)
 @click.option("--size", type=click.IntRange(min=1), default=None, help="First N samples of the split [all 2000].")
-@click.option("--retain", "retains", default="192,128,64", show_default=True, help="Visual-token budgets.")
+@click.option("--retain", "retains", default=None, help="Visual-token budgets: counts, or shares of each image's "
+              "tokens (0.25) [LLaVA: 192,128,64; Qwen-VL: 0.5,0.25,0.125].")
 @click.option("--methods", "method_names", default=None, help="Comma-separated [every method].")
 @click.option("--device", default=None, help="cuda or cpu [cuda if present] (fp16 on cuda, fp32 on cpu).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -532,7 +566,8 @@ def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, devi
     from .proxy.table import run as accuracy_table
 
     names = [m for m in method_names.split(",") if m] if method_names else list(ENCODER_METHODS + DECODER_METHODS)
-    accuracy_table(model_path, out_dir, split=split, size=size, retains=_int_list(retains), methods=names,
+    accuracy_table(model_path, out_dir, split=split, size=size, retains=None if retains is None else _budgets(retains),
+                   methods=names,
                    device=None if device is None else str(resolve_device(device)), batch_size=batch_size,
                    easy_vqa=easy_vqa, options=_method_options(method_options), log=click.echo)
     click.echo(Path(out_dir, "proxy_accuracy.md").read_text())

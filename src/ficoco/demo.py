@@ -11,7 +11,6 @@ import torch
 
 from .measure import budget
 from .adapters import attach
-from .measure.flops import LlavaShape
 from .methods import get_method
 from .prompts import chat_prompt
 from .visualize import patch_destinations, render_reduction
@@ -42,7 +41,15 @@ class DemoRow:
     seconds: float
 
 
-def _method(name: str, retain: int, llm_layers: int):
+#: the default budget of each family: LLaVA-1.5's 64 of 576 tokens; a quarter of a Qwen-VL image's
+DEFAULT_RETAIN = {"llava": 64, "qwen": 0.25}
+
+
+def default_retain(config) -> int | float:
+    return DEFAULT_RETAIN["qwen" if config.model_type in budget.QWEN_MODEL_TYPES else "llava"]
+
+
+def _method(name: str, retain: int | float, llm_layers: int):
     if name == "vanilla":
         return None
     options = {"retain": retain}
@@ -56,18 +63,21 @@ def _method(name: str, retain: int, llm_layers: int):
 
 @torch.inference_mode()
 def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequence[str] = DEMO_METHODS,
-             retain: int = 64, picture: str | None = None, max_new_tokens: int = 4,
+             retain: int | float | None = None, picture: str | None = None, max_new_tokens: int = 4,
              expected: Sequence[str] | None = None) -> list[DemoRow]:
     """Answer ``questions`` about ``image`` with each method; optionally save to ``picture`` the
     figure of FiCoCo-V's reduction (kept patches, merge map) with every method's answers (and the
-    ``expected`` ones, when known)."""
+    ``expected`` ones, when known). ``retain``: a count or a share of the image's tokens [64 on
+    LLaVA-1.5, 0.25 on Qwen-VL]."""
+    retain = default_retain(model.config) if retain is None else retain
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     prompts = [chat_prompt(processor, q) for q in questions]
     batch = processor(images=[image] * len(questions), text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    shape = LlavaShape.from_config(model.config)
+    qwen = model.config.model_type in budget.QWEN_MODEL_TYPES
+    shape = budget.shape_of(model.config, image.size if qwen else None, processor.image_processor)
     text_tokens = int((batch["input_ids"][0] != model.config.image_token_id).sum() - (batch["attention_mask"][0] == 0).sum())
     llm_layers = model.config.text_config.num_hidden_layers
     rows, trace = [], None
@@ -89,12 +99,35 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
         rows.append(DemoRow(name, answers, cost.llm_input_visual, cost.llm_final_visual, cost.llm_tflops, seconds))
     if picture and trace is not None:
-        render_reduction(image, trace.positions[0].cpu(), patch_destinations(trace.steps, shape.num_patches)[0],
-                         grid=_grid(shape), path=picture, method=f"FiCoCo-V at {retain} tokens", questions=questions,
+        if qwen:
+            positions, destinations, grid = _qwen_reduction(model, trace)
+        else:
+            side = round(shape.num_patches ** 0.5)
+            positions, grid = trace.positions[0].cpu(), (side, side)
+            destinations = patch_destinations(trace.steps, shape.num_patches)[0]
+        budget_text = f"{retain:g} of the image's tokens" if isinstance(retain, float) else f"{retain} tokens"
+        render_reduction(image, positions, destinations, grid=grid, path=picture,
+                         method=f"FiCoCo-V at {budget_text}", questions=questions,
                          answers={row.method: row.answers for row in rows}, expected=expected)
     return rows
 
 
-def _grid(shape: LlavaShape) -> tuple[int, int]:
-    side = round(shape.num_patches ** 0.5)
-    return side, side
+def _qwen_reduction(model, trace) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``(positions, destinations, grid)`` of the first image of a Qwen-VL tower call, on its grid
+    of LLM tokens (merge groups) in raster order. The stages saw the groups in the tower's own
+    order (Qwen2.5-VL: window by window), so the shares are put back in raster order."""
+    merge = model.config.vision_config.spatial_merge_size
+    t, h, w = trace.grids[0]
+    grid = (h // merge, w // merge)
+    count = grid[0] * grid[1]
+    steps = [(block, results[0]) for block, results in trace.steps]  # the first bucket holds frame 0, row 0
+    shares = patch_destinations(steps, count)[0]  # [groups in tower order, N']
+    vision = model.config.vision_config
+    order = torch.arange(count)
+    if getattr(vision, "window_size", None) and getattr(vision, "fullatt_block_indexes", None):
+        from transformers.vision_utils import get_vision_window_index
+
+        order = get_vision_window_index(torch.tensor([[1, h, w]]), merge, vision.window_size, vision.patch_size)[0]
+    destinations = torch.zeros_like(shares)
+    destinations[order.cpu()] = shares
+    return trace.kept[0].cpu(), destinations, grid

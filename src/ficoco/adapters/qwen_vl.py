@@ -248,9 +248,12 @@ class QwenVLHandle(ReductionHandle):
         Returns ``(ids, mm_types, attention_mask, columns)``: ``[B, L_full]`` tensors and
         ``columns`` ``[B, L']``: for text, its column in the full prompt; for a kept visual token,
         the column of its raster index (``kept[token][item]``; ``None``: the first ones of each frame)."""
-        b, l = input_ids.shape
         segments = self._segments(grids)
         counters = {token: 0 for token in segments}
+        # one device-to-host copy of each input, not one per text run (each would wait for the GPU)
+        type_rows = mm_types.tolist() if mm_types is not None else None
+        mask_rows = attention_mask.tolist() if attention_mask is not None else None
+        kept = None if kept is None else {token: [raster.cpu() for raster in items] for token, items in kept.items()}
         rows = []
         for row, ids in enumerate(input_ids.tolist()):
             full_ids, full_types, full_mask, columns = [], [], [], []
@@ -258,9 +261,8 @@ class QwenVLHandle(ReductionHandle):
                 if segment is None:
                     columns.extend(range(len(full_ids), len(full_ids) + end - start))
                     full_ids.extend(ids[start:end])
-                    full_types.extend([0] * (end - start) if mm_types is None else mm_types[row, start:end].tolist())
-                    full_mask.extend([1] * (end - start) if attention_mask is None
-                                     else attention_mask[row, start:end].tolist())
+                    full_types.extend([0] * (end - start) if type_rows is None else type_rows[row][start:end])
+                    full_mask.extend([1] * (end - start) if mask_rows is None else mask_rows[row][start:end])
                     continue
                 item, frame, full, cut = segment
                 if kept is None:
@@ -270,7 +272,7 @@ class QwenVLHandle(ReductionHandle):
                     within = (raster[(raster // full) == frame] - frame * full).tolist()
                 columns.extend(len(full_ids) + r for r in within)
                 full_ids.extend([token] * full)
-                full_types.extend([int(mm_types[row, start]) if mm_types is not None else 1] * full)
+                full_types.extend([type_rows[row][start] if type_rows is not None else 1] * full)
                 full_mask.extend([1] * full)
             rows.append((full_ids, full_types, full_mask, columns))
         width = max(len(r[0]) for r in rows)

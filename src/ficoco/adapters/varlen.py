@@ -26,6 +26,10 @@ from torch import Tensor, nn
 #: the registered name; "flash" in it makes the towers hand over ``cu_seqlens`` (transformers'
 #: ``is_flash_attention_requested``)
 ATTENTION_NAME = "ficoco_flash_varlen"
+#: the same with the native kernel never used (one padded SDPA call): for training, as the native
+#: variable-length kernel's backward is not in every torch release
+PADDED_ATTENTION_NAME = "ficoco_flash_padded"
+KERNELS = {"auto": ATTENTION_NAME, "padded": PADDED_ATTENTION_NAME}
 
 
 def _native_varlen():
@@ -51,13 +55,15 @@ def segment_layout(cu_seqlens: Tensor, total: int, longest: int) -> tuple[Tensor
 def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, *,
                      scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
                      cu_seq_lens_k: Tensor | None = None, max_length_q: int | None = None,
-                     max_length_k: int | None = None, is_causal: bool = False, **kwargs) -> tuple[Tensor, None]:
+                     max_length_k: int | None = None, is_causal: bool = False, use_native: bool = True,
+                     **kwargs) -> tuple[Tensor, None]:
     """Non-causal attention within each segment of a packed sequence, in one call.
 
     Args:
         query, key, value: ``[1, H, S, d]`` (the towers' layout).
         cu_seq_lens_q / cu_seq_lens_k: ``[segments + 1]`` boundaries (equal for these towers).
         max_length_q: the longest segment.
+        use_native: whether PyTorch's variable-length kernel may be used (CUDA, half precision).
     Returns:
         ``([1, S, H, d], None)``, as transformers' attention functions return.
     """
@@ -72,7 +78,7 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     total, heads, dim = q.shape
     longest = int(max_length_q)
     native = _native_varlen()
-    if native is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if use_native and native is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seq_lens_q.to(torch.int32)
         out = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling)
         return out[None], None
@@ -92,17 +98,26 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     return out.transpose(1, 2)[segment, position][None], None
 
 
+def padded_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None,
+                     **kwargs) -> tuple[Tensor, None]:
+    """:func:`varlen_attention` through one padded SDPA call, never the native kernel."""
+    return varlen_attention(module, query, key, value, attention_mask, **kwargs, use_native=False)
+
+
 def register() -> None:
-    """Make :data:`ATTENTION_NAME` known to transformers (idempotent)."""
+    """Make :data:`ATTENTION_NAME` and :data:`PADDED_ATTENTION_NAME` known to transformers (idempotent)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, varlen_attention)
+    AttentionInterface.register(PADDED_ATTENTION_NAME, padded_attention)
 
 
 class FastVisionAttention:
     """The one-call attention switched on for a model's vision tower; :meth:`remove` switches back."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r} for the one-call vision attention; one of {', '.join(KERNELS)}")
         core = getattr(model, "model", model)
         tower = getattr(core, "visual", None)
         if tower is None or not hasattr(tower, "blocks"):
@@ -111,7 +126,7 @@ class FastVisionAttention:
         register()
         self.config = tower.config
         self.previous = self.config._attn_implementation
-        self.config._attn_implementation = ATTENTION_NAME
+        self.config._attn_implementation = KERNELS[kernel]
 
     def remove(self) -> None:
         if self.config is not None:
@@ -125,6 +140,7 @@ class FastVisionAttention:
         self.remove()
 
 
-def fast_vision_attention(model: nn.Module) -> FastVisionAttention:
-    """Run ``model``'s vision tower with one attention call per block (see the module docstring)."""
-    return FastVisionAttention(model)
+def fast_vision_attention(model: nn.Module, kernel: str = "auto") -> FastVisionAttention:
+    """Run ``model``'s vision tower with one attention call per block (see the module docstring).
+    ``kernel="padded"`` always takes the padded SDPA call (e.g. for training)."""
+    return FastVisionAttention(model, kernel)

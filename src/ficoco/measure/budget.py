@@ -19,6 +19,24 @@ from .qwen import QwenVLShape, qwen_vision_flops
 Shape = LlavaShape | QwenVLShape
 
 
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def shape_of(config, image_size: tuple[int, int] | None = None, image_processor=None) -> Shape:
+    """The FLOPs shape of a loaded model's config: LLaVA-1.5's fixed grid, or a Qwen-VL model at
+    ``image_size`` (``(width, height)``; default 1280x720) resized within ``image_processor``'s
+    pixel bounds when given (else the shape's defaults)."""
+    if getattr(config, "model_type", None) in QWEN_MODEL_TYPES:
+        shape = QwenVLShape.from_config(config, image_size or (1280, 720))
+        size = getattr(image_processor, "size", None) or {}
+        if "shortest_edge" in size and "longest_edge" in size:
+            shape = replace(shape, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return shape
+    if image_size is not None:
+        raise ValueError("LLaVA-1.5 has one fixed image size; image_size is for Qwen-VL models")
+    return LlavaShape.from_config(config)
+
+
 def counted_decoder_flops(per_module: dict) -> float:
     """Sum of ``FlopCounterMode.get_flop_counts()`` over the LLM's decoder layers (``...language_model.layers.N``),
     the quantity the calculator's LLM prefill figure describes."""

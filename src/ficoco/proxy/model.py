@@ -10,8 +10,9 @@ through exactly the ``from_pretrained`` path a real checkpoint takes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 TEMPLATE_WORDS = ("user", "assistant", ":")  # the words CHAT_TEMPLATE adds around each turn
@@ -38,25 +39,29 @@ class ProxyShape:
     llm_mlp: int = 576
 
 
-def word_level_tokenizer(words: Iterable[str]):
+def word_level_tokenizer(words: Iterable[str], visual_tokens: Mapping[str, str] = MappingProxyType({"image_token": "<image>"})):
     """A fast word-level tokenizer: lower-case, splits on whitespace and punctuation; special
-    tokens first (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3), ``<image>`` last."""
+    tokens first (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3), then the words in sorted order,
+    then ``visual_tokens`` (``{attribute name: token}``, e.g. LLaVA's ``image_token: <image>``),
+    which the tokenizer exposes as attributes (``tokenizer.image_token``)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS[:4])}
     for word in sorted({w.lower() for w in words} | set(TEMPLATE_WORDS)):
-        if word not in vocab and word not in SPECIAL_TOKENS:
+        if word not in vocab and word not in SPECIAL_TOKENS and word not in visual_tokens.values():
             vocab[word] = len(vocab)
-    vocab["<image>"] = len(vocab)
+    for token in visual_tokens.values():
+        vocab[token] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("<image>", "isolated"), pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+        *(pre_tokenizers.Split(token, "isolated") for token in visual_tokens.values()),
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
     ])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+                                        unk_token="<unk>", extra_special_tokens=dict(visual_tokens))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(visual_tokens.values())})
     return tokenizer
 
 

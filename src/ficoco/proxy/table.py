@@ -32,7 +32,6 @@ from pathlib import Path
 from ..measure import budget
 from ..evaluation.report import plot_results
 from ..evaluation.runner import _text_tokens, variants_for
-from ..measure.flops import LlavaShape
 from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
 from .easyvqa import load_easy_vqa
 from .evaluate import accuracy
@@ -49,11 +48,13 @@ def matched_label(method: str, retain: int) -> str:
     return f"{method}@tflops({retain})"
 
 
-def load_samples(split: str = "test", size: int | None = None, easy_vqa: bool = True) -> dict[str, list]:
+def load_samples(split: str = "test", size: int | None = None, easy_vqa: bool = True,
+                 render: Callable = rendered) -> dict[str, list]:
     """``{"procedural": [...], "easy-vqa": [...]}``: the first ``size`` samples of the procedural
-    ``split`` (all of it without ``size``), rendered, and as many of easy-VQA's test questions
-    (none unless ``easy_vqa``; RuntimeError without the easy-vqa package)."""
-    procedural = [rendered(example) for example in make_split(split, size)]
+    ``split`` (all of it without ``size``), rendered by ``render`` (336 px; the Qwen proxy's: each
+    at its own size), and as many of easy-VQA's test questions (none unless ``easy_vqa``;
+    RuntimeError without the easy-vqa package)."""
+    procedural = [render(example) for example in make_split(split, size)]
     samples = {"procedural": procedural}
     if easy_vqa:
         try:
@@ -81,16 +82,22 @@ def _schedule(method: Method | None) -> dict:
     return out
 
 
-def plan_variants(shape: LlavaShape, methods: Sequence[str], retains: Sequence[int], text_tokens: int,
+def plan_variants(shape: budget.Shape, methods: Sequence[str], retains: Sequence[int | float], text_tokens: int,
                   options: Mapping[str, Mapping] | None = None) -> list[tuple[dict, Method | None]]:
     """``[(row, method)]`` for every variant, costed on ``shape``; ``method`` is None for vanilla
-    and for skipped rows (``row["skipped"]`` then says why). A method at a fixed count that does
-    not fit the model raises ValueError here, before anything is evaluated."""
+    and for skipped rows (``row["skipped"]`` then says why: e.g. a budget the method's schedule
+    cannot reach on this model). ``retains``: token counts, or shares of each image's tokens."""
     options = {name: dict(opts) for name, opts in (options or {}).items()}
     planned = []
     for variant in variants_for(methods, retains, options):
         method = variant.build()
-        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+        try:
+            cost = (budget.method_cost(shape, method, text_tokens) if method
+                    else budget.vanilla_cost(shape, text_tokens))
+        except ValueError as err:  # the method refuses this budget on this model: a row that says why
+            planned.append(({"label": variant.label, "method": variant.method, "kind": "retain",
+                             "retain": variant.retain, "schedule": _schedule(method), "skipped": str(err)}, None))
+            continue
         row = {"label": variant.label, "method": variant.method, "kind": "vanilla" if method is None else "retain",
                "retain": variant.retain, "schedule": _schedule(method), "skipped": None, **_cost_fields(cost)}
         planned.append((row, method))
@@ -222,39 +229,54 @@ def write(report: Mapping, out_dir: str) -> list[Path]:
     return paths
 
 
+#: the default budgets: LLaVA-1.5's counts of 576 tokens; shares of each image's tokens for Qwen-VL
+DEFAULT_RETAINS = {"llava": (192, 128, 64), "qwen": (0.5, 0.25, 0.125)}
+#: the image size a Qwen-VL proxy's TFLOPs are counted at (the scenes' own size)
+QWEN_COST_SIZE = (336, 336)
+
+
 def run(model_path: str, out_dir: str, *, split: str = "test", size: int | None = None,
-        retains: Sequence[int] = (192, 128, 64), methods: Sequence[str] = DEFAULT_METHODS, device: str | None = None,
+        retains: Sequence[int | float] | None = None, methods: Sequence[str] = DEFAULT_METHODS, device: str | None = None,
         batch_size: int = 64, easy_vqa: bool = True, options: Mapping[str, Mapping] | None = None,
         log: Callable[[str], None] = print) -> dict:
-    """Evaluate the checkpoint at ``model_path`` (fp16 on CUDA, fp32 on CPU; ``device`` None: CUDA
-    when present) and write the table, JSON and plot to ``out_dir``; returns the report.
-    ``options``: per-method keyword options, e.g. ``{"ficoco-v": {"start_layer": 2}}``."""
+    """Evaluate the checkpoint at ``model_path`` (LLaVA-1.5 or Qwen-VL; fp16 on CUDA, fp32 on
+    CPU; ``device`` None: CUDA when present) and write the table, JSON and plot to ``out_dir``;
+    returns the report. ``retains`` default: :data:`DEFAULT_RETAINS` of the family. A Qwen-VL
+    model reads each scene at its own size (:func:`ficoco.proxy.qwen.rendered_at_size`) and is
+    costed at :data:`QWEN_COST_SIZE`. ``options``: per-method keyword options, e.g.
+    ``{"ficoco-v": {"start_layer": 2}}``."""
     import torch
     import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..adapters.families import family_of_model_type
+    from ..checkpoint import checkpoint_config, load_model, load_processor
+    from .qwen import rendered_at_size
 
     for name in methods:
         if name != "vanilla":
             get_method(name, **dict((options or {}).get(name, {})))  # fail fast on an unknown method
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in {model_path}")
+    model_type = checkpoint_config(model_path).get("model_type")
+    family_of_model_type(model_type, model_path)  # one line naming the supported families
+    qwen = model_type in budget.QWEN_MODEL_TYPES
+    family = "qwen" if qwen else "llava"
+    retains = tuple(DEFAULT_RETAINS[family] if retains is None else retains)
     if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: fail before the work, not after
         raise RuntimeError("the plot needs matplotlib: pip install matplotlib")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
-    samples = load_samples(split, size, easy_vqa)
-    processor = AutoProcessor.from_pretrained(model_path)
+    samples = load_samples(split, size, easy_vqa, rendered_at_size if qwen else rendered)
+    processor = load_processor(model_path)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    shape = LlavaShape.from_config(model.config)
+    model = load_model(model_path, dtype=dtype, device=device).eval()
+    shape = budget.shape_of(model.config, QWEN_COST_SIZE if qwen else None, processor.image_processor)
     text_tokens = _text_tokens(processor, samples["procedural"])
     planned = plan_variants(shape, methods, retains, text_tokens, options)
     log(f"{len(planned)} variants on {len(samples['procedural'])} {split} samples"
         + (f" + {len(samples[EASY_VQA])} easy-VQA questions" if easy_vqa else "") + f" ({device})")
     rows = evaluate_variants(model, processor, samples, planned, batch_size, log)
     report = {
-        "model": str(model_path), "split": split, "size": len(samples["procedural"]),
+        "model": str(model_path), "family": family, "split": split, "size": len(samples["procedural"]),
         "easy_vqa_size": len(samples.get(EASY_VQA, ())), "device": device, "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size, "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "text_tokens": text_tokens,

@@ -62,6 +62,9 @@ class TrainConfig:
     # and then fails any encoder-side reduction (docs/proxy-model.md), unlike LLaVA
     token_drop_prob: float = 0.0
     token_drop_min: int = 32
+    # the same for a model whose images differ in token count (the Qwen proxy): the LLM sees a
+    # random share in [token_drop_min_share, 1) of each image's tokens
+    token_drop_min_share: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cuda"
@@ -71,45 +74,59 @@ class TrainConfig:
     max_seconds: float | None = None  # stop early (and record it) once training has run this long
 
 
-def collate(samples: Sequence[QASample], processor, with_answers: bool = True) -> dict[str, Tensor]:
-    """Right-padded batch. With answers: the answer tokens and ``</s>`` are appended and are the
-    only positions with labels, followed by the (question, answer) pairs of a sample's optional
-    ``turns`` as later turns of the conversation; without: first prompts only (for generation,
-    left-padded)."""
+#: processor outputs with one entry per prompt token, extended with zeros over the appended text
+_PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
+def collate(samples: Sequence[QASample], processor, with_answers: bool = True,
+            encode: Callable[[list, list[str]], dict] | None = None) -> dict[str, Tensor]:
+    """Right-padded batch of any image processor's outputs (LLaVA's ``pixel_values [B, 3, H, W]``,
+    Qwen-VL's packed patches and ``image_grid_thw``). With answers: the answer tokens and ``</s>``
+    are appended and are the only positions with labels, followed by the (question, answer) pairs
+    of a sample's optional ``turns`` as later turns of the conversation; without: first prompts only
+    (for generation, left-padded). ``encode(images, prompts)`` stands in for the processor call
+    (e.g. :func:`ficoco.proxy.qwen.fast_encoder`'s)."""
     tokenizer = processor.tokenizer
     images = [s.image for s in samples]
     prompts = [chat_prompt(processor, s.question) for s in samples]
+    tokenizer.padding_side = "right" if with_answers else "left"
+    encoded = dict(encode(images, prompts) if encode is not None
+                   else processor(images=images, text=prompts, return_tensors="pt", padding=True))
     if not with_answers:
-        tokenizer.padding_side = "left"
-        return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
-    encoded = processor(images=images, text=prompts, return_tensors=None, padding=False)
+        return encoded
+    real = encoded.pop("attention_mask").bool()
+    prompt_ids = [ids[keep].tolist() for ids, keep in zip(encoded.pop("input_ids"), real)]
+    per_token = {k: [row[keep].tolist() for row, keep in zip(encoded.pop(k), real)]
+                 for k in _PER_TOKEN_KEYS if k in encoded}
     conversations = [[(s.question, s.answer), *getattr(s, "turns", ())] for s in samples]
     # one template rendering and two batched tokenizer calls per batch, not per turn
     sentinel = "\x00question\x00"
     template = follow_up_prompt(processor, sentinel)
     follow_ups = [template.replace(sentinel, q) for turns in conversations for q, _ in turns[1:]]
-    prompt_ids = iter(tokenizer(follow_ups, add_special_tokens=False)["input_ids"] if follow_ups else [])
+    follow_up_ids = iter(tokenizer(follow_ups, add_special_tokens=False)["input_ids"] if follow_ups else [])
     answer_ids = iter(tokenizer([a for turns in conversations for _, a in turns], add_special_tokens=False)["input_ids"])
     rows, labels = [], []
-    for ids, turns in zip(encoded["input_ids"], conversations):
+    for ids, turns in zip(prompt_ids, conversations):
         row, label = list(ids), [-100] * len(ids)
         for turn in range(len(turns)):
             if turn:
-                prompt = next(prompt_ids)
+                prompt = next(follow_up_ids)
                 row, label = row + prompt, label + [-100] * len(prompt)
             answer = next(answer_ids) + [tokenizer.eos_token_id]
             row, label = row + answer, label + answer
         rows.append(row)
         labels.append(label)
     length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+
+    def padded(values: list[list[int]], fill: int) -> Tensor:
+        return torch.tensor([v + [fill] * (length - len(v)) for v in values])
+
     return {
-        "input_ids": input_ids,
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
-        "labels": torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels]),
-        "pixel_values": torch.as_tensor(encoded["pixel_values"] if isinstance(encoded["pixel_values"], Tensor)
-                                        else torch.stack([torch.as_tensor(p) for p in encoded["pixel_values"]])),
+        "input_ids": padded(rows, tokenizer.pad_token_id),
+        "attention_mask": padded([[1] * len(r) for r in rows], 0),
+        "labels": padded(labels, -100),
+        **{k: padded(values, 0) for k, values in per_token.items()},
+        **encoded,  # pixels and per-image entries, untouched
     }
 
 

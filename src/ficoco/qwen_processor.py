@@ -1,0 +1,83 @@
+"""Qwen-VL processors on machines without torchvision.
+
+transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors refuse to be built (or loaded with
+``AutoProcessor``) without a video processor, and every Qwen video processor needs torchvision.
+Images alone need neither: the PIL image processor and the tokenizer do all the work. Here the
+processor class of each generation is used as it is, with the video processor left out; asking it
+for videos fails with one line saying torchvision is needed. ``checkpoint.load_processor`` falls
+back to it only when torchvision is missing, and the Qwen proxy model is saved with
+:func:`save_processor` so that either path loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: the processor class of each Qwen-VL generation, by ``config.model_type``
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                     "qwen3_vl": "Qwen3VLProcessor"}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _image_only_class(model_type: str) -> type:
+    import transformers
+
+    try:
+        base = getattr(transformers, PROCESSOR_CLASSES[model_type])
+    except KeyError:
+        raise ValueError(f"no Qwen-VL processor for model type {model_type!r}; one of "
+                         f"{', '.join(PROCESSOR_CLASSES)}") from None
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None  # images only: no video processor, hence no torchvision
+        return base.check_argument_for_proper_class(self, argument_name, argument)
+
+    def _process_videos(self, *args, **kwargs):
+        raise ImportError(f"{base.__name__} without a video processor (torchvision is not installed) reads images "
+                          f"only; install torchvision to process videos")
+
+    return type(f"ImageOnly{base.__name__}", (base,),
+                {"check_argument_for_proper_class": check_argument_for_proper_class,
+                 "_process_videos": _process_videos, "__module__": __name__})
+
+
+def image_only_processor(model_type: str, image_processor, tokenizer, chat_template: str | None = None):
+    """The ``model_type`` generation's own processor class built from an image processor and a
+    tokenizer alone (no video processor)."""
+    return _image_only_class(model_type)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                         chat_template=chat_template)
+
+
+def load_image_only_processor(folder: str | Path, model_type: str):
+    """:func:`image_only_processor` from the image processor, tokenizer and chat template saved in
+    ``folder``. The image processor is read with the PIL backend (all three generations use
+    Qwen2-VL's image processor; ``AutoImageProcessor`` itself needs torchvision in some
+    transformers 5.x releases)."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    folder = Path(folder)
+    template = folder / CHAT_TEMPLATE_FILE
+    return image_only_processor(model_type, Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True),
+                                AutoTokenizer.from_pretrained(folder, local_files_only=True),
+                                template.read_text() if template.is_file() else None)
+
+
+def save_processor(processor, folder: str | Path) -> None:
+    """Save ``processor`` (with or without a video processor) so that ``AutoProcessor`` loads it
+    where torchvision is installed and :func:`load_image_only_processor` where it is not: the
+    tokenizer, the image processor, the chat template and ``processor_config.json`` naming the
+    generation's processor class."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(processor, "video_processor", None) is not None:
+        processor.save_pretrained(folder)
+        return
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    if processor.chat_template:
+        (folder / CHAT_TEMPLATE_FILE).write_text(processor.chat_template)
+    base = type(processor).__mro__[1].__name__
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": base}, indent=2) + "\n")
