@@ -10,7 +10,9 @@ ENCODER_SIDE = frozenset({"ficoco-v", "tome", "evit", "random"})
 
 
 def load(paths: list[str]) -> dict:
-    """Merge several result files of one preset (e.g. batch 1/8 and batch 32 runs)."""
+    """Merge several result files of one preset (e.g. batch 1/8 and batch 32 runs, or a Qwen-VL
+    preset's runs with the tower's stock attention and the one-call path; those have no
+    generation rows)."""
     merged: dict = {"prefill": [], "generate": [], "flops": [], "runs": []}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -18,13 +20,28 @@ def load(paths: list[str]) -> dict:
         merged["environment"] = data["environment"]
         merged["runs"].append({"file": Path(path).name, "settings": data["settings"], "date": data["environment"]["date"]})
         merged["prefill"] += data["prefill"]
-        merged["generate"] += data["generate"]
+        merged["generate"] += data.get("generate", [])
         merged["flops"] += data.get("flops", [])
     return merged
 
 
+def _label(row) -> str:
+    """The variant's name, with the tower attention it ran on when the run compared several."""
+    return row["variant"] if row.get("attention") is None else f"{row['variant']} ({row['attention']})"
+
+
 def _index(rows):
-    return {(r["variant"], r["retain"], r["batch"]): r for r in rows}
+    return {(_label(r), r["retain"], r["batch"]): r for r in rows}
+
+
+def _vanilla(prefill: dict, batch: int, attention: str | None):
+    """The vanilla row at ``batch`` (576 tokens on LLaVA, a share of 1.0 on Qwen-VL)."""
+    name = "vanilla" if attention is None else f"vanilla ({attention})"
+    return next((row for (label, _, b), row in prefill.items() if label == name and b == batch), None)
+
+
+def _with_attention(name: str, attention: str | None) -> str:
+    return name if attention is None else f"{name} ({attention})"
 
 
 def _oracle_for(variant: str) -> str:
@@ -36,15 +53,20 @@ def target_rows(data: dict) -> list[dict]:
     prefill = _index(data["prefill"])
     batches = sorted({r["batch"] for r in data["prefill"]})
     out = []
-    order = {name: i for i, name in enumerate(dict.fromkeys(r["variant"] for r in data["prefill"]))}
-    for (variant, retain, batch), row in sorted(prefill.items(), key=lambda kv: (order[kv[0][0]], -kv[0][1], kv[0][2])):
+    order = {name: i for i, name in enumerate(dict.fromkeys(_label(r) for r in data["prefill"]))}
+    for (label, retain, batch), row in sorted(prefill.items(), key=lambda kv: (order[kv[0][0]], -kv[0][1], kv[0][2])):
+        variant, attention = row["variant"], row.get("attention")
         if variant == "vanilla" or batch != batches[0]:
             continue
-        entry = {"method": variant, "retain": retain}
+        entry = {"method": label, "retain": retain}
         for b in batches:
             reference = variant if variant.startswith("oracle") else _oracle_for(variant)
-            mine, oracle = prefill.get((variant, retain, b)), prefill.get((reference, retain, b))
-            vanilla = prefill.get(("vanilla", 576, b))
+            own = f"oracle[{variant}]"  # the method's own schedule without scoring, where the run has it
+            if not variant.startswith("oracle") and (_with_attention(own, attention), retain, b) in prefill:
+                reference = own
+            mine = prefill.get((label, retain, b))
+            oracle = prefill.get((_with_attention(reference, attention), retain, b))
+            vanilla = _vanilla(prefill, b, attention)
             if mine and oracle:
                 entry[f"overhead_b{b}"] = mine["prefill_ms"] / oracle["prefill_ms"]
             if mine and vanilla:
@@ -59,7 +81,7 @@ def markdown(data: dict) -> str:
     batches = sorted({r["batch"] for r in data["prefill"]})
     variants = []
     for r in data["prefill"]:
-        key = (r["variant"], r["retain"])
+        key = (_label(r), r["retain"])
         if key not in variants:
             variants.append(key)
     lines = []
@@ -73,11 +95,12 @@ def markdown(data: dict) -> str:
             cells += [f"{r['prefill_ms']:.1f}", f"{r['vision_ms']:.1f}", f"{r['llm_ms']:.1f}"] if r else ["-"] * 3
         last = prefill.get((variant, retain, batches[-1])) or prefill.get((variant, retain, batches[0]))
         lines.append(f"| {variant} | {retain} | " + " | ".join(cells) +
-                     f" | {last['calculator_llm_tflops']:.2f} | {last['kv_cache_mb']:.1f} | {last['peak_memory_gb']:.1f} |")
+                     f" | {last['calculator_llm_tflops']:.2f} | {last.get('kv_cache_mb', float('nan')):.1f} "
+                     f"| {last['peak_memory_gb']:.1f} |")
     lines += ["", "### Overhead vs the oracle and speedup vs vanilla (prefill, vision + LLM)", "",
-              "Overhead = method / oracle at the same retained count (encoder-side methods: `oracle`, the LLM fed "
-              "`retain` tokens; decoder-side methods: `oracle[method]`, the same per-layer schedule with truncation "
-              "instead of scoring). Speedup = vanilla / method, for the whole prefill and for the LLM part alone.", ""]
+              "Overhead = method / oracle at the same retained count: `oracle[method]`, the same per-layer schedule "
+              "with truncation instead of scoring, where the run has it (decoder-side methods; every method on "
+              "Qwen-VL), else `oracle`, the LLM fed `retain` tokens. Speedup = vanilla / method, for the whole prefill and for the LLM part alone.", ""]
     head = "| method | retain | " + " | ".join(f"overhead b{b}" for b in batches) + " | " + \
            " | ".join(f"speedup b{b}" for b in batches) + " | " + " | ".join(f"LLM speedup b{b}" for b in batches) + " |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
