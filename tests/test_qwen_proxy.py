@@ -150,3 +150,24 @@ def test_image_only_processor_saves_and_loads(tmp_path, generation, llava):
         assert torch.equal(before[key], after[key]), key
     with pytest.raises(ImportError, match="install torchvision to process videos"):
         processor(videos=[torch.zeros(2, 3, 56, 56)], text=["<|vision_start|><|video_pad|><|vision_end|>"])
+
+
+def test_distillation_targets_and_loss(llava, shipped):
+    """The teacher's 24 x 24 grid pooled onto each Qwen token grid (2x2 means at 336 px), and a
+    training step that distils from the LLaVA proxy."""
+    features = torch.randn(2, 576, 8)
+    grids = torch.tensor([[1, 24, 24], [1, 20, 28]])
+    targets = qwen.teacher_targets(features, grids)
+    assert targets.shape == (144 + 140, 8)
+    two_by_two = features[0].reshape(12, 2, 12, 2, 8).mean((1, 3)).reshape(144, 8)
+    torch.testing.assert_close(targets[:144], two_by_two, rtol=0, atol=1e-6)
+    assert float(qwen.distillation_loss(torch.zeros(3, 8), targets[:3])) == pytest.approx(1.0)
+    _, model, processor = shipped
+    student = type(model)(model.config)
+    student.load_state_dict(model.state_dict())
+    config = TrainConfig(steps=1, batch_size=2, device="cpu", num_workers=0, warmup_steps=1, log_every=1,
+                         distill_weight=1.0)
+    record = qwen.train(student, processor, qwen.training_stream(1), config, log=lambda line: None, teacher=llava)
+    assert 0 < record["curve"][0]["distill_loss"] < 2
+    with pytest.raises(ValueError, match="distill_weight needs a teacher"):
+        qwen.train(student, processor, qwen.training_stream(1), config)

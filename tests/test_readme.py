@@ -32,6 +32,19 @@ def test_use_it_code_runs_as_printed(tmp_path, monkeypatch):
     assert (tmp_path / "reduction.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_qwen_code_runs_as_printed(monkeypatch, tmp_path):
+    """The Qwen section's snippet, on the CPU with the embedded Qwen model: one answer per method."""
+    blocks = _python_blocks("Qwen2-VL, Qwen2.5-VL and Qwen3-VL")
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    lines = printed.getvalue().strip().splitlines()
+    assert [line.split(" -> ")[0] for line in lines] == ["ficoco-v", "ficoco-l"]
+    assert all(line.split(" -> ")[1].strip() for line in lines)
+
+
 def test_ci_runs_the_readme_test_command():
     command = re.search(r"```bash\n(pip install torch==2\.13\.0 -e '\.\[test\]'.*?)\n```", README).group(1)
     pytest_call = command.split("&&")[-1].strip()

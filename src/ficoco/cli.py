@@ -212,13 +212,14 @@ def _solve_every_target(budget, shape, name: str, targets: list[float], text_tok
 @click.option(*QUESTION_NAMES, "question", required=True, help="Question about the image (--prompt is an alias).")
 @click.option("--method", "method_name", default="ficoco-v", show_default=True,
               help="Method name, or 'vanilla' for no reduction.")
-@click.option("--retain", type=int, default=192, show_default=True, help="Visual tokens kept per image.")
+@click.option("--retain", default=None, help="Visual tokens kept per image: a count, or a share of the image's "
+              "tokens (0.25) [LLaVA-1.5: 192; Qwen-VL: 0.5].")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-def run(model_path: str, image_path: str, question: str, method_name: str, retain: int, max_new_tokens: int,
+def run(model_path: str, image_path: str, question: str, method_name: str, retain: str | None, max_new_tokens: int,
         device: str, dtype: str) -> None:
-    """Answer a question about an image with the LLaVA checkpoint at MODEL_PATH, with token reduction.
+    """Answer a question about an image with the checkpoint at MODEL_PATH (LLaVA-1.5 or Qwen-VL), with token reduction.
 
     The question is put into the processor's chat template with the image token, so give the
     plain question."""
@@ -228,12 +229,15 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 
     from .measure import budget
     from .adapters import attach
-    from .checkpoint import load_model, load_processor, resolve_device
-    from .measure.flops import LlavaShape
+    from .checkpoint import checkpoint_config, load_model, load_processor, resolve_device
     from .methods import get_method
     from .prompts import chat_prompt, vocabulary_check
 
-    method = None if method_name == "vanilla" else get_method(method_name, retain=retain)
+    qwen = checkpoint_config(model_path).get("model_type") in budget.QWEN_MODEL_TYPES
+    budgets = _budgets(retain) if retain is not None else [0.5 if qwen else 192]
+    if len(budgets) != 1:
+        raise click.BadParameter(f"expected one count or share, got {retain!r}", param_hint="--retain")
+    method = None if method_name == "vanilla" else get_method(method_name, retain=budgets[0])
     target = resolve_device(device)
     image = _open_image(image_path)
     processor = load_processor(model_path)
@@ -244,7 +248,7 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
     text = chat_prompt(processor, question)
     inputs = processor(images=image, text=text, return_tensors="pt").to(target)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    shape = LlavaShape.from_config(model.config)
+    shape = budget.shape_of(model.config, image.size if qwen else None, processor.image_processor)
     image_token = model.config.image_token_id
     text_tokens = int((inputs["input_ids"][0] != image_token).sum())
     handle = attach(model, method) if method is not None else None
@@ -411,7 +415,8 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
 @click.option("--data", "data", multiple=True, required=True,
               help="TASK=PATH, an lmms-eval task name and its files on disk (repeat per benchmark).")
 @click.option("--methods", "method_names", default="ficoco-v,ficoco-l,fastv", show_default=True)
-@click.option("--retain", "retains", default="192,128,64", show_default=True)
+@click.option("--retain", "retains", default="192,128,64", show_default=True,
+              help="Budgets: counts, or shares of each image's tokens (0.5,0.25,0.125; Qwen-VL's varied sizes).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--limit", type=int, default=None, help="First N samples of each benchmark.")
 @click.option("--out", "out_dir", default="eval-results", show_default=True)
@@ -446,7 +451,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
         if not sep:
             raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
         tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit), prompt_format)
-    variants = variants_for([m for m in method_names.split(",") if m], _int_list(retains))
+    variants = variants_for([m for m in method_names.split(",") if m], _budgets(retains))
     for variant in variants:
         variant.build()  # fail fast on a bad method or budget
     shard = Shard.current()
@@ -491,6 +496,10 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
               help="Share of steps whose LLM sees a random subset of the visual tokens, renumbered as after "
               "an encoder-side reduction [0].")
 @click.option("--token-drop-min", type=int, default=None, help="Fewest visual tokens such a step keeps [32].")
+@click.option("--distill-weight", type=float, default=None, help="qwen: weight of the distillation of its visual "
+              "tokens towards the LLaVA proxy's image tokens over the same scene region [0: off].")
+@click.option("--teacher-from", default=None, help="qwen: the LLaVA proxy to distil from [--language-from, else the "
+              "embedded LLaVA proxy].")
 @click.option("--token-drop-min-share", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="qwen: smallest share of each image's tokens such a step keeps [0.1].")
 @click.option("--max-minutes", type=float, default=None, help="Stop training early after this long (recorded).")
@@ -506,7 +515,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_proxy_command(out_dir, family, language_from, steps, batch_size, lr, warmup_steps, aux_weight, patch_weight, cls_layers,
                         cls_attention_layers, cls_attention_weight, token_drop_prob, token_drop_min,
-                        token_drop_min_share, max_minutes, device, workers, eval_size, easy_vqa_every, turns,
+                        distill_weight, teacher_from, token_drop_min_share, max_minutes, device, workers, eval_size, easy_vqa_every, turns,
                         init_from, textured_backgrounds, seed) -> None:
     """Train a proxy model (LLaVA-1.5- or Qwen2.5-VL-shaped) on the procedural dataset and save it in HF format."""
     from .checkpoint import resolve_device
@@ -516,7 +525,10 @@ def train_proxy_command(out_dir, family, language_from, steps, batch_size, lr, w
     given = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, aux_weight=aux_weight,
                  patch_weight=patch_weight,
                  cls_attention_weight=cls_attention_weight, token_drop_prob=token_drop_prob,
-                 token_drop_min=token_drop_min, token_drop_min_share=token_drop_min_share, num_workers=workers)
+                 token_drop_min=token_drop_min, token_drop_min_share=token_drop_min_share,
+                 distill_weight=distill_weight, num_workers=workers)
+    if family == "llava" and (distill_weight is not None or teacher_from is not None or token_drop_min_share is not None):
+        raise click.UsageError("--distill-weight, --teacher-from and --token-drop-min-share are Qwen proxy options")
     if family == "qwen":
         llava_only = {"--aux-weight": aux_weight, "--cls-layers": cls_layers or None,
                       "--cls-attention-layers": cls_attention_layers or None,
@@ -532,7 +544,8 @@ def train_proxy_command(out_dir, family, language_from, steps, batch_size, lr, w
         config = TrainConfig(max_seconds=None if max_minutes is None else max_minutes * 60, device=device, seed=seed,
                              **{key: value for key, value in given.items() if value is not None})
         train_qwen_proxy(out_dir, config, language_from or (None if init_from else str(embedded_model_dir())),
-                         eval_size=eval_size, turns=turns, init_from=init_from, log=click.echo)
+                         eval_size=eval_size, turns=turns, init_from=init_from,
+                         teacher_from=teacher_from or language_from or str(embedded_model_dir()), log=click.echo)
         return
     from .proxy.recipe import train_proxy
 

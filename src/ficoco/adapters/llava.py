@@ -99,7 +99,6 @@ class LlavaHandle(ReductionHandle):
                 self._wrap_generate(outer)
             self.vision.install(self.hooks)
         if self.plan.language:
-            per_image = self.plan.llm_input_visual + self.cls_to_llm
             self.language = LanguageSide(
                 llava, method.language, set(self.plan.language), schedule=self._schedule,
                 visual_token_ids=(llava.config.image_token_id,), grid=self.grid, token_state=self._token_state,

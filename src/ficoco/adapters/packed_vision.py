@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import VisionReduction
-from ..stages import NO_POSITION, AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
+from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
 from .hooks import HookSet
 
 _SENTINEL = object()

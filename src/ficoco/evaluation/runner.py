@@ -20,7 +20,6 @@ import torch
 
 from ..measure import budget
 from ..adapters import attach
-from ..measure.flops import LlavaShape
 from ..methods import Method, get_method
 from ..prompts import chat_prompt
 from .prompt_format import check_task_prompts
@@ -40,7 +39,7 @@ class Variant:
     """A method at a budget, or vanilla."""
 
     method: str = "vanilla"
-    retain: int | None = None
+    retain: int | float | None = None  # a count, or a share of each image's tokens
     options: dict = field(default_factory=dict)
 
     @property
@@ -51,7 +50,7 @@ class Variant:
         return None if self.method == "vanilla" else get_method(self.method, retain=self.retain, **self.options)
 
 
-def variants_for(methods: Iterable[str], retains: Iterable[int], options: dict | None = None) -> list[Variant]:
+def variants_for(methods: Iterable[str], retains: Iterable[int | float], options: dict | None = None) -> list[Variant]:
     """Vanilla first, then every method at every budget."""
     out = [Variant()]
     for name in methods:
@@ -203,7 +202,10 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     wanted = [rows[r.sample_id] for r in records]
     scorer = SCORERS[task]
     score = scorer(wanted, judge=judge) if task in ("mmvet", "llava_in_the_wild") else scorer(wanted)
-    shape = LlavaShape.from_config(model.config)
+    # a Qwen-VL model is costed at the first sample's image size (its images differ in token count)
+    qwen = model.config.model_type in budget.QWEN_MODEL_TYPES
+    shape = budget.shape_of(model.config, records[0].image().size if qwen else None,
+                            getattr(processor, "image_processor", None))
     text = _text_tokens(processor, records)
     cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,

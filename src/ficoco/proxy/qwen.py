@@ -263,15 +263,39 @@ def normalize_patches(patches: Tensor, processor) -> Tensor:
     return (patches.float() * images_in.rescale_factor - mean) / std
 
 
+def teacher_targets(features: Tensor, grids: Tensor, merge: int = MERGE) -> Tensor:
+    """The LLaVA proxy's image tokens ``[B, 576, D]`` (a 24 x 24 grid over each 336 px scene)
+    averaged over the scene region of each LLM token of the Qwen images with patch grids
+    ``grids`` ``[B, 3]`` (t, h, w): ``[sum of (h / merge) * (w / merge), D]`` in raster order,
+    image after image (the merger's output order). The Qwen image is the same scene resized, so
+    its token grid covers the same area (adaptive average pooling)."""
+    side = round(features.shape[1] ** 0.5)
+    maps = features.transpose(1, 2).reshape(features.shape[0], features.shape[2], side, side)
+    out = []
+    for scene, (_, h, w) in zip(maps, grids.tolist()):
+        pooled = nn.functional.adaptive_avg_pool2d(scene[None].float(), (h // merge, w // merge))[0]
+        out.append(pooled.flatten(1).T)
+    return torch.cat(out)
+
+
+def distillation_loss(student: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of ``student`` ``[N, D]`` against ``target`` ``[N, D]``, relative to the
+    target's mean square (1.0: as far as predicting zeros)."""
+    return nn.functional.mse_loss(student.float(), target.float()) / target.float().pow(2).mean().clamp_min(1e-12)
+
+
 def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExample], config: TrainConfig,
           words_of: Callable[[RenderedExample], list[tuple[str, ...]] | None] = sample_token_words,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, teacher: tuple[nn.Module, object] | None = None) -> dict:
     """Train the Qwen proxy in place: answer loss, ``config.patch_weight`` x the word alignment of
     every LLM visual token (:func:`~ficoco.proxy.train.word_alignment_loss`; not on token-drop
     steps, whose merged tokens are a subset), and with probability ``config.token_drop_prob`` a
     step whose LLM sees a random share in ``[config.token_drop_min_share, 1)`` of each image's
     tokens. On CUDA the tower attends through :func:`ficoco.fast_vision_attention`'s padded
-    one-call path. Returns the loss curve and timing."""
+    one-call path. With ``config.distill_weight > 0``, ``teacher`` (a LLaVA proxy model and its
+    processor, frozen) gives each LLM visual token a target: the teacher's image tokens over the
+    same region of the scene at 336 px (:func:`teacher_targets`, :func:`distillation_loss`; not
+    on token-drop steps). Returns the loss curve and timing."""
     from torch.utils.data import DataLoader
 
     from ..adapters.varlen import fast_vision_attention
@@ -280,6 +304,8 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
         raise ValueError(f"token_drop_prob must lie in [0, 1], got {config.token_drop_prob}")
     if not 0.0 < config.token_drop_min_share < 1.0:
         raise ValueError(f"token_drop_min_share must lie in (0, 1), got {config.token_drop_min_share}")
+    if config.distill_weight > 0 and teacher is None:
+        raise ValueError("distill_weight needs a teacher (a LLaVA proxy and its processor)")
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     model.to(device).train()
@@ -288,7 +314,15 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=config.lr, betas=(0.9, 0.98))
     merged: dict[str, Tensor] = {}
-    hook = model.model.visual.merger.register_forward_hook(lambda module, args, output: merged.update(tokens=output))
+    hooks = [model.model.visual.merger.register_forward_hook(
+        lambda module, args, output: merged.update(tokens=output))]
+    distilling = config.distill_weight > 0
+    if distilling:
+        teacher_model, teacher_processor = teacher
+        teacher_model.to(device).eval().requires_grad_(False)
+        # the projected image tokens, whatever get_image_features returns in this transformers
+        hooks.append(teacher_model.model.multi_modal_projector.register_forward_hook(
+            lambda module, args, output: merged.update(teacher=output)))
     vocab, unknown = processor.tokenizer.get_vocab(), processor.tokenizer.unk_token_id
     encode = fast_encoder(processor)
 
@@ -299,7 +333,11 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
         if all(grid is not None for grid in labelled):  # [all tokens of the batch, 2] word ids, -100 where none
             targets = torch.tensor([([vocab.get(w, unknown) for w in words[:2]] + [-100, -100])[:2]
                                     for grid in labelled for words in grid])
-        return collate(samples, processor, encode=encode), targets
+        batch = collate(samples, processor, encode=encode)
+        if distilling:  # the same scenes at the teacher's 336 px
+            batch["teacher_pixels"] = teacher_processor.image_processor(
+                images=[s.example.image() for s in samples], return_tensors="pt")["pixel_values"]
+        return batch, targets
 
     loader = DataLoader(range(config.steps * config.batch_size), batch_size=config.batch_size, shuffle=False,
                         num_workers=config.num_workers, collate_fn=make_batch, pin_memory=device.type == "cuda",
@@ -320,6 +358,7 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                     group["lr"] = config.lr * cosine_lr(step, config)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = normalize_patches(batch["pixel_values"], processor)
+                teacher_pixels = batch.pop("teacher_pixels", None)
                 dropping = (config.token_drop_prob > 0
                             and float(torch.rand((), generator=drop_draws)) < config.token_drop_prob)
                 share = (config.token_drop_min_share
@@ -328,11 +367,18 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
                         out = model(**batch)
                         loss, patch_loss = out.loss, torch.zeros((), device=device)
+                        distill_loss = torch.zeros((), device=device)
                         if targets is not None and not dropping:
                             embeddings = model.get_input_embeddings().weight
                             patch_loss = word_alignment_loss(merged["tokens"].float()[None], embeddings.float(),
                                                              targets.to(device)[None])
                             loss = loss + config.patch_weight * patch_loss
+                        if distilling and not dropping:
+                            with torch.no_grad():
+                                teacher_model.model.get_image_features(pixel_values=teacher_pixels)
+                                wanted = teacher_targets(merged["teacher"], batch["image_grid_thw"])
+                            distill_loss = distillation_loss(merged["tokens"], wanted)
+                            loss = loss + config.distill_weight * distill_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -341,10 +387,12 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                 out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
                 if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                     entry = dict(step=step, loss=float(out.loss.detach()), patch_loss=float(patch_loss.detach()),
+                                 distill_loss=float(distill_loss.detach()),
                                  visual_share=share if dropping else 1.0, lr=optimizer.param_groups[0]["lr"],
                                  seconds=elapsed, data_seconds=data_seconds)
                     curve.append(entry)
                     log(f"step {step:5d}  answer loss {entry['loss']:.4f}  patch loss {entry['patch_loss']:.4f}  "
+                        f"distill loss {entry['distill_loss']:.4f}  "
                         f"visual share {entry['visual_share']:.2f}  lr {entry['lr']:.2e}  {elapsed:.0f}s "
                         f"({data_seconds:.0f}s waiting for data)")
                 if out_of_time:
@@ -352,7 +400,8 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                     log(f"stopped after {elapsed:.0f}s at step {step} of {config.steps} (max_seconds)")
                     break
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     model.eval()
     return {"config": asdict(config), "curve": curve, "seconds": time.time() - started, "stopped_at_step": stopped_at}
 
@@ -363,10 +412,13 @@ def validation_samples(size: int, split: str = "validation", textured: bool = Fa
 
 
 def train_qwen_proxy(out_dir: str, config: TrainConfig, language_from: str | None, shape: QwenProxyShape = QwenProxyShape(),
-                     eval_size: int = 500, turns: int = 12, init_from: str | None = None, log=print) -> dict:
+                     eval_size: int = 500, turns: int = 12, init_from: str | None = None,
+                     teacher_from: str | None = None, log=print) -> dict:
     """Build the Qwen proxy (decoder from the LLaVA proxy at ``language_from``, or continue from the
     Qwen checkpoint ``init_from``), train it, evaluate it on the first ``eval_size`` validation
-    samples, save it (fp16 safetensors, the processor, ``training.json``) to ``out_dir``."""
+    samples, save it (fp16 safetensors, the processor, ``training.json``) to ``out_dir``.
+    ``config.distill_weight > 0`` distils from the LLaVA proxy at ``teacher_from`` (default:
+    ``language_from``)."""
     from ..checkpoint import load_model, load_processor
     from ..qwen_processor import save_processor
 
@@ -381,14 +433,21 @@ def train_qwen_proxy(out_dir: str, config: TrainConfig, language_from: str | Non
         with torch.no_grad():
             copied = transfer_language_model(model, processor.tokenizer, llava, llava_processor.tokenizer)
         log(f"decoder from {language_from}: {copied} word embeddings copied")
+    teacher_from = teacher_from or language_from
+    teacher = None
+    if config.distill_weight > 0:
+        if teacher_from is None:
+            raise ValueError("distillation needs teacher_from (a LLaVA proxy checkpoint)")
+        teacher = (load_model(teacher_from, dtype=torch.float32), load_processor(teacher_from))
     started = time.time()
-    record = train(model, processor, training_stream(turns), config, log=log)
+    record = train(model, processor, training_stream(turns), config, log=log, teacher=teacher)
     metrics = accuracy(model, processor, validation_samples(eval_size), batch_size=64) if eval_size > 0 else {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     save_processor(processor, out)
-    record.update(language_from=language_from, init_from=init_from, embedding_rows_copied=copied, turns=turns,
+    record.update(language_from=language_from, init_from=init_from,
+                  teacher_from=teacher_from if config.distill_weight > 0 else None, embedding_rows_copied=copied, turns=turns,
                   dataset_version=DATASET_VERSION, image_sides=list(SIDES), max_aspect=MAX_ASPECT,
                   shape=asdict(shape), parameters=sum(p.numel() for p in model.parameters()),
                   validation_size=eval_size, validation_accuracy=metrics, total_seconds=time.time() - started)

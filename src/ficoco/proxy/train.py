@@ -65,6 +65,9 @@ class TrainConfig:
     # the same for a model whose images differ in token count (the Qwen proxy): the LLM sees a
     # random share in [token_drop_min_share, 1) of each image's tokens
     token_drop_min_share: float = 0.1
+    # the Qwen proxy: weight of the distillation of its LLM visual tokens towards a LLaVA proxy's
+    # image tokens over the same scene region (ficoco.proxy.qwen.teacher_targets); 0: off
+    distill_weight: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "cuda"
