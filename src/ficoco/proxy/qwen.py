@@ -33,9 +33,9 @@ from ..adapters import attach
 from ..methods.baselines import random_drop
 from .evaluate import accuracy
 from .model import word_level_tokenizer
-from .recipe import RenderedExample
-from .scenes import DATASET_VERSION, IMAGE_SIZE, SPLITS, Example, example_at, follow_up_questions, make_split, rng_for
-from .train import TrainConfig, collate, cosine_lr, word_alignment_loss
+from .recipe import RenderedExample, mixed_training_stream
+from .scenes import DATASET_VERSION, IMAGE_SIZE, Example, make_split, rng_for
+from .train import TrainConfig, collate, cosine_lr, optimizer_step, word_alignment_loss
 
 MODEL_TYPE = "qwen2_5_vl"
 #: the Qwen placeholder tokens, by the tokenizer attribute the processor reads
@@ -197,16 +197,7 @@ def transfer_language_model(model: nn.Module, tokenizer, llava: nn.Module, llava
 def training_stream(turns: int = 12, textured: bool = False) -> Callable[[int], RenderedExample]:
     """``sample_at(i)``: procedural train sample ``i`` at its own size, with up to ``turns - 1``
     more questions about the same image."""
-    seed = SPLITS["train"].seed
-
-    def sample_at(i: int) -> RenderedExample:
-        example = example_at(seed, i)
-        item = rendered_at_size(example, textured)
-        if turns > 1:
-            item.turns = tuple((s.question, s.answer) for s in follow_up_questions(example, turns - 1))
-        return item
-
-    return sample_at
+    return mixed_training_stream((), 0, 0, turns, textured, render=rendered_at_size)
 
 
 def sample_token_words(sample: RenderedExample) -> list[tuple[str, ...]] | None:
@@ -379,12 +370,7 @@ def train(model: nn.Module, processor, sample_at: Callable[[int], RenderedExampl
                                 wanted = teacher_targets(merged["teacher"], batch["image_grid_thw"])
                             distill_loss = distillation_loss(merged["tokens"], wanted)
                             loss = loss + config.distill_weight * distill_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                elapsed = time.time() - started
-                out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
+                elapsed, out_of_time = optimizer_step(loss, optimizer, params, config, started)
                 if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                     entry = dict(step=step, loss=float(out.loss.detach()), patch_loss=float(patch_loss.detach()),
                                  distill_loss=float(distill_loss.detach()),

@@ -96,13 +96,15 @@ def easy_vqa_vocabulary() -> list[str]:
 
 
 def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, seed: int, turns: int = 1,
-                          textured: bool = False):
+                          textured: bool = False, render=None):
     """``sample_at(i)`` for training: procedural train sample ``i``, except that every ``every``-th
     index (``i % every == every - 1``) is an easy-VQA question instead, drawn without replacement
     in a seeded order that is reshuffled each pass over ``easy_vqa_fit``. With ``turns > 1`` each
     sample carries up to ``turns - 1`` more questions about the same image as later turns (as in
     LLaVA's multi-turn instruction data): more supervised answers per image forward pass.
-    ``textured`` draws the scenes on textured backgrounds (:func:`~ficoco.proxy.scenes.background_texture`)."""
+    ``textured`` draws the scenes on textured backgrounds (:func:`~ficoco.proxy.scenes.background_texture`);
+    ``render(example, textured)`` makes the sample (default :func:`rendered`, 336 px)."""
+    render = render or rendered
     train_seed = SPLITS["train"].seed
     by_image: dict[int, list[EasyVQASample]] = {}
     for sample in easy_vqa_fit:
@@ -122,7 +124,7 @@ def mixed_training_stream(easy_vqa_fit: Sequence[EasyVQASample], every: int, see
             item.turns = tuple((others[k].question, others[k].answer) for k in picked)
             return item
         example = example_at(train_seed, i)
-        item = rendered(example, textured)
+        item = render(example, textured)
         if turns > 1:
             item.turns = tuple((s.question, s.answer) for s in follow_up_questions(example, turns - 1))
         return item

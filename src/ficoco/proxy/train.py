@@ -186,6 +186,18 @@ def cls_attention_saliency_loss(cls_query: Tensor, keys: Tensor, num_heads: int,
     return (per_row * has_salient).sum() / has_salient.sum().clamp(min=1)
 
 
+def optimizer_step(loss: Tensor, optimizer: torch.optim.Optimizer, params: list, config: TrainConfig,
+                   started: float) -> tuple[float, bool]:
+    """Backward, clip, step; returns the seconds since ``started`` and whether that is over
+    ``config.max_seconds``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    elapsed = time.time() - started
+    return elapsed, config.max_seconds is not None and elapsed > config.max_seconds
+
+
 def cosine_lr(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -336,12 +348,7 @@ def train(
                                                     encoder_layers[layer].self_attn.scale, salient)
                         for layer in config.cls_attention_layers) / len(config.cls_attention_layers)
                     loss = loss + config.cls_attention_weight * attention_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            elapsed = time.time() - started
-            out_of_time = config.max_seconds is not None and elapsed > config.max_seconds
+            elapsed, out_of_time = optimizer_step(loss, optimizer, params, config, started)
             if step % config.log_every == 0 or step == config.steps - 1 or out_of_time:
                 entry = dict(step=step, loss=float(out.loss.detach()), aux_loss=float(aux_loss.detach()),
                              patch_loss=float(patch_loss.detach()), attention_loss=float(attention_loss.detach()),
