@@ -185,7 +185,9 @@ def markdown(report: Mapping) -> str:
     lines = [f"Proxy model `{report['model']}`: {report['split']} split, {report['size']} samples"
              + (f" (+{report['easy_vqa_size']} easy-VQA test questions, not in overall)" if easy else "")
              + f", {report['text_tokens']} text tokens, {report['device']}. Accuracy in %, exact match. "
-             f"`method@tflops(N)`: the decoder-side method solved to {REFERENCE}@N's LLM prefill TFLOPs.", "",
+             + (f"Visual tokens and TFLOPs are counted for one {report['cost_image_size']} image (each sample has its "
+                f"own size). " if report.get("cost_image_size") else "")
+             + f"`method@tflops(N)`: the decoder-side method solved to {REFERENCE}@N's LLM prefill TFLOPs.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for r in rows:
@@ -276,7 +278,8 @@ def run(model_path: str, out_dir: str, *, split: str = "test", size: int | None 
         + (f" + {len(samples[EASY_VQA])} easy-VQA questions" if easy_vqa else "") + f" ({device})")
     rows = evaluate_variants(model, processor, samples, planned, batch_size, log)
     report = {
-        "model": str(model_path), "family": family, "split": split, "size": len(samples["procedural"]),
+        "model": str(model_path), "family": family, "split": split,
+        "cost_image_size": "x".join(map(str, QWEN_COST_SIZE)) if qwen else None, "size": len(samples["procedural"]),
         "easy_vqa_size": len(samples.get(EASY_VQA, ())), "device": device, "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size, "torch": torch.__version__, "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "text_tokens": text_tokens,
