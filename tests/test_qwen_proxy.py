@@ -171,3 +171,45 @@ def test_distillation_targets_and_loss(llava, shipped):
     assert 0 < record["curve"][0]["distill_loss"] < 2
     with pytest.raises(ValueError, match="distill_weight needs a teacher"):
         qwen.train(student, processor, qwen.training_stream(1), config)
+
+
+@pytest.mark.parametrize("name", ["ficoco-v", "tome"])
+def test_demo_picture_puts_tokens_back_in_raster_order(shipped, name):
+    """The demo's picture of a Qwen2.5-VL reduction: the stages saw the merge groups window by
+    window, the picture shows them in raster order; each kept token's own group owns its column,
+    and the columns follow the tower's (window) order."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from ficoco.demo import _qwen_reduction, bundled_example
+    from ficoco.prompts import chat_prompt
+
+    _, model, processor = shipped
+    image, questions, _ = bundled_example()
+    image = image.resize((420, 308))  # 15 x 11 tokens: windows cut at the border
+    inputs = processor(images=[image], text=[chat_prompt(processor, questions[0])], return_tensors="pt")
+    with ficoco.apply(model, name, retain=0.5, record=True) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        trace = handle.vision_trace
+    positions, destinations, grid = _qwen_reduction(model, trace)
+    assert grid == (11, 15) and destinations.shape == (165, len(positions))
+    torch.testing.assert_close(destinations.sum(1), torch.ones(165))  # every group's information lands somewhere
+    window_order = get_vision_window_index(torch.tensor([[1, 22, 30]]), 2, 112, 14)[0]
+    rank = torch.empty_like(window_order)
+    rank[window_order] = torch.arange(len(window_order))
+    columns = torch.argsort(torch.argsort(rank[positions]))
+    assert torch.equal(destinations[positions].argmax(1), columns)
+
+
+def test_demo_cli_on_the_qwen_model(tmp_path):
+    from click.testing import CliRunner
+
+    from ficoco.cli import main
+
+    picture = tmp_path / "demo.png"
+    result = CliRunner().invoke(main, ["demo", "--model", "qwen", "--question", "how many circles are there?",
+                                       "--retain", "0.25", "--picture", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert "proxy-qwen2.5-vl" in result.output and picture.read_bytes()[:4] == b"\x89PNG"
+    lines = [line for line in result.output.splitlines() if line.startswith(("vanilla", "ficoco-v "))]
+    assert "visual tokens 144 -> 144" in lines[0] and "visual tokens  36 ->  36" in lines[1]
