@@ -382,3 +382,26 @@ def test_padded_one_call_attention_trains_like_the_stock_path(models, generation
         torch.testing.assert_close(grads[name], stock[name], rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="unknown kernel 'flash'.*auto, padded"):
         fast_vision_attention(model, kernel="flash")
+
+
+@pytest.mark.parametrize("key", ["vanilla", "ficoco-v"])
+def test_compiled_blocks_give_the_stock_outputs_and_come_off(models, key):
+    """``compile_blocks=True`` (traced by dynamo; the "eager" backend keeps the test fast on CPU)
+    gives the stock path's logits with and without a reduction attached, and ``remove`` puts the
+    class's own forward back."""
+    from ficoco.adapters.varlen import fast_vision_attention
+
+    generation = "qwen2_5_vl"
+    model = models[generation]
+    inputs = image_batch(generation)
+    handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    try:
+        stock = logits(model, inputs)
+        with fast_vision_attention(model, compile_blocks=True, compile_backend="eager"):
+            assert all("forward" in vars(block) for block in model.model.visual.blocks)
+            compiled = logits(model, inputs)
+    finally:
+        if handle:
+            handle.remove()
+    assert not any("forward" in vars(block) for block in model.model.visual.blocks)
+    torch.testing.assert_close(compiled, stock, rtol=1e-5, atol=1e-5)

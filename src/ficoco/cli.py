@@ -280,7 +280,7 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 @click.option("--image-size", default="1280x720", show_default=True, help="Qwen-VL: the image's WIDTHxHEIGHT.")
 @click.option("--attention", default="sdpa,varlen", show_default=True,
               help="Qwen-VL: the tower's attention paths to time (sdpa: transformers' own; varlen: one call per "
-                   "block, ficoco.fast_vision_attention).")
+                   "block, ficoco.fast_vision_attention; compiled: that with each block's forward compiled).")
 @click.option("--methods", "method_names", default="ficoco-v,ficoco-l,ficoco-vl,tome,evit,fastv,random",
               show_default=True)
 @click.option("--generate-tokens", default="1,32", show_default=True, help="New tokens per generation run.")

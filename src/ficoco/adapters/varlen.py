@@ -112,10 +112,27 @@ def register() -> None:
     AttentionInterface.register(PADDED_ATTENTION_NAME, padded_attention)
 
 
+def _compiled_unless_hooked(block: nn.Module, backend: str):
+    """``block.forward`` compiled, except while a module inside the block carries hooks (a
+    reduction happens in this block: its hooks change Python state the compiled graph would not
+    replay), when the block runs eagerly. Hooks on the block itself run outside its forward."""
+    eager = block.forward
+    compiled = torch.compile(eager, dynamic=True, backend=backend)
+    inner = [m for m in block.modules() if m is not block]
+
+    def forward(*args, **kwargs):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in inner):
+            return eager(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    return forward
+
+
 class FastVisionAttention:
     """The one-call attention switched on for a model's vision tower; :meth:`remove` switches back."""
 
-    def __init__(self, model: nn.Module, kernel: str = "auto") -> None:
+    def __init__(self, model: nn.Module, kernel: str = "auto", compile_blocks: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r} for the one-call vision attention; one of {', '.join(KERNELS)}")
         core = getattr(model, "model", model)
@@ -127,11 +144,21 @@ class FastVisionAttention:
         self.config = tower.config
         self.previous = self.config._attn_implementation
         self.config._attn_implementation = KERNELS[kernel]
+        # each block's forward compiled on the instance (deleting the attribute restores the class's):
+        # the towers' remaining time is elementwise float32 work (rotary, norms) that compiling fuses
+        self.compiled = []
+        if compile_blocks:
+            for block in tower.blocks:
+                block.forward = _compiled_unless_hooked(block, compile_backend)
+                self.compiled.append(block)
 
     def remove(self) -> None:
         if self.config is not None:
             self.config._attn_implementation = self.previous
             self.config = None
+        for block in self.compiled:
+            del block.forward
+        self.compiled = []
 
     def __enter__(self) -> "FastVisionAttention":
         return self
@@ -140,7 +167,11 @@ class FastVisionAttention:
         self.remove()
 
 
-def fast_vision_attention(model: nn.Module, kernel: str = "auto") -> FastVisionAttention:
+def fast_vision_attention(model: nn.Module, kernel: str = "auto", compile_blocks: bool = False,
+                          compile_backend: str = "inductor") -> FastVisionAttention:
     """Run ``model``'s vision tower with one attention call per block (see the module docstring).
-    ``kernel="padded"`` always takes the padded SDPA call (e.g. for training)."""
-    return FastVisionAttention(model, kernel)
+    ``kernel="padded"`` always takes the padded SDPA call (e.g. for training). ``compile_blocks``
+    also compiles each block's forward with ``torch.compile(dynamic=True, backend=compile_backend)``;
+    a block where an attached method reduces runs eagerly. :meth:`FastVisionAttention.remove`
+    undoes both."""
+    return FastVisionAttention(model, kernel, compile_blocks, compile_backend)

@@ -11,7 +11,8 @@ Variants: ``vanilla``; ``oracle`` (the LLM fed the kept share, truncated at the 
 scoring); ``oracle[method]`` (the method's own per-block and per-layer schedule, truncation
 instead of scoring: the floor of that schedule); every method at every share. Each runs with the
 tower's stock attention (``sdpa``: one SDPA call per image or window, as transformers runs it
-without flash-attn) and with :func:`ficoco.fast_vision_attention` (``varlen``).
+without flash-attn), with :func:`ficoco.fast_vision_attention` (``varlen``) and with that and
+every block's forward compiled (``compiled``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from . import budget
 from .bench import cuda_times, environment, split_repeats
 from .flops import preset as flops_preset
 from .qwen import QwenVLShape
+
+#: the tower's attention paths: transformers' stock loop, ficoco's one call per block, and the
+#: same with every block's forward compiled (``torch.compile``)
+ATTENTION_PATHS = ("sdpa", "varlen", "compiled")
 
 #: preset -> (model type, text-config rope) of the Hugging Face classes
 GENERATIONS = {
@@ -165,9 +170,9 @@ def run(
     """Run the benchmark; returns a JSON-ready dict (environment, settings, prefill rows)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the speed benchmark needs a CUDA GPU")
-    unknown = set(attention) - {"sdpa", "varlen"}
+    unknown = set(attention) - set(ATTENTION_PATHS)
     if unknown:
-        raise ValueError(f"attention must be sdpa and/or varlen, got {sorted(unknown)}")
+        raise ValueError(f"attention must be among {', '.join(ATTENTION_PATHS)}, got {sorted(unknown)}")
     device, dtype = "cuda", torch.bfloat16
     started = time.time()
     model = random_qwen_model(preset, device, dtype)
@@ -182,7 +187,8 @@ def run(
     memory: dict[tuple, float] = {}
     for round_index, round_repeats in enumerate(per_round):
         for path in attention:
-            fast = fast_vision_attention(model) if path == "varlen" else None
+            fast = (fast_vision_attention(model, compile_blocks=path == "compiled")
+                    if path in ("varlen", "compiled") else None)
             try:
                 for label, share, method in variant_list:
                     handle = attach(model, method) if method is not None else None
