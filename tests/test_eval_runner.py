@@ -205,6 +205,21 @@ def test_cli_eval_end_to_end(checkpoint, benchmarks, tmp_path):
     assert "warning: ⚠ POPE vanilla" in noise.stderr and "could not be parsed" in noise.stderr
 
 
+def test_cli_eval_on_the_qwen_proxy(benchmarks, tmp_path):
+    """``ficoco eval`` picks the Qwen-VL family from the checkpoint, takes budgets as shares of each
+    image's tokens, asks the proxy's own prompts and costs the LLM at the sample's image size."""
+    from ficoco.assets import embedded_model_dir
+
+    out = CliRunner().invoke(main, ["eval", str(embedded_model_dir("qwen")), "--data", f"pope={benchmarks['pope']}",
+                                    "--methods", "ficoco-v", "--retain", "0.25", "--limit", "4", "--batch-size", "4",
+                                    "--no-plot", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "prompt format: model" in out.stdout and "| ficoco-v@0.25 |" in out.stdout
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["ficoco-v@0.25"]["llm_tflops"] < 0.5 * rows["vanilla"]["llm_tflops"]
+    assert len(load_predictions(tmp_path / "pope" / "ficoco-v@0.25.jsonl")) == 4
+
+
 def test_cli_eval_bad_data_argument(checkpoint, tmp_path):
     out = CliRunner().invoke(main, ["eval", str(checkpoint), "--data", "pope", "--out", str(tmp_path)])
     assert out.exit_code != 0 and "TASK=PATH" in out.output
