@@ -432,6 +432,12 @@ def train_qwen_proxy(out_dir: str, config: TrainConfig, language_from: str | Non
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     save_processor(processor, out)
+    import transformers
+
+    record["environment"] = {
+        "device": torch.cuda.get_device_name() if config.device.startswith("cuda") else config.device,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime())}
     record.update(language_from=language_from, init_from=init_from,
                   teacher_from=teacher_from if config.distill_weight > 0 else None, embedding_rows_copied=copied, turns=turns,
                   dataset_version=DATASET_VERSION, image_sides=list(SIDES), max_aspect=MAX_ASPECT,
