@@ -425,6 +425,19 @@ def test_mmbench_prompt_details(tmp_path):
     assert first.meta["source"] == "reasoning" and first.meta["L2-category"] == "attribute"
 
 
+def test_mmbench_l2_categories_reach_the_score_from_lmms_lab_parquet(tmp_path):
+    """lmms-lab's parquet spells the column "L2-category"; the scorer's per-L2 breakdown must see it."""
+    from ficoco.evaluation.runner import scorer_row
+    from ficoco.evaluation.scoring import SCORERS
+
+    hf_mmbench("en")(tmp_path)
+    records = read_benchmark("mmbench_en_dev", tmp_path)
+    rows = [scorer_row(record, record.answer) for record in records]
+    assert [row["l2-category"] for row in rows] == ["attribute", "coarse"]
+    score = SCORERS["mmbench_en_dev"](rows)
+    assert set(score["per_l2_category"]) == {"attribute", "coarse"}
+
+
 def test_prompt_overrides(tmp_path):
     hf_gqa(tmp_path)
     record = read_benchmark("gqa", tmp_path, pre_prompt="Q: ", post_prompt=" A:")[0]

@@ -82,13 +82,20 @@ def test_vqa_accuracy_values_worked_out():
     assert vqa_accuracy("dog", [{"answer": a, "answer_id": i} for i, a in enumerate(answers)]) == pytest.approx(0.6)
 
 
-def test_vqa_accuracy_unanimous_quirk_of_vqaeval():
-    # vqaEval.py normalises only when the 10 answers differ: with ten "2", "two" stays "two"
-    # and matches nothing (0.0); lmms-eval always normalises: "two" -> "2", 10 matches -> 1.0.
+def test_vqa_accuracy_official_vqaeval_rule():
+    # vqaEval.py always normalises the prediction (punctuation, then lower case, number words,
+    # articles): "Yes" against ten "yes", and "two" against ten "2", both match
+    assert vqa_accuracy("Yes", ["yes"] * 10, rule="vqaeval") == 1.0
+    assert vqa_accuracy("two", ["2"] * 10, rule="vqaeval") == 1.0
     assert vqa_accuracy("two", ["2"] * 10) == 1.0
-    assert vqa_accuracy("two", ["2"] * 10, normalize_unanimous=False) == 0.0
-    # with differing answers both normalise: 9 matches -> 1.0
-    assert vqa_accuracy("two", ["2"] * 9 + ["3"], normalize_unanimous=False) == 1.0
+    # the human answers only get the punctuation step, and only when they differ: nine "two"
+    # stay "two" and do not match the normalised "2"; lmms-eval normalises them too
+    assert vqa_accuracy("2", ["two"] * 9 + ["3"], rule="vqaeval") == 0.0
+    assert vqa_accuracy("2", ["two"] * 9 + ["3"]) == 1.0
+    # unanimous answers are compared raw: a unanimous "Yes" is not matched by "yes"
+    assert vqa_accuracy("yes", ["Yes"] * 10, rule="vqaeval") == 0.0
+    with pytest.raises(ValueError, match="unknown VQA answer rule 'official'; one of lmms-eval, vqaeval"):
+        vqa_accuracy("yes", ["yes"], rule="official")
 
 
 def test_vqa_accuracy_needs_answers():

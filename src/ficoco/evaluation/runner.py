@@ -32,6 +32,8 @@ MAX_NEW_TOKENS = MappingProxyType({"vqa": 16, "yes_no": 8, "multiple_choice": 8,
 #: meta fields the scorers read (MME pairs, MMBench circular groups, SEED dimensions, ...)
 _SCORER_FIELDS = ("index", "image_id", "question_id", "answerable", "answer_type", "l2-category", "data_type",
                   "context", "caption", "split", "capability")
+#: other spellings of a scorer field in the benchmarks' files (lmms-lab's MMBench parquet: "L2-category")
+_FIELD_ALIASES = MappingProxyType({"l2-category": ("L2-category", "l2_category")})
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def scorer_row(record: Record, prediction: str) -> dict:
            "answers": list(record.answers), "options": dict(record.options), "category": record.category,
            "question": record.question}
     for key in _SCORER_FIELDS:
-        value = record.meta.get(key)
+        value = next((record.meta[k] for k in (key, *_FIELD_ALIASES.get(key, ())) if record.meta.get(k) is not None),
+                     None)
         if value is not None:
             try:
                 json.dumps(value)

@@ -238,12 +238,16 @@ def _answer_text(answer: Any) -> str:
     return _text(answer)
 
 
+#: the answer-matching rules :func:`vqa_accuracy` offers
+VQA_RULES = ("lmms-eval", "vqaeval")
+
+
 def vqa_accuracy(
     prediction: str,
     answers: Sequence[Any],
     *,
     tokenize: bool = True,
-    normalize_unanimous: bool = True,
+    rule: str = "lmms-eval",
 ) -> float:
     """VQA accuracy of one prediction against the human answers (usually 10), in [0, 1].
 
@@ -253,20 +257,25 @@ def vqa_accuracy(
     Args:
         prediction: the model's answer.
         answers: the human answers, as strings or ``{"answer": ...}`` mappings.
-        tokenize: see :func:`normalize_vqa_answer`.
-        normalize_unanimous: ``vqaEval.py`` normalises only when the human answers are not all
-            identical; pass False to reproduce that. lmms-eval always normalises (the default).
+        tokenize: see :func:`normalize_vqa_answer` (``rule="lmms-eval"`` only).
+        rule: ``"lmms-eval"`` normalises the prediction and every answer alike (lmms-eval, the
+            EvalAI processor); ``"vqaeval"`` is the official ``vqaEval.py``: the prediction always
+            gets the punctuation and digit/article steps, the human answers only the punctuation
+            step and only when they are not all identical (so a unanimous ``"2"`` matches ``"two"``
+            but nine ``"two"`` and a ``"3"`` do not match ``"2"``).
     """
+    if rule not in VQA_RULES:
+        raise ValueError(f"unknown VQA answer rule {rule!r}; one of {', '.join(VQA_RULES)}")
     raw = [_answer_text(a) for a in answers]
     if not raw:
         raise ValueError("vqa_accuracy needs at least one human answer")
     prediction = _text(prediction)
-    if normalize_unanimous or len({_clean_whitespace(a) for a in raw}) > 1:
+    if rule == "lmms-eval":
         gts = [normalize_vqa_answer(a, tokenize=tokenize) for a in raw]
         pred = normalize_vqa_answer(prediction, tokenize=tokenize)
     else:
-        gts = [_clean_whitespace(a) for a in raw]
-        pred = _clean_whitespace(prediction)
+        pred = _process_digit_article(_process_punctuation(_clean_whitespace(prediction)))
+        gts = [_process_punctuation(a) for a in raw] if len(set(raw)) > 1 else raw
     total = sum(gt == pred for gt in gts)
     return sum(min(1.0, (total - (gt == pred)) / 3.0) for gt in gts) / len(gts)
 
@@ -303,7 +312,7 @@ def score_vqa(
     records: Iterable[Record],
     *,
     tokenize: bool = True,
-    normalize_unanimous: bool = True,
+    rule: str = "lmms-eval",
 ) -> dict[str, Any]:
     """Mean VQA accuracy (percent) for TextVQA / VQAv2 / VizWiz.
 
@@ -319,7 +328,7 @@ def score_vqa(
         if row.get("answers") is None:
             raise ValueError("VQA records need 'answers' (the human answers)")
         acc = vqa_accuracy(
-            _text(row.get("prediction")), row["answers"], tokenize=tokenize, normalize_unanimous=normalize_unanimous
+            _text(row.get("prediction")), row["answers"], tokenize=tokenize, rule=rule
         )
         accs.append(acc)
         preds.append(normalize_vqa_answer(_text(row.get("prediction")), tokenize=tokenize))
