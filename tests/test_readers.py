@@ -97,8 +97,9 @@ def hf_textvqa(root: Path):
     write_parquet(root / "data" / "validation-00000-of-00001.parquet", rows)
     write_parquet(root / "data" / "train-00000-of-00001.parquet", [{**rows[0], "question": "TRAIN"}])
     return {"split": None, "count": 3, "ids": ["34602", "34603", "34604"],
-            "question": "What is the brand of this camera?" + VQA, "answer": "dakota", "n_answers": 10,
-            "second_question": "Who is the author?" + VQA, "second_answer": "bob", "category": None}
+            "question": "What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL" + VQA,
+            "answer": "dakota", "n_answers": 10,
+            "second_question": "Who is the author?\nReference OCR token: DAKOTA, DIGITAL" + VQA, "second_answer": "bob", "category": None}
 
 
 def hf_vqav2(root: Path):
@@ -353,7 +354,8 @@ def test_bad_limit_is_rejected(bad, tmp_path):
 
 def test_split_selection_reads_the_requested_shards(tmp_path):
     hf_textvqa(tmp_path / "tv")
-    assert [r.question for r in read_benchmark("textvqa_val", tmp_path / "tv", split="train")] == ["Train" + VQA]
+    train = read_benchmark("textvqa_val", tmp_path / "tv", split="train", ocr_tokens=False)
+    assert [r.question for r in train] == ["Train" + VQA]
     hf_scienceqa(tmp_path / "sqa")
     assert len(read_benchmark("scienceqa_img", tmp_path / "sqa", split="validation")) == 1
     with pytest.raises(BenchmarkDataError, match=r"split 'test'.*splits found: train, validation"):
@@ -436,6 +438,26 @@ def test_mmbench_l2_categories_reach_the_score_from_lmms_lab_parquet(tmp_path):
     assert [row["l2-category"] for row in rows] == ["attribute", "coarse"]
     score = SCORERS["mmbench_en_dev"](rows)
     assert set(score["per_l2_category"]) == {"attribute", "coarse"}
+
+
+def test_textvqa_prompts_with_and_without_the_ocr_tokens(tmp_path):
+    """LLaVA-1.5's published TextVQA numbers use prompts with the reference OCR tokens: the default
+    where the files have them; ``ocr_tokens=False`` gives lmms-eval's default prompt; each record
+    says which."""
+    hf_textvqa(tmp_path)
+    default = read_benchmark("textvqa_val", tmp_path)[0]
+    assert default.question == "What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL" + VQA
+    assert default.meta["ocr_reference"] is True
+    plain = read_benchmark("textvqa_val", tmp_path, ocr_tokens=False)[0]
+    assert plain.question == "What is the brand of this camera?" + VQA and plain.meta["ocr_reference"] is False
+    bare = tmp_path / "no-ocr"
+    rows = pq.read_table(tmp_path / "data" / "validation-00000-of-00001.parquet").drop(["ocr_tokens"]).to_pylist()
+    write_parquet(bare / "data" / "validation-00000-of-00001.parquet", rows)
+    assert read_benchmark("textvqa_val", bare)[0].meta["ocr_reference"] is False
+    with pytest.raises(BenchmarkDataError, match="ocr_tokens=True needs the 'ocr_tokens' column"):
+        read_benchmark("textvqa_val", bare, ocr_tokens=True)
+    with pytest.raises(ValueError, match="ocr_tokens is a TextVQA option, not gqa's"):
+        read_benchmark("gqa", tmp_path, ocr_tokens=True)
 
 
 def test_prompt_overrides(tmp_path):

@@ -140,3 +140,17 @@ def test_checkpoint_problems_are_named(tmp_path, checkpoint, checkpoint_with_pro
     with pytest.raises(ValueError, match=r"'llava_next' checkpoint \(LlavaNextForConditionalGeneration\); ficoco "
                                          r"runs LLaVA-1.5 \(llava\); Qwen2-VL / Qwen2.5-VL / Qwen3-VL"):
         check_supported({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}, "x")
+
+
+def test_results_say_which_textvqa_prompts_they_used():
+    from ficoco.evaluation.report import markdown_table
+
+    def result(with_ocr):
+        return {"task": "textvqa_val", "variant": "vanilla", "score": {"accuracy": 50.0}, "llm_tflops": 1.0,
+                "unparsed": 0.0, "ocr_reference": with_ocr}
+
+    assert "TextVQA prompts: with the reference OCR tokens (LLaVA-1.5's setting)" in markdown_table([result(True)])
+    assert "TextVQA prompts: without the reference OCR tokens" in markdown_table([result(False)])
+    no_textvqa = {**result(True), "task": "pope"}
+    del no_textvqa["ocr_reference"]
+    assert "OCR" not in markdown_table([no_textvqa])

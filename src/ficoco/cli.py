@@ -428,8 +428,11 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
                    "as a model trained by 'ficoco train-proxy' expects; auto: model for such a checkpoint, else "
                    "benchmark.")
 @click.option("--plot/--no-plot", default=True, help="Write accuracy-vs-tflops.png beside the tables.")
+@click.option("--textvqa-ocr/--no-textvqa-ocr", "textvqa_ocr", default=None,
+              help="TextVQA prompts with the reference OCR tokens, as LLaVA-1.5's published results [with them where "
+                   "the files have them].")
 def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, prompt_format,
-                 plot) -> None:
+                 plot, textvqa_ocr) -> None:
     """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot.
 
     MODEL_PATH is a local checkpoint folder with its processor [the embedded proxy model]. Under
@@ -450,7 +453,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
         task, sep, path = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
-        tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit), prompt_format)
+        options = {"ocr_tokens": textvqa_ocr} if task == "textvqa_val" else {}
+        tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit, **options), prompt_format)
     variants = variants_for([m for m in method_names.split(",") if m], _budgets(retains))
     for variant in variants:
         variant.build()  # fail fast on a bad method or budget

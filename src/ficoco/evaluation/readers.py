@@ -37,7 +37,7 @@ import os
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -1527,6 +1527,7 @@ def read_benchmark(
     pre_prompt: str | None = None,
     post_prompt: str | None = None,
     check_images: bool = True,
+    ocr_tokens: bool | None = None,
 ) -> list[Record]:
     """Read benchmark ``task`` (an lmms-eval task name, see :data:`TASKS`) from ``path``.
 
@@ -1544,8 +1545,58 @@ def read_benchmark(
 
     ``pre_prompt`` / ``post_prompt`` replace the task's lmms-eval defaults where the prompt is
     built from raw fields (not for LLaVA question files, whose prompts are finished).
+
+    ``ocr_tokens`` (TextVQA only): whether the prompt carries the reference OCR tokens
+    (``"<Question>\\nReference OCR token: a, b, ...\\n<post prompt>"``), as LLaVA-1.5's published
+    results do (its ``llava_textvqa_val_v051_ocr.jsonl``; lmms-eval's ``ocr`` option). ``None``:
+    with them where the files have them (the ``ocr_tokens`` column, or LLaVA's file), which
+    reproduces the paper; ``False``: without (lmms-eval's default task); ``True``: with them, or
+    an error if the files lack them. Each record says which in ``meta["ocr_reference"]``.
     """
     spec = _spec(task)
+    if ocr_tokens is not None and spec.name != "textvqa_val":
+        raise ValueError(f"ocr_tokens is a TextVQA option, not {spec.name}'s")
+    records = _read_records(spec, task, path, split=split, limit=limit, format=format, image_folder=image_folder,
+                            annotation_file=annotation_file, pre_prompt=pre_prompt, post_prompt=post_prompt,
+                            check_images=check_images)
+    if spec.name == "textvqa_val":
+        pre = spec.pre_prompt if pre_prompt is None else pre_prompt
+        post = spec.post_prompt if post_prompt is None else post_prompt
+        records = _textvqa_ocr_prompts(records, ocr_tokens, pre, post)
+    return records
+
+
+#: the line LLaVA-1.5 and lmms-eval put between a TextVQA question and its answer instruction
+OCR_REFERENCE = "Reference OCR token:"
+
+
+def _textvqa_ocr_prompts(records: list[Record], wanted: bool | None, pre: str, post: str) -> list[Record]:
+    """TextVQA prompts with or without the reference OCR tokens (:func:`read_benchmark`)."""
+    out = []
+    for record in records:
+        question, has = record.question, OCR_REFERENCE in record.question
+        if record.meta.get("format") == "llava":  # finished prompts, the OCR line included
+            if wanted is False and has:
+                question = "\n".join(line for line in question.split("\n") if not line.startswith(OCR_REFERENCE))
+                has = False
+            elif wanted is True and not has:
+                raise BenchmarkDataError(f"{record.meta.get('file')}: ocr_tokens=True, but this LLaVA question file "
+                                         f"has no '{OCR_REFERENCE}' lines", record.meta.get("file"))
+        else:
+            tokens = record.meta.get("ocr_tokens")
+            if wanted is not False and tokens is not None:
+                question = (f"{pre}{_text(record.meta.get('raw_question')).capitalize()}\n{OCR_REFERENCE} "
+                            f"{', '.join(map(str, tokens))}{post}")
+                has = True
+            elif wanted is True:
+                raise BenchmarkDataError(f"{record.meta.get('file')}: ocr_tokens=True needs the 'ocr_tokens' column, "
+                                         f"which these files lack", record.meta.get("file"))
+        out.append(replace(record, question=question, meta={**record.meta, "ocr_reference": has}))
+    return out
+
+
+def _read_records(spec: TaskSpec, task: str, path, *, split, limit, format, image_folder, annotation_file, pre_prompt,
+                  post_prompt, check_images) -> list[Record]:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     if format is not None and format not in FORMATS:

@@ -136,6 +136,10 @@ def markdown_table(results: Sequence[Mapping], threshold: float = UNPARSED_WARN_
             share = None if result is None else result.get("unparsed", unparsed_share(result["score"]))
             cells.append(_percent(share) + (f" {FLAG}" if (task, variant) in bad else ""))
         lines.append("| " + " | ".join([variant, *cells]) + " |")
+    prompts = {r["task"]: r["ocr_reference"] for r in results if "ocr_reference" in r}
+    for task, with_ocr in prompts.items():
+        lines += ["", f"{TASK_TITLES.get(task, task)} prompts: " + ("with the reference OCR tokens (LLaVA-1.5's setting)"
+                                                                   if with_ocr else "without the reference OCR tokens")]
     notes = warnings(results, threshold)
     if notes:
         lines += ["", "**Warning: answers the benchmarks could not parse.**", ""] + [f"- {n}" for n in notes]

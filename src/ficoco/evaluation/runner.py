@@ -213,7 +213,9 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
             "unparsed": unparsed_share(score), "llm_tflops": cost.llm_tflops, "text_tokens": text,
-            "predictions": str(folder)}
+            "predictions": str(folder),
+            **({"ocr_reference": all(r.meta.get("ocr_reference") for r in records)}
+               if any("ocr_reference" in r.meta for r in records) else {})}
 
 
 def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
