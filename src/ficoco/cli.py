@@ -248,7 +248,7 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
     text = chat_prompt(processor, question)
     inputs = processor(images=image, text=text, return_tensors="pt").to(target)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    shape = budget.shape_of(model.config, image.size if qwen else None, processor.image_processor)
+    shape = budget.shape_of(model.config, image.size, processor.image_processor)
     image_token = model.config.image_token_id
     text_tokens = int((inputs["input_ids"][0] != image_token).sum())
     handle = attach(model, method) if method is not None else None

@@ -46,7 +46,7 @@ DEFAULT_RETAIN = {"llava": 64, "qwen": 0.25}
 
 
 def default_retain(config) -> int | float:
-    return DEFAULT_RETAIN["qwen" if config.model_type in budget.QWEN_MODEL_TYPES else "llava"]
+    return DEFAULT_RETAIN["qwen" if budget.is_qwen(config) else "llava"]
 
 
 def _method(name: str, retain: int | float, llm_layers: int):
@@ -76,8 +76,7 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
     batch = processor(images=[image] * len(questions), text=prompts, return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    qwen = model.config.model_type in budget.QWEN_MODEL_TYPES
-    shape = budget.shape_of(model.config, image.size if qwen else None, processor.image_processor)
+    shape = budget.shape_of(model.config, image.size, processor.image_processor)
     text_tokens = int((batch["input_ids"][0] != model.config.image_token_id).sum() - (batch["attention_mask"][0] == 0).sum())
     llm_layers = model.config.text_config.num_hidden_layers
     rows, trace = [], None
@@ -99,7 +98,7 @@ def run_demo(model, processor, image, questions: Sequence[str], *, methods: Sequ
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
         rows.append(DemoRow(name, answers, cost.llm_input_visual, cost.llm_final_visual, cost.llm_tflops, seconds))
     if picture and trace is not None:
-        if qwen:
+        if budget.is_qwen(model.config):
             positions, destinations, grid = _qwen_reduction(model, trace)
         else:
             side = round(shape.num_patches ** 0.5)

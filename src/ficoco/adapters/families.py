@@ -48,9 +48,12 @@ def _qwen_vl() -> type[ReductionHandle]:
     return QwenVLHandle
 
 
+#: ``config.model_type`` of the Qwen-VL generations ficoco runs
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), ("LlavaForConditionalGeneration", "LlavaModel"), _llava),
-    Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+    Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", QWEN_MODEL_TYPES,
            ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
             "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"), _qwen_vl),
 )

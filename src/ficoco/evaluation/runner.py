@@ -206,8 +206,7 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     scorer = SCORERS[task]
     score = scorer(wanted, judge=judge) if task in ("mmvet", "llava_in_the_wild") else scorer(wanted)
     # a Qwen-VL model is costed at the first sample's image size (its images differ in token count)
-    qwen = model.config.model_type in budget.QWEN_MODEL_TYPES
-    shape = budget.shape_of(model.config, records[0].image().size if qwen else None,
+    shape = budget.shape_of(model.config, records[0].image().size if budget.is_qwen(model.config) else None,
                             getattr(processor, "image_processor", None))
     text = _text_tokens(processor, records)
     cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)

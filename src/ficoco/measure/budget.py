@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..adapters.families import QWEN_MODEL_TYPES
 from ..methods import Method, ModelGeometry, ResolvedPlan, get_method
 from .flops import LlavaShape, kv_cache_bytes, llm_prefill_flops, solve_largest, vision_flops
 from .qwen import QwenVLShape, qwen_vision_flops
@@ -19,21 +20,22 @@ from .qwen import QwenVLShape, qwen_vision_flops
 Shape = LlavaShape | QwenVLShape
 
 
-QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+def is_qwen(config) -> bool:
+    """Whether a model config is a Qwen-VL one (its images differ in token count)."""
+    return getattr(config, "model_type", None) in QWEN_MODEL_TYPES
 
 
 def shape_of(config, image_size: tuple[int, int] | None = None, image_processor=None) -> Shape:
-    """The FLOPs shape of a loaded model's config: LLaVA-1.5's fixed grid, or a Qwen-VL model at
-    ``image_size`` (``(width, height)``; default 1280x720) resized within ``image_processor``'s
-    pixel bounds when given (else the shape's defaults)."""
-    if getattr(config, "model_type", None) in QWEN_MODEL_TYPES:
+    """The FLOPs shape of a loaded model's config: LLaVA-1.5's fixed grid (``image_size`` does not
+    change it: its processor resizes every image to 336 px), or a Qwen-VL model at ``image_size``
+    (``(width, height)``; default 1280x720) resized within ``image_processor``'s pixel bounds when
+    given (else the shape's defaults)."""
+    if is_qwen(config):
         shape = QwenVLShape.from_config(config, image_size or (1280, 720))
         size = getattr(image_processor, "size", None) or {}
         if "shortest_edge" in size and "longest_edge" in size:
             shape = replace(shape, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
         return shape
-    if image_size is not None:
-        raise ValueError("LLaVA-1.5 has one fixed image size; image_size is for Qwen-VL models")
     return LlavaShape.from_config(config)
 
 
