@@ -405,3 +405,68 @@ def test_compiled_blocks_give_the_stock_outputs_and_come_off(models, key):
             handle.remove()
     assert not any("forward" in vars(block) for block in model.model.visual.blocks)
     torch.testing.assert_close(compiled, stock, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("generation_name", QWEN_GENERATIONS)
+def test_aligned_mlp_keeps_the_function_and_comes_off(generation_name):
+    """A tower whose MLP width is not a multiple of 8 (54, or Qwen2-VL's 3 x 36 = 108), as
+    Qwen2.5-VL-7B's 3420: the one-call path pads each MLP with zero units to the next multiple of
+    64 (the same logits, with a reduction attached too) and ``remove`` puts the original layers
+    back, untouched."""
+    import transformers
+
+    from ficoco.adapters.varlen import MLP_ALIGNMENT, fast_vision_attention
+    from ficoco.testing import tiny_qwen_config
+
+    torch.manual_seed(0)
+    config = tiny_qwen_config(generation_name, vision_width=36)
+    config.vision_config.num_heads = 3  # 12-wide heads: the 2-D rotary needs a multiple of 4
+    if generation_name == "qwen2_vl":
+        config.vision_config.mlp_ratio = 3
+    else:
+        config.vision_config.intermediate_size = 54
+    name = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration"}[generation_name]
+    model = getattr(transformers, name)(config).eval()
+    mlp = model.model.visual.blocks[0].mlp
+    originals = {n: c for n, c in mlp.named_children() if isinstance(c, torch.nn.Linear)}
+    inner = max(c.out_features for c in originals.values())
+    assert inner % 8 != 0
+    width = -(-inner // MLP_ALIGNMENT) * MLP_ALIGNMENT
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = image_batch(generation_name)
+    for key in ("vanilla", "ficoco-v"):
+        handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+        try:
+            stock = logits(model, inputs)
+            with fast_vision_attention(model):
+                for n, original in originals.items():
+                    padded = getattr(mlp, n)
+                    widened = original.out_features == inner
+                    assert (padded.in_features, padded.out_features) == (
+                        (original.in_features, width) if widened else (width, original.out_features)), n
+                fast = logits(model, inputs)
+            with fast_vision_attention(model, align_mlp=False):
+                assert all(getattr(mlp, n) is originals[n] for n in originals)
+        finally:
+            if handle:
+                handle.remove()
+        torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+    assert all(getattr(mlp, n) is originals[n] for n in originals)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_aligned_mlp_skips_already_aligned_and_unknown_shapes():
+    from ficoco.adapters.varlen import aligned_mlp_layers
+
+    class Gated(torch.nn.Module):
+        def __init__(self, inner, act):
+            super().__init__()
+            self.up, self.down, self.act = torch.nn.Linear(8, inner), torch.nn.Linear(inner, 8), act
+
+    assert aligned_mlp_layers(Gated(64, torch.nn.SiLU())) == {}  # already a multiple
+    assert aligned_mlp_layers(Gated(54, torch.nn.Sigmoid())) == {}  # sigmoid(0) = 0.5: zero units would not stay zero
+    padded = aligned_mlp_layers(Gated(54, torch.nn.GELU()))
+    assert (padded["up"].out_features, padded["down"].in_features) == (64, 64)
+    assert torch.equal(padded["up"].weight[54:], torch.zeros(10, 8)) and torch.equal(padded["down"].weight[:, 54:], torch.zeros(8, 10))

@@ -16,6 +16,15 @@ it (and back on :meth:`FastVisionAttention.remove`):
 
 Both compute what the per-segment loop computes (up to floating-point rounding); the tests hold
 them to the stock path on every generation, with and without a reduction attached.
+
+Once attention is one call, the tower's time is its linear layers, and Qwen2.5-VL-7B's are slower
+than their work: its MLP width, 3420, is not a multiple of 8, so cuBLAS cannot use its fastest
+half-precision kernels for the MLP's three products (on an H200 they ran at about a third of the
+rate of the tower's other products). :func:`fast_vision_attention` therefore also pads each
+block's MLP width with zero units up to a multiple of :data:`MLP_ALIGNMENT` (``align_mlp``): a
+zero unit adds exactly zero (its input weights and bias are zero, the activation maps 0 to 0 and
+its output weights are zero), so the tower computes the same function; only the order of
+floating-point sums inside the products may change.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ ATTENTION_NAME = "ficoco_flash_varlen"
 #: variable-length kernel's backward is not in every torch release
 PADDED_ATTENTION_NAME = "ficoco_flash_padded"
 KERNELS = {"auto": ATTENTION_NAME, "padded": PADDED_ATTENTION_NAME}
+#: the MLP width is padded up to a multiple of this (cuBLAS' tensor-core kernels want multiples of 8
+#: half-precision elements; 64 also fills whole tiles)
+MLP_ALIGNMENT = 64
 
 
 def _native_varlen():
@@ -128,11 +140,50 @@ def _compiled_unless_hooked(block: nn.Module, backend: str):
     return forward
 
 
+def _padded_linear(linear: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    """A copy of ``linear`` with zero rows / columns appended up to the given sizes."""
+    weight = linear.weight
+    padded = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:linear.out_features, :linear.in_features] = weight
+        if linear.bias is not None:
+            padded.bias.zero_()
+            padded.bias[:linear.out_features] = linear.bias
+    padded.requires_grad_(weight.requires_grad)
+    return padded
+
+
+def aligned_mlp_layers(mlp: nn.Module, alignment: int = MLP_ALIGNMENT) -> dict[str, nn.Linear]:
+    """For a vision block's MLP (Qwen2-VL's ``fc1``/``fc2``, Qwen2.5-VL's ``gate_proj``/``up_proj``/
+    ``down_proj``, Qwen3-VL's ``linear_fc1``/``linear_fc2``): its linear layers with the inner width
+    padded by zero units up to a multiple of ``alignment``, by attribute name; ``{}`` when the
+    width is already a multiple or the MLP does not have that shape (the activation must map 0 to 0)."""
+    linears = {name: child for name, child in mlp.named_children() if isinstance(child, nn.Linear)}
+    others = [child for child in mlp.children() if not isinstance(child, nn.Linear)]
+    if len(linears) < 2 or len(others) != 1:
+        return {}
+    contracting = [n for n, layer in linears.items() if layer.out_features < layer.in_features]
+    if len(contracting) != 1:
+        return {}
+    inner, hidden = linears[contracting[0]].in_features, linears[contracting[0]].out_features
+    widening = [n for n, layer in linears.items() if (layer.in_features, layer.out_features) == (hidden, inner)]
+    if len(widening) + 1 != len(linears) or inner % alignment == 0:
+        return {}
+    probe = linears[contracting[0]].weight.new_zeros(1)
+    if not bool((others[0](probe) == 0).all()):  # a zero unit must stay zero
+        return {}
+    width = -(-inner // alignment) * alignment
+    padded = {n: _padded_linear(linears[n], width, hidden) for n in widening}
+    padded[contracting[0]] = _padded_linear(linears[contracting[0]], hidden, width)
+    return padded
+
+
 class FastVisionAttention:
     """The one-call attention switched on for a model's vision tower; :meth:`remove` switches back."""
 
     def __init__(self, model: nn.Module, kernel: str = "auto", compile_blocks: bool = False,
-                 compile_backend: str = "inductor") -> None:
+                 compile_backend: str = "inductor", align_mlp: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r} for the one-call vision attention; one of {', '.join(KERNELS)}")
         core = getattr(model, "model", model)
@@ -144,6 +195,14 @@ class FastVisionAttention:
         self.config = tower.config
         self.previous = self.config._attn_implementation
         self.config._attn_implementation = KERNELS[kernel]
+        # (mlp, attribute, original layer) for each swapped layer, to put back on remove()
+        self.swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+        if align_mlp:
+            for block in tower.blocks:
+                mlp = getattr(block, "mlp", None)
+                for name, layer in (aligned_mlp_layers(mlp) if mlp is not None else {}).items():
+                    self.swapped.append((mlp, name, getattr(mlp, name)))
+                    setattr(mlp, name, layer)
         # each block's forward compiled on the instance (deleting the attribute restores the class's):
         # the towers' remaining time is elementwise float32 work (rotary, norms) that compiling fuses
         self.compiled = []
@@ -156,6 +215,9 @@ class FastVisionAttention:
         if self.config is not None:
             self.config._attn_implementation = self.previous
             self.config = None
+        for mlp, name, original in reversed(self.swapped):
+            setattr(mlp, name, original)
+        self.swapped = []
         for block in self.compiled:
             del block.forward
         self.compiled = []
@@ -168,10 +230,12 @@ class FastVisionAttention:
 
 
 def fast_vision_attention(model: nn.Module, kernel: str = "auto", compile_blocks: bool = False,
-                          compile_backend: str = "inductor") -> FastVisionAttention:
+                          compile_backend: str = "inductor", align_mlp: bool = True) -> FastVisionAttention:
     """Run ``model``'s vision tower with one attention call per block (see the module docstring).
-    ``kernel="padded"`` always takes the padded SDPA call (e.g. for training). ``compile_blocks``
+    ``kernel="padded"`` always takes the padded SDPA call (e.g. for training). ``align_mlp`` pads
+    each block's MLP width with zero units to a multiple of :data:`MLP_ALIGNMENT` (the same
+    function; while attached, the padded layers are what ``state_dict()`` holds). ``compile_blocks``
     also compiles each block's forward with ``torch.compile(dynamic=True, backend=compile_backend)``;
     a block where an attached method reduces runs eagerly. :meth:`FastVisionAttention.remove`
-    undoes both."""
-    return FastVisionAttention(model, kernel, compile_blocks, compile_backend)
+    undoes all three."""
+    return FastVisionAttention(model, kernel, compile_blocks, compile_backend, align_mlp)
