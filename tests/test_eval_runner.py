@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from ficoco.cli import main  # noqa: E402
 from ficoco.evaluation.prompt_format import in_prompt_format  # noqa: E402
-from ficoco.evaluation.readers import read_benchmark  # noqa: E402
+from ficoco.evaluation.read import read_benchmark  # noqa: E402
 from ficoco.evaluation.runner import Variant, evaluate, load_predictions, run_task, variants_for  # noqa: E402
 
 from .test_readers import write_jsonl  # noqa: E402

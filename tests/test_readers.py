@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ficoco.evaluation.readers import (
-    FORMATS,
-    TASKS,
-    BenchmarkDataError,
-    Record,
-    available_tasks,
-    detect_format,
-    read_benchmark,
-)
+from ficoco.evaluation.formats import FORMATS
+from ficoco.evaluation.read import detect_format, read_benchmark
+from ficoco.evaluation.records import BenchmarkDataError, Record
+from ficoco.evaluation.tasks import TASKS, available_tasks
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -430,7 +425,7 @@ def test_mmbench_prompt_details(tmp_path):
 def test_mmbench_l2_categories_reach_the_score_from_lmms_lab_parquet(tmp_path):
     """lmms-lab's parquet spells the column "L2-category"; the scorer's per-L2 breakdown must see it."""
     from ficoco.evaluation.runner import scorer_row
-    from ficoco.evaluation.scoring import SCORERS
+    from ficoco.evaluation.tasks import SCORERS
 
     hf_mmbench("en")(tmp_path)
     records = read_benchmark("mmbench_en_dev", tmp_path)

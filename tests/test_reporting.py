@@ -10,8 +10,11 @@ import torch
 
 from ficoco.checkpoint import check_supported, is_proxy_checkpoint, load_processor, resolve_device, resolve_dtype
 from ficoco.evaluation.prompt_format import bare_question, in_prompt_format, resolve_prompt_format
-from ficoco.evaluation.readers import MMBENCH_CN_POST, MMVET_PRE, OPTION_POST, VIZWIZ_POST, VQA_POST, Record
+from ficoco.evaluation.records import OPTION_POST, VQA_POST, Record
 from ficoco.evaluation.report import column_title, csv_table, flagged, markdown_table, significant, warnings
+from ficoco.evaluation.tasks.mmbench import MMBENCH_CN_POST
+from ficoco.evaluation.tasks.mmvet import MMVET_PRE
+from ficoco.evaluation.tasks.vizwiz_vqa import VIZWIZ_POST
 from ficoco.prompts import vocabulary_check
 
 

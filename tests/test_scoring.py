@@ -1,26 +1,21 @@
-"""Official-script scoring (ficoco.evaluation.scoring): every expected number is worked by hand."""
+"""Official-script scoring (ficoco.evaluation.metrics, .vqa_eval and the scorers of ficoco.evaluation.tasks):
+every expected number is worked by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from ficoco.evaluation.scoring import (
+from ficoco.evaluation.metrics import extract_option, score_exact_match
+from ficoco.evaluation.tasks import SCORERS, score_judged, score_multiple_choice
+from ficoco.evaluation.tasks.mmbench import score_mmbench
+from ficoco.evaluation.tasks.mme import (
     MME_COGNITION,
     MME_PERCEPTION,
-    SCORERS,
-    extract_option,
-    normalize_vqa_answer,
     parse_mme_answer,
-    parse_yes_no,
-    score_exact_match,
-    score_judged,
-    score_mmbench,
     score_mme,
-    score_multiple_choice,
-    score_pope,
-    score_vqa,
-    vqa_accuracy,
 )
+from ficoco.evaluation.tasks.pope import parse_yes_no, score_pope
+from ficoco.evaluation.vqa_eval import normalize_vqa_answer, score_vqa, vqa_accuracy
 
 # ------------------------------------------------------------------------------------- VQA
 
@@ -509,7 +504,8 @@ def _records_for(task: str, predictions: list[str]) -> list[dict]:
 def test_every_scorer_counts_unparsed_answers(task):
     """Every benchmark says how many answers its parser could not read: a garbage answer ("maybe so"
     has no yes/no and no option letter; "" is empty) counts, a well-formed one does not."""
-    from ficoco.evaluation.scoring import is_unparsed, unparsed_share
+    from ficoco.evaluation.metrics import unparsed_share
+    from ficoco.evaluation.tasks import is_unparsed
 
     good = {"pope": "yes", "mme": "Yes", "scienceqa_img": "A", "seedbench": "A", "mmbench_en_dev": "A",
             "mmbench_cn_dev": "A"}.get(task, "cat")
@@ -523,14 +519,14 @@ def test_every_scorer_counts_unparsed_answers(task):
 
 
 def test_unparsed_share_is_none_without_a_count():
-    from ficoco.evaluation.scoring import unparsed_share
+    from ficoco.evaluation.metrics import unparsed_share
 
     assert unparsed_share({"score": 1.0, "n": 4}) is None
     assert unparsed_share({"n_unparsed": 1, "n": 4, "n_records": 8}) == 0.125  # MMBench: per record
 
 
 def test_answer_format_by_task_name():
-    from ficoco.evaluation.scoring import answer_format, is_unparsed
+    from ficoco.evaluation.tasks import answer_format, is_unparsed
 
     assert answer_format("pope_adv") == "yes/no" and answer_format("mme") == "yes/no"
     assert answer_format("mmbench_en_test") == "an option letter" and answer_format("textvqa_val") == "any text"

@@ -441,7 +441,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
     from .assets import embedded_model_dir
     from .checkpoint import checkpoint_config, check_supported, load_model, load_processor, resolve_device
     from .evaluation.prompt_format import in_prompt_format, resolve_prompt_format
-    from .evaluation.readers import read_benchmark
+    from .evaluation.read import read_benchmark
     from .evaluation.report import plot_results
     from .evaluation.runner import Shard, evaluate, variants_for
 

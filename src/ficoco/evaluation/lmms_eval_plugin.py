@@ -47,7 +47,7 @@ from ..methods import get_method
 from ..prompts import chat_prompt
 from .prompt_format import bare_question, check_task_prompts, resolve_prompt_format
 from .report import UNPARSED_WARN_SHARE
-from .scoring import answer_format, is_unparsed
+from .tasks import answer_format, is_unparsed
 
 INSTALL_HINT = ("pip install --no-deps lmms-eval==0.7.3, then ficoco's 'lmms' extra "
                 "(pip install -e '.[lmms]' in a ficoco checkout)")

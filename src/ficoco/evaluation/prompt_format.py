@@ -23,7 +23,10 @@ from pathlib import Path
 
 from ..checkpoint import is_proxy_checkpoint
 from ..prompts import VocabularyCheck, vocabulary_check
-from .readers import MMBENCH_CN_POST, MMVET_PRE, OPTION_POST, VIZWIZ_POST, VQA_POST, Record
+from .records import OPTION_POST, VQA_POST, Record
+from .tasks.mmbench import MMBENCH_CN_POST
+from .tasks.mmvet import MMVET_PRE
+from .tasks.vizwiz_vqa import VIZWIZ_POST
 
 PROMPT_FORMATS = ("auto", "benchmark", "model")
 # longest first, so that VizWiz's two sentences go before the VQA sentence they end with

@@ -15,7 +15,7 @@ import io
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-from .scoring import unparsed_share
+from .metrics import unparsed_share
 
 #: share of unparsed answers above which a result is flagged
 UNPARSED_WARN_SHARE = 0.10

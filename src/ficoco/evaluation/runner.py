@@ -3,8 +3,8 @@
 Per (task, variant) the predictions go to ``<out>/<task>/<variant>.jsonl``, one JSON line per
 sample, flushed and fsync'ed after every batch. A rerun skips the samples already there, and a
 line cut short by a kill is dropped before appending, so nothing is lost or written twice. Scores
-come from :mod:`ficoco.evaluation.scoring`; TFLOPs from :mod:`ficoco.measure.budget` at the mean text
-length of the task's prompts.
+come from each task's scorer (:data:`ficoco.evaluation.tasks.SCORERS`); TFLOPs from
+:mod:`ficoco.measure.budget` at the mean text length of the task's prompts.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from ..measure import budget
 from ..adapters import attach
 from ..methods import Method, get_method
 from ..prompts import chat_prompt
+from .metrics import unparsed_share
 from .prompt_format import check_task_prompts
-from .readers import TASKS, Record
+from .records import Record
 from .report import csv_table, markdown_table, warnings
-from .scoring import SCORERS, unparsed_share
+from .tasks import SCORERS, TASKS
 
 #: generation length per kind of task (short answers vs free-form)
 MAX_NEW_TOKENS = MappingProxyType({"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512})
