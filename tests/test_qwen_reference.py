@@ -26,6 +26,7 @@ CASES = {
     "ficoco-v": dict(retain=0.4),
     "tome": dict(retain=0.5),
     "evit": dict(retain=0.5),
+    "topk": dict(retain=0.3),
 }
 
 

@@ -29,8 +29,9 @@ METHODS = {
     "evit": dict(retain=0.5),
     "fastv": dict(retain=0.5),
     "random": dict(retain=0.5),
+    "topk": dict(retain=0.5),
 }
-ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random")
+ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random", "topk")
 
 
 def build(key: str, **overrides) -> ficoco.Method:

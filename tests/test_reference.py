@@ -15,7 +15,7 @@ import torch
 
 import ficoco
 from ficoco.methods import ModelGeometry
-from ficoco.stages import AttentionProbe, TokenGroup
+from ficoco.stages import AttentionProbe, FeatureProbe, TokenGroup
 
 from .conftest import IMAGE_TOKEN, PATCHES, batch_inputs
 from .test_models import build
@@ -80,6 +80,13 @@ def reference_logits(model, prompt, pixel_values, method):
     else:
         features = llava.get_image_features(pixel_values=pixel_values[None]).pooler_output[0]
         sizes, positions = torch.ones(PATCHES), torch.arange(PATCHES)
+    if plan.input_removed:  # the projected tokens, reduced by hand with the text after the image
+        after = [t for t in prompt[len(prompt) - prompt[::-1].index(IMAGE_TOKEN):]]
+        text = lm.embed_tokens(torch.tensor([after]))
+        probe = FeatureProbe(lambda: (text, torch.ones(1, len(after), dtype=torch.bool)))
+        result = method.input.reduction(TokenGroup(features[None], sizes[None], positions[None], GRID), probe,
+                                        plan.input_removed)
+        features, sizes, positions = result.tokens.features[0], result.tokens.sizes[0], result.tokens.positions[0]
     kept = features.shape[0]
     ids, seen = [], 0
     for token in prompt:  # keep the first `kept` placeholders of the image
@@ -128,7 +135,8 @@ def reference_logits(model, prompt, pixel_values, method):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
-@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm"])
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
+                                 "topk", "pool", "divprune", "cdpruner", "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")

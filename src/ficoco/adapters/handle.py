@@ -42,6 +42,7 @@ class ReductionHandle:
         self.model, self.core, self.outer, self.method, self.record = model, core, outer, method, record
         self.hooks = HookSet()
         self.vision = None
+        self.input = None  # an InputSide, for methods that reduce the projected tokens
         self.language: LanguageSide | None = None
         self._stashed_labels: Tensor | None = None
         self._signatures = {id(m): inspect.signature(type(m).forward) for m in (core, outer) if m is not None}
@@ -64,6 +65,11 @@ class ReductionHandle:
     @property
     def vision_trace(self):
         return None if self.vision is None else self.vision.last
+
+    @property
+    def input_trace(self):
+        """What the LLM-input reduction did to the last image batch (kept positions and sizes)."""
+        return None if self.input is None else self.input.last
 
     @property
     def kept_index(self) -> Tensor | None:

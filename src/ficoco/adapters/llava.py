@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from ..stages import NO_POSITION
 from .handle import ReductionHandle
+from .input_side import InputSide
 from .inputs import shrink_placeholders
 from .language import LanguageSide
 from .vision import VisionSide
@@ -90,14 +91,20 @@ class LlavaHandle(ReductionHandle):
 
     def _install(self) -> None:
         llava, outer, method = self.llava, self.outer, self.method
-        if self.plan.vision:
-            self.vision = VisionSide(self.encoder_layers, method.vision, self.plan.vision, grid=self.grid,
-                                     has_cls=self.has_cls, record=self.record)
+        if self.plan.vision or self.plan.input_removed:
             self.hooks.pre(llava, self._rewrite_model_inputs, with_kwargs=True)
             if outer is not None:
                 self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
                 self._wrap_generate(outer)
+        if self.plan.vision:
+            self.vision = VisionSide(self.encoder_layers, method.vision, self.plan.vision, grid=self.grid,
+                                     has_cls=self.has_cls, record=self.record)
             self.vision.install(self.hooks)
+        if self.plan.input_removed:
+            self.input = InputSide(method.input, self.plan.input_removed, grid=self.grid, leading=self.cls_to_llm,
+                                   image_token_id=llava.config.image_token_id, embed=llava.get_input_embeddings(),
+                                   token_state=self._encoder_state if self.plan.vision else None, record=self.record)
+            self.input.install(self.hooks, llava.multi_modal_projector)
         if self.plan.language:
             self.language = LanguageSide(
                 llava, method.language, set(self.plan.language), schedule=self._schedule,
@@ -127,10 +134,18 @@ class LlavaHandle(ReductionHandle):
             schedules.append({layer: removed * images for layer, removed in self.plan.language.items()})
         return schedules
 
-    def _token_state(self, b: int, counts: list[int], device) -> tuple[Tensor, Tensor] | None:
-        """Sizes and grid positions of the visual tokens: the encoder's trace, or fresh patches."""
-        n = max(counts)
+    def _encoder_state(self, images: int, n: int, device) -> tuple[Tensor, Tensor] | None:
+        """Sizes and grid positions of the tokens the encoder handed the projector, from its trace."""
         trace = self.vision_trace
+        if trace is None or trace.sizes.shape != (images, n):
+            return None
+        return trace.sizes.to(device), trace.positions.to(device)
+
+    def _token_state(self, b: int, counts: list[int], device) -> tuple[Tensor, Tensor] | None:
+        """Sizes and grid positions of the visual tokens: the encoder's (or input reduction's)
+        trace, or fresh patches."""
+        n = max(counts)
+        trace = self.input_trace or self.vision_trace
         if trace is not None and len(set(counts)) == 1 and trace.sizes.numel() == b * n:
             return trace.sizes.reshape(b, n).to(device), trace.positions.reshape(b, n).to(device)
         per_image = self.plan.llm_input_visual + self.cls_to_llm
@@ -142,9 +157,15 @@ class LlavaHandle(ReductionHandle):
     # -- encoder-side: placeholders -------------------------------------------------------------
 
     def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:
+        inputs = self._cut_placeholders(inputs, default_side)
+        if self.input is not None and inputs.get("pixel_values") is not None:
+            self.input.remember_prompt(inputs.get("input_ids"), inputs.get("attention_mask"))
+        return inputs
+
+    def _cut_placeholders(self, inputs: dict, default_side: str) -> dict:
         input_ids = inputs.get("input_ids")
         pixel_values = inputs.get("pixel_values")
-        if input_ids is None or pixel_values is None or not self.plan.vision:
+        if input_ids is None or pixel_values is None or not (self.plan.vision or self.plan.input_removed):
             return inputs
         image_token = self.llava.config.image_token_id
         full = self.plan.geometry.num_patches + self.cls_to_llm

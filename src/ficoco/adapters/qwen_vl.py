@@ -57,6 +57,9 @@ class QwenVLHandle(ReductionHandle):
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         core, outer = _qwen_parts(model)
+        if method.input is not None:
+            raise ValueError(f"{method.name} reduces the projected tokens at the LLM input, which ficoco implements "
+                             f"for LLaVA-1.5 only so far, not for Qwen-VL's packed merger output")
         super().__init__(model, core, outer, method.without_cls(), record=record)
         tower, config = core.visual, core.config
         self.tower, self.config = tower, config

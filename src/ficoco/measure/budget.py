@@ -89,10 +89,12 @@ def plan_cost(shape: Shape, plan: ResolvedPlan, text_tokens: int, name: str = ""
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be non-negative, got {text_tokens}")
     llm_tokens = [v + text_tokens for v in plan.llm_visual_per_layer()]
+    # the projector (merger) runs before an LLM-input reduction, on every token the encoder hands on
+    projected = plan.llm_input_visual + plan.input_removed
     if isinstance(shape, QwenVLShape):
-        vision = qwen_vision_flops(shape, plan.vision_tokens_per_layer(with_cls=False), plan.llm_input_visual)
+        vision = qwen_vision_flops(shape, plan.vision_tokens_per_layer(with_cls=False), projected)
     else:
-        vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), plan.llm_input_visual)
+        vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), projected)
     return MethodCost(
         method=name,
         llm_input_visual=plan.llm_input_visual,

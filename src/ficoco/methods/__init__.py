@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import MappingProxyType
 
-from .base import LanguageReduction, Method, ModelGeometry, ResolvedPlan, VisionReduction
-from .baselines import evit, fastv, random_drop, tome
+from .base import InputReduction, LanguageReduction, Method, ModelGeometry, ResolvedPlan, VisionReduction
+from .baselines import evit, fastv, random_drop, tome, topk
+from .input_pruning import cdpruner, divprune, pool, zero
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
 
 _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingProxyType({
@@ -25,12 +26,20 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
                    "it ranks and weights tokens by the attention they receive"),
     "fastv": (fastv, "FastV: drop visual tokens the last token ignores, after LLM layer K-1"),
     "random": (random_drop, "random dropping, a floor for every other method"),
+    "topk": (topk, "TopK: keep the patches [CLS] attends to most at the feature layer (encoder); without [CLS] "
+                   "the attention they receive"),
+    "pool": (pool, "spatial average pooling of the projected visual tokens (LLM input)"),
+    "divprune": (divprune, "DivPrune: max-min diverse subset of the projected visual tokens (LLM input)"),
+    "cdpruner": (cdpruner, "CDPruner: DPP selection by diversity and relevance to the instruction (LLM input)"),
+    "zero": (zero, "no visual tokens: the text-only floor (LLM input)"),
 })
 
 
 #: the paper's methods and baselines by where they reduce, in the order tables list them
 #: (FiCoCo-VL, which reduces in both, with the decoder side)
 ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
+#: methods that prune the projected tokens at the LLM input, and the encoder-side TopK
+INPUT_METHODS = ("topk", "pool", "divprune", "cdpruner", "zero")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 
 
@@ -52,8 +61,8 @@ def get_method(name: str, **options) -> Method:
 
 
 __all__ = [
-    "DECODER_METHODS", "ENCODER_METHODS", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan",
+    "DECODER_METHODS", "ENCODER_METHODS", "INPUT_METHODS", "InputReduction", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan",
     "VisionReduction", "available_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "get_method", "random_drop", "tome",
+    "cdpruner", "divprune", "get_method", "pool", "random_drop", "tome", "topk", "zero",
 ]

@@ -1,7 +1,9 @@
 """A method = stage composition(s) + where they run + a per-layer schedule.
 
 :class:`VisionReduction` runs a :class:`~ficoco.stages.TokenReduction` inside the vision encoder,
-:class:`LanguageReduction` inside the LLM decoder; a :class:`Method` holds one or both. Budgets are
+:class:`InputReduction` once on the projected visual tokens the LLM receives (after the projector,
+before the first decoder layer), :class:`LanguageReduction` inside the LLM decoder; a
+:class:`Method` holds any of them. Budgets are
 given as ``retain`` (tokens left after the last reduction) or an explicit ``schedule`` and are
 resolved against the model's geometry when the method is attached.
 
@@ -31,8 +33,11 @@ def check_retain_value(retain) -> None:
         raise ValueError(f"retain as a share of the tokens must lie in (0, 1], got {retain}")
 
 
-def kept_count(retain: int | float, available: int, where: str) -> int:
-    """Tokens kept of ``available`` under ``retain`` (a count, or a share rounded, at least 1)."""
+def kept_count(retain: int | float, available: int, where: str, *, allow_zero: bool = False) -> int:
+    """Tokens kept of ``available`` under ``retain`` (a count, or a share rounded, at least 1);
+    ``allow_zero``: ``retain=0`` keeps none (the ``zero`` control)."""
+    if allow_zero and retain == 0 and not isinstance(retain, bool):
+        return 0
     check_retain_value(retain)
     if isinstance(retain, float):
         return max(1, min(available, round(retain * available)))
@@ -155,8 +160,32 @@ class LanguageReduction(_Reduction):
 
 
 @dataclass
+class InputReduction:
+    """Token reduction on the visual tokens the LLM receives: the projector's output, before the
+    first decoder layer, in one step per image. Its stages read the tokens' features (and the
+    instruction's embeddings, :class:`~ficoco.stages.FeatureProbe`), not attention: DivPrune,
+    CDPruner, spatial pooling and the ``zero`` control act here.
+
+    Attributes:
+        reduction: the stage composition.
+        retain: visual tokens per image handed to the LLM (a count or a share; ``0`` keeps none).
+    """
+
+    reduction: TokenReduction
+    retain: int | float = 192
+
+    def __post_init__(self) -> None:
+        if not (self.retain == 0 and not isinstance(self.retain, bool)):
+            check_retain_value(self.retain)
+
+    def resolve(self, available: int) -> int:
+        """Tokens removed of the ``available`` ones the encoder hands on."""
+        return available - kept_count(self.retain, available, "LLM input", allow_zero=True)
+
+
+@dataclass
 class Method:
-    """A named token-reduction method: a vision-side and/or a language-side reduction."""
+    """A named token-reduction method: a vision-side, an LLM-input and/or a language-side reduction."""
 
     name: str
     vision: VisionReduction | None = None
@@ -165,10 +194,11 @@ class Method:
     #: with both reductions and ``vision.retain is None``: the share of the removals (down to
     #: ``language.retain``) that the encoder makes, resolved per token count (FiCoCo-VL's split)
     vision_fraction: float | None = None
+    input: InputReduction | None = None
 
     def __post_init__(self) -> None:
-        if self.vision is None and self.language is None:
-            raise ValueError(f"method {self.name!r} reduces nowhere: give a vision or a language reduction")
+        if self.vision is None and self.language is None and self.input is None:
+            raise ValueError(f"method {self.name!r} reduces nowhere: give a vision, an input or a language reduction")
         for side in (self.vision, self.language):
             if side is not None and not side.has_budget and (side is self.language or self.vision_fraction is None):
                 raise ValueError("give exactly one of retain= or schedule=")
@@ -197,6 +227,8 @@ class Method:
             vision_plan = self.vision.resolve(geometry.vision_layers, geometry.feature_layer, geometry.num_patches,
                                               reducible=geometry.vision_reducible, keep=keep)
             llm_visual = geometry.num_patches - sum(vision_plan.values())
+        input_removed = self.input.resolve(llm_visual) if self.input is not None else 0
+        llm_visual -= input_removed
         language_plan: dict[int, int] = {}
         if self.language is not None:
             keep = None
@@ -206,7 +238,7 @@ class Method:
                 if keep > llm_visual:
                     raise ValueError(f"the LLM cannot keep {keep} tokens: the encoder hands it {llm_visual}")
             language_plan = self.language.resolve(geometry.llm_layers, llm_visual, keep=keep)
-        return ResolvedPlan(geometry, vision_plan, language_plan, llm_visual)
+        return ResolvedPlan(geometry, vision_plan, language_plan, llm_visual, input_removed)
 
 
 @dataclass(frozen=True)
@@ -237,12 +269,15 @@ class ResolvedPlan:
         vision: ``{encoder layer: removed}``.
         language: ``{decoder layer: removed}``.
         llm_input_visual: visual tokens per image the LLM receives.
+        input_removed: tokens per image removed between the projector and the LLM
+            (:class:`InputReduction`), already subtracted from ``llm_input_visual``.
     """
 
     geometry: ModelGeometry
     vision: dict[int, int]
     language: dict[int, int]
     llm_input_visual: int
+    input_removed: int = 0
 
     @property
     def llm_final_visual(self) -> int:

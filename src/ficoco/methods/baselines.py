@@ -98,3 +98,12 @@ def oracle(retain: int | None = 192, *, like: Method | None = None, geometry=Non
     vision = VisionReduction(trivial, schedule=plan.vision) if plan.vision else None
     language = LanguageReduction(trivial, schedule=plan.language) if plan.language else None
     return Method(f"oracle[{like.name}]", vision=vision, language=language, description="truncation oracle")
+
+
+def topk(retain: int | None = 192, *, layer: int = -1) -> Method:
+    """[CLS]-attention top-k (the ``TopK`` baseline; FasterVLM's rule): at the encoder layer the LLM
+    reads (``layer``), keep the ``retain`` patches [CLS] attends to most (head-averaged softmax row)
+    and drop the rest, in one step. Without [CLS] the attention each token receives stands in."""
+    reduction = TokenReduction(CLSAttentionFilter(), NoCorrelate(), DropCompress())
+    return Method("topk", vision=VisionReduction(reduction, retain, layer, layer),
+                  description="TopK: keep the patches [CLS] attends to most at the feature layer")

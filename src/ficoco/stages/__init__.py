@@ -31,14 +31,14 @@ from .filters import (
     local_penalty,
 )
 from .pipeline import TokenReduction
-from .probe import AttentionProbe, GroupedProbe
+from .probe import AttentionProbe, FeatureProbe, GroupedProbe
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
 __all__ = [
     "ArgmaxSimilarityCorrelate", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
     "BipartiteSimilarityFilter", "CLSAttentionFilter", "Compress", "ConvergentCorrelate", "Correlate",
     "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
-    "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
+    "FeatureProbe", "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
     "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets", "top_k_targets",
 ]

@@ -255,3 +255,24 @@ class TruncateFilter(Filter):
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         n = tokens.num_tokens
         return torch.arange(n, device=tokens.features.device, dtype=torch.float32).expand(tokens.batch_size, n)
+
+
+class SetSelectionFilter(Filter):
+    """A filter that chooses the kept set as a whole, so that which tokens it keeps depends on how
+    many (pooling bins, DivPrune's farthest points, CDPruner's DPP): subclasses define
+    :meth:`select`; no per-token score ranks the tokens."""
+
+    @abstractmethod
+    def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
+        """``[B, kept]`` candidate indices to keep (any order)."""
+
+    def scores(self, tokens: TokenGroup, probe) -> Tensor:
+        raise TypeError(f"{type(self).__name__} chooses a set of tokens as a whole; it has no per-token score")
+
+    def __call__(self, tokens: TokenGroup, probe, num_sources: int) -> FilterResult:
+        n = tokens.num_tokens
+        if not 0 <= num_sources <= n:
+            raise ValueError(f"cannot discard {num_sources} of {n} tokens")
+        targets = self.select(tokens, probe, n - num_sources).sort(dim=1).values
+        chosen = torch.zeros(tokens.batch_size, n, device=targets.device).scatter_(1, targets, 1.0)
+        return FilterResult(sources=complement(targets, n), targets=targets, scores=1.0 - chosen)

@@ -272,3 +272,36 @@ class GroupedProbe:
     def __getattr__(self, name: str):
         # text and last-token statistics exist only inside the LLM, where tokens are not grouped
         raise AttributeError(f"{name!r} is not defined for grouped candidates (encoder merge groups)")
+
+
+class FeatureProbe:
+    """What a stage may read at the LLM input (:class:`~ficoco.methods.InputReduction`): the
+    tokens' own features come in the :class:`~ficoco.stages.TokenGroup`; this adds the
+    instruction's token embeddings, for filters conditioned on the text (CDPruner), looked up only
+    when a stage reads them. There is no attention here: a filter that asks for an attention
+    statistic gets one clear error.
+
+    Args:
+        text: returns ``(text_embeddings [B, M, D], text_valid [B, M] bool)``: the input embeddings
+            of each image's instruction tokens (the text after the image in its prompt) and which
+            are real; ``None`` when the prompt came as embeddings.
+    """
+
+    def __init__(self, text: Callable[[], tuple[Tensor, Tensor]] | None = None) -> None:
+        self._text = text
+
+    @cached_property
+    def _instruction(self) -> tuple[Tensor | None, Tensor | None]:
+        return (None, None) if self._text is None else self._text()
+
+    @property
+    def text_embeddings(self) -> Tensor | None:
+        return self._instruction[0]
+
+    @property
+    def text_valid(self) -> Tensor | None:
+        return self._instruction[1]
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"{name!r} is an attention statistic, which does not exist at the LLM input: this "
+                             f"filter belongs in the vision encoder or the LLM decoder")

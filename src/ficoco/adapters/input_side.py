@@ -1,0 +1,122 @@
+"""Running an :class:`~ficoco.methods.InputReduction` on the projected visual tokens (LLaVA-1.5).
+
+A forward hook on the multimodal projector reduces its output ``[images, N, D]`` to
+``[images, N', D]`` before the model scatters it into the prompt, whose image placeholders the
+family's prompt rewriting has cut to ``N'`` (as for encoder-side methods). Stages conditioned on
+the instruction read the input embeddings of the text that follows each image in its prompt
+(:class:`~ficoco.stages.FeatureProbe`), from the prompt the family's rewriting last saw
+(:meth:`InputSide.remember_prompt`): newer ``generate`` runs the projector before the model's own
+forward, so a hook on that forward would come too late.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..methods import InputReduction
+from ..stages import FeatureProbe, ReductionResult, TokenGroup
+
+
+@dataclass
+class InputTrace:
+    """What the input reduction did to one batch of images.
+
+    Attributes:
+        positions: ``[I, N']`` raster position of each token handed to the LLM.
+        sizes: ``[I, N']`` patches each of them stands for.
+        result: the reduction's stage outputs when recording is on.
+    """
+
+    positions: Tensor
+    sizes: Tensor
+    result: ReductionResult | None
+
+
+def instruction_rows(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """For each image run of ``input_ids`` (``[B, L]``; runs counted row by row): ``(sample [I],
+    rows [I, M], valid [I, M])``, the sequence columns of the text after that image up to the next
+    image or the end of its prompt (padding excluded)."""
+    ids = input_ids.cpu()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    samples, spans = [], []
+    for b in range(ids.shape[0]):
+        is_image = (ids[b] == image_token_id).tolist()
+        length = len(is_image)
+        starts = [i for i in range(length) if is_image[i] and (i == 0 or not is_image[i - 1])]
+        ends = [i + 1 for i in range(length) if is_image[i] and (i + 1 == length or not is_image[i + 1])]
+        for k, end in enumerate(ends):
+            stop = starts[k + 1] if k + 1 < len(starts) else length
+            spans.append([i for i in range(end, stop) if real[b, i]])
+            samples.append(b)
+    width = max((len(s) for s in spans), default=0)
+    rows = torch.zeros(len(spans), width, dtype=torch.long)
+    valid = torch.zeros(len(spans), width, dtype=torch.bool)
+    for i, span in enumerate(spans):
+        rows[i, :len(span)] = torch.tensor(span, dtype=torch.long)
+        valid[i, :len(span)] = True
+    device = input_ids.device
+    return torch.tensor(samples, dtype=torch.long, device=device), rows.to(device), valid.to(device)
+
+
+class InputSide:
+    """Hooks an input reduction onto a LLaVA model's multimodal projector.
+
+    Args:
+        stage: the reduction and its budget.
+        removed: tokens removed per image (the plan's ``input_removed``).
+        grid: the patch grid of one image.
+        leading: rows at the front of each image's features that are never candidates ([CLS] when
+            the model hands it to the LLM).
+        image_token_id: the placeholder token, to find each image's instruction.
+        embed: the model's input embedding layer.
+        token_state: ``(sizes, positions)`` ``[I, N]`` of the projected tokens (after an
+            encoder-side reduction), or ``None`` for fresh patches.
+    """
+
+    def __init__(self, stage: InputReduction, removed: int, *, grid: tuple[int, int], leading: int,
+                 image_token_id: int, embed: nn.Module, token_state=None, record: bool = False) -> None:
+        self.stage, self.removed, self.grid, self.leading = stage, removed, grid, leading
+        self.image_token_id, self.embed, self.token_state, self.record = image_token_id, embed, token_state, record
+        self.prompt: tuple[Tensor, Tensor | None] | None = None
+        self.last: InputTrace | None = None
+
+    def install(self, hooks, projector: nn.Module) -> None:
+        hooks.post(projector, self._reduce)
+
+    def remember_prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+        """The (already cut) prompt whose images the projector is about to see; used once."""
+        self.prompt = None if input_ids is None else (input_ids, attention_mask)
+
+    def _probe(self, images: int, dtype) -> FeatureProbe:
+        if self.prompt is None:
+            return FeatureProbe()
+        (input_ids, attention_mask), self.prompt = self.prompt, None
+
+        def instruction() -> tuple[Tensor, Tensor]:
+            samples, rows, valid = instruction_rows(input_ids, attention_mask, self.image_token_id)
+            if samples.numel() != images:
+                raise ValueError(f"the prompt has {samples.numel()} image placeholder runs for {images} image(s)")
+            with torch.no_grad():
+                text = self.embed(input_ids[samples[:, None], rows])  # [I, M, D]
+            return text.to(dtype), valid
+
+        return FeatureProbe(instruction)
+
+    def _reduce(self, module, args, output: Tensor) -> Tensor | None:
+        if self.removed == 0:
+            return None
+        features = output[:, self.leading:]
+        images, n, _ = features.shape
+        state = self.token_state(images, n, features.device) if self.token_state is not None else None
+        if state is None:
+            tokens = TokenGroup.fresh(features, self.grid)
+        else:
+            tokens = TokenGroup(features, state[0], state[1], self.grid)
+        result = self.stage.reduction(tokens, self._probe(images, features.dtype), self.removed)
+        self.last = InputTrace(result.tokens.positions, result.tokens.sizes, result if self.record else None)
+        kept = result.tokens.features.to(output.dtype)
+        return torch.cat([output[:, :self.leading], kept], dim=1) if self.leading else kept

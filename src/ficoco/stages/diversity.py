@@ -1,0 +1,128 @@
+"""Filters that keep a diverse set of tokens, read from the tokens' features (no attention).
+
+- :class:`MaxMinDiversityFilter`: DivPrune (Alvar et al., CVPR 2025), the max-min diversity
+  problem solved greedily (farthest-point selection under cosine distance);
+- :class:`ConditionalDPPFilter`: CDPruner (Zhang et al., NeurIPS 2025), the greedy MAP of a
+  determinantal point process whose kernel weighs feature similarity by relevance to the
+  instruction.
+
+Both choose the kept set as a whole and run per sample on the whole batch at once (the official
+code selects for sample 0, resp. flattens the batch into one sample). docs/methods.md lists what
+else differs from the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .filters import SetSelectionFilter
+from .tokens import TokenGroup
+
+
+def cosine_similarity_matrix(x: Tensor) -> Tensor:
+    """``[B, N, N]`` cosine similarity of the rows of ``x`` (``[B, N, D]``), in float32."""
+    x = F.normalize(x.float(), dim=-1)
+    return x @ x.transpose(1, 2)
+
+
+@dataclass
+class MaxMinDiversityFilter(SetSelectionFilter):
+    """DivPrune: keep the set whose smallest pairwise cosine distance ``1 - cos`` is largest,
+    greedily. The first token kept is the one whose nearest other token is farthest; each next one
+    is the token farthest from everything kept so far (its smallest distance to the kept set is
+    the largest). Ties go to the lowest index, as ``argmax`` gives them."""
+
+    def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
+        b, n = tokens.batch_size, tokens.num_tokens
+        distance = 1.0 - cosine_similarity_matrix(tokens.features)  # [B, N, N]
+        chosen = torch.zeros(b, kept, dtype=torch.long, device=distance.device)
+        if kept == 0:
+            return chosen
+        rows = torch.arange(b, device=distance.device)
+        eye = torch.eye(n, dtype=torch.bool, device=distance.device)
+        chosen[:, 0] = distance.masked_fill(eye, float("inf")).amin(dim=1).argmax(dim=1)
+        nearest = distance[rows, chosen[:, 0]]  # [B, N]: each token's distance to the kept set
+        taken = torch.zeros(b, n, dtype=torch.bool, device=distance.device)
+        taken[rows, chosen[:, 0]] = True
+        for step in range(1, kept):
+            pick = nearest.masked_fill(taken, float("-inf")).argmax(dim=1)
+            chosen[:, step] = pick
+            taken[rows, pick] = True
+            nearest = torch.minimum(nearest, distance[rows, pick])
+        return chosen
+
+
+@dataclass
+class ConditionalDPPFilter(SetSelectionFilter):
+    """CDPruner: the greedy MAP of a DPP with kernel ``L = diag(r) S diag(r)``, ``S`` the cosine
+    similarity of the tokens' features and ``r`` their relevance to the instruction.
+
+    ``r_i = mean_m(-cos(x_i, t_m))`` over the instruction's token embeddings ``t_m`` (the official
+    code negates the similarity, deliberately), min-max normalised per sample as
+    ``(r - min + 1e-6) / (max - min)``. The greedy MAP is Chen et al.'s incremental Cholesky form:
+    each step keeps the token with the largest remaining gain ``d_j^2`` (the first: the most
+    relevant) and removes its projection from the others.
+
+    Attributes:
+        theta: ``None`` (the official code's default): relevance as above. A value in ``(0, 1)``:
+            the paper's trade-off, ``r <- exp(theta / (2 (1 - theta)) * r)`` (left commented out in
+            the official code).
+        eps: a gain at most ``eps`` times the first pick's counts as exhausted. The kernel's rank
+            is at most the feature width, so once that many tokens are kept (or earlier, among
+            near-duplicates) every remaining gain is rounding noise, and the official code then
+            picks by that noise (or divides by the root of a negative number). Here the rest are
+            kept in order of relevance instead, which is deterministic.
+    """
+
+    theta: float | None = None
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.theta is not None and not 0.0 < self.theta < 1.0:
+            raise ValueError(f"theta must be None or lie in (0, 1), got {self.theta}")
+
+    def relevance(self, tokens: TokenGroup, probe) -> Tensor:
+        """``[B, N]`` relevance of each token to its instruction (after normalisation)."""
+        text = getattr(probe, "text_embeddings", None)
+        if text is None:
+            raise ValueError("CDPruner weighs tokens by their relevance to the instruction, but this prompt has no "
+                             "instruction tokens after the image (or came as embeddings)")
+        sim = F.normalize(tokens.features.float(), dim=-1) @ F.normalize(text.float(), dim=-1).transpose(1, 2)
+        valid = probe.text_valid
+        if valid is None:
+            valid = torch.ones(sim.shape[0], sim.shape[2], dtype=torch.bool, device=sim.device)
+        if not bool(valid.any(dim=1).all()):
+            raise ValueError("CDPruner needs instruction tokens after every image; a prompt has none")
+        weights = valid.float()[:, None, :]
+        r = -(sim * weights).sum(dim=-1) / weights.sum(dim=-1)
+        low, high = r.amin(dim=1, keepdim=True), r.amax(dim=1, keepdim=True)
+        r = (r - low + 1e-6) / (high - low).clamp_min(1e-12)
+        if self.theta is not None:
+            r = torch.exp(self.theta / (2 * (1 - self.theta)) * r)
+        return r
+
+    def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
+        b, n = tokens.batch_size, tokens.num_tokens
+        r = self.relevance(tokens, probe)
+        kernel = r[:, :, None] * cosine_similarity_matrix(tokens.features) * r[:, None, :]  # [B, N, N]
+        rows = torch.arange(b, device=kernel.device)
+        gain = kernel.diagonal(dim1=1, dim2=2).clone()  # d_j^2
+        factors = kernel.new_zeros(b, kept, n)  # c: one row per kept token
+        chosen = torch.zeros(b, kept, dtype=torch.long, device=kernel.device)
+        taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
+        floor = self.eps * gain.amax(dim=1)  # [B]
+        for step in range(kept):
+            best = gain.masked_fill(taken, float("-inf")).amax(dim=1)
+            exhausted = (best <= floor)[:, None]
+            pick = torch.where(exhausted, r, gain).masked_fill(taken, float("-inf")).argmax(dim=1)
+            chosen[:, step] = pick
+            taken[rows, pick] = True
+            projection = torch.einsum("bk,bkn->bn", factors[rows, :step, pick], factors[:, :step])
+            e = (kernel[rows, pick] - projection) / gain[rows, pick].clamp_min(floor).sqrt()[:, None]
+            factors[:, step] = e
+            gain = gain - e.square()
+        return chosen

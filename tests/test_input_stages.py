@@ -1,0 +1,177 @@
+"""The stages that act on the projected tokens at the LLM input (pool, DivPrune, CDPruner) against
+slow, obvious re-implementations: bins walked cell by cell, the official greedy max-min loop over
+Python lists, and the greedy MAP of a DPP by explicit determinants of the kernel's submatrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ficoco
+from ficoco.stages import AveragingCompress, DropCompress, FeatureProbe, NoCorrelate, TokenGroup, TokenReduction
+from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+from ficoco.stages.pooling import GridPartitionCorrelate, GridPartitionFilter, pooled_grid
+
+SEEDS = (0, 1, 2)
+
+
+def pooling():
+    return TokenReduction(GridPartitionFilter(), GridPartitionCorrelate(), AveragingCompress())
+
+
+@pytest.mark.parametrize("grid,kept", [((24, 24), 144), ((24, 24), 64), ((24, 24), 192), ((24, 24), 128),
+                                       ((7, 5), 6), ((6, 9), 12), ((5, 5), 9)])
+def test_pool_equals_bin_by_bin_means(grid, kept):
+    torch.manual_seed(0)
+    h, w = grid
+    x = torch.randn(2, h * w, 4)
+    result = pooling()(TokenGroup.fresh(x, grid), None, h * w - kept)
+    out_h, out_w = pooled_grid(grid, kept)
+    expected, sizes = [], []
+    for i in range(out_h):  # bin i spans rows floor(i h / out_h) .. floor((i + 1) h / out_h) - 1
+        for j in range(out_w):
+            rows = range(i * h // out_h, (i + 1) * h // out_h)
+            cols = range(j * w // out_w, (j + 1) * w // out_w)
+            cells = [r * w + c for r in rows for c in cols]
+            expected.append(x[:, cells].mean(dim=1))
+            sizes.append(len(cells))
+    torch.testing.assert_close(result.tokens.features, torch.stack(expected, dim=1), rtol=1e-5, atol=1e-6)
+    assert result.tokens.sizes[0].tolist() == sizes
+    if h % out_h == 0 and w % out_w == 0:  # the plain strided average pooling
+        pooled = F.avg_pool2d(x.transpose(1, 2).reshape(2, 4, h, w), (h // out_h, w // out_w))
+        torch.testing.assert_close(result.tokens.features, pooled.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_grid_choice_and_refusal():
+    assert pooled_grid((24, 24), 192) == (16, 12) and pooled_grid((24, 24), 128) == (16, 8)
+    assert pooled_grid((24, 24), 64) == (8, 8) and pooled_grid((24, 24), 144) == (12, 12)
+    assert pooled_grid((6, 12), 18) == (3, 6)  # the grid's own aspect
+    with pytest.raises(ValueError, match="191 tokens cannot be pooled from a 24x24 grid.*budgets near it"):
+        pooled_grid((24, 24), 191)
+    with pytest.raises(ValueError, match="needs the whole 4x4 token grid"):
+        pooling()(TokenGroup(torch.randn(1, 15, 2), torch.ones(1, 15), torch.arange(15)[None], (4, 4)), None, 11)
+
+
+def official_divprune(x: torch.Tensor, kept: int) -> list[int]:
+    """DivPrune's greedy loop as its code reads: the second-smallest distance of each column picks
+    the first token, then the largest smallest-distance to the selected set, over Python lists.
+    Distances in ``x``'s dtype: mutual nearest neighbours tie in exact arithmetic, and only the
+    same rounding breaks the tie the same way."""
+    v = F.normalize(x, dim=-1)
+    distance = (1 - v @ v.T).tolist()
+    n = len(distance)
+    columns = [sorted(distance[i][j] for i in range(n)) for j in range(n)]
+    second = [c[1] for c in columns]
+    selected = [max(range(n), key=lambda j: (second[j], -j))]
+    while len(selected) < kept:
+        best, pick = None, None
+        for j in range(n):
+            if j in selected:
+                continue
+            score = min(distance[s][j] for s in selected)
+            if best is None or score > best:
+                best, pick = score, j
+        selected.append(pick)
+    return sorted(selected)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kept", [1, 5, 17])
+def test_divprune_equals_the_official_greedy_loop(seed, kept):
+    torch.manual_seed(seed)
+    x = torch.randn(3, 30, 8)
+    result = MaxMinDiversityFilter()(TokenGroup.fresh(x, (5, 6)), None, 30 - kept)
+    for row in range(3):  # every sample by its own features (the official code uses sample 0's choice)
+        assert result.targets[row].tolist() == official_divprune(x[row], kept)
+
+
+def greedy_log_det(kernel: torch.Tensor, kept: int) -> list[int]:
+    """Greedy MAP of a DPP by its definition: add the token that makes det(L_S) largest."""
+    chosen = []
+    for _ in range(kept):
+        dets = {}
+        for j in range(kernel.shape[0]):
+            if j not in chosen:
+                s = chosen + [j]
+                dets[j] = torch.linalg.det(kernel[s][:, s]).item()
+        chosen.append(max(dets, key=lambda j: (dets[j], -j)))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("theta", [None, 0.5])
+def test_cdpruner_equals_greedy_determinant_maximisation(seed, theta):
+    torch.manual_seed(seed)
+    n, d, kept = 14, 32, 6  # features wider than the tokens: a full-rank kernel
+    x, text = torch.randn(2, n, d), torch.randn(2, 3, d)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    stage = ConditionalDPPFilter(theta=theta)
+    probe = FeatureProbe(lambda: (text, valid))
+    tokens = TokenGroup.fresh(x, (2, 7))
+    result = stage(tokens, probe, n - kept)
+    for row in range(2):
+        m = int(valid[row].sum())
+        cos = [[F.cosine_similarity(x[row, i], text[row, k], dim=0).item() for k in range(m)] for i in range(n)]
+        r = [-sum(c) / m for c in cos]
+        low, high = min(r), max(r)
+        r = [(v - low + 1e-6) / (high - low) for v in r]
+        if theta is not None:
+            r = [torch.exp(torch.tensor(theta / (2 * (1 - theta)) * v)).item() for v in r]
+        r = torch.tensor(r, dtype=torch.float64)
+        sim = F.normalize(x[row].double(), dim=-1) @ F.normalize(x[row].double(), dim=-1).T
+        kernel = r[:, None] * sim * r[None, :]
+        assert result.targets[row].tolist() == sorted(greedy_log_det(kernel, kept))
+    torch.testing.assert_close(stage.relevance(tokens, probe)[1], stage.relevance(
+        TokenGroup.fresh(x[1:], (2, 7)), FeatureProbe(lambda: (text[1:, :2], valid[1:, :2])))[0])
+
+
+def test_cdpruner_rank_exhaustion_falls_back_to_relevance():
+    """With fewer feature dimensions than kept tokens the kernel runs out of rank; the rest are
+    then taken by relevance, not by rounding noise."""
+    torch.manual_seed(0)
+    x, text = torch.randn(1, 20, 4), torch.randn(1, 2, 4)
+    stage = ConditionalDPPFilter()
+    probe = FeatureProbe(lambda: (text, None))
+    tokens = TokenGroup.fresh(x, (4, 5))
+    first_four = stage.select(tokens, probe, 4)[0].tolist()
+    chosen = stage.select(tokens, probe, 12)[0].tolist()
+    assert chosen[:4] == first_four
+    rest = [j for j in stage.relevance(tokens, probe)[0].argsort(descending=True).tolist() if j not in first_four]
+    assert chosen[4:] == rest[:8]
+
+
+def test_input_stage_errors():
+    tokens = TokenGroup.fresh(torch.randn(1, 4, 3), (2, 2))
+    with pytest.raises(ValueError, match="relevance to the instruction.*no instruction tokens"):
+        ConditionalDPPFilter()(tokens, FeatureProbe(), 2)
+    with pytest.raises(ValueError, match="theta must be None or lie in"):
+        ConditionalDPPFilter(theta=1.0)
+    with pytest.raises(AttributeError, match="'cls_attention' is an attention statistic.*LLM input"):
+        FeatureProbe().cls_attention
+    with pytest.raises(TypeError, match="chooses a set of tokens as a whole"):
+        MaxMinDiversityFilter().scores(tokens, None)
+    with pytest.raises(ValueError, match="retain=0 keeps no visual token: that is the 'zero' control"):
+        ficoco.get_method("divprune", retain=0)
+    with pytest.raises(ValueError, match="bad option for method 'zero'"):
+        ficoco.get_method("zero", retain=64)
+
+
+def test_input_methods_refuse_qwen_in_one_line():
+    from ficoco.testing import tiny_qwen_vl
+
+    model = tiny_qwen_vl("qwen2_5_vl")
+    for name in ("pool", "divprune", "cdpruner", "zero"):
+        with pytest.raises(ValueError, match=f"{name} reduces the projected tokens at the LLM input.*LLaVA-1.5 only"):
+            ficoco.attach(model, name)
+    assert not hasattr(model, "_ficoco_handle")
+
+
+def test_drop_and_pool_compositions_count():
+    torch.manual_seed(0)
+    tokens = TokenGroup.fresh(torch.randn(2, 36, 5), (6, 6))
+    for reduction, kept in ((TokenReduction(MaxMinDiversityFilter(), NoCorrelate(), DropCompress()), 10),
+                            (pooling(), 9)):
+        result = reduction(tokens, None, 36 - kept)
+        assert result.tokens.features.shape == (2, kept, 5)
+        assert torch.equal(result.kept, result.kept.sort(dim=1).values)  # raster order kept
