@@ -20,7 +20,7 @@ import torch
 
 from ..measure import budget
 from ..adapters import attach
-from ..methods import Method, get_method
+from ..methods import Method, get_method, takes_budget
 from ..prompts import chat_prompt
 from .metrics import unparsed_share
 from .prompt_format import check_task_prompts
@@ -47,18 +47,25 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return "vanilla" if self.method == "vanilla" else f"{self.method}@{self.retain}"
+        if self.method == "vanilla" or self.retain is None:  # vanilla, and controls without a budget (zero)
+            return self.method
+        return f"{self.method}@{self.retain}"
 
     def build(self) -> Method | None:
-        return None if self.method == "vanilla" else get_method(self.method, retain=self.retain, **self.options)
+        if self.method == "vanilla":
+            return None
+        budget = {} if self.retain is None else {"retain": self.retain}
+        return get_method(self.method, **budget, **self.options)
 
 
 def variants_for(methods: Iterable[str], retains: Iterable[int | float], options: dict | None = None) -> list[Variant]:
-    """Vanilla first, then every method at every budget."""
+    """Vanilla first, then every method at every budget (once for a control without one: ``zero``)."""
     out = [Variant()]
     for name in methods:
-        if name != "vanilla":
-            out += [Variant(name, retain, dict((options or {}).get(name, {}))) for retain in retains]
+        if name == "vanilla":
+            continue
+        opts = dict((options or {}).get(name, {}))
+        out += [Variant(name, retain, opts) for retain in retains] if takes_budget(name) else [Variant(name, None, opts)]
     return out
 
 

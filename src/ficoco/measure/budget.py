@@ -129,7 +129,7 @@ SPREADS = ("method", "first_layer")
 
 def describe_schedule(method: Method | None, geometry_or_plan) -> str:
     """A short human reading of where a method removes tokens: ``"encoder L12-22"``,
-    ``"LLM L5-30"``, ``"LLM L5"``, ``"encoder L12-22 + LLM L5-30"``, ``"-"`` for none."""
+    ``"LLM L5-30"``, ``"LLM L5"``, ``"LLM input"``, ``"encoder L12-22 + LLM L5-30"``, ``"-"`` for none."""
     if method is None:
         return "-"
     plan = geometry_or_plan if isinstance(geometry_or_plan, ResolvedPlan) else method.plan(geometry_or_plan)
@@ -138,6 +138,8 @@ def describe_schedule(method: Method | None, geometry_or_plan) -> str:
         if layers:
             first, last = min(layers), max(layers)
             parts.append(f"{where} L{first}" + (f"-{last}" if last != first else ""))
+        if where == "encoder" and plan.input_removed:
+            parts.append("LLM input")
     return " + ".join(parts) or "-"
 
 

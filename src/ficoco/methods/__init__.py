@@ -48,6 +48,17 @@ def available_methods() -> dict[str, str]:
     return {name: summary for name, (_, summary) in _REGISTRY.items()}
 
 
+def takes_budget(name: str) -> bool:
+    """Whether method ``name`` takes a ``retain`` budget (the ``zero`` control does not)."""
+    import inspect
+
+    try:
+        factory, _ = _REGISTRY[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}") from None
+    return "retain" in inspect.signature(factory).parameters
+
+
 def get_method(name: str, **options) -> Method:
     """Build the method ``name`` with ``options`` (e.g. ``retain=128``, ``schedule={12: 40}``)."""
     try:
@@ -64,5 +75,5 @@ __all__ = [
     "DECODER_METHODS", "ENCODER_METHODS", "INPUT_METHODS", "InputReduction", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan",
     "VisionReduction", "available_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "cdpruner", "divprune", "get_method", "pool", "random_drop", "tome", "topk", "zero",
+    "cdpruner", "divprune", "get_method", "takes_budget", "pool", "random_drop", "tome", "topk", "zero",
 ]

@@ -79,6 +79,8 @@ def _schedule(method: Method | None) -> dict:
         if reduction is not None:
             out[side] = {"retain": reduction.retain, "start_layer": reduction.start_layer,
                          "end_layer": reduction.end_layer}
+    if method is not None and method.input is not None:
+        out["input"] = {"retain": method.input.retain}
     return out
 
 
