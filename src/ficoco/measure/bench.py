@@ -220,7 +220,13 @@ def run(
                         def prefill():
                             return model(**inputs, use_cache=True, logits_to_keep=1)
 
+                        # an LLM-input reduction conditioned on the instruction reads the prompt, which a
+                        # bare call of the vision path does not carry: hand it the cut prompt (untimed)
+                        prompt = handle.prepare_inputs(**inputs) if handle is not None and handle.input else None
+
                         def vision():
+                            if prompt is not None:
+                                handle.input.remember_prompt(prompt["input_ids"], prompt["attention_mask"])
                             return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
                         if key not in memory:
