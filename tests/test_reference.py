@@ -55,6 +55,9 @@ def reference_image_features(model, pixel_values, method, plan):
         bias = torch.cat([torch.zeros(1, 1), sizes.log()], dim=1)[:, None, None, :] if prop else None
         n_heads = attn.num_heads
         h = h + attn.out_proj(explicit_attention(heads(q, n_heads), heads(k, n_heads), heads(v, n_heads), attn.scale, bias))
+        after_mlp = method.vision is not None and method.vision.reduce_at == "output"
+        if after_mlp:  # VisionZip: the layer's output is reduced
+            h = h + layer.mlp(layer.layer_norm2(h))
         if index in plan:
             length = h.shape[1]
             probe = AttentionProbe(q.view(1, length, n_heads, -1), k.view(1, length, n_heads, -1), attn.scale,
@@ -63,7 +66,8 @@ def reference_image_features(model, pixel_values, method, plan):
             result = method.vision.reduction(TokenGroup(h[:, 1:], sizes, positions, GRID), probe, plan[index])
             h = torch.cat([h[:, :1], result.tokens.features], dim=1)
             sizes, positions = result.tokens.sizes, result.tokens.positions
-        h = h + layer.mlp(layer.layer_norm2(h))
+        if not after_mlp:
+            h = h + layer.mlp(layer.layer_norm2(h))
         if index == len(vm.encoder.layers) - 2:  # vision_feature_layer = -2
             features = h[:, 1:]
     return model.model.multi_modal_projector(features)[0], sizes[0], positions[0]
@@ -136,7 +140,7 @@ def reference_logits(model, prompt, pixel_values, method):
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
-                                 "topk", "pool", "divprune", "cdpruner", "zero"])
+                                 "topk", "visionzip", "pool", "divprune", "cdpruner", "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")

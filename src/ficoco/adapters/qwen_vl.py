@@ -57,6 +57,9 @@ class QwenVLHandle(ReductionHandle):
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         core, outer = _qwen_parts(model)
+        if method.vision is not None and method.vision.reduce_at != "attention":
+            raise ValueError(f"{method.name} reduces a block's output after its MLP, which ficoco's Qwen-VL tower "
+                             f"adapter does not do (it reduces between attention and MLP)")
         if method.input is not None:
             raise ValueError(f"{method.name} reduces the projected tokens at the LLM input, which ficoco implements "
                              f"for LLaVA-1.5 only so far, not for Qwen-VL's packed merger output")

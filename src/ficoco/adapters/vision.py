@@ -6,7 +6,8 @@ Hooks, all on the attached model's own modules and removed on detach:
   (the attention itself stays SDPA);
 - a forward pre-hook on the layer's ``layer_norm2`` runs the reduction on the residual stream after
   self-attention: merged targets are written back into that tensor, which the layer also holds as
-  its MLP residual, and the order of survivors is remembered;
+  its MLP residual, and the order of survivors is remembered (with ``reduce_at="output"`` the
+  reduction runs instead in a forward hook on the layer's output, after its MLP);
 - a forward hook on the layer (placed first) keeps only the surviving rows of the layer's output,
   so later layers, ``output_hidden_states`` and LLaVA's feature selection all see the shorter
   sequence;
@@ -88,8 +89,12 @@ class VisionSide:
                 attn = layer.self_attn
                 hooks.post(attn.q_proj, self._keep_queries)
                 hooks.post(attn.k_proj, self._keep_keys)
-                hooks.pre(layer.layer_norm2, self._reducer(index, self.removals[index], attn))
-                hooks.post(layer, self._drop_rows, prepend=True)
+                reduce = self._reducer(index, self.removals[index], attn)
+                if self.stage.reduce_at == "output":
+                    hooks.post(layer, self._on_output(reduce), prepend=True)
+                else:
+                    hooks.pre(layer.layer_norm2, reduce)
+                    hooks.post(layer, self._drop_rows, prepend=True)
         hooks.post(self.layers[-1], self._finish_batch)
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -177,6 +182,20 @@ class VisionSide:
                 self.steps.append((index, result))
 
         return reduce_after_attention
+
+    def _on_output(self, reduce):
+        """A forward hook that runs ``reduce`` on the layer's output (after its MLP) and keeps the
+        surviving rows."""
+        def reduce_output(module, args, output):
+            def reduced(hidden: Tensor) -> Tensor:
+                hidden = hidden.clone()  # the output may be a view the caller keeps (hidden_states)
+                reduce(None, (hidden,))
+                keep, self.pending_keep = self.pending_keep, None
+                return gather_rows(hidden, keep)
+
+            return replace_hidden_output(output, reduced)
+
+        return reduce_output
 
     def _drop_rows(self, module, args, output):
         keep, self.pending_keep = self.pending_keep, None

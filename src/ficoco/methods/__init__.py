@@ -11,7 +11,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 from .base import InputReduction, LanguageReduction, Method, ModelGeometry, ResolvedPlan, VisionReduction
-from .baselines import evit, fastv, random_drop, tome, topk
+from .baselines import evit, fastv, random_drop, tome, topk, visionzip
 from .input_pruning import cdpruner, divprune, pool, zero
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
 
@@ -28,6 +28,8 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
     "random": (random_drop, "random dropping, a floor for every other method"),
     "topk": (topk, "TopK: keep the patches [CLS] attends to most at the feature layer (encoder); without [CLS] "
                    "the attention they receive"),
+    "visionzip": (visionzip, "VisionZip: dominant tokens by [CLS] attention + merged contextual tokens (encoder "
+                             "output at the feature layer; LLaVA-1.5)"),
     "pool": (pool, "spatial average pooling of the projected visual tokens (LLM input)"),
     "divprune": (divprune, "DivPrune: max-min diverse subset of the projected visual tokens (LLM input)"),
     "cdpruner": (cdpruner, "CDPruner: DPP selection by diversity and relevance to the instruction (LLM input)"),
@@ -39,7 +41,7 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
 #: (FiCoCo-VL, which reduces in both, with the decoder side)
 ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
 #: methods that prune the projected tokens at the LLM input, and the encoder-side TopK
-INPUT_METHODS = ("topk", "pool", "divprune", "cdpruner", "zero")
+INPUT_METHODS = ("topk", "visionzip", "pool", "divprune", "cdpruner", "zero")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 
 
@@ -75,5 +77,5 @@ __all__ = [
     "DECODER_METHODS", "ENCODER_METHODS", "INPUT_METHODS", "InputReduction", "LanguageReduction", "Method", "ModelGeometry", "ResolvedPlan",
     "VisionReduction", "available_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "cdpruner", "divprune", "get_method", "takes_budget", "pool", "random_drop", "tome", "topk", "zero",
+    "cdpruner", "divprune", "get_method", "pool", "random_drop", "takes_budget", "tome", "topk", "visionzip", "zero",
 ]

@@ -6,10 +6,12 @@ from collections.abc import Mapping
 from typing import Literal
 
 from ..stages import (
+    AddMeanCompress,
     ArgmaxSimilarityCorrelate,
     BipartiteSimilarityFilter,
     CLSAttentionFilter,
     ConvergentCorrelate,
+    DominantContextualFilter,
     DropCompress,
     FuseCompress,
     LastTokenAttentionFilter,
@@ -107,3 +109,15 @@ def topk(retain: int | None = 192, *, layer: int = -1) -> Method:
     reduction = TokenReduction(CLSAttentionFilter(), NoCorrelate(), DropCompress())
     return Method("topk", vision=VisionReduction(reduction, retain, layer, layer),
                   description="TopK: keep the patches [CLS] attends to most at the feature layer")
+
+
+def visionzip(retain: int | None = 64, *, contextual_share: float = 10 / 64, layer: int = -1) -> Method:
+    """VisionZip: at the encoder layer the LLM reads, keep the *dominant* tokens [CLS] attends to
+    most and merge the rest into a few *contextual* tokens (strided picks among them, each other
+    token going to the one whose head-averaged key is most similar, added as a plain mean), on the
+    layer's output as the official code does (``reduce_at="output"``). ``contextual_share`` of the
+    ``retain`` tokens are contextual (the official 10 of 64)."""
+    reduction = TokenReduction(DominantContextualFilter(contextual_share), ArgmaxSimilarityCorrelate(),
+                               AddMeanCompress())
+    return Method("visionzip", vision=VisionReduction(reduction, retain, layer, layer, reduce_at="output"),
+                  description="VisionZip: dominant tokens by [CLS] attention + merged contextual tokens")

@@ -8,7 +8,7 @@
 statistics they read.
 """
 
-from .compressors import AveragingCompress, Compress, DropCompress, FuseCompress, SelfPreservingCompress, SizeWeightedCompress
+from .compressors import AddMeanCompress, AveragingCompress, Compress, DropCompress, FuseCompress, SelfPreservingCompress, SizeWeightedCompress
 from .correlates import (
     ArgmaxSimilarityCorrelate,
     AttentionQuantileCorrelate,
@@ -22,6 +22,7 @@ from .correlates import (
 from .filters import (
     BipartiteSimilarityFilter,
     CLSAttentionFilter,
+    DominantContextualFilter,
     FiCoCoLanguageFilter,
     FiCoCoVisionFilter,
     Filter,
@@ -35,7 +36,7 @@ from .probe import AttentionProbe, FeatureProbe, GroupedProbe
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
 __all__ = [
-    "ArgmaxSimilarityCorrelate", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
+    "AddMeanCompress", "ArgmaxSimilarityCorrelate", "DominantContextualFilter", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
     "BipartiteSimilarityFilter", "CLSAttentionFilter", "Compress", "ConvergentCorrelate", "Correlate",
     "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
     "FeatureProbe", "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",

@@ -110,3 +110,19 @@ class DropCompress(Compress):
 
     def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
         return targets
+
+
+@dataclass
+class AddMeanCompress(Compress):
+    """VisionZip's contextual tokens: ``x_j <- x_j + mean_{i -> j} x_i``, the target *plus* the
+    plain mean of the sources assigned to it (a sum, not an average: the official code adds them;
+    a target that receives nothing stays as it is). Sizes add up."""
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        assigned = (correlation.weights > 0).float()  # [B, r, T]
+        count = assigned.sum(dim=1)  # [B, T]
+        mean = (assigned.transpose(1, 2) @ sources.features.float()) / count.clamp_min(1)[..., None]
+        share = _normalized_rows(assigned)
+        sizes = targets.sizes + (share.transpose(1, 2) @ sources.sizes[..., None].float())[..., 0]
+        merged = (targets.features.float() + mean).to(targets.features.dtype)
+        return TokenGroup(merged, sizes, targets.positions, targets.grid)

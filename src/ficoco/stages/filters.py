@@ -276,3 +276,54 @@ class SetSelectionFilter(Filter):
         targets = self.select(tokens, probe, n - num_sources).sort(dim=1).values
         chosen = torch.zeros(tokens.batch_size, n, device=targets.device).scatter_(1, targets, 1.0)
         return FilterResult(sources=complement(targets, n), targets=targets, scores=1.0 - chosen)
+
+
+@dataclass
+class DominantContextualFilter(Filter):
+    """VisionZip's split (Yang et al., CVPR 2025): of ``kept`` tokens, ``round(kept x
+    contextual_share)`` are *contextual* and the rest *dominant*. Dominant: the tokens [CLS] attends
+    to most (head-averaged; without [CLS], the attention they receive). Contextual: of the other
+    tokens in raster order, every ``step``-th from the first (``step = max(1, remaining //
+    contextual)``); they are the only receivers of the rest (``FilterResult.receivers``), which
+    merge into them. The official split is 54 + 10 at 64 tokens (the same share, 5/32, gives
+    162 + 30 at 192 and 108 + 20 at 128).
+
+    Attributes:
+        contextual_share: share of the kept tokens that are contextual.
+        importance: ``"cls"`` or ``"received"`` (the stand-in without [CLS]).
+    """
+
+    contextual_share: float = 10 / 64
+    importance: Literal["cls", "received"] = "cls"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.contextual_share < 1.0:
+            raise ValueError(f"contextual_share must lie in [0, 1), got {self.contextual_share}")
+        if self.importance not in ("cls", "received"):
+            raise ValueError(f"importance must be 'cls' or 'received', got {self.importance!r}")
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        """``[B, N]``: minus the dominance score (the attention a token gets)."""
+        return -(probe.cls_attention if self.importance == "cls" else probe.received_attention)
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
+        n = tokens.num_tokens
+        if not 0 <= num_sources < n:
+            raise ValueError(f"cannot discard {num_sources} of {n} tokens and keep any")
+        kept = n - num_sources
+        contextual = min(round(kept * self.contextual_share), num_sources)
+        dominant = kept - contextual
+        s = self.scores(tokens, probe)
+        top = (-s).topk(dominant, dim=1, sorted=False).indices
+        rest = complement(top, n)  # [B, N - dominant] ascending: the remaining tokens in raster order
+        step = max(1, rest.shape[1] // contextual) if contextual else 1
+        at = torch.arange(contextual, device=rest.device) * step
+        targets_ctx = rest[:, at]
+        targets = torch.cat([top, targets_ctx], dim=1).sort(dim=1).values
+        sources = complement(targets, n)
+        is_ctx = torch.zeros(tokens.batch_size, n, dtype=torch.bool, device=rest.device)
+        is_ctx.scatter_(1, targets_ctx, True)
+        return FilterResult(sources=sources, targets=targets, scores=s, receivers=is_ctx.gather(1, targets))
+
+    def without_cls(self) -> "DominantContextualFilter":
+        return replace(self, importance="received")

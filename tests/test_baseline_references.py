@@ -1,0 +1,84 @@
+"""TopK and VisionZip against their official algorithms written out literally: one sample at a
+time, the full softmax map of the layer, Python loops over the tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ficoco.methods import get_method
+from ficoco.stages import AttentionProbe, TokenGroup
+
+SEEDS = (0, 1, 2)
+
+
+def layer(seed: int, n: int = 48, heads: int = 4, dim: int = 8, batch: int = 2):
+    """Queries/keys of one encoder layer with [CLS] at index 0, and the patch features."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, n + 1, heads, dim, generator=gen) * 2
+    k = torch.randn(batch, n + 1, heads, dim, generator=gen) * 2
+    x = torch.randn(batch, n, 16, generator=gen)
+    probe = AttentionProbe(q, k, dim ** -0.5, torch.arange(1, n + 1).expand(batch, n), cls_index=0)
+    return q, k, x, probe
+
+
+def cls_row(q, k, b):
+    """Head-averaged softmax row of [CLS] over the patches, from the full map."""
+    logits = torch.einsum("qhd,khd->hqk", q[b], k[b]) * q.shape[-1] ** -0.5
+    return logits.softmax(-1).mean(0)[0, 1:]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_topk_keeps_the_most_attended_patches_in_raster_order(seed):
+    q, k, x, probe = layer(seed)
+    method = get_method("topk", retain=10)
+    result = method.vision.reduction(TokenGroup.fresh(x, (6, 8)), probe, 38)
+    for b in range(2):
+        row = cls_row(q, k, b).tolist()
+        expected = sorted(sorted(range(48), key=lambda i: -row[i])[:10])
+        assert result.kept[b].tolist() == expected
+        torch.testing.assert_close(result.tokens.features[b], x[b, expected])
+
+
+def official_visionzip(q, k, x, b, dominant, contextual):
+    """VisionZip's token selection and merging for sample ``b`` as its code reads."""
+    row = cls_row(q, k, b).tolist()
+    top = sorted(sorted(range(len(row)), key=lambda i: -row[i])[:dominant])
+    rest = [i for i in range(len(row)) if i not in top]  # raster order
+    step = max(1, len(rest) // contextual)
+    targets = rest[0::step][:contextual]
+    others = [i for i in rest if i not in targets]
+    keys = F.normalize(k[b, 1:].mean(dim=1), dim=-1)  # head-averaged keys of the patches
+    assigned = {t: [] for t in targets}
+    for i in others:
+        sims = [float(keys[i] @ keys[t]) for t in targets]
+        assigned[targets[sims.index(max(sims))]].append(i)  # first target on ties
+    merged = {t: x[b, t] + (x[b, assigned[t]].mean(dim=0) if assigned[t] else 0) for t in targets}
+    kept = sorted(top + targets)
+    return kept, torch.stack([merged[i] if i in merged else x[b, i] for i in kept])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("retain,share", [(12, 10 / 64), (20, 0.25), (9, 0.0)])
+def test_visionzip_equals_the_official_algorithm(seed, retain, share):
+    q, k, x, probe = layer(seed)
+    method = get_method("visionzip", retain=retain, contextual_share=share)
+    result = method.vision.reduction(TokenGroup.fresh(x, (6, 8)), probe, 48 - retain)
+    contextual = round(retain * share)
+    for b in range(2):
+        kept, features = official_visionzip(q, k, x, b, retain - contextual, contextual) if contextual else (
+            sorted(sorted(range(48), key=lambda i: -cls_row(q, k, b)[i].item())[:retain]), None)
+        assert result.kept[b].tolist() == kept
+        if features is not None:
+            torch.testing.assert_close(result.tokens.features[b], features, rtol=1e-5, atol=1e-5)
+
+
+def test_visionzip_refuses_qwen_and_bad_shares():
+    import ficoco
+    from ficoco.testing import tiny_qwen_vl
+
+    with pytest.raises(ValueError, match="visionzip reduces a block's output after its MLP.*Qwen-VL"):
+        ficoco.attach(tiny_qwen_vl("qwen2_vl"), "visionzip", retain=0.5)
+    with pytest.raises(ValueError, match="contextual_share must lie in"):
+        get_method("visionzip", contextual_share=1.0)
