@@ -96,6 +96,10 @@ class FiCoCoVisionFilter(Filter):
             column mean of the softmax map (the appendix wording), O(N^2 d).
         semantic_term: ``"cls"`` (default): ``c_i`` = [CLS] attention; ``"key_proxy"``:
             ``c_i = -cos(mean key, k_i)`` for encoders without [CLS] (docs/spec.md §6).
+        cls_term: what the [CLS] attention of ``semantic_term="cls"`` is: ``"softmax"`` (default,
+            docs/spec.md §3): the head-averaged softmax row of [CLS]; ``"logits"``: the
+            head-averaged pre-softmax logits of that row, as FiCoCo's official code takes it
+            (docs/methods.md). Both cost one row. Ignored by ``"key_proxy"``.
         swap_weights: put ``lam`` on the semantic term instead (the reference code's assignment).
         normalize: L2-normalise both terms over the tokens before combining (reference behaviour).
         local_penalty: apply the 2x2 local penalty.
@@ -105,6 +109,7 @@ class FiCoCoVisionFilter(Filter):
     lam: float = 0.35
     vision_term: Literal["logits", "received"] = "logits"
     semantic_term: Literal["cls", "key_proxy"] = "cls"
+    cls_term: Literal["softmax", "logits"] = "softmax"
     swap_weights: bool = False
     normalize: bool = True
     local_penalty: bool = True
@@ -117,10 +122,15 @@ class FiCoCoVisionFilter(Filter):
             raise ValueError(f"vision_term must be 'logits' or 'received', got {self.vision_term!r}")
         if self.semantic_term not in ("cls", "key_proxy"):
             raise ValueError(f"semantic_term must be 'cls' or 'key_proxy', got {self.semantic_term!r}")
+        if self.cls_term not in ("softmax", "logits"):
+            raise ValueError(f"cls_term must be 'softmax' or 'logits', got {self.cls_term!r}")
 
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         v = probe.mean_logits if self.vision_term == "logits" else probe.received_attention
-        c = probe.cls_attention if self.semantic_term == "cls" else key_proxy_semantic(probe)
+        if self.semantic_term == "key_proxy":
+            c = key_proxy_semantic(probe)
+        else:
+            c = probe.cls_attention if self.cls_term == "softmax" else probe.cls_logits
         if self.normalize:
             v, c = l2_normalize(v), l2_normalize(c)
         w_v, w_c = (1 - self.lam, self.lam) if self.swap_weights else (self.lam, 1 - self.lam)
