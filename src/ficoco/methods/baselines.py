@@ -29,10 +29,15 @@ def tome(
     start_layer: int = 12,
     end_layer: int | None = None,
     proportional_attention: bool = True,
+    alternation: Literal["patches", "official"] = "patches",
 ) -> Method:
     """ToMe: bipartite soft matching in the encoder (K = 1), size-weighted merging, proportional
-    attention on by default as in ToMe. Same default layers as FiCoCo-V for like-for-like budgets."""
-    reduction = TokenReduction(BipartiteSimilarityFilter(), ArgmaxSimilarityCorrelate(), SizeWeightedCompress())
+    attention on by default as in ToMe. Same default layers as FiCoCo-V for like-for-like budgets.
+
+    ``alternation="official"`` splits A/B and orders the survivors as ToMe's official code does
+    (see :class:`~ficoco.stages.BipartiteSimilarityFilter`, docs/methods.md); LLaVA only."""
+    reduction = TokenReduction(BipartiteSimilarityFilter(alternation=alternation), ArgmaxSimilarityCorrelate(),
+                               SizeWeightedCompress())
     vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule,
                              proportional_attention=proportional_attention)
     return Method("tome", vision=vision, description="ToMe: bipartite merging of the most similar tokens in the encoder")
