@@ -49,9 +49,13 @@ def evit(
     schedule: Mapping[int, int] | None = None,
     start_layer: int = 12,
     end_layer: int | None = None,
+    fused: Literal["average", "sum"] = "average",
 ) -> Method:
-    """EViT: keep the tokens [CLS] attends to most; fuse the rest into one token (counted in ``retain``)."""
-    reduction = TokenReduction(CLSAttentionFilter(), ConvergentCorrelate(), FuseCompress())
+    """EViT: keep the tokens [CLS] attends to most; fuse the rest into one token (counted in ``retain``).
+
+    ``fused="sum"`` builds that token as EViT's official code does, the unnormalised
+    attention-weighted sum (see :class:`~ficoco.stages.FuseCompress`, docs/methods.md)."""
+    reduction = TokenReduction(CLSAttentionFilter(), ConvergentCorrelate(), FuseCompress(fused=fused))
     vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule)
     return Method("evit", vision=vision, description="EViT: keep [CLS]-attentive tokens, fuse the rest into one")
 
