@@ -366,3 +366,22 @@ def test_cli_lists_official_options_and_takes_bracketed_methods(checkpoint_with_
                                "--methods", "ficoco-v,ficoco-v[cls_term=probs]", "--no-easy-vqa"])
     assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
         "Error: cls_term must be 'softmax' or 'logits', got 'probs'"]
+
+
+def test_documented_proxy_comparison_command_plans_its_rows():
+    """docs/methods.md's one command names the variants it records, each a distinct table row."""
+    import re
+    from pathlib import Path
+
+    from ficoco.measure.flops import LlavaShape
+    from ficoco.proxy.table import plan_variants
+    from ficoco.testing import tiny_llava_config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    command = re.search(r"```bash\n(ficoco proxy-accuracy .*?)\n```", doc, flags=re.S).group(1)
+    names = split_methods(re.search(r"--methods '([^']+)'", command).group(1))
+    assert names == ["ficoco-v", "ficoco-v[swap_weights=true,cls_term=logits]", "ficoco-v[official]"]
+    planned = plan_variants(LlavaShape.from_config(tiny_llava_config()), names, (192,), text_tokens=14)
+    assert [row["label"] for row, _ in planned] == ["vanilla"] + [f"{name}@192" for name in names]
+    filters = [method.vision.reduction.filter for _, method in planned[1:]]
+    assert [(f.swap_weights, f.cls_term) for f in filters] == [(False, "softmax"), (True, "logits"), (True, "logits")]
