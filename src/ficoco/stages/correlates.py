@@ -126,8 +126,11 @@ class AttentionQuantileCorrelate(Correlate):
                              f"got {self.correlation_map!r}")
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
-        average = "probs" if self.correlation_map == "mean_softmax" else "logits"
-        c = gather_cols(probe.attention_rows(split.sources, average), split.targets)
+        if self.correlation_map == "mean_softmax":  # the plain call, which any probe-like object answers
+            rows = probe.attention_rows(split.sources)
+        else:
+            rows = probe.attention_rows(split.sources, "logits")
+        c = gather_cols(rows, split.targets)
         return Correlation(_choose_targets(c, self.eps, self.fixed_k, split.receivers))
 
 
