@@ -40,11 +40,16 @@ def main() -> None:
 
 @main.command()
 def methods() -> None:
-    """List the registered methods."""
-    from .methods import available_methods
+    """List the registered methods, and the options that reproduce their official code."""
+    from .methods import OFFICIAL_OPTIONS, available_methods
 
     for name, summary in available_methods().items():
         click.echo(f"{name:<10} {summary}")
+    click.echo("\nNAME[KEY=VALUE,...] builds a method with keyword options (e.g. 'ficoco-v[lam=0.5]'); "
+               "NAME[official] with those that reproduce its official code (docs/methods.md):")
+    for name, options in OFFICIAL_OPTIONS.items():
+        click.echo(f"  {name + '[official]':<20} " + ", ".join(f"{key}={value!r}" for key, value in options.items()))
+    click.echo(f"  {'fastv':<20} needs none: it prunes once at prefill, as FastV's official KV-cache mode")
 
 
 def _shape(model: str, image_size: str | None = None):
@@ -308,9 +313,9 @@ def bench(preset, batches, retains, image_size, attention, method_names, generat
     """GPU speed benchmark on random-weight model shapes (vanilla, oracle, every method)."""
     from .measure import bench as benchmark
     from .measure.bench_qwen import GENERATIONS
-    from .methods import get_method
+    from .methods import get_method, split_methods
 
-    methods_list = [m for m in method_names.split(",") if m]
+    methods_list = split_methods(method_names)
     for name in methods_list:
         get_method(name)  # fail fast on a typo
     if preset in GENERATIONS:
@@ -420,7 +425,9 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
 @click.argument("model_path", required=False, type=click.Path(file_okay=False))
 @click.option("--data", "data", multiple=True, required=True,
               help="TASK=PATH, an lmms-eval task name and its files on disk (repeat per benchmark).")
-@click.option("--methods", "method_names", default="ficoco-v,ficoco-l,fastv", show_default=True)
+@click.option("--methods", "method_names", default="ficoco-v,ficoco-l,fastv", show_default=True,
+              help="Comma-separated; a method with options is NAME[KEY=VALUE,...], with its official code's "
+                   "choices NAME[official] (quote it).")
 @click.option("--retain", "retains", default="192,128,64", show_default=True,
               help="Budgets: counts, or shares of each image's tokens (0.5,0.25,0.125; Qwen-VL's varied sizes).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -450,6 +457,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
     from .evaluation.read import read_benchmark
     from .evaluation.report import plot_results
     from .evaluation.runner import Shard, evaluate, variants_for
+    from .methods import split_methods
 
     model_path = model_path or str(embedded_model_dir())
     check_supported(checkpoint_config(model_path), model_path)
@@ -461,7 +469,7 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
             raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
         options = {"ocr_tokens": textvqa_ocr} if task == "textvqa_val" else {}
         tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit, **options), prompt_format)
-    variants = variants_for([m for m in method_names.split(",") if m], _budgets(retains))
+    variants = variants_for(split_methods(method_names), _budgets(retains))
     for variant in variants:
         variant.build()  # fail fast on a bad method or budget
     shard = Shard.current()
@@ -574,7 +582,8 @@ def train_proxy_command(out_dir, family, language_from, steps, batch_size, lr, w
 @click.option("--size", type=click.IntRange(min=1), default=None, help="First N samples of the split [all 2000].")
 @click.option("--retain", "retains", default=None, help="Visual-token budgets: counts, or shares of each image's "
               "tokens (0.25) [LLaVA: 192,128,64; Qwen-VL: 0.5,0.25,0.125].")
-@click.option("--methods", "method_names", default=None, help="Comma-separated [every method].")
+@click.option("--methods", "method_names", default=None, help="Comma-separated [every method]; a method with "
+              "options is NAME[KEY=VALUE,...], with its official code's choices NAME[official] (quote it).")
 @click.option("--device", default=None, help="cuda or cpu [cuda if present] (fp16 on cuda, fp32 on cpu).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--easy-vqa/--no-easy-vqa", "easy_vqa", default=True, show_default=True,
@@ -585,10 +594,10 @@ def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, devi
                    method_options) -> None:
     """Accuracy table of the proxy model: vanilla, every method/budget, decoder methods at ficoco-v's TFLOPs."""
     from .checkpoint import resolve_device
-    from .methods import DECODER_METHODS, ENCODER_METHODS
+    from .methods import DECODER_METHODS, ENCODER_METHODS, split_methods
     from .proxy.table import run as accuracy_table
 
-    names = [m for m in method_names.split(",") if m] if method_names else list(ENCODER_METHODS + DECODER_METHODS)
+    names = split_methods(method_names) if method_names else list(ENCODER_METHODS + DECODER_METHODS)
     accuracy_table(model_path, out_dir, split=split, size=size, retains=None if retains is None else _budgets(retains),
                    methods=names,
                    device=None if device is None else str(resolve_device(device)), batch_size=batch_size,
@@ -598,24 +607,16 @@ def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, devi
 
 def _method_options(items) -> dict[str, dict]:
     """``("ficoco-l:start_layer=1", ...)`` -> ``{"ficoco-l": {"start_layer": 1}}`` (values read as
-    int, float, true/false, else text)."""
+    int, float, true/false, none, else text)."""
+    from .methods import parse_option_value
+
     options: dict[str, dict] = {}
     for item in items:
         name, sep, assignment = item.partition(":")
         key, eq, text = assignment.partition("=")
         if not sep or not eq or not name or not key:
             raise click.BadParameter(f"expected METHOD:KEY=VALUE, got {item!r}", param_hint="--method-option")
-        value: object = text
-        if text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        else:
-            for kind in (int, float):
-                try:
-                    value = kind(text)
-                    break
-                except ValueError:
-                    continue
-        options.setdefault(name, {})[key] = value
+        options.setdefault(name, {})[key] = parse_option_value(text)
     return options
 
 

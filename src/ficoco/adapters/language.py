@@ -151,6 +151,11 @@ class LanguageSide:
         token_state: Callable[[int, list[int], torch.device], tuple[Tensor, Tensor] | None] | None = None,
         record: bool = False,
     ) -> None:
+        if not stage.reduction.keeps_order:
+            # kept tokens keep their place (and position id) in the prompt, whatever order a filter asks for
+            raise ValueError(f"{type(stage.reduction.filter).__name__} hands tokens on in its own order, which a "
+                             f"reduction inside the LLM cannot take (tokens keep their prompt positions); use it in "
+                             f"the vision encoder, or alternation='patches'")
         self.core, self.stage, self.reducing = core_model, stage, set(layers)
         self.layers = core_model.language_model.layers
         self.schedule, self.visual_token_ids, self.grid = schedule, tuple(visual_token_ids), grid

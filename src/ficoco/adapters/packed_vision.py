@@ -106,6 +106,11 @@ class PackedVisionSide:
 
     def __init__(self, tower: nn.Module, stage: VisionReduction, plan_for: Callable[[int], dict[int, int]], *,
                  blocks: set[int], full_attention: frozenset[int] | None, record: bool = False) -> None:
+        if not stage.reduction.keeps_order:
+            # each merge group is laid back at its own place on the image's grid after the merger
+            raise ValueError(f"{type(stage.reduction.filter).__name__} hands tokens on in its own order (ToMe's "
+                             f"official alternation), which Qwen-VL's packed towers cannot take: every token keeps "
+                             f"its place on the grid; use alternation='patches'")
         self.tower, self.stage, self.plan_for = tower, stage, plan_for
         self.blocks, self.full_attention, self.record = set(blocks), full_attention, record
         config = tower.config

@@ -36,7 +36,9 @@ class VisionTrace:
     """What the encoder did to one batch of images.
 
     Attributes:
-        positions: ``[B, N']`` raster position of each token handed on (-1 for fused tokens).
+        positions: ``[B, N']`` raster position of each token handed on, in the order handed on
+            (raster order unless the method reorders, as ToMe's official alternation does; -1
+            for fused tokens).
         sizes: ``[B, N']`` patches each of them stands for.
         steps: per reducing layer, ``(layer, ReductionResult)`` when recording is on.
     """
@@ -168,6 +170,8 @@ class VisionSide:
             tokens = TokenGroup(residual[:, self.offset:], self.sizes, self.positions, self.grid)
             result = self.stage.reduction(tokens, probe, count)
             self.queries = self.keys = None
+            # in the filter's order: ascending, except ToMe's official [unmerged A, B], which the
+            # rows dropped below (and so later layers and the LLM) then follow
             kept_rows = candidates.gather(1, result.kept)
             num_kept = kept_rows.shape[1]
             write_rows(residual, kept_rows, result.tokens.features[:, :num_kept])

@@ -15,7 +15,7 @@ plans are then resolved per token count (:meth:`Method.plan`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..schedule import spread_evenly, tokens_entering_layers, validate_schedule
@@ -94,14 +94,15 @@ class _Reduction:
                                  f"{sorted(allowed)}")
             plan = spread_evenly(available - keep, layers)
         if isinstance(self.reduction.filter, BipartiteSimilarityFilter):
-            _check_bipartite_limit(plan, available, self.reduction.extra_sources)
+            _check_bipartite_limit(plan, available, self.reduction.extra_sources, self.reduction.filter.max_sources)
         return plan
 
 
-def _check_bipartite_limit(plan: Mapping[int, int], available: int, extra: int) -> None:
+def _check_bipartite_limit(plan: Mapping[int, int], available: int, extra: int, limit: Callable[[int], int]) -> None:
+    """Refuse a schedule in which some layer discards more than ``limit(tokens)`` (ToMe's half)."""
     current = available
     for layer, removed in sorted(plan.items()):
-        if removed + extra > (current + 1) // 2:
+        if removed + extra > limit(current):
             raise ValueError(
                 f"ToMe merges at most half the tokens per layer, but layer {layer} would remove {removed} of "
                 f"{current}; spread the removals over more layers (start_layer=) or keep more tokens"

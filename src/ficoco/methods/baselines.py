@@ -31,10 +31,15 @@ def tome(
     start_layer: int = 12,
     end_layer: int | None = None,
     proportional_attention: bool = True,
+    alternation: Literal["patches", "official"] = "patches",
 ) -> Method:
     """ToMe: bipartite soft matching in the encoder (K = 1), size-weighted merging, proportional
-    attention on by default as in ToMe. Same default layers as FiCoCo-V for like-for-like budgets."""
-    reduction = TokenReduction(BipartiteSimilarityFilter(), ArgmaxSimilarityCorrelate(), SizeWeightedCompress())
+    attention on by default as in ToMe. Same default layers as FiCoCo-V for like-for-like budgets.
+
+    ``alternation="official"`` splits A/B and orders the survivors as ToMe's official code does
+    (see :class:`~ficoco.stages.BipartiteSimilarityFilter`, docs/methods.md); LLaVA only."""
+    reduction = TokenReduction(BipartiteSimilarityFilter(alternation=alternation), ArgmaxSimilarityCorrelate(),
+                               SizeWeightedCompress())
     vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule,
                              proportional_attention=proportional_attention)
     return Method("tome", vision=vision, description="ToMe: bipartite merging of the most similar tokens in the encoder")
@@ -46,9 +51,13 @@ def evit(
     schedule: Mapping[int, int] | None = None,
     start_layer: int = 12,
     end_layer: int | None = None,
+    fused: Literal["average", "sum"] = "average",
 ) -> Method:
-    """EViT: keep the tokens [CLS] attends to most; fuse the rest into one token (counted in ``retain``)."""
-    reduction = TokenReduction(CLSAttentionFilter(), ConvergentCorrelate(), FuseCompress())
+    """EViT: keep the tokens [CLS] attends to most; fuse the rest into one token (counted in ``retain``).
+
+    ``fused="sum"`` builds that token as EViT's official code does, the unnormalised
+    attention-weighted sum (see :class:`~ficoco.stages.FuseCompress`, docs/methods.md)."""
+    reduction = TokenReduction(CLSAttentionFilter(), ConvergentCorrelate(), FuseCompress(fused=fused))
     vision = VisionReduction(reduction, None if schedule is not None else retain, start_layer, end_layer, schedule)
     return Method("evit", vision=vision, description="EViT: keep [CLS]-attentive tokens, fuse the rest into one")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Literal
 
 from ..stages import (
@@ -46,16 +47,26 @@ def ficoco_v_reduction(
     fixed_k: int | None = None,
     vision_term: Literal["logits", "received"] = "logits",
     semantic_term: Literal["cls", "key_proxy"] = "cls",
+    cls_term: Literal["softmax", "logits"] = "softmax",
     swap_weights: bool = False,
     local_penalty: bool = True,
     compress: str = "self_preserving",
+    correlation_map: Literal["mean_softmax", "mean_logits_softmax"] = "mean_softmax",
 ) -> TokenReduction:
     """FiCoCo-V's filter (+ local penalty), token-adaptive attention correlate, self-preserving
     compress. ``fixed_k``: each discarded token goes to its ``fixed_k`` most correlated kept tokens
-    instead of the ``eps`` quantile's (0: they are dropped), as in the paper's ablation."""
+    instead of the ``eps`` quantile's (0: they are dropped), as in the paper's ablation.
+
+    Options that reproduce FiCoCo's official code (docs/methods.md): ``swap_weights=True`` (its
+    ``lam`` placement), ``cls_term="logits"`` (its [CLS] term: pre-softmax logits; see
+    :class:`~ficoco.stages.FiCoCoVisionFilter`) and ``correlation_map="mean_logits_softmax"`` (its
+    correlation: softmax of the head-averaged logits; see
+    :class:`~ficoco.stages.AttentionQuantileCorrelate`)."""
     vision_filter = FiCoCoVisionFilter(lam=lam, vision_term=vision_term, semantic_term=semantic_term,
-                                       swap_weights=swap_weights, local_penalty=local_penalty)
-    return _with_targets(vision_filter, lambda k: AttentionQuantileCorrelate(eps=eps, fixed_k=k), compress, fixed_k)
+                                       cls_term=cls_term, swap_weights=swap_weights, local_penalty=local_penalty)
+    # built here, not only when fixed_k leaves a correlate, so that a bad value fails whatever fixed_k is
+    correlate = AttentionQuantileCorrelate(eps=eps, correlation_map=correlation_map)
+    return _with_targets(vision_filter, lambda k: replace(correlate, fixed_k=k), compress, fixed_k)
 
 
 def ficoco_l_reduction(
@@ -80,7 +91,8 @@ def ficoco_v(
     """FiCoCo-V: reduction in the vision encoder from layer 12 (0-based) on.
 
     ``stage_options`` go to :func:`ficoco_v_reduction` (``lam``, ``eps``, ``fixed_k``, ``vision_term``,
-    ``semantic_term``, ``swap_weights``, ``local_penalty``, ``compress``).
+    ``semantic_term``, ``cls_term``, ``swap_weights``, ``local_penalty``, ``compress``,
+    ``correlation_map``).
     """
     retain = None if schedule is not None else retain
     vision = VisionReduction(ficoco_v_reduction(**stage_options), retain, start_layer, end_layer, schedule,

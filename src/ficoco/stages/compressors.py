@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -83,14 +84,26 @@ class SizeWeightedCompress(Compress):
 
 @dataclass
 class FuseCompress(Compress):
-    """EViT's compression: the sources become one new token, the weighted average
-    ``sum_i w_i x_i / sum_i w_i`` (``w`` = [CLS] attention), appended after the targets."""
+    """EViT's compression: the sources become one new token, appended after the targets.
+
+    Attributes:
+        fused: ``"average"`` (default, docs/spec.md §7): the weighted average
+            ``sum_i w_i x_i / sum_i w_i`` (``w`` = [CLS] attention), a token on the scale of the
+            others; ``"sum"``: the unnormalised ``sum_i w_i x_i``, as EViT's official code builds it
+            (docs/methods.md), whose scale is the [CLS] attention the sources held.
+    """
 
     accepts_new_token = True
+    fused: Literal["average", "sum"] = "average"
+
+    def __post_init__(self) -> None:
+        if self.fused not in ("average", "sum"):
+            raise ValueError(f"fused must be 'average' or 'sum', got {self.fused!r}")
 
     def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
         w = correlation.weights[..., 0].float()  # [B, r]
-        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.fused == "average":
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
         fused = (w[:, None, :] @ sources.features.float()).to(targets.features.dtype)  # [B, 1, D]
         size = sources.sizes.sum(dim=1, keepdim=True)
         position = torch.full_like(size, NO_POSITION, dtype=torch.long)

@@ -104,16 +104,33 @@ def _check_fixed_k(fixed_k: int | None) -> None:
 class AttentionQuantileCorrelate(Correlate):
     """FiCoCo-V correlate: ``C_ij = A_ij`` (attention of discarded token ``i`` to kept token ``j``,
     softmax over all keys), targets chosen per token by the ``eps`` quantile, or, with ``fixed_k``,
-    each source's ``fixed_k`` most correlated targets (the paper's fixed-K ablation)."""
+    each source's ``fixed_k`` most correlated targets (the paper's fixed-K ablation).
+
+    Attributes:
+        eps: quantile level of the token-adaptive targets (0.998).
+        fixed_k: each source's ``fixed_k`` largest instead (``None``: token-adaptive).
+        correlation_map: how ``A`` averages the heads. ``"mean_softmax"`` (default, docs/spec.md
+            §3): the mean of the per-head softmax rows, the attention the layer computed;
+            ``"mean_logits_softmax"``: the softmax of the head-averaged logits, as FiCoCo's
+            official code correlates (docs/methods.md). Either forms only the sources' rows.
+    """
 
     eps: float = 0.998
     fixed_k: int | None = None
+    correlation_map: Literal["mean_softmax", "mean_logits_softmax"] = "mean_softmax"
 
     def __post_init__(self) -> None:
         _check_fixed_k(self.fixed_k)
+        if self.correlation_map not in ("mean_softmax", "mean_logits_softmax"):
+            raise ValueError(f"correlation_map must be 'mean_softmax' or 'mean_logits_softmax', "
+                             f"got {self.correlation_map!r}")
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
-        c = gather_cols(probe.attention_rows(split.sources), split.targets)
+        if self.correlation_map == "mean_softmax":  # the plain call, which any probe-like object answers
+            rows = probe.attention_rows(split.sources)
+        else:
+            rows = probe.attention_rows(split.sources, "logits")
+        c = gather_cols(rows, split.targets)
         return Correlation(_choose_targets(c, self.eps, self.fixed_k, split.receivers))
 
 

@@ -22,6 +22,12 @@ from .tokens import NO_POSITION, FilterResult, TokenGroup, complement
 class Filter(ABC):
     """Base class: subclasses define :meth:`scores`; the top ``r`` scores are discarded."""
 
+    @property
+    def keeps_order(self) -> bool:
+        """Whether the targets come back in ascending candidate order (survivors keep their
+        sequence order). Only ToMe's official alternation hands them on in another order."""
+        return True
+
     @abstractmethod
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         """``[B, N]`` redundancy scores; higher means more discardable."""
@@ -96,6 +102,10 @@ class FiCoCoVisionFilter(Filter):
             column mean of the softmax map (the appendix wording), O(N^2 d).
         semantic_term: ``"cls"`` (default): ``c_i`` = [CLS] attention; ``"key_proxy"``:
             ``c_i = -cos(mean key, k_i)`` for encoders without [CLS] (docs/spec.md §6).
+        cls_term: what the [CLS] attention of ``semantic_term="cls"`` is: ``"softmax"`` (default,
+            docs/spec.md §3): the head-averaged softmax row of [CLS]; ``"logits"``: the
+            head-averaged pre-softmax logits of that row, as FiCoCo's official code takes it
+            (docs/methods.md). Both cost one row. Ignored by ``"key_proxy"``.
         swap_weights: put ``lam`` on the semantic term instead (the reference code's assignment).
         normalize: L2-normalise both terms over the tokens before combining (reference behaviour).
         local_penalty: apply the 2x2 local penalty.
@@ -105,6 +115,7 @@ class FiCoCoVisionFilter(Filter):
     lam: float = 0.35
     vision_term: Literal["logits", "received"] = "logits"
     semantic_term: Literal["cls", "key_proxy"] = "cls"
+    cls_term: Literal["softmax", "logits"] = "softmax"
     swap_weights: bool = False
     normalize: bool = True
     local_penalty: bool = True
@@ -117,10 +128,15 @@ class FiCoCoVisionFilter(Filter):
             raise ValueError(f"vision_term must be 'logits' or 'received', got {self.vision_term!r}")
         if self.semantic_term not in ("cls", "key_proxy"):
             raise ValueError(f"semantic_term must be 'cls' or 'key_proxy', got {self.semantic_term!r}")
+        if self.cls_term not in ("softmax", "logits"):
+            raise ValueError(f"cls_term must be 'softmax' or 'logits', got {self.cls_term!r}")
 
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         v = probe.mean_logits if self.vision_term == "logits" else probe.received_attention
-        c = probe.cls_attention if self.semantic_term == "cls" else key_proxy_semantic(probe)
+        if self.semantic_term == "key_proxy":
+            c = key_proxy_semantic(probe)
+        else:
+            c = probe.cls_attention if self.cls_term == "softmax" else probe.cls_logits
         if self.normalize:
             v, c = l2_normalize(v), l2_normalize(c)
         w_v, w_c = (1 - self.lam, self.lam) if self.swap_weights else (self.lam, 1 - self.lam)
@@ -200,25 +216,75 @@ class LastTokenAttentionFilter(Filter):
 
 @dataclass
 class BipartiteSimilarityFilter(Filter):
-    """ToMe's filter: alternate candidates form sets A (even) and B (odd); each token of A is
-    scored by its best cosine similarity (head-averaged keys) to B; the ``r`` most similar tokens
-    of A are discarded and only B may receive them. ``r`` is at most ``ceil(N / 2)``."""
+    """ToMe's filter: alternate tokens form sets A and B; each token of A is scored by its best
+    cosine similarity (head-averaged keys) to B; the ``r`` most similar tokens of A are discarded
+    and only B may receive them.
+
+    Attributes:
+        alternation: how the sets alternate, and the order survivors are handed on in.
+            ``"patches"`` (default, docs/spec.md §7): over the candidates only, A = even
+            candidates, B = odd; ``r`` is at most ``ceil(N / 2)``; survivors keep their sequence
+            order. ``"official"``: as ToMe's official ``bipartite_soft_matching`` (docs/methods.md):
+            over the whole sequence with [CLS] (when the encoder has one, right before the
+            candidates) at index 0, so A = [CLS] + odd candidates, [CLS] protected, and B = even
+            candidates; ``r`` is at most ``floor(N / 2)``; survivors come back in ToMe's output
+            order, the unmerged tokens of A then B, each in sequence order (without [CLS], the
+            unmerged A in descending score order, as ToMe leaves them), and the next layer
+            alternates over that order again. Adapters that must keep sequence order (the LLM
+            side, Qwen-VL's packed towers) refuse it.
+    """
+
+    alternation: Literal["patches", "official"] = "patches"
+
+    def __post_init__(self) -> None:
+        if self.alternation not in ("patches", "official"):
+            raise ValueError(f"alternation must be 'patches' or 'official', got {self.alternation!r}")
+
+    @property
+    def keeps_order(self) -> bool:
+        return self.alternation == "patches"
+
+    def max_sources(self, n: int) -> int:
+        """Most tokens one step can discard from ``n`` candidates: the unprotected size of A
+        (official ToMe's ``(t - protected) // 2`` is ``n // 2`` with and without [CLS])."""
+        return (n + 1) // 2 if self.alternation == "patches" else n // 2
+
+    def _a_parity(self, probe: AttentionProbe) -> int:
+        """Candidate-index parity of set A: with [CLS] at sequence index 0 the official split's
+        even sequence indices are the odd candidates."""
+        if self.alternation == "patches":
+            return 0
+        return 1 if getattr(probe, "cls_index", None) is not None else 0
 
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         k = F.normalize(probe.mean_keys, dim=-1)
-        a, b = k[:, 0::2], k[:, 1::2]
-        best = (a @ b.transpose(1, 2)).amax(dim=-1) if b.shape[1] else torch.zeros_like(a[..., 0])
+        a = self._a_parity(probe)
+        set_a, set_b = k[:, a::2], k[:, 1 - a::2]
+        if set_a.shape[1] and set_b.shape[1]:
+            best = (set_a @ set_b.transpose(1, 2)).amax(dim=-1)
+        else:
+            best = torch.zeros_like(set_a[..., 0])
         s = torch.full(k.shape[:2], float("-inf"), device=k.device)
-        s[:, 0::2] = best
+        s[:, a::2] = best
         return s
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
         n = tokens.num_tokens
-        if num_sources > (n + 1) // 2:
-            raise ValueError(f"ToMe merges at most half the tokens per layer: cannot remove {num_sources} of {n}")
+        if num_sources > self.max_sources(n):
+            raise ValueError(f"ToMe merges at most {self.max_sources(n)} of {n} tokens per layer: cannot remove "
+                             f"{num_sources}")
+        a = self._a_parity(probe)
         result = split_top(self.scores(tokens, probe), num_sources)
-        receivers = result.targets % 2 == 1
-        return FilterResult(result.sources, result.targets, result.scores, receivers)
+        targets = result.targets  # ascending
+        in_a = targets % 2 == a
+        if self.alternation == "official":
+            if a == 1:  # with [CLS]: ToMe sorts the unmerged A back into sequence order
+                key = (~in_a).to(torch.int8)
+            else:  # without: they stay in ToMe's edge order, most similar first; B after them
+                key = torch.where(in_a, -result.scores.gather(1, targets), float("inf"))
+            order = torch.argsort(key, dim=1, stable=True)  # stable: B (and ties) keep sequence order
+            targets, in_a = targets.gather(1, order), in_a.gather(1, order)
+        return FilterResult(result.sources, targets, result.scores, ~in_a)
 
 
 @dataclass

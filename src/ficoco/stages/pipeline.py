@@ -44,6 +44,11 @@ class TokenReduction:
         return self.without_cls() != self
 
     @property
+    def keeps_order(self) -> bool:
+        """Whether survivors keep their sequence order (see :attr:`Filter.keeps_order`)."""
+        return self.filter.keeps_order
+
+    @property
     def extra_sources(self) -> int:
         return 1 if self.correlate.creates_token else 0
 

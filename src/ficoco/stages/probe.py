@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -107,12 +108,10 @@ class AttentionProbe:
 
     # -- the one primitive: softmax rows for some queries --------------------------------------
 
-    def softmax_rows(self, rows: Tensor) -> Tensor:
-        """Head-averaged attention probabilities of the query rows ``rows`` (``[B, R]`` sequence
-        indices) over all keys, masked as the layer masked them: ``[B, R, L]`` float32.
-
-        Cost ``O(R * L * d)`` per head; only these ``R`` rows of the map are formed.
-        """
+    def _row_logits(self, rows: Tensor) -> Tensor:
+        """``[B, Hk, G, R, L]`` float32 scaled logits ``q . k * scale`` of the query rows ``rows``
+        (``[B, R]`` sequence indices) against every key, per head (``Hk`` key heads of ``G`` query
+        heads each), before any bias or mask. Cost ``O(R * L * d)`` per head."""
         b, l, h, d = self.queries.shape
         hk = self.keys.shape[2]
         q = self.query_rows(rows)  # [B, R, H, d]
@@ -120,17 +119,39 @@ class AttentionProbe:
         # grouped-query attention without repeating keys: [B, Hk, G*R, d] @ [B, Hk, d, L]
         q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4).reshape(b, hk, h // hk * r, d)
         logits = torch.matmul(q, self.head_major_keys.transpose(-1, -2)).view(b, hk, h // hk, r, l)
-        logits = logits.float().mul_(self.scale)  # [B, Hk, G, R, L]
+        return logits.float().mul_(self.scale)
+
+    def _masked_softmax(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """Softmax over the last axis of ``[B, ..., R, L]`` logits after the layer's key bias and
+        masks (padding keys; future keys when causal); rows that see no key become zero."""
+        extra = logits.dim() - 3  # axes between the batch and the rows (heads, or none)
         if self.key_bias is not None:
-            logits = logits + self.key_bias.float()[:, None, None, None, :]
+            logits = logits + self.key_bias.float().view(logits.shape[0], *([1] * (extra + 1)), -1)
         masked = self._masked_keys  # [B, 1, L]
         if self.causal:
             future = self._key_index[None, None, :] > rows[:, :, None]  # [B, R, L]
             masked = future if masked is None else (masked | future)
         if masked is not None:
-            logits = logits.masked_fill(masked[:, None, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see no key (padding) -> 0
-        return probs.mean(dim=(1, 2))
+            logits = logits.masked_fill(masked.view(masked.shape[0], *([1] * extra), *masked.shape[1:]), float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see no key (padding) -> 0
+
+    def softmax_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
+        """Head-averaged attention probabilities of the query rows ``rows`` (``[B, R]`` sequence
+        indices) over all keys, masked as the layer masked them: ``[B, R, L]`` float32.
+
+        ``average="probs"`` (the attention the layer computed): the mean over heads of each head's
+        softmax. ``"logits"``: the softmax of the head-averaged logits (bias and masks, the same for
+        every head, are added after the average), what FiCoCo's official code correlates with
+        (docs/methods.md).
+
+        Cost ``O(R * L * d)`` per head; only these ``R`` rows of the map are formed.
+        """
+        if average not in ("probs", "logits"):
+            raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
+        logits = self._row_logits(rows)  # [B, Hk, G, R, L]
+        if average == "logits":
+            return self._masked_softmax(logits.mean(dim=(1, 2)), rows)
+        return self._masked_softmax(logits, rows).mean(dim=(1, 2))
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
         """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
@@ -147,6 +168,17 @@ class AttentionProbe:
         b = self.queries.shape[0]
         rows = torch.full((b, 1), self.cls_index, device=self.candidates.device, dtype=torch.long)
         return self._candidate_columns(self.softmax_rows(rows))[:, 0]
+
+    @cached_property
+    def cls_logits(self) -> Tensor:
+        """``[B, N]``: the [CLS] row of the scaled pre-softmax logits at each candidate key,
+        head-averaged, before bias and masks: ``mean_h q_cls . k_j * scale``, one row, so
+        ``O(H * L * d)``. FiCoCo's official code takes this as its [CLS] term (docs/methods.md)."""
+        if self.cls_index is None:
+            raise ValueError("this encoder has no [CLS] token; use the key-proxy semantic term instead")
+        b = self.queries.shape[0]
+        rows = torch.full((b, 1), self.cls_index, device=self.candidates.device, dtype=torch.long)
+        return self._candidate_columns(self._row_logits(rows).mean(dim=(1, 2)))[:, 0]
 
     @cached_property
     def mean_logits(self) -> Tensor:
@@ -169,10 +201,10 @@ class AttentionProbe:
         v = torch.matmul(q.reshape(b, -1, h * d), k_mean.reshape(b, h * d, 1).to(q.dtype))
         return v[..., 0].float()
 
-    def attention_rows(self, rows: Tensor) -> Tensor:
+    def attention_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """``[B, r, N]``: attention of candidates ``rows`` (``[B, r]`` candidate indices) to every
-        candidate, softmax taken over all keys of the layer."""
-        return self._candidate_columns(self.softmax_rows(self.candidates.gather(1, rows)))
+        candidate, softmax taken over all keys of the layer; ``average`` as in :meth:`softmax_rows`."""
+        return self._candidate_columns(self.softmax_rows(self.candidates.gather(1, rows), average))
 
     @cached_property
     def received_attention(self) -> Tensor:
@@ -262,11 +294,12 @@ class GroupedProbe:
     def received_attention(self) -> Tensor:
         return self._grouped(self.probe.received_attention).sum(dim=2)
 
-    def attention_rows(self, rows: Tensor) -> Tensor:
-        """``[B, r, N]``: attention of the groups ``rows`` (``[B, r]`` group indices) to every group."""
+    def attention_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
+        """``[B, r, N]``: attention of the groups ``rows`` (``[B, r]`` group indices) to every group
+        (``average`` as in :meth:`AttentionProbe.softmax_rows`, for each sub-token row)."""
         b, r = rows.shape
         sub = (rows[:, :, None] * self.size + torch.arange(self.size, device=rows.device)).reshape(b, r * self.size)
-        a = self.probe.attention_rows(sub)  # [B, r * g, N * g]
+        a = self.probe.attention_rows(sub, average)  # [B, r * g, N * g]
         return a.reshape(b, r, self.size, -1, self.size).mean(dim=2).sum(dim=-1)
 
     def __getattr__(self, name: str):

@@ -64,8 +64,10 @@ class FilterResult:
 
     Attributes:
         sources: ``[B, r]`` long, candidate indices to discard (the set S).
-        targets: ``[B, N - r]`` long, candidate indices to keep (the set T), ascending so that the
-            kept tokens stay in their original order.
+        targets: ``[B, N - r]`` long, candidate indices to keep (the set T), in the order the
+            survivors take: ascending, so that the kept tokens stay in their original order, for
+            every filter whose ``keeps_order`` is true (all but ToMe's official alternation, whose
+            order is its ``[unmerged A, B]``).
         scores: ``[B, N]`` float redundancy scores (higher = more discardable), for inspection.
         receivers: optional ``[B, N - r]`` bool, which targets may receive information (ToMe's
             bipartite split lets only the other half receive); ``None`` means all of them.
@@ -98,7 +100,8 @@ class ReductionResult:
 
     Attributes:
         tokens: the surviving tokens (targets in order, then the new fused token if any).
-        kept: ``[B, N - r]`` candidate indices of the kept targets (ascending).
+        kept: ``[B, N - r]`` candidate indices of the kept targets, in the survivors' order
+            (the filter's ``targets``: ascending unless the filter says otherwise).
         sources: ``[B, r]`` candidate indices that were discarded.
         new_token_slot: ``[B]`` candidate index whose row carries the new fused token (one of the
             sources) when the correlation created one, else ``None``.
