@@ -6,8 +6,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-ENCODER_SIDE = frozenset({"ficoco-v", "tome", "evit", "random"})
-
 
 def load(paths: list[str]) -> dict:
     """Merge several result files of one preset (e.g. batch 1/8 and batch 32 runs, or a Qwen-VL
@@ -44,10 +42,6 @@ def _with_attention(name: str, attention: str | None) -> str:
     return name if attention is None else f"{name} ({attention})"
 
 
-def _oracle_for(variant: str) -> str:
-    return "oracle" if variant in ENCODER_SIDE else f"oracle[{variant}]"
-
-
 def target_rows(data: dict) -> list[dict]:
     """Per method and retained count: prefill / oracle at each batch, and speedup over vanilla."""
     prefill = _index(data["prefill"])
@@ -60,8 +54,9 @@ def target_rows(data: dict) -> list[dict]:
             continue
         entry = {"method": label, "retain": retain}
         for b in batches:
-            reference = variant if variant.startswith("oracle") else _oracle_for(variant)
-            own = f"oracle[{variant}]"  # the method's own schedule without scoring, where the run has it
+            # the method's own schedule without scoring where the run has it, else the LLM fed `retain` tokens
+            reference = variant if variant.startswith("oracle") else "oracle"
+            own = f"oracle[{variant}]"
             if not variant.startswith("oracle") and (_with_attention(own, attention), retain, b) in prefill:
                 reference = own
             mine = prefill.get((label, retain, b))
