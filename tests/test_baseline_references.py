@@ -82,3 +82,56 @@ def test_visionzip_refuses_qwen_and_bad_shares():
         ficoco.attach(tiny_qwen_vl("qwen2_vl"), "visionzip", retain=0.5)
     with pytest.raises(ValueError, match="contextual_share must lie in"):
         get_method("visionzip", contextual_share=1.0)
+
+
+def official_dart(keys, hidden, weight, candidates, text, kept, image_pivots=4, text_pivots=4):
+    """DART's selection for one sample written out: pivots by the L1 norm of their keys (before
+    RoPE, see docs/methods.md), then each pivot in turn claims the visual tokens whose normed
+    hidden state is least similar to its own."""
+    norm = [float(keys[i].abs().sum()) for i in range(keys.shape[0])]
+    image = sorted(candidates, key=lambda i: (-norm[i], candidates.index(i)))[:image_pivots]
+    texts = sorted(text, key=lambda i: -norm[i])[:min(text_pivots, len(text))]
+    pivots = image + texts
+    share, extra = divmod(kept - image_pivots, len(pivots))
+    state = {i: F.normalize(hidden[i] * weight, dim=0) for i in range(hidden.shape[0])}
+    chosen = set(image)
+    for index, p in enumerate(pivots):
+        claim = share + (index < extra)
+        pool = [c for c in candidates if c not in chosen]
+        ranked = sorted(pool, key=lambda c: float(state[p] @ state[c]))  # least similar first
+        chosen.update(ranked[:claim])
+    return sorted(candidates.index(c) for c in chosen)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kept", [4, 13, 30])
+def test_dart_equals_the_pivot_and_duplication_loop(seed, kept):
+    from ficoco.stages import DuplicationFilter
+
+    gen = torch.Generator().manual_seed(seed)
+    b, length, heads, dim, width = 2, 60, 2, 8, 16
+    q = torch.randn(b, length, heads, dim, generator=gen)
+    k = torch.randn(b, length, heads, dim, generator=gen)
+    hidden = torch.randn(b, length, width, generator=gen)
+    weight = torch.rand(width, generator=gen) + 0.5
+    candidates = torch.arange(5, 45).expand(b, 40)
+    text_rows = torch.arange(45, 60).expand(b, 15)
+    text_valid = torch.ones(b, 15, dtype=torch.bool)
+    text_valid[1, 3:] = False  # the second prompt has 3 text tokens after the image: 3 text pivots
+    probe = AttentionProbe(q, k, dim ** -0.5, candidates, causal=True, text_rows=text_rows, text_valid=text_valid,
+                           last_row=torch.full((b,), length - 1), hidden=hidden, hidden_weight=weight)
+    result = DuplicationFilter()(TokenGroup.fresh(torch.randn(b, 40, 4), (5, 8)), probe, 40 - kept)
+    for row in range(b):
+        text = text_rows[row][text_valid[row]].tolist()
+        expected = official_dart(k[row], hidden[row], weight, candidates[row].tolist(), text, kept)
+        assert result.targets[row].tolist() == expected
+
+
+def test_dart_refuses_budgets_below_its_pivots():
+    with pytest.raises(ValueError, match="keeps its 4 image pivots: cannot keep 3"):
+        _, _, x, probe = layer(0)
+        from ficoco.stages import DuplicationFilter
+
+        DuplicationFilter()(TokenGroup.fresh(x, (6, 8)), probe, 45)
+    with pytest.raises(ValueError, match="DART's k must be an integer >= 1"):
+        get_method("dart", k=0)

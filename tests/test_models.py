@@ -28,6 +28,7 @@ METHODS = {
     "random-llm": dict(retain=100, side="language"),
     "topk": dict(retain=100),
     "visionzip": dict(retain=100),
+    "dart": dict(retain=100),
     "pool": dict(retain=144),
     "divprune": dict(retain=100),
     "cdpruner": dict(retain=100),

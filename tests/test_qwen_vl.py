@@ -30,6 +30,7 @@ METHODS = {
     "fastv": dict(retain=0.5),
     "random": dict(retain=0.5),
     "topk": dict(retain=0.5),
+    "dart": dict(retain=0.5),
 }
 ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random", "topk")
 

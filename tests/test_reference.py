@@ -110,15 +110,26 @@ def reference_logits(model, prompt, pixel_values, method):
         cos, sin = lm.rotary_emb(x, position_ids=torch.tensor([original]))
         q = heads(attn.q_proj(x), cfg.num_attention_heads)
         k = heads(attn.k_proj(x), cfg.num_key_value_heads)
+        raw_q, raw_k = q, k  # before RoPE, as the hooked model's probe receives them
+
+        def rope(t, rows, cos=cos, sin=sin):  # the probe's rotation of [1, R, heads, d] at sequence rows
+            c, s = (cos, sin) if rows is None else (cos[:, rows[0]], sin[:, rows[0]])
+            return rotary(t.transpose(1, 2), t.transpose(1, 2), c, s)[0].transpose(1, 2)
+
         q, k = rotary(q, k, cos, sin)
         v = heads(attn.v_proj(x), cfg.num_key_value_heads)
         h = h + attn.o_proj(explicit_attention(q, k, v, attn.scaling, causal=True))
+        llm_after_mlp = method.language is not None and method.language.reduce_at == "output"
+        if llm_after_mlp:  # DART: the layer's output is reduced
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
         if index in plan.language:
             cand = [i for i, is_v in enumerate(visual) if is_v]
             text = [i for i in range(max(cand) + 1, len(visual))]
-            probe = AttentionProbe(q.transpose(1, 2), k.transpose(1, 2), attn.scaling, torch.tensor([cand]), causal=True,
-                                   text_rows=torch.tensor([text]), text_valid=torch.ones(1, len(text), dtype=torch.bool),
-                                   last_row=torch.tensor([len(visual) - 1]))
+            probe = AttentionProbe(raw_q.transpose(1, 2), raw_k.transpose(1, 2), attn.scaling, torch.tensor([cand]),
+                                   causal=True, text_rows=torch.tensor([text]),
+                                   text_valid=torch.ones(1, len(text), dtype=torch.bool),
+                                   last_row=torch.tensor([len(visual) - 1]), rope=rope, hidden=h,
+                                   hidden_weight=lm.norm.weight)
             result = method.language.reduction(TokenGroup(h[:, cand], sizes, positions, GRID), probe, plan.language[index])
             kept_rows = [cand[i] for i in result.kept[0].tolist()]
             h = h.clone()
@@ -134,13 +145,14 @@ def reference_logits(model, prompt, pixel_values, method):
             h = h[:, keep]
             original = [original[i] for i in keep]
             visual = [visual[i] for i in keep]
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not llm_after_mlp:
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(lm.norm(h))[0]
 
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
-                                 "topk", "visionzip", "pool", "divprune", "cdpruner", "zero"])
+                                 "topk", "visionzip", "dart", "pool", "divprune", "cdpruner", "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")

@@ -128,7 +128,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     own layers when they reach every budget, else all removals at its first reducing layer. So its
     kept tokens never grow as the budget shrinks; the schedule column and the notes say which."""
     from .measure import budget
-    from .methods import DECODER_METHODS, ENCODER_METHODS, get_method
+    from .methods import DECODER_METHODS, ENCODER_METHODS, LATER_DECODER_METHODS, get_method
 
     from .measure.qwen import QwenVLShape
 
@@ -161,7 +161,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                     rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
         for retain in _budgets(retains):
-            for name in ENCODER_METHODS[:1] + (() if qwen else input_rows) + DECODER_METHODS:
+            for name in ENCODER_METHODS[:1] + (() if qwen else input_rows) + DECODER_METHODS + LATER_DECODER_METHODS:
                 method = get_method(name, retain=retain)
                 rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
                              budget.describe_schedule(method, geometry)))

@@ -168,6 +168,8 @@ class LanguageSide:
         self.cache = None
         self.pending: tuple[Tensor, Tensor | None] | None = None
         self.step_graphs = None  # a CapturedCalls while graph_language_steps is in effect
+        # the elementwise weight of the decoder's final norm (DART compares normed hidden states)
+        self.final_norm_weight = getattr(getattr(core_model.language_model, "norm", None), "weight", None)
         attn = self.layers[0].self_attn
         module = sys.modules[type(attn).__module__]
         self.apply_rotary = getattr(module, "apply_rotary_pos_emb", None)
@@ -187,8 +189,12 @@ class LanguageSide:
             if index in self.reducing:
                 hooks.post(layer.self_attn.q_proj, self._keep_queries)
                 hooks.post(layer.self_attn.k_proj, self._keep_keys)
-                hooks.pre(layer.post_attention_layernorm, self._reducer(index, layer.self_attn))
-                hooks.post(layer, self._drop_rows, prepend=True)
+                reduce = self._reducer(index, layer.self_attn)
+                if self.stage.reduce_at == "output":
+                    hooks.post(layer, self._on_output(reduce), prepend=True)
+                else:
+                    hooks.pre(layer.post_attention_layernorm, reduce)
+                    hooks.post(layer, self._drop_rows, prepend=True)
 
     @property
     def kept_index(self) -> Tensor | None:
@@ -453,7 +459,8 @@ class LanguageSide:
         Args:
             removed: visual tokens to remove per sample; ``num_visual`` / ``num_text``: visual
                 tokens and (max) text queries after the image, per sample, before this step.
-            residual: ``[B, L, D]`` residual stream after self-attention; ``q`` ``[B, L, H, d]``,
+            residual: ``[B, L, D]`` residual stream after self-attention (the layer's output with
+                ``reduce_at="output"``); ``q`` ``[B, L, H, d]``,
                 ``k`` ``[B, L, Hk, d]`` before RoPE; ``cos``/``sin`` ``[1 or B, L, d]``;
                 ``cached_keys`` ``[B, Hk, L, d]`` with RoPE, or ``None``.
             is_visual / is_text / valid: ``[B, L]`` bool; ``sizes`` / ``positions``: ``[B, N]``.
@@ -473,6 +480,7 @@ class LanguageSide:
             key_valid=valid, causal=True,
             text_rows=text_rows, text_valid=is_text.gather(1, text_rows), last_row=last_row,
             rope=self._rotation((cos, sin), b), attended_keys=cached_keys,
+            hidden=residual, hidden_weight=self.final_norm_weight,
         )
         tokens = TokenGroup(gather_rows(residual, candidates), sizes, positions, self.grid)
         result = self.stage.reduction(tokens, probe, removed)
@@ -522,6 +530,24 @@ class LanguageSide:
             n = max(counts)
             state = torch.ones(b, n, device=device), torch.full((b, n), NO_POSITION, dtype=torch.long, device=device)
         seq.sizes, seq.positions = state
+
+    def _on_output(self, reduce):
+        """A forward hook that runs ``reduce`` on the layer's output (after its MLP) and keeps the
+        surviving rows (``reduce_at="output"``)."""
+        def reduce_output(module, args, output):
+            if self.seq is None or not self.seq.prefill:
+                return None
+
+            def reduced(hidden: Tensor) -> Tensor:
+                hidden = hidden.clone()  # written in place below; the caller may hold the output
+                reduce(None, (hidden,))
+                return hidden
+
+            output = replace_hidden_output(output, reduced)
+            dropped = self._drop_rows(module, args, output)
+            return output if dropped is None else dropped
+
+        return reduce_output
 
     def _drop_rows(self, module, args, output):
         pending, self.pending = self.pending, None

@@ -53,8 +53,15 @@ class _Reduction:
     start_layer: int | None = None
     end_layer: int | None = None
     schedule: Mapping[int, int] | None = None
+    #: ``"attention"`` (ToMe's, FiCoCo's and FastV's place): between a layer's attention and its
+    #: MLP, so merged tokens go through the MLP; ``"output"``: on the layer's output, after the MLP
+    #: (VisionZip merges the features the LLM reads, DART compares layer outputs). Scores come
+    #: from the layer's own attention either way.
+    reduce_at: str = "attention"
 
     def __post_init__(self) -> None:
+        if self.reduce_at not in ("attention", "output"):
+            raise ValueError(f"reduce_at must be 'attention' or 'output', got {self.reduce_at!r}")
         if self.retain is not None and self.schedule is not None:
             raise ValueError("give one of retain= or schedule=, not both")
         if self.retain is not None:
@@ -122,19 +129,10 @@ class VisionReduction(_Reduction):
         schedule: explicit ``{layer: removed}`` instead of ``retain``.
         proportional_attention: add ``log(size)`` of each key to the attention logits of the layers
             after the first reduction (ToMe's proportional attention).
-        reduce_at: ``"attention"`` (ToMe's and FiCoCo-V's place): between a layer's attention and
-            its MLP, so merged tokens go through the MLP; ``"output"``: on the layer's output, after
-            the MLP (VisionZip merges the features the LLM reads). Scores come from the layer's
-            own attention either way.
+        reduce_at: see :class:`_Reduction` (VisionZip merges the layer's output).
     """
 
     proportional_attention: bool = False
-    reduce_at: str = "attention"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.reduce_at not in ("attention", "output"):
-            raise ValueError(f"reduce_at must be 'attention' or 'output', got {self.reduce_at!r}")
 
     def without_cls(self) -> "VisionReduction":
         return replace(self, reduction=self.reduction.without_cls())

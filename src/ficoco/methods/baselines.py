@@ -12,6 +12,7 @@ from ..stages import (
     CLSAttentionFilter,
     ConvergentCorrelate,
     DominantContextualFilter,
+    DuplicationFilter,
     DropCompress,
     FuseCompress,
     LastTokenAttentionFilter,
@@ -130,3 +131,15 @@ def visionzip(retain: int | None = 64, *, contextual_share: float = 10 / 64, lay
                                AddMeanCompress())
     return Method("visionzip", vision=VisionReduction(reduction, retain, layer, layer, reduce_at="output"),
                   description="VisionZip: dominant tokens by [CLS] attention + merged contextual tokens")
+
+
+def dart(retain: int | None = 192, *, k: int = 2, image_pivots: int = 4, text_pivots: int = 4) -> Method:
+    """DART: before LLM layer ``k`` (on layer ``k - 1``'s output), keep pivot tokens and the visual
+    tokens least duplicated by them (:class:`~ficoco.stages.DuplicationFilter`); kept tokens keep
+    their original positions, as in the official code."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"DART's k must be an integer >= 1, got {k!r}")
+    reduction = TokenReduction(DuplicationFilter(image_pivots, text_pivots), NoCorrelate(), DropCompress())
+    language = LanguageReduction(reduction, retain, k - 1, k - 1, reduce_at="output")
+    return Method("dart", language=language, description="DART: pivots and the tokens they duplicate least, "
+                                                          "before LLM layer K")

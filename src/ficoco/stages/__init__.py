@@ -23,6 +23,7 @@ from .filters import (
     BipartiteSimilarityFilter,
     CLSAttentionFilter,
     DominantContextualFilter,
+    DuplicationFilter,
     FiCoCoLanguageFilter,
     FiCoCoVisionFilter,
     Filter,
@@ -36,7 +37,7 @@ from .probe import AttentionProbe, FeatureProbe, GroupedProbe
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
 __all__ = [
-    "AddMeanCompress", "ArgmaxSimilarityCorrelate", "DominantContextualFilter", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
+    "AddMeanCompress", "ArgmaxSimilarityCorrelate", "DominantContextualFilter", "DuplicationFilter", "AttentionProbe", "AttentionQuantileCorrelate", "AveragingCompress",
     "BipartiteSimilarityFilter", "CLSAttentionFilter", "Compress", "ConvergentCorrelate", "Correlate",
     "Correlation", "DropCompress", "FiCoCoLanguageFilter", "FiCoCoVisionFilter", "Filter", "FilterResult",
     "FeatureProbe", "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",

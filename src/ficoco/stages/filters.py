@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .probe import AttentionProbe
-from .tokens import NO_POSITION, FilterResult, TokenGroup, complement
+from .tokens import NO_POSITION, FilterResult, TokenGroup, complement, gather_rows
 
 
 class Filter(ABC):
@@ -393,3 +393,82 @@ class DominantContextualFilter(Filter):
 
     def without_cls(self) -> "DominantContextualFilter":
         return replace(self, importance="received")
+
+
+@dataclass
+class DuplicationFilter(Filter):
+    """DART's filter (Wen et al., EMNLP 2025): keep *pivot* tokens and the tokens least duplicated
+    by them. Pivots: the ``image_pivots`` visual tokens and the ``text_pivots`` text tokens after
+    the image whose keys (every head) have the largest L1 norm, taken before RoPE (the official
+    code takes it after, which ties the pivots to absolute positions and so to left padding). Then each pivot in
+    turn (image pivots, then text pivots, each by descending norm) claims, among the visual tokens
+    not yet kept, those whose hidden state is *least* similar to its own (cosine of the states
+    normed by the decoder's final norm); the kept set is the image pivots and every claimed token.
+    The ``kept - image_pivots`` claims are spread over the pivots as evenly as they divide, the
+    first pivots taking one more (the official code gives each ``floor(budget / pivots)`` and so
+    keeps 4 more or fewer tokens than asked).
+
+    Attributes:
+        image_pivots / text_pivots: the official 4 and 4.
+    """
+
+    image_pivots: int = 4
+    text_pivots: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_pivots < 1 or self.text_pivots < 0:
+            raise ValueError(f"DART needs at least one image pivot and no negative text pivots, got "
+                             f"{self.image_pivots} and {self.text_pivots}")
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        """``[B, N]``: minus the L1 norm of each visual token's keys (its pivot rank)."""
+        return -self._key_norms(probe, probe.candidates)
+
+    @staticmethod
+    def _key_norms(probe: AttentionProbe, rows: Tensor) -> Tensor:
+        return gather_rows(probe.keys, rows).float().abs().sum(dim=(-1, -2))
+
+    @staticmethod
+    def _normed(probe: AttentionProbe, states: Tensor) -> Tensor:
+        """``states`` ``[..., D]`` as the decoder's final norm would scale them, unit length."""
+        states = states.float()
+        if probe.hidden_weight is not None:
+            states = states * probe.hidden_weight.float()
+        return F.normalize(states, dim=-1)
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
+        b, n = tokens.batch_size, tokens.num_tokens
+        kept = n - num_sources
+        if not self.image_pivots <= kept <= n:
+            raise ValueError(f"DART keeps its {self.image_pivots} image pivots: cannot keep {kept} of {n} tokens")
+        if self.text_pivots and probe.text_rows is None:
+            raise ValueError("DART's text pivots are the text after the image: it runs inside the LLM")
+        if probe.hidden is None:
+            raise ValueError("DART compares hidden states, which this reduction point does not provide: it runs "
+                             "inside the LLM")
+        image_norms = self._key_norms(probe, probe.candidates)  # [B, N]
+        states = self._normed(probe, gather_rows(probe.hidden, probe.candidates))  # [B, N, D]
+        text_norms = None
+        if self.text_pivots:
+            text_norms = self._key_norms(probe, probe.text_rows).masked_fill(~probe.text_valid, float("-inf"))
+        targets = []
+        # sample by sample: prompts differ in how much text follows the image, so in their pivots
+        for row in range(b):
+            image = image_norms[row].argsort(descending=True, stable=True)[:self.image_pivots]
+            pivots = [states[row, image]]
+            if text_norms is not None:
+                count = min(self.text_pivots, int(probe.text_valid[row].sum()))
+                text = probe.text_rows[row, text_norms[row].topk(count).indices]
+                pivots.append(self._normed(probe, probe.hidden[row, text]))
+            pivot_states = torch.cat(pivots)  # [P, D], image pivots then text pivots, by norm
+            share, extra = divmod(kept - self.image_pivots, pivot_states.shape[0])
+            taken = torch.zeros(n, dtype=torch.bool, device=states.device)
+            taken[image] = True
+            for index, pivot in enumerate(pivot_states):
+                claim = share + (index < extra)
+                if claim:
+                    similarity = states[row] @ pivot
+                    taken[(-similarity).masked_fill(taken, float("-inf")).topk(claim).indices] = True
+            targets.append(taken.nonzero()[:, 0])
+        targets = torch.stack(targets)
+        return FilterResult(sources=complement(targets, n), targets=targets, scores=self.scores(tokens, probe))

@@ -40,6 +40,10 @@ class AttentionProbe:
             keys are given before RoPE and rotated only where a statistic needs them.
         attended_keys: ``[B, Hk, L, d]`` the keys exactly as the attention used them (RoPE
             applied), when already at hand (the layer's KV-cache entry), so they need no work.
+        hidden: ``[B, L, D]`` the sequence's hidden states at the reduction point (inside the
+            LLM), for stages that compare tokens' states with text tokens' (DART's text pivots).
+        hidden_weight: ``[D]`` the elementwise weight of the decoder's final norm, which a
+            cosine of normed hidden states keeps (the norm's 1/RMS cancels in a cosine).
     """
 
     def __init__(
@@ -58,6 +62,8 @@ class AttentionProbe:
         last_row: Tensor | None = None,
         rope: Callable[[Tensor, Tensor | None], Tensor] | None = None,
         attended_keys: Tensor | None = None,
+        hidden: Tensor | None = None,
+        hidden_weight: Tensor | None = None,
     ) -> None:
         b, l, h, d = queries.shape
         hk = keys.shape[2]
@@ -68,6 +74,7 @@ class AttentionProbe:
         self.cls_index, self.key_bias, self.key_valid, self.causal = cls_index, key_bias, key_valid, causal
         self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
         self.rope = rope
+        self.hidden, self.hidden_weight = hidden, hidden_weight
         if attended_keys is not None:
             self.__dict__["head_major_keys"] = attended_keys  # pre-fills the cached property
 
