@@ -472,3 +472,26 @@ def test_aligned_mlp_skips_already_aligned_and_unknown_shapes():
     padded = aligned_mlp_layers(Gated(54, torch.nn.GELU()))
     assert (padded["up"].out_features, padded["down"].in_features) == (64, 64)
     assert torch.equal(padded["up"].weight[54:], torch.zeros(10, 8)) and torch.equal(padded["down"].weight[:, 54:], torch.zeros(8, 10))
+
+
+def test_decoder_probe_sees_the_attention_the_model_computes(generation):
+    """FastV's scores (the last token's head-averaged attention over the visual tokens, from the
+    hooked queries and keys) equal the model's own eager attention row, also for Qwen3-VL, whose
+    decoder normalises queries and keys per head (q_norm, k_norm) before RoPE."""
+    model = tiny_qwen_vl(generation, attn_implementation="eager")
+    inputs = image_batch(generation)
+    with torch.inference_mode():
+        attention = model(**inputs, output_attentions=True).attentions[1]  # [B, H, L, L]
+    with ficoco.apply(model, "fastv", retain=0.5, record=True) as handle, torch.inference_mode():
+        model(**inputs)
+    checked = 0
+    for group, result in handle.language.seq.results[0]:  # the first reduction, group by group
+        rows = group.row_list or range(inputs["input_ids"].shape[0])
+        for row, scores in zip(rows, result.filter_result.scores):
+            ids = inputs["input_ids"][row]
+            visual = ((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).nonzero()[:, 0]
+            last = inputs["attention_mask"][row].nonzero()[-1, 0]
+            expected = attention[row, :, last, visual].mean(0)
+            torch.testing.assert_close(-scores[:visual.shape[0]], expected, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked

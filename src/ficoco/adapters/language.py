@@ -187,8 +187,11 @@ class LanguageSide:
             if index >= first:
                 hooks.pre(layer, self._layer_inputs(index), with_kwargs=True)
             if index in self.reducing:
-                hooks.post(layer.self_attn.q_proj, self._keep_queries)
-                hooks.post(layer.self_attn.k_proj, self._keep_keys)
+                attn = layer.self_attn
+                # Qwen3's decoder normalises each head's queries and keys before RoPE (q_norm,
+                # k_norm): the attention uses their outputs, not the projections'
+                hooks.post(getattr(attn, "q_norm", None) or attn.q_proj, self._keep_queries)
+                hooks.post(getattr(attn, "k_norm", None) or attn.k_proj, self._keep_keys)
                 reduce = self._reducer(index, layer.self_attn)
                 if self.stage.reduce_at == "output":
                     hooks.post(layer, self._on_output(reduce), prepend=True)
