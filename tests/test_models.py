@@ -29,6 +29,7 @@ METHODS = {
     "topk": dict(retain=100),
     "visionzip": dict(retain=100),
     "dart": dict(retain=100),
+    "pdrop": dict(retain=100, layers=(2, 4, 6)),
     "pool": dict(retain=144),
     "divprune": dict(retain=100),
     "cdpruner": dict(retain=100),

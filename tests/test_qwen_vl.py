@@ -31,6 +31,7 @@ METHODS = {
     "random": dict(retain=0.5),
     "topk": dict(retain=0.5),
     "dart": dict(retain=0.5),
+    "pdrop": dict(retain=0.25, layers=(2, 4, 6)),
 }
 ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random", "topk")
 
@@ -474,15 +475,19 @@ def test_aligned_mlp_skips_already_aligned_and_unknown_shapes():
     assert torch.equal(padded["up"].weight[54:], torch.zeros(10, 8)) and torch.equal(padded["down"].weight[:, 54:], torch.zeros(8, 10))
 
 
-def test_decoder_probe_sees_the_attention_the_model_computes(generation):
-    """FastV's scores (the last token's head-averaged attention over the visual tokens, from the
-    hooked queries and keys) equal the model's own eager attention row, also for Qwen3-VL, whose
-    decoder normalises queries and keys per head (q_norm, k_norm) before RoPE."""
+# PyramidDrop's first stage after Qwen3-VL's DeepStack layers (0-2), whose additions land after a layer's output
+@pytest.mark.parametrize("name, options, scored_by", [("fastv", {}, 1), ("pdrop", {"layers": (4, 6)}, 4)])
+def test_decoder_probe_sees_the_attention_the_model_computes(generation, name, options, scored_by):
+    """The last token's head-averaged attention over the visual tokens, from the hooked queries
+    and keys, equals the model's own eager attention row of the layer that scores: FastV's layer
+    K - 1 = 1, and for PyramidDrop the layer it prunes for (4), whose queries and keys it computes
+    from layer 3's output. Also for Qwen3-VL, whose decoder normalises queries and keys per head
+    (q_norm, k_norm) before RoPE."""
     model = tiny_qwen_vl(generation, attn_implementation="eager")
     inputs = image_batch(generation)
     with torch.inference_mode():
-        attention = model(**inputs, output_attentions=True).attentions[1]  # [B, H, L, L]
-    with ficoco.apply(model, "fastv", retain=0.5, record=True) as handle, torch.inference_mode():
+        attention = model(**inputs, output_attentions=True).attentions[scored_by]  # [B, H, L, L]
+    with ficoco.apply(model, name, retain=0.5, record=True, **options) as handle, torch.inference_mode():
         model(**inputs)
     checked = 0
     for group, result in handle.language.seq.results[0]:  # the first reduction, group by group

@@ -122,6 +122,11 @@ def reference_logits(model, prompt, pixel_values, method):
         llm_after_mlp = method.language is not None and method.language.reduce_at == "output"
         if llm_after_mlp:  # DART: the layer's output is reduced
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if index in plan.language and method.language.score_with_next_layer:  # PyramidDrop: the next layer's view
+            following = lm.layers[index + 1]
+            x_next = following.input_layernorm(h)
+            raw_q = heads(following.self_attn.q_proj(x_next), cfg.num_attention_heads)
+            raw_k = heads(following.self_attn.k_proj(x_next), cfg.num_key_value_heads)
         if index in plan.language:
             cand = [i for i, is_v in enumerate(visual) if is_v]
             text = [i for i in range(max(cand) + 1, len(visual))]
@@ -152,7 +157,7 @@ def reference_logits(model, prompt, pixel_values, method):
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
-                                 "topk", "visionzip", "dart", "pool", "divprune", "cdpruner", "zero"])
+                                 "topk", "visionzip", "dart", "pdrop", "pool", "divprune", "cdpruner", "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")

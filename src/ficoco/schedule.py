@@ -21,6 +21,19 @@ def spread_evenly(total: int, layers: Sequence[int]) -> dict[int, int]:
     return {layer: base + (i < extra) for i, layer in enumerate(layers) if base + (i < extra) > 0}
 
 
+def spread_geometrically(available: int, keep: int, layers: Sequence[int]) -> dict[int, int]:
+    """Removals over ``layers`` such that each keeps the same share ``(keep / available) ** (1 /
+    len(layers))`` of its input (PyramidDrop's pyramid: 576 -> 288 -> 144 -> 72 at a share of 0.5),
+    the last landing exactly on ``keep``. Counts after stage ``s`` are ``round(available *
+    share ** s)``."""
+    if not 0 < keep <= available:
+        raise ValueError(f"cannot keep {keep} of {available} tokens")
+    layers = sorted(layers)
+    share = (keep / available) ** (1 / len(layers))
+    counts = [available] + [max(keep, round(available * share ** s)) for s in range(1, len(layers))] + [keep]
+    return {layer: counts[i] - counts[i + 1] for i, layer in enumerate(layers) if counts[i] > counts[i + 1]}
+
+
 def tokens_entering_layers(schedule: Mapping[int, int], num_layers: int, start_tokens: int) -> list[int]:
     """Number of tokens each of ``num_layers`` layers processes, given ``start_tokens`` at the input
     and the removals of ``schedule`` (a layer that reduces still runs on its input length)."""

@@ -385,8 +385,12 @@ class LanguageSide:
             if not removing:
                 return
             cos, sin = self.rope
-            q, k = q.view(b, l, heads, d), k.view(b, l, kv_heads, d)
-            cached = self._cached_keys(index, b, l, kv_heads, d)
+            cached = None
+            if self.stage.score_with_next_layer:  # the next layer's view of this layer's output
+                q, k = self._next_layer_projections(index, residual)
+            else:
+                cached = self._cached_keys(index, b, l, kv_heads, d)
+            q, k = q.reshape(b, l, heads, d), k.reshape(b, l, kv_heads, d)
             outcomes = []
             for group in removing:
                 take = group.take
@@ -497,6 +501,20 @@ class LanguageSide:
         order = survivors.argsort(dim=1)
         return (survivors, features, keep, result.tokens.sizes.gather(1, order),
                 result.tokens.positions.gather(1, order)), result
+
+    def _next_layer_projections(self, index: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys (before RoPE) that decoder layer ``index + 1`` computes from ``hidden``
+        (layer ``index``'s output), with its own input norm, projections and per-head norms; the
+        positions are the same rows', so the probe rotates them as it would this layer's."""
+        layer = self.layers[index + 1]
+        attn = layer.self_attn
+        b, l, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(b, l, -1, attn.head_dim)
+        k = attn.k_proj(x).view(b, l, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k
 
     def _cached_keys(self, index: int, b: int, l: int, kv_heads: int, d: int) -> Tensor | None:
         """The layer's keys from its KV-cache entry (RoPE applied, ``[B, Hk, L, d]``) when the

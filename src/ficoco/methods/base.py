@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from ..schedule import spread_evenly, tokens_entering_layers, validate_schedule
+from ..schedule import spread_evenly, spread_geometrically, tokens_entering_layers, validate_schedule
 from ..stages import BipartiteSimilarityFilter, TokenReduction
 
 
@@ -58,8 +58,17 @@ class _Reduction:
     #: (VisionZip merges the features the LLM reads, DART compares layer outputs). Scores come
     #: from the layer's own attention either way.
     reduce_at: str = "attention"
+    #: explicit reducing layers with a geometric schedule instead of ``start_layer..end_layer``
+    #: spread evenly: each keeps the same share of what it gets, ``(retain / tokens) ** (1 / stages)``
+    #: (PyramidDrop's pyramid)
+    stages: tuple[int, ...] | None = None
+    #: score with the *next* layer's queries and keys, computed from this layer's output (with
+    #: ``reduce_at="output"``): PyramidDrop ranks tokens by the attention of the layer it prunes for
+    score_with_next_layer: bool = False
 
     def __post_init__(self) -> None:
+        if self.score_with_next_layer and self.reduce_at != "output":
+            raise ValueError("score_with_next_layer reads the next layer's input: it needs reduce_at='output'")
         if self.reduce_at not in ("attention", "output"):
             raise ValueError(f"reduce_at must be 'attention' or 'output', got {self.reduce_at!r}")
         if self.retain is not None and self.schedule is not None:
@@ -96,10 +105,16 @@ class _Reduction:
                     f"{reducible.start}..{reducible.stop - 1}"
                 )
             layers = [layer for layer in range(start, end + 1) if allowed is None or layer in allowed]
+            if self.stages is not None:
+                if any(layer not in reducible for layer in self.stages):
+                    raise ValueError(f"{where} reduction stages {list(self.stages)} must lie within "
+                                     f"{reducible.start}..{reducible.stop - 1}")
+                layers = sorted(self.stages)
             if not layers and keep < available:
                 raise ValueError(f"no {where} layer between {start} and {end} can reduce; it reduces in layers "
                                  f"{sorted(allowed)}")
-            plan = spread_evenly(available - keep, layers)
+            plan = spread_geometrically(available, keep, layers) if self.stages is not None else \
+                spread_evenly(available - keep, layers)
         if isinstance(self.reduction.filter, BipartiteSimilarityFilter):
             _check_bipartite_limit(plan, available, self.reduction.extra_sources, self.reduction.filter.max_sources)
         return plan

@@ -143,3 +143,17 @@ def dart(retain: int | None = 192, *, k: int = 2, image_pivots: int = 4, text_pi
     language = LanguageReduction(reduction, retain, k - 1, k - 1, reduce_at="output")
     return Method("dart", language=language, description="DART: pivots and the tokens they duplicate least, "
                                                           "before LLM layer K")
+
+
+def pdrop(retain: int | None = 72, *, layers: tuple[int, ...] = (8, 16, 24)) -> Method:
+    """PyramidDrop: before each LLM layer of ``layers``, drop the visual tokens the last prompt
+    token attends to least, as that layer's queries and keys see them (computed from the previous
+    layer's output); each stage keeps the same share, down to ``retain`` after the last one (the
+    official 576 -> 288 -> 144 -> 72 is ``retain=72``)."""
+    if not layers or any(not isinstance(x, int) or x < 1 for x in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"PyramidDrop's layers must be distinct integers >= 1, got {layers!r}")
+    reduction = TokenReduction(LastTokenAttentionFilter(), NoCorrelate(), DropCompress())
+    language = LanguageReduction(reduction, retain, reduce_at="output", stages=tuple(x - 1 for x in sorted(layers)),
+                                 score_with_next_layer=True)
+    return Method("pdrop", language=language,
+                  description="PyramidDrop: staged drops by the last token's attention before layers 8/16/24")
