@@ -135,3 +135,19 @@ def test_dart_refuses_budgets_below_its_pivots():
         DuplicationFilter()(TokenGroup.fresh(x, (6, 8)), probe, 45)
     with pytest.raises(ValueError, match="DART's k must be an integer >= 1"):
         get_method("dart", k=0)
+
+
+def test_pdrop_stages_follow_the_depth_and_keep_one_share():
+    """PyramidDrop's default stages are a quarter, half and three quarters of the LLM's depth
+    (before layers 8 / 16 / 24 of LLaVA-1.5-7B's 32, the official ones), and each keeps the same
+    share: the official 576 -> 288 -> 144 -> 72."""
+    from ficoco.methods import ModelGeometry
+
+    assert get_method("pdrop", retain=72).plan(ModelGeometry(24, 22, 576, 32)).language == {7: 288, 15: 144, 23: 72}
+    assert get_method("pdrop", retain=72).plan(ModelGeometry(24, 22, 576, 28)).language == {6: 288, 13: 144, 20: 72}
+    plan = get_method("pdrop", retain=64, layers=(2, 4, 6)).plan(ModelGeometry(24, 22, 576, 8))
+    assert plan.language == {1: 299, 3: 144, 5: 69} and plan.llm_final_visual == 64
+    with pytest.raises(ValueError, match="distinct layer indices >= 1 or shares of the depth"):
+        get_method("pdrop", layers=(8, 8))
+    with pytest.raises(ValueError, match=r"stages \[39\].*must lie within 0\.\.30"):
+        get_method("pdrop", layers=(40,)).plan(ModelGeometry(24, 22, 576, 32))

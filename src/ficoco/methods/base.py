@@ -60,8 +60,9 @@ class _Reduction:
     reduce_at: str = "attention"
     #: explicit reducing layers with a geometric schedule instead of ``start_layer..end_layer``
     #: spread evenly: each keeps the same share of what it gets, ``(retain / tokens) ** (1 / stages)``
-    #: (PyramidDrop's pyramid)
-    stages: tuple[int, ...] | None = None
+    #: (PyramidDrop's pyramid). A float ``f`` is a share of the depth: the reduction lands before
+    #: layer ``round(f x layers)`` (0.25 / 0.5 / 0.75 of a 32-layer LLM: before layers 8 / 16 / 24)
+    stages: tuple[int | float, ...] | None = None
     #: score with the *next* layer's queries and keys, computed from this layer's output (with
     #: ``reduce_at="output"``): PyramidDrop ranks tokens by the attention of the layer it prunes for
     score_with_next_layer: bool = False
@@ -106,10 +107,11 @@ class _Reduction:
                 )
             layers = [layer for layer in range(start, end + 1) if allowed is None or layer in allowed]
             if self.stages is not None:
-                if any(layer not in reducible for layer in self.stages):
-                    raise ValueError(f"{where} reduction stages {list(self.stages)} must lie within "
+                depth = reducible.stop + 1  # the LLM's layers (the last one cannot reduce)
+                layers = sorted({round(x * depth) - 1 if isinstance(x, float) else x for x in self.stages})
+                if any(layer not in reducible for layer in layers):
+                    raise ValueError(f"{where} reduction stages {layers} (from {list(self.stages)}) must lie within "
                                      f"{reducible.start}..{reducible.stop - 1}")
-                layers = sorted(self.stages)
             if not layers and keep < available:
                 raise ValueError(f"no {where} layer between {start} and {end} can reduce; it reduces in layers "
                                  f"{sorted(allowed)}")

@@ -145,15 +145,20 @@ def dart(retain: int | None = 192, *, k: int = 2, image_pivots: int = 4, text_pi
                                                           "before LLM layer K")
 
 
-def pdrop(retain: int | None = 72, *, layers: tuple[int, ...] = (8, 16, 24)) -> Method:
+def pdrop(retain: int | None = 72, *, layers: tuple[int | float, ...] = (0.25, 0.5, 0.75)) -> Method:
     """PyramidDrop: before each LLM layer of ``layers``, drop the visual tokens the last prompt
     token attends to least, as that layer's queries and keys see them (computed from the previous
     layer's output); each stage keeps the same share, down to ``retain`` after the last one (the
-    official 576 -> 288 -> 144 -> 72 is ``retain=72``)."""
-    if not layers or any(not isinstance(x, int) or x < 1 for x in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"PyramidDrop's layers must be distinct integers >= 1, got {layers!r}")
+    official 576 -> 288 -> 144 -> 72 is ``retain=72``). ``layers``: layer indices, or shares of the
+    LLM's depth (the default: before layers 8 / 16 / 24 of a 32-layer LLM, the official ones; 7 /
+    14 / 21 of Qwen2.5-VL-7B's 28)."""
+    if not layers or len(set(layers)) != len(layers) or any(
+            isinstance(x, bool) or not (isinstance(x, int) and x >= 1 or isinstance(x, float) and 0.0 < x < 1.0)
+            for x in layers):
+        raise ValueError(f"PyramidDrop's layers must be distinct layer indices >= 1 or shares of the depth in (0, 1), "
+                         f"got {layers!r}")
     reduction = TokenReduction(LastTokenAttentionFilter(), NoCorrelate(), DropCompress())
-    language = LanguageReduction(reduction, retain, reduce_at="output", stages=tuple(x - 1 for x in sorted(layers)),
-                                 score_with_next_layer=True)
+    stages = tuple(x - 1 if isinstance(x, int) else x for x in layers)
+    language = LanguageReduction(reduction, retain, reduce_at="output", stages=stages, score_with_next_layer=True)
     return Method("pdrop", language=language,
                   description="PyramidDrop: staged drops by the last token's attention before layers 8/16/24")
