@@ -175,3 +175,27 @@ def test_drop_and_pool_compositions_count():
         result = reduction(tokens, None, 36 - kept)
         assert result.tokens.features.shape == (2, kept, 5)
         assert torch.equal(result.kept, result.kept.sort(dim=1).values)  # raster order kept
+
+
+def test_instruction_rows_match_a_token_by_token_walk():
+    """The text each image's instruction is read from: after its run of placeholders, up to the
+    next run or the prompt's end, padding left out (several images, padding on both sides)."""
+    from ficoco.adapters.input_side import instruction_rows
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 6, (4, 30), generator=gen)
+    ids[0, 3:8] = ids[0, 15:20] = ids[1, 0:4] = ids[2, 10:14] = ids[3, 25:30] = 9  # image runs
+    mask = torch.ones_like(ids)
+    mask[1, 24:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    samples, rows, valid = instruction_rows(ids, mask, 9)
+    expected = []
+    for b in range(4):
+        image = (ids[b] == 9).tolist()
+        starts = [i for i in range(30) if image[i] and (i == 0 or not image[i - 1])]
+        for k, start in enumerate(starts):
+            end = next((i for i in range(start, 30) if not image[i]), 30)
+            stop = starts[k + 1] if k + 1 < len(starts) else 30
+            expected.append((b, [i for i in range(end, stop) if mask[b, i]]))
+    assert samples.tolist() == [b for b, _ in expected]
+    assert [rows[i][valid[i]].tolist() for i in range(len(expected))] == [span for _, span in expected]

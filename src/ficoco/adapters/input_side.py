@@ -40,26 +40,26 @@ def instruction_rows(input_ids: Tensor, attention_mask: Tensor | None, image_tok
     """For each image run of ``input_ids`` (``[B, L]``; runs counted row by row): ``(sample [I],
     rows [I, M], valid [I, M])``, the sequence columns of the text after that image up to the next
     image or the end of its prompt (padding excluded)."""
-    ids = input_ids.cpu()
-    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
-    samples, spans = [], []
-    for b in range(ids.shape[0]):
-        is_image = (ids[b] == image_token_id).tolist()
-        length = len(is_image)
-        starts = [i for i in range(length) if is_image[i] and (i == 0 or not is_image[i - 1])]
-        ends = [i + 1 for i in range(length) if is_image[i] and (i + 1 == length or not is_image[i + 1])]
-        for k, end in enumerate(ends):
-            stop = starts[k + 1] if k + 1 < len(starts) else length
-            spans.append([i for i in range(end, stop) if real[b, i]])
-            samples.append(b)
-    width = max((len(s) for s in spans), default=0)
-    rows = torch.zeros(len(spans), width, dtype=torch.long)
-    valid = torch.zeros(len(spans), width, dtype=torch.bool)
-    for i, span in enumerate(spans):
-        rows[i, :len(span)] = torch.tensor(span, dtype=torch.long)
-        valid[i, :len(span)] = True
-    device = input_ids.device
-    return torch.tensor(samples, dtype=torch.long, device=device), rows.to(device), valid.to(device)
+    b, length = input_ids.shape
+    is_image = input_ids == image_token_id
+    real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+    run = starts.long().cumsum(dim=1)  # [B, L]: image runs begun so far in the row
+    per_row = run[:, -1]
+    earlier = per_row.cumsum(0) - per_row  # runs in the rows before
+    text = ~is_image & real & (run > 0)
+    owner = (earlier[:, None] + run - 1)[text]  # the image each text token follows, row-major
+    columns = torch.arange(length, device=input_ids.device).expand(b, length)[text]
+    counts = torch.bincount(owner, minlength=int(per_row.sum()))  # one host sync, as the sizes need
+    images, width = counts.shape[0], int(counts.max()) if counts.numel() else 0
+    # owners never decrease in row-major order, so each image's text is one contiguous stretch
+    place = torch.arange(owner.shape[0], device=owner.device) - (counts.cumsum(0) - counts)[owner]
+    rows = torch.zeros(images, width, dtype=torch.long, device=input_ids.device)
+    valid = torch.zeros(images, width, dtype=torch.bool, device=input_ids.device)
+    rows[owner, place] = columns
+    valid[owner, place] = True
+    sample = torch.repeat_interleave(torch.arange(b, device=input_ids.device), per_row)
+    return sample, rows, valid
 
 
 class InputSide:

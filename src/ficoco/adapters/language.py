@@ -39,14 +39,8 @@ from transformers.cache_utils import DynamicCache
 
 from ..methods import LanguageReduction
 from ..stages import AttentionProbe, NO_POSITION, ReductionResult, TokenGroup
-from ..stages.tokens import gather_rows
+from ..stages.tokens import first_k_true, gather_rows
 from .hooks import HookSet, replace_hidden_output, write_rows
-
-
-def _first_k_true(flags: Tensor, k: int) -> Tensor:
-    """``[B, k]`` ascending indices of the first ``k`` true entries of each row of ``flags`` ``[B, L]``
-    (rows hold at least ``k`` true entries), with no host sync."""
-    return torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :k]
 
 
 @dataclass
@@ -438,7 +432,7 @@ class LanguageSide:
             residual[batch_rows[:, None], rows] = features.to(residual.dtype)
             if removed > least:  # keep some of the removed visual rows, as dead padding
                 gone = group.take(seq.is_visual).scatter(1, rows, False)
-                padding = _first_k_true(gone, removed - least)
+                padding = first_k_true(gone, removed - least)
                 group_keep = torch.cat([group_keep, padding], dim=1).sort(dim=1).values
                 dead[batch_rows] = (group_keep[:, :, None] == padding[:, None, :]).any(dim=2)
             keep[batch_rows] = group_keep
@@ -479,8 +473,8 @@ class LanguageSide:
             grid positions in sequence order, and the stage composition's own result.
         """
         b, l, _ = residual.shape
-        candidates = _first_k_true(is_visual, num_visual)
-        text_rows = _first_k_true(is_text, num_text)
+        candidates = first_k_true(is_visual, num_visual)
+        text_rows = first_k_true(is_text, num_text)
         last_row = torch.where(valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
         probe = AttentionProbe(
             q, k, scaling, candidates,
@@ -497,7 +491,7 @@ class LanguageSide:
             survivors = torch.cat([survivors, candidates.gather(1, result.new_token_slot[:, None])], dim=1)
         features = result.tokens.features[:, :survivors.shape[1]]
         keep_flags = (~is_visual).scatter(1, survivors, True)
-        keep = _first_k_true(keep_flags, l - (num_visual - survivors.shape[1]))
+        keep = first_k_true(keep_flags, l - (num_visual - survivors.shape[1]))
         order = survivors.argsort(dim=1)
         return (survivors, features, keep, result.tokens.sizes.gather(1, order),
                 result.tokens.positions.gather(1, order)), result

@@ -13,6 +13,8 @@ docs/methods.md).
 
 from __future__ import annotations
 
+import inspect
+
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -139,8 +141,6 @@ def split_methods(text: str) -> list[str]:
 def takes_budget(name: str) -> bool:
     """Whether method ``name`` (options in brackets allowed) takes a ``retain`` budget (the ``zero``
     control does not)."""
-    import inspect
-
     base, _ = parse_method_spec(name)
     return "retain" in inspect.signature(_REGISTRY[base][0]).parameters
 

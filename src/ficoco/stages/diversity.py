@@ -45,14 +45,14 @@ class MaxMinDiversityFilter(SetSelectionFilter):
         rows = torch.arange(b, device=distance.device)
         eye = torch.eye(n, dtype=torch.bool, device=distance.device)
         chosen[:, 0] = distance.masked_fill(eye, float("inf")).amin(dim=1).argmax(dim=1)
-        nearest = distance[rows, chosen[:, 0]]  # [B, N]: each token's distance to the kept set
-        taken = torch.zeros(b, n, dtype=torch.bool, device=distance.device)
-        taken[rows, chosen[:, 0]] = True
+        # [B, N]: each token's distance to the kept set, -inf for the kept ones (a minimum keeps it)
+        nearest = distance[rows, chosen[:, 0]].clone()
+        nearest[rows, chosen[:, 0]] = float("-inf")
         for step in range(1, kept):
-            pick = nearest.masked_fill(taken, float("-inf")).argmax(dim=1)
+            pick = nearest.argmax(dim=1)
             chosen[:, step] = pick
-            taken[rows, pick] = True
             nearest = torch.minimum(nearest, distance[rows, pick])
+            nearest[rows, pick] = float("-inf")
         return chosen
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .probe import AttentionProbe
-from .tokens import NO_POSITION, FilterResult, TokenGroup, complement, gather_rows
+from .tokens import NO_POSITION, FilterResult, TokenGroup, complement, first_k_true, gather_rows
 
 
 class Filter(ABC):
@@ -448,27 +448,24 @@ class DuplicationFilter(Filter):
                              "inside the LLM")
         image_norms = self._key_norms(probe, probe.candidates)  # [B, N]
         states = self._normed(probe, gather_rows(probe.hidden, probe.candidates))  # [B, N, D]
-        text_norms = None
+        text_norms, text_counts = None, [0] * b
         if self.text_pivots:
             text_norms = self._key_norms(probe, probe.text_rows).masked_fill(~probe.text_valid, float("-inf"))
-        targets = []
+            text_counts = [min(self.text_pivots, c) for c in probe.text_valid.sum(dim=1).tolist()]  # one host sync
+        image = image_norms.argsort(dim=1, descending=True, stable=True)[:, :self.image_pivots]  # [B, P_image]
+        taken = torch.zeros(b, n, dtype=torch.bool, device=states.device).scatter_(1, image, True)
         # sample by sample: prompts differ in how much text follows the image, so in their pivots
         for row in range(b):
-            image = image_norms[row].argsort(descending=True, stable=True)[:self.image_pivots]
-            pivots = [states[row, image]]
+            pivots = [states[row, image[row]]]
             if text_norms is not None:
-                count = min(self.text_pivots, int(probe.text_valid[row].sum()))
-                text = probe.text_rows[row, text_norms[row].topk(count).indices]
+                text = probe.text_rows[row, text_norms[row].topk(text_counts[row]).indices]
                 pivots.append(self._normed(probe, probe.hidden[row, text]))
             pivot_states = torch.cat(pivots)  # [P, D], image pivots then text pivots, by norm
             share, extra = divmod(kept - self.image_pivots, pivot_states.shape[0])
-            taken = torch.zeros(n, dtype=torch.bool, device=states.device)
-            taken[image] = True
             for index, pivot in enumerate(pivot_states):
                 claim = share + (index < extra)
                 if claim:
                     similarity = states[row] @ pivot
-                    taken[(-similarity).masked_fill(taken, float("-inf")).topk(claim).indices] = True
-            targets.append(taken.nonzero()[:, 0])
-        targets = torch.stack(targets)
-        return FilterResult(sources=complement(targets, n), targets=targets, scores=self.scores(tokens, probe))
+                    taken[row, (-similarity).masked_fill(taken[row], float("-inf")).topk(claim).indices] = True
+        targets = first_k_true(taken, kept)
+        return FilterResult(sources=complement(targets, n), targets=targets, scores=-image_norms)

@@ -127,11 +127,14 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x[batch, index]
 
 
+def first_k_true(flags: Tensor, k: int) -> Tensor:
+    """``[B, k]`` ascending indices of the first ``k`` true entries of each row of ``flags``
+    ``[B, N]`` (rows hold at least ``k``), with no host sync: a stable argsort of the flags lists
+    the true ones first, in ascending order."""
+    return torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :k]
+
+
 def complement(index: Tensor, n: int) -> Tensor:
     """Ascending indices of ``0..n-1`` not in ``index`` (``[B, r]`` → ``[B, n - r]``), without host syncs."""
-    b = index.shape[0]
-    taken = torch.zeros(b, n, dtype=torch.bool, device=index.device)
-    taken.scatter_(1, index, True)
-    # stable argsort of the 0/1 flags lists the untaken indices first, in ascending order
-    order = torch.argsort(taken.to(torch.int8), dim=1, stable=True)
-    return order[:, : n - index.shape[1]]
+    taken = torch.zeros(index.shape[0], n, dtype=torch.bool, device=index.device).scatter_(1, index, True)
+    return first_k_true(~taken, n - index.shape[1])
