@@ -118,7 +118,7 @@ def test_the_shipped_checkpoint(shipped, llava):
     assert set(processor.tokenizer.get_vocab()) == (set(llava[1].tokenizer.get_vocab()) - {"<image>"}
                                                     | set(qwen.VISUAL_TOKENS.values()))
     record = json.loads((folder / "training.json").read_text())
-    assert record["validation_size"] == 500 and record["validation_accuracy"]["overall"] > 0.45
+    assert record["validation_size"] == 500 and record["validation_accuracy"]["overall"] >= 0.85
     samples = qwen.validation_samples(4, "test")
     vanilla = answer(model, processor, samples)
     assert all(a.strip() for a in vanilla)
