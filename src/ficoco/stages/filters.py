@@ -448,24 +448,27 @@ class DuplicationFilter(Filter):
                              "inside the LLM")
         image_norms = self._key_norms(probe, probe.candidates)  # [B, N]
         states = self._normed(probe, gather_rows(probe.hidden, probe.candidates))  # [B, N, D]
-        text_norms, text_counts = None, [0] * b
-        if self.text_pivots:
-            text_norms = self._key_norms(probe, probe.text_rows).masked_fill(~probe.text_valid, float("-inf"))
-            text_counts = [min(self.text_pivots, c) for c in probe.text_valid.sum(dim=1).tolist()]  # one host sync
         image = image_norms.argsort(dim=1, descending=True, stable=True)[:, :self.image_pivots]  # [B, P_image]
+        pivots = gather_rows(states, image)  # [B, P_image, D]
+        num_pivots = torch.full((b,), self.image_pivots, device=states.device)
+        if self.text_pivots:
+            # prompts differ in how much text follows the image, so in their number of text pivots
+            text_norms = self._key_norms(probe, probe.text_rows).masked_fill(~probe.text_valid, float("-inf"))
+            top = min(self.text_pivots, text_norms.shape[1])
+            text = probe.text_rows.gather(1, text_norms.topk(top, dim=1).indices)  # [B, P_text], by norm
+            pivots = torch.cat([pivots, self._normed(probe, gather_rows(probe.hidden, text))], dim=1)
+            num_pivots = num_pivots + probe.text_valid.sum(dim=1).clamp(max=self.text_pivots)
+        # pivot p of a sample claims share + (p < extra) tokens; a missing text pivot claims none
+        share, extra = (kept - self.image_pivots) // num_pivots, (kept - self.image_pivots) % num_pivots
+        index = torch.arange(pivots.shape[1], device=states.device)
+        claims = torch.where(index < num_pivots[:, None], share[:, None] + (index < extra[:, None]), 0)  # [B, P]
+        most = claims.max(dim=0).values.tolist()  # one host sync: each pivot's largest claim in the batch
         taken = torch.zeros(b, n, dtype=torch.bool, device=states.device).scatter_(1, image, True)
-        # sample by sample: prompts differ in how much text follows the image, so in their pivots
-        for row in range(b):
-            pivots = [states[row, image[row]]]
-            if text_norms is not None:
-                text = probe.text_rows[row, text_norms[row].topk(text_counts[row]).indices]
-                pivots.append(self._normed(probe, probe.hidden[row, text]))
-            pivot_states = torch.cat(pivots)  # [P, D], image pivots then text pivots, by norm
-            share, extra = divmod(kept - self.image_pivots, pivot_states.shape[0])
-            for index, pivot in enumerate(pivot_states):
-                claim = share + (index < extra)
-                if claim:
-                    similarity = states[row] @ pivot
-                    taken[row, (-similarity).masked_fill(taken[row], float("-inf")).topk(claim).indices] = True
+        similarity = torch.bmm(states, pivots.transpose(1, 2))  # [B, N, P]
+        for p, k in enumerate(most):  # in turn: each pivot claims among the tokens not yet kept
+            if k:
+                ranked = (-similarity[:, :, p]).masked_fill(taken, float("-inf")).topk(k, dim=1).indices  # [B, k]
+                claimed = torch.arange(k, device=states.device) < claims[:, p:p + 1]  # this sample's claim
+                taken |= torch.zeros_like(taken).scatter_(1, ranked, claimed)
         targets = first_k_true(taken, kept)
         return FilterResult(sources=complement(targets, n), targets=targets, scores=-image_norms)
