@@ -116,21 +116,25 @@ class AttentionProbe:
     # -- the one primitive: softmax rows for some queries --------------------------------------
 
     def _row_logits(self, rows: Tensor) -> Tensor:
-        """``[B, Hk, G, R, L]`` float32 scaled logits ``q . k * scale`` of the query rows ``rows``
+        """``[B, Hk, G, R, L]`` scaled logits ``q . k * scale`` of the query rows ``rows``
         (``[B, R]`` sequence indices) against every key, per head (``Hk`` key heads of ``G`` query
-        heads each), before any bias or mask. Cost ``O(R * L * d)`` per head."""
+        heads each), before any bias or mask, in the model's dtype (float accumulation, as the
+        attention's own products). Cost ``O(R * L * d)`` per head."""
         b, l, h, d = self.queries.shape
         hk = self.keys.shape[2]
-        q = self.query_rows(rows)  # [B, R, H, d]
+        # the scale goes into the R query rows rather than into the R x L logits: one pass less
+        # over the largest tensor a statistic forms
+        q = self.query_rows(rows) * self.scale  # [B, R, H, d]
         r = q.shape[1]
         # grouped-query attention without repeating keys: [B, Hk, G*R, d] @ [B, Hk, d, L]
         q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4).reshape(b, hk, h // hk * r, d)
-        logits = torch.matmul(q, self.head_major_keys.transpose(-1, -2)).view(b, hk, h // hk, r, l)
-        return logits.float().mul_(self.scale)
+        return torch.matmul(q, self.head_major_keys.transpose(-1, -2)).view(b, hk, h // hk, r, l)
 
     def _masked_softmax(self, logits: Tensor, rows: Tensor) -> Tensor:
-        """Softmax over the last axis of ``[B, ..., R, L]`` logits after the layer's key bias and
-        masks (padding keys; future keys when causal); rows that see no key become zero."""
+        """Float32 softmax over the last axis of ``[B, ..., R, L]`` logits after the layer's key
+        bias and masks (padding keys; future keys when causal); rows that see no key become zero.
+        Half-precision logits are read as they are and normalised in float32 (no float copy of
+        them first: these rows are the largest tensor a statistic forms)."""
         extra = logits.dim() - 3  # axes between the batch and the rows (heads, or none)
         if self.key_bias is not None:
             logits = logits + self.key_bias.float().view(logits.shape[0], *([1] * (extra + 1)), -1)
@@ -138,9 +142,11 @@ class AttentionProbe:
         if self.causal:
             future = self._key_index[None, None, :] > rows[:, :, None]  # [B, R, L]
             masked = future if masked is None else (masked | future)
-        if masked is not None:
-            logits = logits.masked_fill(masked.view(masked.shape[0], *([1] * extra), *masked.shape[1:]), float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see no key (padding) -> 0
+        if masked is None:
+            return torch.softmax(logits, dim=-1, dtype=torch.float32)
+        logits = logits.masked_fill(masked.view(masked.shape[0], *([1] * extra), *masked.shape[1:]), float("-inf"))
+        # rows that see no key (padding) -> 0
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0)
 
     def softmax_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """Head-averaged attention probabilities of the query rows ``rows`` (``[B, R]`` sequence
@@ -157,7 +163,7 @@ class AttentionProbe:
             raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
         logits = self._row_logits(rows)  # [B, Hk, G, R, L]
         if average == "logits":
-            return self._masked_softmax(logits.mean(dim=(1, 2)), rows)
+            return self._masked_softmax(logits.mean(dim=(1, 2), dtype=torch.float32), rows)
         return self._masked_softmax(logits, rows).mean(dim=(1, 2))
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
@@ -185,7 +191,7 @@ class AttentionProbe:
             raise ValueError("this encoder has no [CLS] token; use the key-proxy semantic term instead")
         b = self.queries.shape[0]
         rows = torch.full((b, 1), self.cls_index, device=self.candidates.device, dtype=torch.long)
-        return self._candidate_columns(self._row_logits(rows).mean(dim=(1, 2)))[:, 0]
+        return self._candidate_columns(self._row_logits(rows).mean(dim=(1, 2), dtype=torch.float32))[:, 0]
 
     @cached_property
     def mean_logits(self) -> Tensor:
