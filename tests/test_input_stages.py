@@ -182,16 +182,6 @@ def test_input_stage_errors():
         ficoco.get_method("zero", retain=64)
 
 
-def test_input_methods_refuse_qwen_in_one_line():
-    from ficoco.testing import tiny_qwen_vl
-
-    model = tiny_qwen_vl("qwen2_5_vl")
-    for name in ("pool", "divprune", "cdpruner", "zero"):
-        with pytest.raises(ValueError, match=f"{name} reduces the projected tokens at the LLM input.*LLaVA-1.5 only"):
-            ficoco.attach(model, name)
-    assert not hasattr(model, "_ficoco_handle")
-
-
 def test_drop_and_pool_compositions_count():
     torch.manual_seed(0)
     tokens = TokenGroup.fresh(torch.randn(2, 36, 5), (6, 6))
