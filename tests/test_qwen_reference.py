@@ -162,7 +162,8 @@ def reference_image(model, method, pixel_values, grid):
                                                       method.vision.reduction.filter.contextual_share)
                 survivors = sorted(places)
 
-                def merged(rows):  # [G, D'] -> the survivors', contextual ones plus the mean of theirs
+                def merged(rows, survivors=survivors, assigned=assigned):
+                    # [G, D'] -> the survivors', a contextual one plus the mean of what it received
                     return torch.stack([rows[s] + rows[assigned[s]].mean(0) if assigned.get(s) else rows[s]
                                         for s in survivors])
 

@@ -13,13 +13,18 @@ What this family is to ficoco:
 - **visual tokens in the prompt**: runs of ``image_token_id`` / ``video_token_id``, one per LLM
   token, cut to the kept count of each item before the model runs;
 - **positions**: M-RoPE. Kept tokens keep their original (temporal, height, width) positions in
-  prefill, and decoding continues where the full prompt would (``rope_deltas``).
+  prefill, and decoding continues where the full prompt would (``rope_deltas``). With no visual
+  token left at all (the ``zero`` control) the text is numbered as a text-only prompt instead;
+- **LLM input**: methods on the projected tokens (pool, DivPrune, CDPruner, zero) reduce the
+  merger's output frame by frame inside the feature wrappers (:mod:`.packed_input`), after any
+  encoder-side reduction; CDPruner's instruction is the text after each item in the prompt last
+  cut. The prompt is cut and positions kept exactly as for encoder-side methods.
 
 Everything is done with hooks on the model's own modules and four instance-level wrappers that
 detaching removes: ``generate`` (shorten the prompt), ``get_image_features`` /
-``get_video_features`` (the kept tokens of each item) and ``get_rope_index`` (positions of a
-shortened prompt); the positions of the tokens really kept are set in a pre-hook on the language
-model, once the tower has chosen them.
+``get_video_features`` (the kept, or reduced, tokens of each item) and ``get_rope_index``
+(positions of a shortened prompt); the positions of the tokens really kept are set in a pre-hook
+on the language model, once the tower (or the LLM-input reduction) has chosen them.
 """
 
 from __future__ import annotations
