@@ -90,7 +90,8 @@ class PackedInputSide:
         for index, (t, h, w) in enumerate(grids):
             side = (h // self.merge, w // self.merge)
             per_frame = side[0] * side[1]
-            counts = torch.bincount(rasters[index] // per_frame, minlength=t).tolist()
+            counts = [per_frame] * t if state is None else \
+                torch.bincount(rasters[index] // per_frame, minlength=t).tolist()
             start = 0
             for frame, count in enumerate(counts):
                 removed = self.removed_for(per_frame)

@@ -429,6 +429,7 @@ class QwenVLHandle(ReductionHandle):
 
     def _true_positions(self, module, args, kwargs):
         """Prefill: the kept tokens' own positions, now that the tower has chosen them."""
+        self._instruction_prompt = None  # its items are encoded by now: no later tower call may read it
         stash, self._positions = self._positions, None
         position_ids = kwargs.get("position_ids")
         if stash is None or position_ids is None:
