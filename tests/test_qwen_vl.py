@@ -379,6 +379,9 @@ def test_clear_errors(models, generation):
         logits(model, inputs)
     with pytest.raises(ValueError, match="lie within"):
         ficoco.attach(model, "ficoco-v", retain=0.5, start_layer=40)
+    # CDPruner reads the instruction after each image: the tower called on its own has none
+    with ficoco.apply(model, "cdpruner", retain=0.5), pytest.raises(ValueError, match="no instruction tokens"):
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
 
 # -- one attention call per tower block -------------------------------------------------------
