@@ -338,6 +338,34 @@ def test_zero_is_the_text_only_prompt(models, generation):
     assert torch.equal(got.sequences[:, -4:], expected.sequences[:, -4:])
 
 
+def test_encoder_then_input_reduction(models, generation):
+    """A tower reduction (ToMe to 3/4) followed by an LLM-input one (DivPrune to half of what the
+    tower hands on): each image gets both budgets, the input side picks among the tower's kept
+    groups (their raster places and sizes), batched == one by one, positions kept."""
+    from ficoco.methods import InputReduction
+    from ficoco.stages import DropCompress, NoCorrelate, TokenReduction
+    from ficoco.stages.diversity import MaxMinDiversityFilter
+
+    model = models[generation]
+    tower = ficoco.get_method("tome", retain=0.75).vision
+    method = ficoco.Method("tome+divprune", vision=tower, input=InputReduction(
+        TokenReduction(MaxMinDiversityFilter(), NoCorrelate(), DropCompress()), 0.5))
+    inputs = image_batch(generation)
+    counts = [tokens_of(grid) for grid in inputs["image_grid_thw"]]  # 48, 16, 60
+    with ficoco.apply(model, method) as handle:
+        batched = logits(model, inputs)
+        valid = output_valid(handle, inputs).clone()
+        encoder, reduced = handle.vision_trace, handle.input_trace
+        assert [k.numel() for k in encoder.kept] == [round(0.75 * n) for n in counts]
+        assert [k.numel() for k in reduced.kept] == [round(0.5 * round(0.75 * n)) for n in counts]
+        for item in range(3):  # dropped, not merged: each kept token keeps its tower size
+            size_at = dict(zip(encoder.kept[item].tolist(), encoder.sizes[item].tolist()))
+            assert [size_at[r] for r in reduced.kept[item].tolist()] == reduced.sizes[item].tolist()
+        for row in range(3):
+            single = logits(model, sample_of(inputs, row, generation))[0]
+            torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-4, atol=1e-4)
+
+
 # -- videos and several images --------------------------------------------------------------------
 
 
