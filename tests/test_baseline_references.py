@@ -74,12 +74,7 @@ def test_visionzip_equals_the_official_algorithm(seed, retain, share):
             torch.testing.assert_close(result.tokens.features[b], features, rtol=1e-5, atol=1e-5)
 
 
-def test_visionzip_refuses_qwen_and_bad_shares():
-    import ficoco
-    from ficoco.testing import tiny_qwen_vl
-
-    with pytest.raises(ValueError, match="visionzip reduces a block's output after its MLP.*Qwen-VL"):
-        ficoco.attach(tiny_qwen_vl("qwen2_vl"), "visionzip", retain=0.5)
+def test_visionzip_refuses_bad_shares():
     with pytest.raises(ValueError, match="contextual_share must lie in"):
         get_method("visionzip", contextual_share=1.0)
 

@@ -41,6 +41,7 @@ def test_presets_match_the_papers_token_counts():
     assert rows[("600", "ficoco-v")]["llm_input_visual"] == 600
     assert rows[("400", "ficoco-v")]["llm_tflops"] < rows[("600", "ficoco-v")]["llm_tflops"] < rows[("-", "vanilla")]["llm_tflops"]
     assert rows[("600", "ficoco-v")]["schedule"] == "encoder L15-31"  # full-attention blocks only
+    assert rows[("600", "pool")]["llm_input_visual"] == 600 and rows[("600", "pool")]["schedule"] == "LLM input"
     shares = CliRunner().invoke(main, ["flops", "--model", "qwen3-vl-8b", "--image-size", "640x480", "--retain",
                                        "0.5,0.25"])
     assert shares.exit_code == 0 and "640x480 px image" in shares.output
@@ -49,7 +50,7 @@ def test_presets_match_the_papers_token_counts():
 
 
 @pytest.mark.parametrize("generation", QWEN_GENERATIONS)
-@pytest.mark.parametrize("method", [None, "ficoco-v", "fastv"])
+@pytest.mark.parametrize("method", [None, "ficoco-v", "fastv", "divprune"])
 def test_calculator_matches_flops_measured_on_the_model(generation, method):
     """FlopCounterMode (math attention, so that attention matmuls count) on one image: each tower
     block, the mergers and the LLM decoder equal the calculator, up to the scoring work of a
@@ -84,7 +85,8 @@ def test_calculator_matches_flops_measured_on_the_model(generation, method):
     assert cost.llm_tflops * 1e12 <= llm <= cost.llm_tflops * 1e12 * (1 + overhead) + 1
     plan = spec.plan(budget.geometry(shape)) if spec else None
     groups = plan.vision_tokens_per_layer(with_cls=False) if plan else None
-    expected = qwen_vision_flops(shape, groups, plan.llm_input_visual if plan else None)
+    # the merger runs on every token the tower hands on, before an LLM-input reduction
+    expected = qwen_vision_flops(shape, groups, plan.llm_input_visual + plan.input_removed if plan else None)
     blocks = [sum(ops.values()) for key, ops in counts.items()
               if key.count(".") >= 2 and key.split(".")[-2] == "blocks"]
     assert len(blocks) == shape.vision.num_layers

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ficoco
 from ficoco.methods import ModelGeometry
@@ -27,6 +28,7 @@ CASES = {
     "tome": dict(retain=0.5),
     "evit": dict(retain=0.5),
     "topk": dict(retain=0.3),
+    "visionzip": dict(retain=0.5),
 }
 
 
@@ -71,6 +73,27 @@ class DenseGroupProbe:
     @property
     def cls_attention(self):
         raise ValueError("no [CLS]")
+
+
+def explicit_visionzip(probe, raster, kept, share):
+    """VisionZip on merge groups, written out: ``(kept places, {contextual place: [places merged
+    into it]})``. Dominant: the groups that receive the most attention (no [CLS]); contextual: every
+    ``step``-th of the rest walked in raster order (``raster``: each place's raster index); every
+    other group goes to the contextual group whose head- and patch-averaged key is most similar."""
+    n = probe.num_candidates
+    contextual = round(kept * share)
+    received = probe.received_attention[0].tolist()
+    top = sorted(range(n), key=lambda i: -received[i])[:kept - contextual]
+    rest = sorted((i for i in range(n) if i not in top), key=lambda i: raster[i])
+    step = max(1, len(rest) // contextual)
+    targets = rest[0::step][:contextual]
+    keys = F.normalize(probe.mean_keys[0], dim=-1)
+    assigned = {t: [] for t in targets}
+    for i in rest:
+        if i not in assigned:
+            sims = [float(keys[i] @ keys[t]) for t in targets]
+            assigned[targets[sims.index(max(sims))]].append(i)
+    return top + targets, assigned
 
 
 def _rotate(module_file, q, k, cos, sin):
@@ -132,6 +155,27 @@ def reference_image(model, method, pixel_values, grid):
             qkv = block.attn.qkv(hidden).view(x.shape[0], 3, heads, -1)
             q, k = _rotate(attn_module, qkv[:, 0], qkv[:, 1], cos, sin)
             probe = DenseGroupProbe(q, k, block.attn.scaling, group)
+            if method.vision.reduce_at == "output":  # VisionZip: the block's output, after its MLP
+                x = x + block.mlp(block.norm2(x))
+            if method.name == "visionzip":
+                places, assigned = explicit_visionzip(probe, groups, len(groups) - removed,
+                                                      method.vision.reduction.filter.contextual_share)
+                survivors = sorted(places)
+
+                def merged(rows, survivors=survivors, assigned=assigned):
+                    # [G, D'] -> the survivors', a contextual one plus the mean of what it received
+                    return torch.stack([rows[s] + rows[assigned[s]].mean(0) if assigned.get(s) else rows[s]
+                                        for s in survivors])
+
+                x = merged(x.view(len(groups), -1)).reshape(-1, x.shape[-1])
+                deepstack = [merged(d) for d in deepstack]
+                keep_rows = [s * group + kk for s in survivors for kk in range(group)]
+                cos, sin = cos[keep_rows], sin[keep_rows]
+                groups = [groups[s] for s in survivors]
+                windows = [windows[s] for s in survivors]
+                if index in deepstack_layers:
+                    deepstack.append(tower.deepstack_merger_list[deepstack_layers.index(index)](x))
+                continue
             tokens = TokenGroup(x.reshape(1, len(groups), -1), sizes, positions, side)
             result = method.vision.reduction(tokens, probe, removed)
             slots = result.kept[0].tolist() + ([int(result.new_token_slot[0])] if result.new_token_slot is not None else [])
@@ -154,7 +198,8 @@ def reference_image(model, method, pixel_values, grid):
             cos, sin = cos[keep_rows], sin[keep_rows]
             groups = [groups[s] for s in survivors]
             windows = [windows[s] for s in survivors]
-        x = x + block.mlp(block.norm2(x))
+        if not (removed and method.vision.reduce_at == "output"):
+            x = x + block.mlp(block.norm2(x))
         if index in deepstack_layers:
             deepstack.append(tower.deepstack_merger_list[deepstack_layers.index(index)](x))
     merged = tower.merger(x)
@@ -190,3 +235,79 @@ def test_hooked_tower_matches_explicit_reference(generation, name):
                 stack = stacks[layer]
                 got = stack[item] if isinstance(stack, (tuple, list)) else stack[offset:offset + features.shape[0]]
                 torch.testing.assert_close(got, features, rtol=1e-4, atol=1e-4)
+
+
+INPUT_CASES = {"pool": dict(retain=0.25), "divprune": dict(retain=0.5), "cdpruner": dict(retain=0.5)}
+
+
+def reference_input(name, share, x, grid, text, deepstack):
+    """``(kept raster indices, tokens, DeepStack features)`` of one image's merged tokens ``x``
+    (``[n, D]``, raster order, from the stock tower) under an LLM-input method, written out:
+    pooling bin by bin, DivPrune's greedy loop over Python lists, CDPruner's greedy determinant
+    maximisation with relevance to ``text`` (``[M, D]``, the instruction's input embeddings)."""
+    from .test_input_stages import explicit_bins, greedy_log_det, official_divprune
+
+    side = (grid[1] // 2, grid[2] // 2)
+    kept = max(1, round(share * x.shape[0]))
+    if name == "pool":
+        bins = explicit_bins(side, kept)
+        means = [lambda rows, cells=cells: rows[cells].mean(0) for cells in bins]
+        return ([cells[0] for cells in bins], torch.stack([m(x) for m in means]),
+                [torch.stack([m(d) for m in means]) for d in deepstack])
+    if name == "divprune":
+        chosen = official_divprune(x, kept)
+    else:
+        cos = [[F.cosine_similarity(x[i], text[m], dim=0).item() for m in range(text.shape[0])]
+               for i in range(x.shape[0])]
+        r = [-sum(c) / len(c) for c in cos]
+        r = torch.tensor([(v - min(r) + 1e-6) / (max(r) - min(r)) for v in r], dtype=torch.float64)
+        unit = F.normalize(x.double(), dim=-1)
+        chosen = sorted(greedy_log_det(r[:, None] * (unit @ unit.T) * r[None, :], kept))
+    return chosen, x[chosen], [d[chosen] for d in deepstack]
+
+
+@pytest.mark.parametrize("generation", QWEN_GENERATIONS)
+@pytest.mark.parametrize("name", sorted(INPUT_CASES))
+def test_input_reduction_matches_explicit_reference(generation, name):
+    """Two images of different grids in a left-padded batch through the hooked model: what the LLM
+    receives (its input embeddings at the kept placeholders, the DeepStack features) and the kept
+    raster places equal the explicit method on each image's stock merger output alone."""
+    from .qwen_inputs import image_batch
+
+    model = tiny_qwen_vl(generation, seed=3)
+    inputs = image_batch(generation, shapes=((8, 6), (4, 6)), seed=5)
+    received = {}
+
+    def spy(module, args, kwargs):
+        received["embeds"] = kwargs["inputs_embeds"].clone()
+        stack = kwargs.get("deepstack_visual_embeds")
+        received["deepstack"] = [] if stack is None else [d.clone() for d in stack]
+
+    with ficoco.apply(model, name, **INPUT_CASES[name]) as handle, torch.inference_mode():
+        hook = model.model.language_model.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+        trace = handle.input_trace
+        cut = handle.prepare_inputs(**image_batch(generation, shapes=((8, 6), (4, 6)), seed=5))
+    image = cut["input_ids"] == model.config.image_token_id
+    start, offset = 0, 0
+    for item, grid in enumerate(inputs["image_grid_thw"].tolist()):
+        patches = grid[0] * grid[1] * grid[2]
+        with torch.inference_mode():
+            stock = model.model.visual(inputs["pixel_values"][start:start + patches], grid_thw=torch.tensor([grid]))
+            columns = image[item].nonzero()[:, 0]
+            after = torch.arange(int(columns[-1]) + 1, image.shape[1])
+            after = after[cut["attention_mask"][item, after].bool()]  # the instruction: the text after the image
+            text = model.model.get_input_embeddings()(cut["input_ids"][item, after])
+            stack = list(getattr(stock, "deepstack_features", None) or [])
+            kept, tokens, deepstack = reference_input(name, INPUT_CASES[name]["retain"], stock.pooler_output,
+                                                      grid, text, stack)
+        start += patches
+        assert trace.kept[item].tolist() == kept, (item, trace.kept[item], kept)
+        torch.testing.assert_close(received["embeds"][item, columns], tokens, rtol=1e-5, atol=1e-5)
+        for layer, features in enumerate(deepstack):
+            torch.testing.assert_close(received["deepstack"][layer][offset:offset + len(kept)], features,
+                                       rtol=1e-5, atol=1e-5)
+        offset += len(kept)

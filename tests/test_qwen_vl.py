@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ficoco
-from ficoco.testing import QWEN_GENERATIONS, tiny_qwen_vl
+from ficoco.testing import QWEN_GENERATIONS, QWEN_TOKENS, tiny_qwen_vl
 
 from .qwen_inputs import image_batch, sample_of, tokens_of, video_and_images
 
@@ -32,8 +32,15 @@ METHODS = {
     "topk": dict(retain=0.5),
     "dart": dict(retain=0.5),
     "pdrop": dict(retain=0.25, layers=(2, 4, 6)),
+    "visionzip": dict(retain=0.5),
+    # at the LLM input, on the merger's tokens: 0.25 pools the 6x8, 4x4 and 10x6 grids into 3x4, 2x2, 5x3 bins
+    "pool": dict(retain=0.25),
+    "divprune": dict(retain=0.5),
+    "cdpruner": dict(retain=0.5),
+    "zero": dict(),
 }
-ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random", "topk")
+ENCODER = ("ficoco-v", "ficoco-v-count", "tome", "evit", "random", "topk", "visionzip")
+INPUT = ("pool", "divprune", "cdpruner", "zero")
 
 
 def build(key: str, **overrides) -> ficoco.Method:
@@ -118,7 +125,7 @@ def test_detach_restores_the_model(models, generation, key):
     torch.testing.assert_close(logits(model, inputs), vanilla, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "evit"])
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "evit", "visionzip", "pool", "divprune"])
 def test_keeping_every_token_is_vanilla(models, generation, key):
     model = models[generation]
     inputs = image_batch(generation)
@@ -169,8 +176,9 @@ def test_exact_token_counts(models, generation, key):
     with ficoco.apply(model, method, record=True) as handle:
         logits(model, inputs)
         plans = [handle.plan_for(n) for n in counts]
-        if method.vision is not None:
-            assert [k.numel() for k in handle.vision_trace.kept] == [p.llm_input_visual for p in plans]
+        if method.vision is not None or method.input is not None:
+            trace = handle.input_trace or handle.vision_trace
+            assert [k.numel() for k in trace.kept] == [p.llm_input_visual for p in plans]
             prepared = handle.prepare_inputs(**image_batch(generation))
             assert (prepared["input_ids"] == 152).sum(dim=1).tolist() == [p.llm_input_visual for p in plans]
         if method.language is not None:
@@ -178,7 +186,7 @@ def test_exact_token_counts(models, generation, key):
                                           handle.prepare_inputs(**image_batch(generation))["input_ids"].gather(
                                               1, handle.kept_index))).sum(dim=1).tolist()
             assert final == [p.llm_final_visual for p in plans]
-    share = METHODS[key]["retain"]
+    share = METHODS[key].get("retain", 0)  # zero keeps none
     expected = [min(n, share) if isinstance(share, int) else max(1, round(share * n)) for n in counts]
     assert [p.llm_final_visual for p in plans] == expected
 
@@ -200,10 +208,12 @@ class PositionSpy:
         self.handle.remove()
 
 
-@pytest.mark.parametrize("key", ["ficoco-v", "tome", "evit", "random", "ficoco-vl"])
+@pytest.mark.parametrize("key", ["ficoco-v", "tome", "evit", "random", "ficoco-vl", "visionzip", "pool", "divprune",
+                                 "cdpruner"])
 def test_kept_tokens_keep_their_m_rope_positions(models, generation, key):
     """Every token the LLM receives sits at the (temporal, height, width) position it had in the
-    full prompt, the text after the image too; decoding continues where the full prompt would."""
+    full prompt, the text after the image too (a pooled bin: its top-left token's); decoding
+    continues where the full prompt would."""
     model = models[generation]
     inputs = image_batch(generation, side="right")
     PositionSpy.seen = []
@@ -219,7 +229,7 @@ def test_kept_tokens_keep_their_m_rope_positions(models, generation, key):
             logits(model, inputs)
         finally:
             spy.remove()
-        trace = handle.vision_trace
+        trace = handle.input_trace or handle.vision_trace
         prepared = handle.prepare_inputs(**image_batch(generation, side="right"))
     reduced_deltas = model.model.rope_deltas.clone()
     full, cut = spy.seen
@@ -284,10 +294,82 @@ def test_generate_equals_manual_prefill_and_decode(models, generation, key):
     assert torch.equal(gen.sequences[:, -4:], tokens)
 
 
+def _text_only(inputs: dict) -> dict:
+    """The prompt without its visual placeholders or pixels, re-padded on its own side."""
+    from ficoco.adapters.inputs import cut_tokens
+
+    ids = inputs["input_ids"]
+    keep = (ids != QWEN_TOKENS["image"]) & (ids != QWEN_TOKENS["video"])
+    new_ids, cut = cut_tokens(ids, {k: inputs[k] for k in ("attention_mask", "mm_token_type_ids")}, keep,
+                              pad_token_id=QWEN_TOKENS["pad"])
+    return {"input_ids": new_ids, **cut}
+
+
+def test_zero_is_the_text_only_prompt(models, generation):
+    """``zero`` gives what the model gives the prompt without its image: the text left is numbered
+    as the model numbers a text-only prompt (0, 1, 2, ... over each row's real tokens, no gap where
+    the image was; rope_deltas 0), in a forward pass (right padding: the stock text-only forward
+    numbers padding too) and in generation (left padding)."""
+    model = models[generation]
+    inputs = image_batch(generation, side="right")
+    text = _text_only(inputs)
+    alone = logits(model, text)
+    PositionSpy.seen = []
+    with ficoco.apply(model, "zero") as handle:
+        spy = PositionSpy(model)
+        try:
+            reduced = logits(model, inputs)
+        finally:
+            spy.remove()
+        assert torch.equal(handle.prepare_inputs(**image_batch(generation, side="right"))["input_ids"],
+                           text["input_ids"])
+        assert not model.model.rope_deltas.any()
+    mask = text["attention_mask"].bool()
+    numbered = (text["attention_mask"].cumsum(1) - 1).masked_fill(~mask, 0)
+    assert torch.equal(PositionSpy.seen[0], numbered.expand(3, -1, -1))
+    torch.testing.assert_close(reduced[mask], alone[mask], rtol=1e-5, atol=1e-5)
+    inputs, text = image_batch(generation, side="left"), _text_only(image_batch(generation, side="left"))
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.inference_mode():
+        expected = model.generate(**text, **options)
+        with ficoco.apply(model, "zero"):
+            got = model.generate(**inputs, **options)
+    torch.testing.assert_close(torch.stack(got.logits, 1), torch.stack(expected.logits, 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.sequences[:, -4:], expected.sequences[:, -4:])
+
+
+def test_encoder_then_input_reduction(models, generation):
+    """A tower reduction (ToMe to 3/4) followed by an LLM-input one (DivPrune to half of what the
+    tower hands on): each image gets both budgets, the input side picks among the tower's kept
+    groups (their raster places and sizes), batched == one by one, positions kept."""
+    from ficoco.methods import InputReduction
+    from ficoco.stages import DropCompress, NoCorrelate, TokenReduction
+    from ficoco.stages.diversity import MaxMinDiversityFilter
+
+    model = models[generation]
+    tower = ficoco.get_method("tome", retain=0.75).vision
+    method = ficoco.Method("tome+divprune", vision=tower, input=InputReduction(
+        TokenReduction(MaxMinDiversityFilter(), NoCorrelate(), DropCompress()), 0.5))
+    inputs = image_batch(generation)
+    counts = [tokens_of(grid) for grid in inputs["image_grid_thw"]]  # 48, 16, 60
+    with ficoco.apply(model, method) as handle:
+        batched = logits(model, inputs)
+        valid = output_valid(handle, inputs).clone()
+        encoder, reduced = handle.vision_trace, handle.input_trace
+        assert [k.numel() for k in encoder.kept] == [round(0.75 * n) for n in counts]
+        assert [k.numel() for k in reduced.kept] == [round(0.5 * round(0.75 * n)) for n in counts]
+        for item in range(3):  # dropped, not merged: each kept token keeps its tower size
+            size_at = dict(zip(encoder.kept[item].tolist(), encoder.sizes[item].tolist()))
+            assert [size_at[r] for r in reduced.kept[item].tolist()] == reduced.sizes[item].tolist()
+        for row in range(3):
+            single = logits(model, sample_of(inputs, row, generation))[0]
+            torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-4, atol=1e-4)
+
+
 # -- videos and several images --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "tome", "fastv"])
+@pytest.mark.parametrize("key", ["ficoco-v", "ficoco-l", "ficoco-vl", "tome", "fastv", "visionzip", "pool", "cdpruner"])
 def test_videos_and_several_images_per_prompt(models, generation, key):
     """A video (two temporal patches, reduced frame by frame) and an image in one sample, two
     images in the other: batched == one by one, and every frame keeps its share."""
@@ -297,8 +379,8 @@ def test_videos_and_several_images_per_prompt(models, generation, key):
     with ficoco.apply(model, method, record=True) as handle:
         batched = logits(model, inputs)
         valid = output_valid(handle, inputs).clone()
-        if method.vision is not None:
-            video_tokens = handle.vision_trace.kept  # the last tower call: the video
+        if method.vision is not None or method.input is not None:
+            video_tokens = (handle.input_trace or handle.vision_trace).kept  # the last tower call: the video
             assert video_tokens[0].numel() == 2 * handle.plan_for(24).llm_input_visual  # 2 frames of 4x6 tokens
         first = {k: v for k, v in inputs.items() if k not in ("image_grid_thw", "pixel_values")}
         first = {k: v[:1] if k in ("input_ids", "mm_token_type_ids", "attention_mask") else v for k, v in first.items()}
@@ -325,12 +407,15 @@ def test_clear_errors(models, generation):
         logits(model, inputs)
     with pytest.raises(ValueError, match="lie within"):
         ficoco.attach(model, "ficoco-v", retain=0.5, start_layer=40)
+    # CDPruner reads the instruction after each image: the tower called on its own has none
+    with ficoco.apply(model, "cdpruner", retain=0.5), pytest.raises(ValueError, match="no instruction tokens"):
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
 
 # -- one attention call per tower block -------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl"])
+@pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl", "visionzip"])
 def test_one_call_vision_attention_equals_the_stock_path(models, generation, key):
     """The tower's attention in one call per block (all images, all windows) gives the stock
     per-segment loop's outputs, with or without a reduction attached, and switches back."""

@@ -133,7 +133,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     from .measure.qwen import QwenVLShape
 
     # the LLM-input methods (pool, divprune, cdpruner; topk at the feature layer) all run the whole
-    # tower and feed the LLM `retain` tokens: one row stands for them (LLaVA-1.5 only)
+    # tower and feed the LLM `retain` tokens: one row stands for them
     input_rows = ("pool",)
 
     shape = _shape(model, image_size)
@@ -161,7 +161,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                     rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
         for retain in _budgets(retains):
-            for name in ENCODER_METHODS[:1] + (() if qwen else input_rows) + DECODER_METHODS + LATER_DECODER_METHODS:
+            for name in ENCODER_METHODS[:1] + input_rows + DECODER_METHODS + LATER_DECODER_METHODS:
                 method = get_method(name, retain=retain)
                 rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
                              budget.describe_schedule(method, geometry)))
@@ -174,8 +174,8 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image{image}, "
                f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget"
-               + ("" if qwen or targets else "; pool's row is every method that prunes at the LLM input (topk, pool, "
-                                              "divprune, cdpruner: the whole tower runs)"))
+               + ("" if targets else "; pool's row is every method that prunes at the LLM input (topk, pool, "
+                                     "divprune, cdpruner: the whole tower runs)"))
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \
              f"{'vision TFLOPs':>13} {'KV MB':>8}  schedule"
     click.echo(header)

@@ -42,7 +42,7 @@ class ReductionHandle:
         self.model, self.core, self.outer, self.method, self.record = model, core, outer, method, record
         self.hooks = HookSet()
         self.vision = None
-        self.input = None  # an InputSide, for methods that reduce the projected tokens
+        self.input = None  # an InputSide (PackedInputSide on Qwen-VL), for methods that reduce the projected tokens
         self.language: LanguageSide | None = None
         self._stashed_labels: Tensor | None = None
         self._signatures = {id(m): inspect.signature(type(m).forward) for m in (core, outer) if m is not None}

@@ -18,6 +18,8 @@ Hooks, all on the tower's own modules and removed on detach:
 - ``attn.qkv`` forward hooks of reducing blocks keep that block's queries and keys;
 - a pre-hook on a reducing block's ``norm2`` reduces the residual stream after attention (images
   with the same grid and budget at once), a forward hook on the block keeps the surviving rows;
+  with ``reduce_at="output"`` (VisionZip) one forward hook on the block reduces its output, after
+  the MLP, and keeps the surviving rows;
 - pre-hooks on the blocks after the first reduction hand them ``cu_seqlens`` (per image, or per
   window), ``max_seqlen`` and the rotary tables of the surviving rows;
 - a forward hook on the merger writes each surviving token at its place among the image's full
@@ -153,8 +155,12 @@ class PackedVisionSide:
                 hooks.pre(block, self._block_inputs(index), with_kwargs=True)
             if index in self.blocks:
                 hooks.post(block.attn.qkv, self._keep_qkv)
-                hooks.pre(block.norm2, self._reducer(index, block.attn))
-                hooks.post(block, self._drop_rows, prepend=True)
+                reduce = self._reducer(index, block.attn)
+                if self.stage.reduce_at == "output":
+                    hooks.post(block, self._on_output(reduce), prepend=True)
+                else:
+                    hooks.pre(block.norm2, reduce)
+                    hooks.post(block, self._drop_rows, prepend=True)
         for merger in getattr(self.tower, "deepstack_merger_list", ()):
             hooks.post(merger, self._keep_deepstack)
         hooks.post(self.tower.merger, self._scatter_merged)
@@ -351,6 +357,19 @@ class PackedVisionSide:
             updated = features.clone()
             updated[chosen.flatten()] = merged.reshape(-1, features.shape[-1]).to(features.dtype)
             self.deepstack[i] = updated
+
+    def _on_output(self, reduce):
+        """A forward hook that runs ``reduce`` on the block's output ``[S, D]`` (after its MLP:
+        ``reduce_at="output"``, VisionZip's place) and keeps the surviving rows."""
+
+        def reduce_output(module, args, output):
+            if self.groups is None:
+                return None
+            hidden = output.clone()  # merged features are written in place; the caller's tensor stays
+            reduce(None, (hidden,))
+            return self._drop_rows(module, args, hidden)
+
+        return reduce_output
 
     def _drop_rows(self, module, args, output):
         keep, self.pending_keep = self.pending_keep, None

@@ -13,13 +13,18 @@ What this family is to ficoco:
 - **visual tokens in the prompt**: runs of ``image_token_id`` / ``video_token_id``, one per LLM
   token, cut to the kept count of each item before the model runs;
 - **positions**: M-RoPE. Kept tokens keep their original (temporal, height, width) positions in
-  prefill, and decoding continues where the full prompt would (``rope_deltas``).
+  prefill, and decoding continues where the full prompt would (``rope_deltas``). With no visual
+  token left at all (the ``zero`` control) the text is numbered as a text-only prompt instead;
+- **LLM input**: methods on the projected tokens (pool, DivPrune, CDPruner, zero) reduce the
+  merger's output frame by frame inside the feature wrappers (:mod:`.packed_input`), after any
+  encoder-side reduction; CDPruner's instruction is the text after each item in the prompt last
+  cut. The prompt is cut and positions kept exactly as for encoder-side methods.
 
 Everything is done with hooks on the model's own modules and four instance-level wrappers that
 detaching removes: ``generate`` (shorten the prompt), ``get_image_features`` /
-``get_video_features`` (the kept tokens of each item) and ``get_rope_index`` (positions of a
-shortened prompt); the positions of the tokens really kept are set in a pre-hook on the language
-model, once the tower has chosen them.
+``get_video_features`` (the kept, or reduced, tokens of each item) and ``get_rope_index``
+(positions of a shortened prompt); the positions of the tokens really kept are set in a pre-hook
+on the language model, once the tower (or the LLM-input reduction) has chosen them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..methods import Method, ModelGeometry, ResolvedPlan
 from .handle import ReductionHandle
 from .inputs import cut_tokens, run_keep_mask
 from .language import LanguageSide
+from .packed_input import PackedInputSide
 from .packed_vision import PackedVisionSide, frame_sizes
 
 _PER_TOKEN_INPUTS = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
@@ -57,12 +63,6 @@ class QwenVLHandle(ReductionHandle):
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         core, outer = _qwen_parts(model)
-        if method.vision is not None and method.vision.reduce_at != "attention":
-            raise ValueError(f"{method.name} reduces a block's output after its MLP, which ficoco's Qwen-VL tower "
-                             f"adapter does not do (it reduces between attention and MLP)")
-        if method.input is not None:
-            raise ValueError(f"{method.name} reduces the projected tokens at the LLM input, which ficoco implements "
-                             f"for LLaVA-1.5 only so far, not for Qwen-VL's packed merger output")
         super().__init__(model, core, outer, method.without_cls(), record=record)
         tower, config = core.visual, core.config
         self.tower, self.config = tower, config
@@ -82,6 +82,7 @@ class QwenVLHandle(ReductionHandle):
         self._traces: dict = {}  # placeholder token -> PackedTrace of the tower call that encoded those items
         self._encoding = False
         self._prompt = None
+        self._instruction_prompt = None  # the cut prompt whose items the LLM-input reduction is about to see
         self._positions = None
         self._attach()
 
@@ -99,11 +100,15 @@ class QwenVLHandle(ReductionHandle):
             self.vision = PackedVisionSide(self.tower, method.vision, lambda n: self.plan_for(n).vision,
                                            blocks=self.vision_blocks, full_attention=self.full_attention,
                                            record=self.record)
+            self.vision.install(self.hooks)
+        if method.input is not None:
+            self.input = PackedInputSide(method.input, lambda n: self.plan_for(n).input_removed, merge=self.merge,
+                                         record=self.record)
+        if self._cuts:
             self.hooks.pre(core, self._rewrite_model_inputs, with_kwargs=True)
             if outer is not None:
                 self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
                 self._wrap_generate(outer)
-            self.vision.install(self.hooks)
             self._wrap(core, "get_rope_index", self._rope_index_of_cut_prompt)
             self.hooks.pre(core.language_model, self._true_positions, with_kwargs=True)
         for token, name in zip(self.visual_ids, ("get_image_features", "get_video_features")):
@@ -118,6 +123,12 @@ class QwenVLHandle(ReductionHandle):
             self._install_loss_hooks()
             if self.deepstack and hasattr(core.language_model, "_deepstack_process"):
                 self._wrap(core.language_model, "_deepstack_process", self._reduced_deepstack)
+
+    @property
+    def _cuts(self) -> bool:
+        """Whether the LLM gets fewer visual tokens than the processor wrote placeholders for (an
+        encoder-side or LLM-input reduction), so the prompt is cut and positions rebuilt."""
+        return self.vision is not None or self.input is not None
 
     # -- budgets --------------------------------------------------------------------------------
 
@@ -137,10 +148,17 @@ class QwenVLHandle(ReductionHandle):
 
     def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:
         input_ids = inputs.get("input_ids")
-        if input_ids is None or self.vision is None:
+        if input_ids is None or not self._cuts:
             return inputs
         if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
             return inputs
+        inputs = self._cut(inputs, input_ids, default_side)
+        if self.input is not None:
+            self._instruction_prompt = (inputs["input_ids"], inputs.get("attention_mask"), self._items(inputs))
+        return inputs
+
+    def _cut(self, inputs: dict, input_ids: Tensor, default_side: str) -> dict:
+        """``inputs`` with each frame's placeholder run cut to its kept count."""
         keep = None
         for token, segments in self._segments(self._items(inputs)).items():
             if not segments:
@@ -153,7 +171,7 @@ class QwenVLHandle(ReductionHandle):
         if keep is None or bool(keep.all()):
             return inputs  # nothing to cut, or cut already (generate's prefill)
         if isinstance(inputs.get("position_ids"), Tensor):
-            raise ValueError("encoder-side reduction computes the M-RoPE positions of the kept tokens itself; "
+            raise ValueError("a reduction before the LLM computes the M-RoPE positions of the kept tokens itself; "
                              "leave position_ids out")
         per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
                      and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
@@ -185,14 +203,95 @@ class QwenVLHandle(ReductionHandle):
                     out = original(*args, **kwargs)
                 finally:
                     self._encoding = False
-                if self.vision is None:
+                if not self._cuts:
                     return out
-                self._traces[token] = self.vision.last
-                return self._kept(out)
+                trace = None
+                if self.vision is not None:
+                    trace = self.vision.last
+                    out = self._kept(out)
+                if self.input is not None and grids is not None:
+                    call = [tuple(int(x) for x in row) for row in grids.tolist()]
+                    out = self._input_reduced(out, token, call, trace)
+                    trace = self.input.last
+                self._traces[token] = trace
+                return out
 
             return features
 
         return make
+
+    def _input_reduced(self, out, token: int, grids: list[tuple[int, int, int]], state):
+        """A tower output (after any encoder-side cut) with each item's tokens reduced by the
+        LLM-input reduction, DeepStack features alike."""
+        pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
+        counts = [int(k.numel()) for k in state.kept] if state is not None else \
+            [t * (h // self.merge) * (w // self.merge) for t, h, w in grids]
+
+        def items(x):  # one tensor over every item, or one per item (split by the model)
+            return list(x) if isinstance(x, (tuple, list)) else list(torch.split(x, counts))
+
+        def like(x, parts):
+            return tuple(parts) if isinstance(x, (tuple, list)) else torch.cat(parts)
+
+        stack = getattr(out, "deepstack_features", None)
+        kept, kept_stack = self.input.reduce(items(pooled), grids, state, self._instruction(token, grids),
+                                             [items(x) for x in stack] if stack is not None else [])
+        if stack is not None:
+            stack[:] = [like(x, parts) for x, parts in zip(stack, kept_stack)]
+        if hasattr(out, "pooler_output"):
+            out.pooler_output = like(pooled, kept)
+            return out
+        return (out[0], like(pooled, kept), *out[2:])
+
+    def _instruction(self, token: int, grids: list[tuple[int, int, int]]):
+        """``instruction(items)`` for the LLM-input reduction: the input embeddings ``[F, M, D]``
+        (and ``valid [F, M]``) of the text after each item in the last prompt seen, up to the next
+        visual item or the prompt's end (for a video, after its last frame); ``None`` when that
+        prompt does not hold these items (``get_image_features`` called on its own)."""
+        if self._instruction_prompt is None:
+            return None
+        input_ids, mask, prompt_items = self._instruction_prompt
+        if prompt_items.get(token) != grids:
+            return None
+        embed = self.core.get_input_embeddings()
+        found: dict[int, list[tuple[int, list[int]]]] = {}  # filled on first use: only some stages read text
+
+        def instruction(items: list[int]) -> tuple[Tensor, Tensor]:
+            if not found:
+                found.update(self._instruction_columns(input_ids, mask, prompt_items))
+            columns = found[token]
+            width = max(len(columns[i][1]) for i in items)
+            rows = torch.zeros(len(items), width, dtype=torch.long, device=input_ids.device)
+            valid = torch.zeros(len(items), width, dtype=torch.bool, device=input_ids.device)
+            samples = torch.tensor([columns[i][0] for i in items], device=input_ids.device)
+            for row, i in enumerate(items):
+                rows[row, :len(columns[i][1])] = torch.tensor(columns[i][1], dtype=torch.long)
+                valid[row, :len(columns[i][1])] = True
+            with torch.no_grad():
+                text = embed(input_ids[samples[:, None], rows])  # [F, M, D]
+            return text, valid
+
+        return instruction
+
+    def _instruction_columns(self, input_ids: Tensor, attention_mask: Tensor | None,
+                             grids: dict[int, list[tuple[int, int, int]]]) -> dict[int, list[tuple[int, list[int]]]]:
+        """Per placeholder token, per item: ``(sample row, columns)`` of the real text after the
+        item's last frame in the cut prompt, up to the next visual frame or the prompt's end."""
+        segments = self._segments(grids)
+        counters = {token: 0 for token in segments}
+        out = {token: [(0, []) for _ in items] for token, items in grids.items()}
+        mask_rows = attention_mask.tolist() if attention_mask is not None else None
+        for row, ids in enumerate(input_ids.tolist()):
+            current = None  # (token, item) whose instruction the text read now belongs to
+            for start, end, token, segment in self._walk(ids, segments, counters, cut=True):
+                if segment is not None:  # a frame: the text after it (so far none) is its item's
+                    current = (token, segment[0])
+                    out[token][segment[0]] = (row, [])
+                elif current is not None:
+                    real = range(start, end) if mask_rows is None else \
+                        [c for c in range(start, end) if mask_rows[row][c]]
+                    out[current[0]][current[1]][1].extend(real)
+        return out
 
     def _kept(self, out):
         """A tower output with each item's kept tokens only (and DeepStack features alike)."""
@@ -306,6 +405,10 @@ class QwenVLHandle(ReductionHandle):
             found = int(sum((input_ids == token).sum() for token in grids))
             if full_count == found:
                 return original(*args, **kwargs)
+            if found == 0:
+                # nothing visual is left (the zero control): the prompt is text, numbered as the model
+                # numbers a text-only prompt (0, 1, 2, ... over each row's real tokens; rope_deltas 0)
+                return original(*args, **kwargs)
             mm_types, mask = values.get("mm_token_type_ids"), values.get("attention_mask")
             ids, types, full_mask, columns = self._expand(input_ids, mm_types, mask, grids, None)
             values.update(input_ids=ids, mm_token_type_ids=types, attention_mask=full_mask)
@@ -326,6 +429,7 @@ class QwenVLHandle(ReductionHandle):
 
     def _true_positions(self, module, args, kwargs):
         """Prefill: the kept tokens' own positions, now that the tower has chosen them."""
+        self._instruction_prompt = None  # its items are encoded by now: no later tower call may read it
         stash, self._positions = self._positions, None
         position_ids = kwargs.get("position_ids")
         if stash is None or position_ids is None:
@@ -367,7 +471,7 @@ class QwenVLHandle(ReductionHandle):
                              "(image_grid_thw / video_grid_thw) in the prefill call")
         input_ids, grids = self._prompt
         segments = self._segments(grids)
-        if self.vision is None:  # nothing was cut: frames hold all their tokens
+        if not self._cuts:  # nothing was cut: frames hold all their tokens
             segments = {token: [(i, f, n, n) for i, f, n, _ in s] for token, s in segments.items()}
         counters = {token: 0 for token in segments}
         runs = []
@@ -401,7 +505,7 @@ class QwenVLHandle(ReductionHandle):
             for token, item, frame, tokens in sample:
                 t, h, w = grids[token][item]
                 per_frame = (h // self.merge) * (w // self.merge)
-                trace = self._traces.get(token) if self.vision is not None else None
+                trace = self._traces.get(token) if self._cuts else None
                 if trace is not None and trace.grids == grids[token]:
                     index = item
                     raster = trace.kept[index]

@@ -39,7 +39,7 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
     "topk": (topk, "TopK: keep the patches [CLS] attends to most at the feature layer (encoder); without [CLS] "
                    "the attention they receive"),
     "visionzip": (visionzip, "VisionZip: dominant tokens by [CLS] attention + merged contextual tokens (encoder "
-                             "output at the feature layer; LLaVA-1.5)"),
+                             "output at the feature layer); without [CLS] the attention they receive"),
     "dart": (dart, "DART: keep pivot tokens and the tokens they duplicate least, before LLM layer K (K = 2)"),
     "pdrop": (pdrop, "PyramidDrop: staged drops by the last token's attention before LLM layers 8/16/24, each stage "
                      "keeping the same share"),

@@ -126,7 +126,8 @@ def visionzip(retain: int | None = 64, *, contextual_share: float = 10 / 64, lay
     most and merge the rest into a few *contextual* tokens (strided picks among them, each other
     token going to the one whose head-averaged key is most similar, added as a plain mean), on the
     layer's output as the official code does (``reduce_at="output"``). ``contextual_share`` of the
-    ``retain`` tokens are contextual (the official 10 of 64)."""
+    ``retain`` tokens are contextual (the official 10 of 64). Without [CLS] (Qwen-VL: the last
+    block's output, merge groups as tokens) the attention each token receives ranks them."""
     reduction = TokenReduction(DominantContextualFilter(contextual_share), ArgmaxSimilarityCorrelate(),
                                AddMeanCompress())
     return Method("visionzip", vision=VisionReduction(reduction, retain, layer, layer, reduce_at="output"),

@@ -20,7 +20,8 @@ def _retain(retain, name: str):
 def pool(retain: int | float = 144) -> Method:
     """Spatial average pooling of the projected tokens into ``retain`` bins (2x2 on LLaVA-1.5's
     24x24 grid gives 144; 192 = 16x12 and 128 = 16x8 bins of alternating sizes;
-    :mod:`ficoco.stages.pooling`), after the projector as LLaVA-NeXT pools."""
+    :mod:`ficoco.stages.pooling`), after the projector as LLaVA-NeXT pools. On Qwen-VL each
+    frame's grid of merged tokens is pooled on its own, a bin at its top-left token's M-RoPE position."""
     reduction = TokenReduction(GridPartitionFilter(), GridPartitionCorrelate(), AveragingCompress())
     return Method("pool", input=InputReduction(reduction, _retain(retain, "pool")),
                   description="spatial average pooling of the projected visual tokens")
@@ -43,6 +44,7 @@ def cdpruner(retain: int | float = 192, *, theta: float | None = None) -> Method
 
 
 def zero() -> Method:
-    """The text-only floor: the LLM gets no visual token at all (the image placeholders are cut)."""
+    """The text-only floor: the LLM gets no visual token at all (the image placeholders are cut; on
+    Qwen-VL the text left is numbered as a text-only prompt)."""
     reduction = TokenReduction(TruncateFilter(), NoCorrelate(), DropCompress())
     return Method("zero", input=InputReduction(reduction, 0), description="no visual tokens (a floor)")

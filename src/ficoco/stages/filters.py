@@ -381,7 +381,10 @@ class DominantContextualFilter(Filter):
         dominant = kept - contextual
         s = self.scores(tokens, probe)
         top = (-s).topk(dominant, dim=1, sorted=False).indices
-        rest = complement(top, n)  # [B, N - dominant] ascending: the remaining tokens in raster order
+        rest = complement(top, n)  # [B, N - dominant] the remaining tokens in sequence order
+        # strided picks walk the grid in raster order, which the sequence need not follow (Qwen2.5-VL's
+        # tower holds its tokens window by window); on a raster-ordered sequence this is the identity
+        rest = rest.gather(1, tokens.positions.gather(1, rest).argsort(dim=1, stable=True))
         step = max(1, rest.shape[1] // contextual) if contextual else 1
         at = torch.arange(contextual, device=rest.device) * step
         targets_ctx = rest[:, at]
