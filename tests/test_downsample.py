@@ -190,3 +190,245 @@ def test_llava_flops_count_the_smaller_tower():
     assert down.vision_tflops == pytest.approx(expected) and down.vision_tflops < vanilla.vision_tflops / 3.9
     assert budget.method_cost(shape, ficoco.get_method("downsample", retain=576)) == \
         budget.MethodCost(**{**vanilla.as_dict(), "method": "downsample"})
+
+
+# -- Qwen-VL ------------------------------------------------------------------------------------------
+
+QWEN_SHARE = 0.5
+#: the test images' merge grids (rows, cols) and the grids 0.5 of their tokens gives (by hand:
+#: each side x sqrt(0.5) rounded either way, the most tokens within the budget): 48 -> 24, 16 -> 6, 60 -> 28
+QWEN_SMALLER = {(6, 8): (4, 6), (4, 4): (3, 2), (10, 6): (7, 4)}
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def generation(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def qwen_models():
+    from ficoco.testing import QWEN_GENERATIONS, tiny_qwen_vl
+
+    return {name: {attn: tiny_qwen_vl(name, seed=0, attn_implementation=attn) for attn in ("sdpa", "eager")}
+            for name in QWEN_GENERATIONS}
+
+
+def qwen_slow_inputs(generation: str, image, grid: tuple[int, int], before: list[int], after: list[int],
+                     image_token: int) -> dict:
+    """One prompt ``before + placeholders + after`` with ``image`` resized to ``grid`` merge groups,
+    written out: the image normalised as the processor does, resized (bicubic, antialiased), each
+    patch copied out of it in the processor's order (merge group by merge group, ``T`` copies of
+    each patch) by a Python loop."""
+    from ficoco.testing import qwen_image_processor, qwen_patch_size
+
+    from .qwen_inputs import batch
+
+    processor = qwen_image_processor(generation)
+    patch, merge, temporal = qwen_patch_size(generation), 2, 2
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    mean, std = np.array(processor.image_mean), np.array(processor.image_std)
+    pixels = torch.from_numpy(((array - mean) / std).astype(np.float32)).permute(2, 0, 1)
+    rows, cols = grid
+    small = torch.nn.functional.interpolate(pixels[None], size=(rows * merge * patch, cols * merge * patch),
+                                            mode="bicubic", antialias=True, align_corners=False)[0]
+    patches = []
+    for i in range(rows):
+        for j in range(cols):
+            for a in range(merge):
+                for b in range(merge):
+                    y, x = (i * merge + a) * patch, (j * merge + b) * patch
+                    one = small[:, y:y + patch, x:x + patch]
+                    patches.append(torch.stack([one] * temporal, dim=1).reshape(-1))
+    ids = [*before, *[image_token] * (rows * cols), *after]
+    types = [0] * len(before) + [1] * (rows * cols) + [0] * len(after)
+    return {**batch([(ids, types)]), "pixel_values": torch.stack(patches),
+            "image_grid_thw": torch.tensor([[1, rows * merge, cols * merge]])}
+
+
+def test_qwen_is_the_vanilla_model_on_a_smaller_image(qwen_models, generation):
+    """Each sample of a padded batch of three sizes answers as the vanilla model given its image
+    resized by hand to the smaller grid (:func:`qwen_slow_inputs`): the same logits, so the same
+    M-RoPE positions of a genuinely smaller image."""
+    from .qwen_inputs import SHAPES, image_batch, images_for
+
+    model = qwen_models[generation]["sdpa"]
+    inputs = image_batch(generation)
+    with ficoco.apply(model, "downsample", retain=QWEN_SHARE) as handle:
+        batched = logits(model, inputs)
+        valid = handle.prepare_inputs(**image_batch(generation))["attention_mask"].bool()
+    image_token = model.config.image_token_id
+    for row, (image, (w, h)) in enumerate(zip(images_for(generation), SHAPES)):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+        first, last = ids.index(image_token), len(ids) - ids[::-1].index(image_token)
+        slow = qwen_slow_inputs(generation, image, QWEN_SMALLER[(h, w)], ids[:first], ids[last:], image_token)
+        expected = logits(model, slow)[0]
+        torch.testing.assert_close(batched[row][valid[row]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen_resize_is_the_image_processor_at_the_smaller_size(generation):
+    """The handle's patches of the smaller image equal the processor's patches of the image resized
+    (PIL, bicubic) to that size, up to their rounding to 8 bits."""
+    from PIL import Image
+
+    from ficoco.adapters.qwen_resolution import patchify, unpatchify
+    from ficoco.testing import qwen_image_processor, qwen_patch_size
+
+    processor = qwen_image_processor(generation)
+    patch = qwen_patch_size(generation)
+    unit = 2 * patch
+    y, x = np.mgrid[0:6 * unit, 0:10 * unit] / (10 * unit)
+    field = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), np.sin(4 * (x + y))], -1) * 110 + 128
+    image = Image.fromarray(field.astype("uint8"))
+    full = processor(images=[image], return_tensors="pt")
+    grid = tuple(int(v) for v in full["image_grid_thw"][0])
+    layout = dict(channels=3, temporal=2, patch=patch, merge=2)
+    assert torch.equal(patchify(unpatchify(full["pixel_values"], grid, **layout), patch=patch, merge=2),
+                       full["pixel_values"])
+    rows, cols = 4, 7
+    ours = patchify(resize_images(unpatchify(full["pixel_values"], grid, **layout), (rows * unit, cols * unit)),
+                    patch=patch, merge=2)
+    by_pil = processor(images=[image.resize((cols * unit, rows * unit), Image.Resampling.BICUBIC)],
+                       return_tensors="pt")
+    assert by_pil["image_grid_thw"][0].tolist() == [1, 2 * rows, 2 * cols]
+    assert float((ours - by_pil["pixel_values"]).abs().max()) < 1.5 / 255 / min(processor.image_std)
+
+
+def qwen_valid(handle, inputs):
+    return handle.prepare_inputs(**inputs)["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_qwen_batched_equals_one_by_one(qwen_models, generation, side):
+    from .qwen_inputs import image_batch, sample_of
+
+    model = qwen_models[generation]["sdpa"]
+    inputs = image_batch(generation, side=side)
+    with ficoco.apply(model, "downsample", retain=QWEN_SHARE) as handle:
+        batched = logits(model, inputs)
+        valid = qwen_valid(handle, image_batch(generation, side=side))
+        for row in range(3):
+            single = logits(model, sample_of(inputs, row, generation))[0]
+            torch.testing.assert_close(batched[row][valid[row]], single, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen_eager_equals_sdpa(qwen_models, generation):
+    from .qwen_inputs import image_batch
+
+    outputs = {}
+    for attn, model in qwen_models[generation].items():
+        with ficoco.apply(model, "downsample", retain=QWEN_SHARE) as handle:
+            outputs[attn] = logits(model, image_batch(generation))
+            valid = qwen_valid(handle, image_batch(generation))
+    torch.testing.assert_close(outputs["sdpa"][valid], outputs["eager"][valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("retain", [QWEN_SHARE, 8, 1.0])
+def test_qwen_counts_detach_and_full_budget(qwen_models, generation, retain):
+    """Each image gets its smaller grid's tokens, at most the budget (a share of its own tokens or a
+    count); the caller's inputs are untouched; the whole budget is the vanilla model; detaching
+    restores the model."""
+    from .qwen_inputs import image_batch, tokens_of
+
+    model = qwen_models[generation]["sdpa"]
+    inputs = image_batch(generation)
+    vanilla = logits(model, inputs)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    counts = [tokens_of(g) for g in inputs["image_grid_thw"]]  # 48, 16, 60
+    with ficoco.apply(model, "downsample", retain=retain) as handle:
+        reduced = logits(model, inputs)
+        prepared = handle.prepare_inputs(**image_batch(generation))
+    found = (prepared["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    grids = [(int(h) // 2, int(w) // 2) for _, h, w in image_batch(generation)["image_grid_thw"]]
+    budgets = [min(n, retain) if isinstance(retain, int) else max(1, round(retain * n)) for n in counts]
+    assert found == [handle.kept_tokens((1, 2 * r, 2 * c)) for r, c in grids]
+    assert all(f <= b for f, b in zip(found, budgets))
+    assert [tuple(g) for g in prepared["image_grid_thw"].tolist()] == \
+        [(1, *(2 * s for s in grid_within(grid, budget))) for grid, budget in zip(grids, budgets)]
+    if retain == QWEN_SHARE:
+        assert [tuple(v) for v in prepared["image_grid_thw"][:, 1:].div(2).long().tolist()] == \
+            [QWEN_SMALLER[g] for g in grids]
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == sum(counts)  # caller's inputs kept
+    if retain == 1.0:
+        torch.testing.assert_close(reduced, vanilla, rtol=0, atol=0)
+    else:
+        assert reduced.shape[1] < vanilla.shape[1]
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert "generate" not in vars(model)
+    torch.testing.assert_close(logits(model, inputs), vanilla, rtol=0, atol=0)
+
+
+def test_qwen_generate_equals_manual_prefill_and_decode(qwen_models, generation):
+    from .qwen_inputs import image_batch
+
+    model = qwen_models[generation]["sdpa"]
+    cache_name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with ficoco.apply(model, "downsample", retain=QWEN_SHARE) as handle, torch.inference_mode():
+        gen = model.generate(**image_batch(generation), max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        prepared = handle.prepare_inputs(**image_batch(generation))
+        mask = prepared["attention_mask"]
+        out = model(**prepared, use_cache=True)
+        tokens, steps = [], []
+        for _ in range(4):
+            steps.append(out.logits[:, -1])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            position = (mask.long().cumsum(-1) - 1)[:, -1:] + model.model.rope_deltas
+            out = model(input_ids=token, attention_mask=mask, use_cache=True,
+                        position_ids=position[None].expand(3, -1, -1), **{cache_name: cache})
+    original = image_batch(generation)["input_ids"]
+    assert torch.equal(gen.sequences[:, :original.shape[1]], original)
+    torch.testing.assert_close(torch.stack(gen.logits, dim=1), torch.stack(steps, dim=1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen.sequences[:, -4:], torch.cat(tokens, dim=1))
+
+
+def test_qwen_videos_and_several_images_batch_like_one_by_one(qwen_models, generation):
+    """A video (two temporal patches, each frame resized alike) then an image in one sample, two
+    images in the other: every frame gets its smaller grid's tokens, and the batch answers as each
+    sample alone."""
+    from .qwen_inputs import video_and_images
+
+    model = qwen_models[generation]["sdpa"]
+    inputs = video_and_images(generation)
+    video_token, image_token = model.config.video_token_id, model.config.image_token_id
+    with ficoco.apply(model, "downsample", retain=QWEN_SHARE) as handle:
+        batched = logits(model, inputs)
+        prepared = handle.prepare_inputs(**video_and_images(generation))
+        valid = prepared["attention_mask"].bool()
+        # the video's 4x6 merge grid per frame -> 3x4 (12 of 24 tokens), both frames
+        assert prepared["video_grid_thw"].tolist() == [[2, 6, 8]]
+        assert int((prepared["input_ids"] == video_token).sum()) == 2 * 12
+        assert (prepared["input_ids"] == image_token).sum(dim=1).tolist() == \
+            [handle.kept_tokens(tuple(inputs["image_grid_thw"][0].tolist())),
+             sum(handle.kept_tokens(tuple(g.tolist())) for g in inputs["image_grid_thw"][1:])]
+        image_rows = [0, 1, 2]
+        sample = {k: v for k, v in video_and_images(generation).items()}
+        ids = sample["input_ids"]
+        for row, (pixels, grids) in enumerate([(slice(0, 1), slice(0, 1)), (slice(1, 3), slice(1, 3))]):
+            patches = [int(g.prod()) for g in inputs["image_grid_thw"]]
+            starts = [sum(patches[:i]) for i in image_rows] + [sum(patches)]
+            single = {"input_ids": ids[row][sample["attention_mask"][row].bool()][None],
+                      "mm_token_type_ids": sample["mm_token_type_ids"][row][sample["attention_mask"][row].bool()][None],
+                      "pixel_values": sample["pixel_values"][starts[pixels.start]:starts[pixels.stop]],
+                      "image_grid_thw": sample["image_grid_thw"][grids]}
+            single["attention_mask"] = torch.ones_like(single["input_ids"])
+            if row == 0:
+                single.update(pixel_values_videos=sample["pixel_values_videos"], video_grid_thw=sample["video_grid_thw"])
+            alone = logits(model, single)[0]
+            torch.testing.assert_close(batched[row][valid[row]], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen_flops_count_the_smaller_image():
+    from ficoco.measure import budget
+    from ficoco.measure.qwen import qwen2_5_vl_7b, qwen_vision_flops
+
+    shape = qwen2_5_vl_7b()  # a 1280x720 image: 26x46 merge groups, 1196 tokens
+    down = budget.method_cost(shape, ficoco.get_method("downsample", retain=0.25))
+    assert down.llm_input_visual == 13 * 23 == 299
+    smaller = shape.with_image(23 * 28, 13 * 28)
+    assert smaller.grid == (26, 46) and smaller.num_patches == 299
+    assert down.vision_tflops == pytest.approx(qwen_vision_flops(smaller).total / 1e12)
+    assert down.vision_tflops < budget.vanilla_cost(shape).vision_tflops / 3.9
+    assert budget.method_cost(shape, ficoco.get_method("downsample", retain=192)).llm_input_visual == 10 * 19
