@@ -84,7 +84,10 @@ def llava_on_small_image(model, prompt: list[int], pixels: torch.Tensor) -> torc
     llava = model.model
     with torch.inference_mode():
         tower = llava.vision_tower(pixels[None], output_hidden_states=True, interpolate_pos_encoding=True)
-        features = llava.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
+        features = tower.hidden_states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":  # [CLS] left out
+            features = features[:, 1:]
+        features = llava.multi_modal_projector(features)
         ids = torch.tensor([prompt])
         embeds = llava.get_input_embeddings()(ids)
         embeds[ids == IMAGE_TOKEN] = features.reshape(-1, features.shape[-1])
@@ -104,6 +107,27 @@ def test_llava_is_the_vanilla_model_on_a_smaller_image(model, images, prompts, r
     for row, prompt in enumerate(prompts):
         short = [t for i, t in enumerate(prompt) if t != IMAGE_TOKEN or i - prompt.index(IMAGE_TOKEN) < retain]
         expected = llava_on_small_image(model, short, small[row])
+        torch.testing.assert_close(batched[row, -expected.shape[0]:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_siglip_tower_without_cls(images, prompts):
+    """A SigLIP tower (no [CLS], every patch to the LLM): the same reference holds."""
+    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from ficoco.testing import tiny_llava_config
+
+    config = tiny_llava_config(vision_layers=6)
+    config.vision_config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                              num_attention_heads=4, image_size=336, patch_size=14)
+    config.vision_feature_select_strategy = "full"
+    torch.manual_seed(0)
+    siglip = LlavaForConditionalGeneration(config).eval()
+    with ficoco.apply(siglip, "downsample", retain=192):
+        batched = logits(siglip, batch_inputs(prompts[:2], images[:2]))
+    small = resize_images(images[:2], (16 * PATCH, 12 * PATCH))
+    for row, prompt in enumerate(prompts[:2]):
+        short = [t for i, t in enumerate(prompt) if t != IMAGE_TOKEN or i - prompt.index(IMAGE_TOKEN) < 192]
+        expected = llava_on_small_image(siglip, short, small[row])
         torch.testing.assert_close(batched[row, -expected.shape[0]:], expected, rtol=1e-5, atol=1e-5)
 
 
