@@ -439,7 +439,8 @@ def test_qwen_videos_and_several_images_batch_like_one_by_one(qwen_models, gener
                       "image_grid_thw": sample["image_grid_thw"][grids]}
             single["attention_mask"] = torch.ones_like(single["input_ids"])
             if row == 0:
-                single.update(pixel_values_videos=sample["pixel_values_videos"], video_grid_thw=sample["video_grid_thw"])
+                single.update(pixel_values_videos=sample["pixel_values_videos"],
+                              video_grid_thw=sample["video_grid_thw"])
             alone = logits(model, single)[0]
             torch.testing.assert_close(batched[row][valid[row]], alone, rtol=1e-4, atol=1e-4)
 

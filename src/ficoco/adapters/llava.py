@@ -132,7 +132,8 @@ class LlavaHandle(ReductionHandle):
     @property
     def _fewer_tokens(self) -> bool:
         """Whether the LLM receives fewer visual tokens than the processor wrote placeholders for."""
-        return bool(self.plan.vision or self.plan.input_removed) or self.plan.llm_input_visual != self.plan.geometry.num_patches
+        plan = self.plan
+        return bool(plan.vision or plan.input_removed) or plan.llm_input_visual != plan.geometry.num_patches
 
     # -- downsample: the image at a lower resolution --------------------------------------------
 

@@ -171,7 +171,8 @@ class QwenResolutionHandle(ReductionHandle):
         inputs["input_ids"] = new_ids
         return inputs
 
-    def _resized(self, pixels: Tensor, items: list[tuple[int, int, int]], smaller: list[tuple[int, int, int]]) -> Tensor:
+    def _resized(self, pixels: Tensor, items: list[tuple[int, int, int]],
+                 smaller: list[tuple[int, int, int]]) -> Tensor:
         """``pixels`` ``[sum t h w, C T P P]`` of ``items`` as the patches of each item resized to its
         ``smaller`` grid ``[sum t h' w', C T P P]``."""
         layout = dict(channels=self.channels, temporal=self.temporal, patch=self.patch, merge=self.merge)

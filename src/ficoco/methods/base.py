@@ -235,7 +235,8 @@ class ResolutionReduction:
     def __post_init__(self) -> None:
         check_retain_value(self.retain)
         if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or self.max_aspect < 1:
-            raise ValueError(f"max_aspect must be a number >= 1 (rows/cols against the grid's), got {self.max_aspect!r}")
+            raise ValueError(f"max_aspect must be a number >= 1 (rows/cols against the grid's), "
+                             f"got {self.max_aspect!r}")
 
     def resolve(self, grid: tuple[int, int], *, exact: bool = True) -> tuple[int, int]:
         """``(rows, cols)`` of the smaller grid of tokens for an image of ``grid`` tokens: exactly

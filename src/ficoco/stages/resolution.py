@@ -28,7 +28,9 @@ from .pooling import pooled_grid
 
 def _stretch(rows: int, cols: int, grid: tuple[int, int]) -> float:
     """How much a ``rows x cols`` grid distorts the aspect of ``grid`` (1.0: not at all)."""
-    return (rows * grid[1]) / (cols * grid[0]) if rows * grid[1] >= cols * grid[0] else (cols * grid[0]) / (rows * grid[1])
+    # exact in integers: rows/cols against grid rows/cols, whichever way round is >= 1
+    tall, wide = rows * grid[1], cols * grid[0]
+    return max(tall, wide) / min(tall, wide)
 
 
 def exact_grid(grid: tuple[int, int], kept: int, max_aspect: float) -> tuple[int, int]:
@@ -44,7 +46,8 @@ def exact_grid(grid: tuple[int, int], kept: int, max_aspect: float) -> tuple[int
     except ValueError:
         rows = cols = None
     if rows is None or _stretch(rows, cols, grid) > max_aspect:
-        closest = "" if rows is None else f" (the closest, {rows}x{cols}, stretches the image {_stretch(rows, cols, grid):.2g}:1)"
+        closest = "" if rows is None else \
+            f" (the closest, {rows}x{cols}, stretches the image {_stretch(rows, cols, grid):.2g}:1)"
         raise ValueError(f"downsample cannot give exactly {kept} tokens: no rows x cols grid of that count fits the "
                          f"{height}x{width}-patch image with its aspect stretched at most {max_aspect:g}:1{closest}; "
                          f"budgets near it that can: {near}")
