@@ -34,6 +34,7 @@ METHODS = {
     "divprune": dict(retain=100),
     "cdpruner": dict(retain=100),
     "zero": dict(),
+    "downsample": dict(retain=192),  # a 16x12-patch image: non-square, position embeddings interpolated
 }
 #: methods that can keep every token (``retain`` = all patches is then the vanilla model)
 CAN_KEEP_ALL = [key for key in METHODS if key != "zero"]

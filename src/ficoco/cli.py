@@ -161,10 +161,14 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                     rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
         for retain in _budgets(retains):
-            for name in ENCODER_METHODS[:1] + input_rows + DECODER_METHODS + LATER_DECODER_METHODS:
+            for name in ENCODER_METHODS[:1] + input_rows + ("downsample",) + DECODER_METHODS \
+                    + LATER_DECODER_METHODS:
                 method = get_method(name, retain=retain)
-                rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
-                             budget.describe_schedule(method, geometry)))
+                try:
+                    rows.append((str(retain), budget.method_cost(shape, method, text_tokens),
+                                 budget.describe_schedule(method, geometry)))
+                except ValueError as err:  # downsample: a budget no smaller image gives exactly
+                    notes.append(f"{name} at {retain}: {err}")
     if as_json:
         click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "notes": notes,
                                "rows": [dict(budget=b, schedule=s, **c.as_dict()) for b, c, s in rows]}, indent=1))
@@ -173,7 +177,8 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
              if qwen else "")
     click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image{image}, "
                f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
-    click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget"
+    click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget; "
+               "downsample's tower runs on the smaller image (its vision TFLOPs)"
                + ("" if targets else "; pool's row is every method that prunes at the LLM input (topk, pool, "
                                      "divprune, cdpruner: the whole tower runs)"))
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \

@@ -28,12 +28,15 @@ class Family:
         model_types: the ``config.model_type`` values of its checkpoints.
         classes: names of the Hugging Face model classes it attaches to.
         handle: builds the handle (imported on first use).
+        resolution_handle: the handle of a method that changes the image's resolution
+            (``downsample``), where the family has one of its own (``None``: ``handle`` runs it).
     """
 
     name: str
     model_types: tuple[str, ...]
     classes: tuple[str, ...]
     handle: Callable[[], type[ReductionHandle]]
+    resolution_handle: Callable[[], type[ReductionHandle]] | None = None
 
 
 def _llava() -> type[ReductionHandle]:
@@ -48,6 +51,12 @@ def _qwen_vl() -> type[ReductionHandle]:
     return QwenVLHandle
 
 
+def _qwen_resolution() -> type[ReductionHandle]:
+    from .qwen_resolution import QwenResolutionHandle
+
+    return QwenResolutionHandle
+
+
 #: ``config.model_type`` of the Qwen-VL generations ficoco runs
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -55,7 +64,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), ("LlavaForConditionalGeneration", "LlavaModel"), _llava),
     Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", QWEN_MODEL_TYPES,
            ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
-            "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"), _qwen_vl),
+            "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"), _qwen_vl, _qwen_resolution),
 )
 #: ``model_type`` -> family
 BY_MODEL_TYPE = MappingProxyType({t: f for f in FAMILIES for t in f.model_types})
@@ -94,7 +103,9 @@ def attach(model: nn.Module, method: Method | str, *, record: bool = False, **op
         method = get_method(method, **options)
     elif options:
         raise ValueError("options are only accepted together with a method name")
-    return family_of(model).handle()(model, method, record=record)
+    family = family_of(model)
+    load = family.resolution_handle if method.resolution is not None and family.resolution_handle else family.handle
+    return load()(model, method, record=record)
 
 
 @contextmanager

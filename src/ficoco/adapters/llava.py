@@ -7,6 +7,10 @@ placeholder per visual token in the prompt, and plain 1-D positions.
 
 Everything is done with hooks on the model's own modules (plus, for encoder-side methods, an
 instance-level ``generate`` wrapper); :meth:`ReductionHandle.remove` restores the model exactly.
+The ``downsample`` control (:class:`~ficoco.methods.ResolutionReduction`) resizes the pixels in a
+pre-hook on the vision tower, which it asks to interpolate its position embeddings to the smaller
+grid (CLIP's and SigLIP's ``interpolate_pos_encoding``); the prompt's placeholders are cut to the
+smaller grid's tokens as for every method that hands the LLM fewer tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from ..stages import NO_POSITION
+from ..stages.resolution import resize_images
 from .handle import ReductionHandle
 from .input_side import InputSide
 from .inputs import shrink_placeholders
@@ -85,17 +90,20 @@ class LlavaHandle(ReductionHandle):
         config = llava.config
         self.strategy = getattr(config, "vision_feature_select_strategy", "default")
         self.cls_to_llm = int(has_cls and self.strategy == "full")
-        geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers))
+        geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers),
+                                 grid=grid)
         self.plan: ResolvedPlan = method.plan(geometry)
         self._attach()
 
     def _install(self) -> None:
         llava, outer, method = self.llava, self.outer, self.method
-        if self.plan.vision or self.plan.input_removed:
+        if self._fewer_tokens:
             self.hooks.pre(llava, self._rewrite_model_inputs, with_kwargs=True)
             if outer is not None:
                 self.hooks.pre(outer, self._rewrite_model_inputs, with_kwargs=True)
                 self._wrap_generate(outer)
+        if self.plan.image_grid is not None:
+            self.hooks.pre(llava.vision_tower, self._downsample, with_kwargs=True)
         if self.plan.vision:
             self.vision = VisionSide(self.encoder_layers, method.vision, self.plan.vision, grid=self.grid,
                                      has_cls=self.has_cls, record=self.record)
@@ -120,6 +128,31 @@ class LlavaHandle(ReductionHandle):
     def visual_tokens_per_image(self) -> int:
         """Visual tokens per image after the last reduction (what the LLM's last layers see)."""
         return self.plan.llm_final_visual
+
+    @property
+    def _fewer_tokens(self) -> bool:
+        """Whether the LLM receives fewer visual tokens than the processor wrote placeholders for."""
+        plan = self.plan
+        return bool(plan.vision or plan.input_removed) or plan.llm_input_visual != plan.geometry.num_patches
+
+    # -- downsample: the image at a lower resolution --------------------------------------------
+
+    def _downsample(self, module, args, kwargs):
+        """Vision tower pre-hook: pixels ``[I, C, H, W]`` resized to the plan's grid of patches
+        (``[I, C, rows x patch, cols x patch]``), the position embeddings interpolated to it."""
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if pixels is None:
+            return None
+        patch = self.llava.config.vision_config.patch_size
+        rows, cols = self.plan.image_grid
+        size = (rows * patch, cols * patch)
+        if tuple(pixels.shape[-2:]) == size and size == (self.grid[0] * patch, self.grid[1] * patch):
+            return None  # the model's own resolution: nothing to do (and bit-identical to vanilla)
+        pixels = resize_images(pixels, size)
+        kwargs = {**kwargs, "interpolate_pos_encoding": True}
+        if args:
+            return (pixels, *args[1:]), kwargs
+        return args, {**kwargs, "pixel_values": pixels}
 
     # -- decoder side: every sample removes per image -----------------------------------------------
 
@@ -165,7 +198,7 @@ class LlavaHandle(ReductionHandle):
     def _cut_placeholders(self, inputs: dict, default_side: str) -> dict:
         input_ids = inputs.get("input_ids")
         pixel_values = inputs.get("pixel_values")
-        if input_ids is None or pixel_values is None or not (self.plan.vision or self.plan.input_removed):
+        if input_ids is None or pixel_values is None or not self._fewer_tokens:
             return inputs
         image_token = self.llava.config.image_token_id
         full = self.plan.geometry.num_patches + self.cls_to_llm

@@ -51,7 +51,9 @@ def geometry(shape: Shape) -> ModelGeometry:
     if isinstance(shape, QwenVLShape):
         v = shape.vision
         full = frozenset(v.full_attention_blocks) if v.window_size else None
-        return ModelGeometry(v.num_layers, v.num_layers - 1, shape.num_patches, shape.language.num_layers, full)
+        rows, cols = shape.grid
+        return ModelGeometry(v.num_layers, v.num_layers - 1, shape.num_patches, shape.language.num_layers, full,
+                             grid=(rows // v.merge_size, cols // v.merge_size), dynamic_resolution=True)
     layer = shape.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"ficoco needs one vision_feature_layer, got {layer!r}")
@@ -92,9 +94,16 @@ def plan_cost(shape: Shape, plan: ResolvedPlan, text_tokens: int, name: str = ""
     # the projector (merger) runs before an LLM-input reduction, on every token the encoder hands on
     projected = plan.llm_input_visual + plan.input_removed
     if isinstance(shape, QwenVLShape):
-        vision = qwen_vision_flops(shape, plan.vision_tokens_per_layer(with_cls=False), projected)
+        tower = shape
+        if plan.image_grid is not None:  # downsample: the tower (its windows too) sees the smaller image
+            factor = shape.vision.factor
+            rows, cols = plan.image_grid
+            tower = replace(shape, image_size=(cols * factor, rows * factor), min_pixels=factor * factor,
+                            max_pixels=max(shape.max_pixels, rows * cols * factor * factor))
+        vision = qwen_vision_flops(tower, plan.vision_tokens_per_layer(with_cls=False), projected)
     else:
-        vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), projected)
+        vision = vision_flops(shape, plan.vision_tokens_per_layer(with_cls=True), projected,
+                              num_patches=plan.encoded_tokens)
     return MethodCost(
         method=name,
         llm_input_visual=plan.llm_input_visual,
@@ -129,10 +138,13 @@ SPREADS = ("method", "first_layer")
 
 def describe_schedule(method: Method | None, geometry_or_plan) -> str:
     """A short human reading of where a method removes tokens: ``"encoder L12-22"``,
-    ``"LLM L5-30"``, ``"LLM L5"``, ``"LLM input"``, ``"encoder L12-22 + LLM L5-30"``, ``"-"`` for none."""
+    ``"LLM L5-30"``, ``"LLM L5"``, ``"LLM input"``, ``"encoder L12-22 + LLM L5-30"``,
+    ``"image at 16x12 tokens"`` (downsample), ``"-"`` for none."""
     if method is None:
         return "-"
     plan = geometry_or_plan if isinstance(geometry_or_plan, ResolvedPlan) else method.plan(geometry_or_plan)
+    if plan.image_grid is not None:
+        return f"image at {plan.image_grid[0]}x{plan.image_grid[1]} tokens"
     parts = []
     for where, layers in (("encoder", plan.vision), ("LLM", plan.language)):
         if layers:

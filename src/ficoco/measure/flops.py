@@ -496,6 +496,7 @@ def vision_flops(
     shape: VisionTowerShape | LlavaShape,
     tokens_per_layer: Sequence[int] | None = None,
     num_llm_tokens: int | None = None,
+    num_patches: int | None = None,
 ) -> VisionFlops:
     """FLOPs of the vision tower and projector for one image.
 
@@ -505,17 +506,20 @@ def vision_flops(
             ``vision_feature_layer`` is); default: ``num_positions`` (patches + class token,
             577 for CLIP ViT-L/14-336) at every layer.
         num_llm_tokens: visual tokens passed through the projector; default ``num_patches``.
+        num_patches: patches the patch embedding cuts the image into; default the shape's
+            (fewer for an image at a lower resolution, the ``downsample`` control).
     """
     s = _vision(shape)
     if tokens_per_layer is None:
         tokens_per_layer = [s.num_positions] * s.num_layers
     tokens = _check_tokens(tokens_per_layer, s.num_layers, "tokens_per_layer")
+    embedded = s.num_patches if num_patches is None else _positive_int("num_patches", num_patches)
     if num_llm_tokens is None:
-        n = s.num_patches
+        n = embedded
     else:
         (n,) = _check_tokens([num_llm_tokens], 1, "num_llm_tokens")
     d, h = s.hidden_size, s.intermediate_size
-    patch = 2 * s.num_patches * s.num_channels * s.patch_size**2 * d
+    patch = 2 * embedded * s.num_channels * s.patch_size**2 * d
     per_layer = tuple(float(8 * p * d * d + 4 * p * d * h + 4 * p * p * d) for p in tokens)
     proj = 2 * n * (d * s.projector_hidden + s.projector_hidden * s.projector_out)
     return VisionFlops(

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from types import MappingProxyType
 
-from .base import InputReduction, LanguageReduction, Method, ModelGeometry, ResolvedPlan, VisionReduction
+from .base import (InputReduction, LanguageReduction, Method, ModelGeometry, ResolutionReduction, ResolvedPlan,
+                   VisionReduction)
 from .baselines import dart, evit, fastv, pdrop, random_drop, tome, topk, visionzip
 from .input_pruning import cdpruner, divprune, pool, zero
+from .resolution import downsample
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
 
 _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingProxyType({
@@ -47,14 +49,17 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
     "divprune": (divprune, "DivPrune: max-min diverse subset of the projected visual tokens (LLM input)"),
     "cdpruner": (cdpruner, "CDPruner: DPP selection by diversity and relevance to the instruction (LLM input)"),
     "zero": (zero, "no visual tokens: the text-only floor (LLM input)"),
+    "downsample": (downsample, "the image at a lower resolution: the encoder runs on the patches of the budget's grid "
+                               "(before the encoder)"),
 })
 
 
 #: the paper's methods and baselines by where they reduce, in the order tables list them
 #: (FiCoCo-VL, which reduces in both, with the decoder side)
 ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
-#: methods that prune the projected tokens at the LLM input, and the encoder-side TopK
-INPUT_METHODS = ("topk", "visionzip", "pool", "divprune", "cdpruner", "zero")
+#: methods that prune the projected tokens at the LLM input, and the encoder-side TopK; the
+#: ``downsample`` control (a smaller image, before the encoder) is listed with them
+INPUT_METHODS = ("topk", "visionzip", "pool", "divprune", "cdpruner", "zero", "downsample")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 #: the later decoder-side baselines (not in the paper's tables)
 LATER_DECODER_METHODS = ("dart", "pdrop")
@@ -164,8 +169,8 @@ def get_method(name: str, **options) -> Method:
 
 __all__ = [
     "DECODER_METHODS", "ENCODER_METHODS", "INPUT_METHODS", "InputReduction", "LanguageReduction", "Method",
-    "ModelGeometry", "OFFICIAL_OPTIONS", "ResolvedPlan", "VisionReduction", "available_methods", "parse_method_spec",
+    "ModelGeometry", "OFFICIAL_OPTIONS", "ResolutionReduction", "ResolvedPlan", "VisionReduction", "available_methods", "parse_method_spec",
     "parse_option_value", "split_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "pdrop", "get_method", "pool", "random_drop", "takes_budget", "tome", "topk", "visionzip", "zero",
+    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "downsample", "pdrop", "get_method", "pool", "random_drop", "takes_budget", "tome", "topk", "visionzip", "zero",
 ]

@@ -3,7 +3,8 @@
 :class:`VisionReduction` runs a :class:`~ficoco.stages.TokenReduction` inside the vision encoder,
 :class:`InputReduction` once on the projected visual tokens the LLM receives (after the projector,
 before the first decoder layer), :class:`LanguageReduction` inside the LLM decoder; a
-:class:`Method` holds any of them. Budgets are
+:class:`Method` holds any of them, or a :class:`ResolutionReduction`: the image itself at a lower
+resolution, before the encoder (the ``downsample`` control). Budgets are
 given as ``retain`` (tokens left after the last reduction) or an explicit ``schedule`` and are
 resolved against the model's geometry when the method is attached.
 
@@ -15,11 +16,13 @@ plans are then resolved per token count (:meth:`Method.plan`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..schedule import spread_evenly, spread_geometrically, tokens_entering_layers, validate_schedule
 from ..stages import BipartiteSimilarityFilter, TokenReduction
+from ..stages.resolution import exact_grid, grid_within
 
 
 def check_retain_value(retain) -> None:
@@ -210,8 +213,42 @@ class InputReduction:
 
 
 @dataclass
+class ResolutionReduction:
+    """The image itself at a lower resolution: the processor's pixels are resized before the vision
+    encoder, which then runs on fewer patches, and the LLM receives one token per patch (or merge
+    group) of the smaller grid, at the positions of a genuinely smaller image. No token is chosen,
+    pooled or merged: the ``downsample`` control.
+
+    Attributes:
+        retain: visual tokens per image (a count or a share of the image's tokens). A fixed-grid
+            model (LLaVA-1.5) gets exactly this many: a ``rows x cols`` grid with that product
+            (:func:`~ficoco.stages.resolution.exact_grid`); a dynamic-resolution model (Qwen-VL) gets
+            the aspect-keeping grid with the most tokens within it
+            (:func:`~ficoco.stages.resolution.grid_within`), so at most this many.
+        max_aspect: fixed-grid models: how far a non-square budget may stretch the image (rows/cols
+            against the grid's; 2.0 lets 128 = 16x8 through, 1.0 allows squares only).
+    """
+
+    retain: int | float = 144
+    max_aspect: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_retain_value(self.retain)
+        if isinstance(self.max_aspect, bool) or not isinstance(self.max_aspect, (int, float)) or self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be a number >= 1 (rows/cols against the grid's), "
+                             f"got {self.max_aspect!r}")
+
+    def resolve(self, grid: tuple[int, int], *, exact: bool = True) -> tuple[int, int]:
+        """``(rows, cols)`` of the smaller grid of tokens for an image of ``grid`` tokens: exactly
+        ``retain`` of them (``exact``, fixed-grid models) or at most ``retain`` keeping the aspect."""
+        kept = kept_count(self.retain, grid[0] * grid[1], "LLM")
+        return exact_grid(grid, kept, self.max_aspect) if exact else grid_within(grid, kept)
+
+
+@dataclass
 class Method:
-    """A named token-reduction method: a vision-side, an LLM-input and/or a language-side reduction."""
+    """A named token-reduction method: a vision-side, an LLM-input and/or a language-side reduction,
+    or the image at a lower resolution (``resolution``, which runs alone)."""
 
     name: str
     vision: VisionReduction | None = None
@@ -221,9 +258,14 @@ class Method:
     #: ``language.retain``) that the encoder makes, resolved per token count (FiCoCo-VL's split)
     vision_fraction: float | None = None
     input: InputReduction | None = None
+    resolution: ResolutionReduction | None = None
 
     def __post_init__(self) -> None:
-        if self.vision is None and self.language is None and self.input is None:
+        reductions = (self.vision, self.language, self.input)
+        if self.resolution is not None and any(side is not None for side in reductions):
+            # the token reductions' plans and hooks assume the model's own patch grid
+            raise ValueError(f"method {self.name!r}: a resolution reduction runs alone, not with token reductions")
+        if self.resolution is None and all(side is None for side in reductions):
             raise ValueError(f"method {self.name!r} reduces nowhere: give a vision, an input or a language reduction")
         for side in (self.vision, self.language):
             if side is not None and not side.has_budget and (side is self.language or self.vision_fraction is None):
@@ -243,6 +285,9 @@ class Method:
     def plan(self, geometry: "ModelGeometry") -> "ResolvedPlan":
         """Resolve budgets into per-layer schedules for a model of this geometry (one image of
         ``geometry.num_patches`` tokens; dynamic-resolution models resolve one plan per size)."""
+        if self.resolution is not None:
+            rows, cols = self.resolution.resolve(geometry.token_grid, exact=not geometry.dynamic_resolution)
+            return ResolvedPlan(geometry, {}, {}, rows * cols, image_grid=(rows, cols))
         vision_plan: dict[int, int] = {}
         llm_visual = geometry.num_patches
         if self.vision is not None:
@@ -278,6 +323,10 @@ class ModelGeometry:
         llm_layers: decoder layers.
         vision_reducible: the only encoder layers that may reduce (``None``: any), e.g. the
             full-attention blocks of a windowed encoder.
+        grid: ``(rows, cols)`` of the ``num_patches`` tokens (``None``: a square).
+        dynamic_resolution: the model takes images of any size keeping their aspect (Qwen-VL), so
+            a lower resolution keeps the aspect and gets at most the budget; a fixed-grid model's
+            gets exactly the budget.
     """
 
     vision_layers: int
@@ -285,6 +334,18 @@ class ModelGeometry:
     num_patches: int
     llm_layers: int
     vision_reducible: frozenset[int] | None = None
+    grid: tuple[int, int] | None = None
+    dynamic_resolution: bool = False
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """``grid``, or the square of ``num_patches`` tokens."""
+        if self.grid is not None:
+            return self.grid
+        side = math.isqrt(self.num_patches)
+        if side * side != self.num_patches:
+            raise ValueError(f"{self.num_patches} tokens are no square grid: give the geometry its grid")
+        return side, side
 
 
 @dataclass(frozen=True)
@@ -297,6 +358,8 @@ class ResolvedPlan:
         llm_input_visual: visual tokens per image the LLM receives.
         input_removed: tokens per image removed between the projector and the LLM
             (:class:`InputReduction`), already subtracted from ``llm_input_visual``.
+        image_grid: ``(rows, cols)`` of tokens of the image at a lower resolution
+            (:class:`ResolutionReduction`), ``None`` at the model's own resolution.
     """
 
     geometry: ModelGeometry
@@ -304,13 +367,19 @@ class ResolvedPlan:
     language: dict[int, int]
     llm_input_visual: int
     input_removed: int = 0
+    image_grid: tuple[int, int] | None = None
 
     @property
     def llm_final_visual(self) -> int:
         return self.llm_input_visual - sum(self.language.values())
 
+    @property
+    def encoded_tokens(self) -> int:
+        """Tokens (patches, or merge groups) of one image the encoder runs on."""
+        return self.geometry.num_patches if self.image_grid is None else self.image_grid[0] * self.image_grid[1]
+
     def vision_tokens_per_layer(self, with_cls: bool = True) -> list[int]:
-        start = self.geometry.num_patches + int(with_cls)
+        start = self.encoded_tokens + int(with_cls)
         return tokens_entering_layers(self.vision, self.geometry.vision_layers, start)
 
     def llm_visual_per_layer(self) -> list[int]:
