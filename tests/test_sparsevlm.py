@@ -172,22 +172,34 @@ def official_raters(embeds, visual, text):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_text_raters_equal_the_official_selection(seed):
     """Three prompts, left-padded, with 12, 5 and 1 text tokens after the image (the last: its one
-    token rates), and a fourth with none (its last token rates)."""
+    token rates), and a fourth with none (no rater: the probe falls back to its last token)."""
     gen = torch.Generator().manual_seed(seed)
     length = 30
     embeds = torch.randn(4, length, 8, generator=gen)
     layout = [(2, 10, 12), (8, 12, 5), (3, 20, 1), (10, 20, 0)]  # (first column, visual tokens, text tokens)
     is_visual = torch.zeros(4, length, dtype=torch.bool)
-    is_text, valid = torch.zeros_like(is_visual), torch.zeros_like(is_visual)
+    is_text = torch.zeros_like(is_visual)
     for row, (start, n, m) in enumerate(layout):
-        valid[row, start - 1:start + n + m] = True
         is_visual[row, start:start + n] = True
         is_text[row, start + n:start + n + m] = True
-    raters = TextRaters()(embeds, is_visual, is_text, valid)
+    raters = TextRaters()(embeds, is_visual, is_text)
     for row, (start, n, m) in enumerate(layout):
         visual, text = list(range(start, start + n)), list(range(start + n, start + n + m))
-        expected = official_raters(embeds[row], visual, text) if m > 1 else (text or [start + n - 1])
+        expected = official_raters(embeds[row], visual, text) if m > 1 else text
         assert raters[row].nonzero()[:, 0].tolist() == expected
+
+
+def test_a_sample_without_raters_is_rated_by_its_last_token():
+    q, k, _, candidates, raters, _ = step_inputs(0)
+    rows = torch.tensor([raters[0], [0, 0, 0, 0]])
+    valid = torch.tensor([[True] * 4, [False] * 4])
+    last = torch.tensor([69, 50])
+    probe = AttentionProbe(q, k, 8 ** -0.5, candidates, causal=True, last_row=last, rater_rows=rows, rater_valid=valid)
+    alone = AttentionProbe(q, k, 8 ** -0.5, candidates, causal=True, last_row=last, rater_rows=torch.tensor([[69], [50]]))
+    torch.testing.assert_close(probe.rater_attention[1], alone.rater_attention[1], rtol=1e-5, atol=1e-8)
+    assert probe.rater_count.tolist() == [4, 1]
+    a = attention_map(q[1], k[1])
+    torch.testing.assert_close(probe.rater_attention[1], a[50, 5:45], rtol=1e-5, atol=1e-7)
 
 
 # -- budgets -----------------------------------------------------------------------------------------
@@ -339,7 +351,8 @@ def test_rank_rule_generates_like_one_by_one(model, images, prompts):
 
 def test_several_images_and_a_prompt_ending_in_its_image(model, images, prompts):
     """Two images in one prompt are one pool of visual tokens; a prompt with no text after its
-    image is rated by its last token. Both batch like one by one."""
+    image is rated by its last token at every stage (the last visual token, until it goes, then
+    the last of those left). Both batch like one by one."""
     two = make_prompt([4], [5, 6], images=2)
     bare = make_prompt([7, 8], [])
     with ficoco.apply(model, "sparsevlm", retain=100) as handle, torch.inference_mode():

@@ -242,8 +242,9 @@ class LanguageSide:
         if seq is None or not seq.prefill:
             return
         embeds = args[0] if args else kwargs["hidden_states"]
-        seq.raters = self.stage.raters(embeds, seq.is_visual, seq.is_text, seq.valid)
-        seq.num_raters = int(seq.raters.sum(dim=1).amax())  # one host sync per prefill
+        seq.raters = self.stage.raters(embeds, seq.is_visual, seq.is_text)
+        # one host sync per prefill; at least one row, which the probe gives a sample without raters
+        seq.num_raters = max(1, int(seq.raters.sum(dim=1).amax()))
 
     def _visual_positions(self, input_ids: Tensor | None, embeds: Tensor | None) -> Tensor:
         if input_ids is not None:

@@ -37,18 +37,18 @@ class TextRaters:
     softmax over the text); the relevance of ``m`` is ``mean_i p_im`` and the raters are the text
     tokens whose relevance exceeds the mean relevance (strictly), as the official code selects them.
 
-    Two cases the official code does not handle (it would average over no rows) get a rater all
-    the same: when every text token is equally relevant (one text token, say) all of them rate;
-    a prompt with no text after its image is rated by its last token.
+    When every text token is equally relevant (one text token, say), all of them rate (the
+    official code would average over no rows). A prompt with no text after its image has no
+    rater here; the probe then rates by its last token (:attr:`AttentionProbe.rater_attention_rows`).
     """
 
-    def __call__(self, embeds: Tensor, is_visual: Tensor, is_text: Tensor, valid: Tensor) -> Tensor:
+    def __call__(self, embeds: Tensor, is_visual: Tensor, is_text: Tensor) -> Tensor:
         """Raters of each prompt.
 
         Args:
             embeds: ``[B, L, D]`` the LLM's input embeddings (visual tokens already in place).
-            is_visual / is_text / valid: ``[B, L]`` bool: visual tokens, the text after the last
-                visual token, real (non-padding) tokens.
+            is_visual / is_text: ``[B, L]`` bool: visual tokens, and the (real) text after the
+                last visual token.
         Returns:
             ``[B, L]`` bool, true at the raters.
         """
@@ -64,10 +64,7 @@ class TextRaters:
         mean = (relevance * text_valid).sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True).clamp_min(1)
         chosen = (relevance > mean) & text_valid
         chosen = torch.where(chosen.any(dim=1, keepdim=True), chosen, text_valid)  # all equal: every text token
-        raters = torch.zeros(b, l, dtype=torch.bool, device=embeds.device).scatter_(1, text, chosen) & is_text
-        last = torch.where(valid, torch.arange(l, device=embeds.device), -1).amax(dim=1, keepdim=True).clamp_min(0)
-        no_text = ~is_text.any(dim=1, keepdim=True)
-        return raters | (no_text & (torch.arange(l, device=embeds.device)[None, :] == last))
+        return torch.zeros(b, l, dtype=torch.bool, device=embeds.device).scatter_(1, text, chosen) & is_text
 
 
 def density_peaks(x: Tensor, centres: int) -> Tensor:
@@ -182,8 +179,8 @@ class RaterAttentionFilter(Filter):
     def _rank_kept(self, probe: AttentionProbe) -> list[int]:
         """Per sample, the tokens kept by score under the rank rule (one host sync)."""
         rows = probe.rater_attention_rows  # [B, R, N], padding rows zero (they add no rank)
-        b, r, n = rows.shape
-        raters = probe.rater_valid.sum(dim=1) if probe.rater_valid is not None else torch.full((b,), r)
+        n = rows.shape[2]
+        raters = probe.rater_count
         sv = torch.linalg.svdvals(rows.float())  # [B, min(R, N)], descending
         # matrix_rank's default tolerance for each sample's own R_b x N matrix: eps * max(R_b, N) * sigma_max
         tolerance = sv[:, :1] * torch.finfo(torch.float32).eps * raters.clamp_min(n)[:, None].to(sv.device)
