@@ -239,6 +239,7 @@ def test_vision_cost_shrinks_with_encoder_reduction():
     ("fastv", dict(retain=100), 0.01),
     ("ficoco-l", dict(retain=100, start_layer=2), 0.12),  # probe rows are large next to a 64-wide LLM
     ("ficoco-vl", dict(retain=64, language_start_layer=2), 0.12),
+    ("sparsevlm", dict(retain=100), 0.01),  # the raters' rows, and cdist counts no FLOPs
 ])
 def test_calculator_matches_flops_measured_on_the_hooked_model(name, options, llm_overhead):
     """FlopCounterMode on the reduced tiny LLaVA: the decoder layers' FLOPs equal the calculator's

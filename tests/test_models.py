@@ -30,6 +30,7 @@ METHODS = {
     "visionzip": dict(retain=100),
     "dart": dict(retain=100),
     "pdrop": dict(retain=100, layers=(2, 4, 6)),
+    "sparsevlm": dict(retain=100),
     "pool": dict(retain=144),
     "divprune": dict(retain=100),
     "cdpruner": dict(retain=100),

@@ -102,6 +102,12 @@ def reference_logits(model, prompt, pixel_values, method):
     h[ids == IMAGE_TOKEN] = features
     original = list(range(ids.shape[1]))
     visual = [t == IMAGE_TOKEN for t in ids[0].tolist()]
+    raters = []
+    if method.language is not None and method.language.raters is not None:  # SparseVLM, from the input embeddings
+        image = [i for i, is_v in enumerate(visual) if is_v]
+        text = list(range(image[-1] + 1, len(visual)))
+        relevance = torch.stack([torch.stack([h[0, i] @ h[0, m] for m in text]).softmax(0) for i in image]).mean(0)
+        raters = [m for m, r in zip(text, relevance.tolist()) if r > relevance.mean().item()] or text
     sizes, positions = sizes[None], positions[None]
     rotary = sys.modules[type(lm.layers[0].self_attn).__module__].apply_rotary_pos_emb
     for index, layer in enumerate(lm.layers):
@@ -134,7 +140,8 @@ def reference_logits(model, prompt, pixel_values, method):
                                    causal=True, text_rows=torch.tensor([text]),
                                    text_valid=torch.ones(1, len(text), dtype=torch.bool),
                                    last_row=torch.tensor([len(visual) - 1]), rope=rope, hidden=h,
-                                   hidden_weight=lm.norm.weight)
+                                   hidden_weight=lm.norm.weight,
+                                   rater_rows=torch.tensor([[original.index(r) for r in raters]]) if raters else None)
             result = method.language.reduction(TokenGroup(h[:, cand], sizes, positions, GRID), probe, plan.language[index])
             kept_rows = [cand[i] for i in result.kept[0].tolist()]
             h = h.clone()
@@ -157,7 +164,8 @@ def reference_logits(model, prompt, pixel_values, method):
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
-                                 "topk", "visionzip", "dart", "pdrop", "pool", "divprune", "cdpruner", "zero"])
+                                 "topk", "visionzip", "dart", "pdrop", "sparsevlm", "pool", "divprune", "cdpruner",
+                                 "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)
     inputs = batch_inputs(prompts, images, "left")

@@ -91,6 +91,8 @@ class _Sequence:
     steps: list[tuple[int, ReductionResult]] = field(default_factory=list)
     #: per reduction: ``(group, ReductionResult)`` of each group, for replaying merges on DeepStack features
     results: list[list[tuple[SampleGroup, ReductionResult]]] = field(default_factory=list)
+    raters: Tensor | None = None  # [B, prefill_len] the text raters (SparseVLM), at the prefill's columns
+    num_raters: int = 0  # the most raters any sample has
 
     @property
     def stage(self) -> int:
@@ -176,6 +178,8 @@ class LanguageSide:
         if not self.reducing:
             return
         hooks.pre(self.core, self._start_forward, with_kwargs=True)
+        if self.stage.raters is not None:  # chosen from the first layer's input: the LLM's input embeddings
+            hooks.pre(self.layers[0], self._select_raters, with_kwargs=True)
         first = min(self.reducing)
         for index, layer in enumerate(self.layers):
             if index >= first:
@@ -231,6 +235,16 @@ class LanguageSide:
             self.seq.step_inputs = {}
             return
         self.seq = self._new_sequence(self._visual_positions(input_ids, embeds), bound.get("attention_mask"))
+
+    def _select_raters(self, module, args, kwargs) -> None:
+        """At prefill, the text raters of every prompt from the first decoder layer's input."""
+        seq = self.seq
+        if seq is None or not seq.prefill:
+            return
+        embeds = args[0] if args else kwargs["hidden_states"]
+        seq.raters = self.stage.raters(embeds, seq.is_visual, seq.is_text)
+        # one host sync per prefill; at least one row, which the probe gives a sample without raters
+        seq.num_raters = max(1, int(seq.raters.sum(dim=1).amax()))
 
     def _visual_positions(self, input_ids: Tensor | None, embeds: Tensor | None) -> Tensor:
         if input_ids is not None:
@@ -385,19 +399,32 @@ class LanguageSide:
             else:
                 cached = self._cached_keys(index, b, l, kv_heads, d)
             q, k = q.reshape(b, l, heads, d), k.reshape(b, l, kv_heads, d)
+            raters = None if seq.raters is None else seq.raters.gather(1, seq.orig_index)  # at the current rows
+
+            def inputs_of(group: SampleGroup) -> tuple:
+                take = group.take
+                return (take(residual), take(q), take(k), take(cos), take(sin), take(cached), take(seq.is_visual),
+                        take(seq.is_text), take(seq.valid), take(seq.sizes)[:, :group.num_visual],
+                        take(seq.positions)[:, :group.num_visual], take(raters))
+
+            decides = self.stage.reduction.decides_removals
+            if decides:  # the filter's counts per sample, known only now (SparseVLM's rank rule)
+                removing = self._group_by_removals(seq, index, removing, inputs_of, attn.scaling)
+                if not removing:
+                    return
             outcomes = []
             for group in removing:
-                take = group.take
-                inputs = (take(residual), take(q), take(k), take(cos), take(sin), take(cached), take(seq.is_visual),
-                          take(seq.is_text), take(seq.valid), take(seq.sizes)[:, :group.num_visual],
-                          take(seq.positions)[:, :group.num_visual])
+                inputs = inputs_of(group)
                 removed = group.removals[index]
-                step = partial(self._reduction_step, removed, group.num_visual, group.num_text, attn.scaling)
+                step = partial(self._reduction_step, removed, group.num_visual, group.num_text, seq.num_raters,
+                               attn.scaling)
                 graphs = self.step_graphs
                 # a named range, so that a profiler can tell the step's own host and device time apart
                 with torch.profiler.record_function("ficoco.language_step"):
-                    if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled():
-                        key = (index, removed, group.num_visual, group.num_text, inputs[0].shape[0])
+                    # a filter that decides its own counts reads them on the host: no graph replay
+                    if graphs is not None and residual.is_cuda and not self.record and not torch.is_grad_enabled() \
+                            and not decides:
+                        key = (index, removed, group.num_visual, group.num_text, seq.num_raters, inputs[0].shape[0])
                         outputs, result = graphs(key, lambda *x: step(*x)[0], *inputs), None
                     else:
                         outputs, result = step(*inputs)
@@ -449,22 +476,73 @@ class LanguageSide:
         seq.sizes, seq.positions = sizes_all, positions_all
         self.pending = (keep, dead if bool(dead.any()) else None)
 
-    def _reduction_step(
-        self, removed: int, num_visual: int, num_text: int, scaling: float,
+    def _probe(
+        self, num_visual: int, num_text: int, num_raters: int, scaling: float,
         residual: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, cached_keys: Tensor | None,
-        is_visual: Tensor, is_text: Tensor, valid: Tensor, sizes: Tensor, positions: Tensor,
+        is_visual: Tensor, is_text: Tensor, valid: Tensor, sizes: Tensor, positions: Tensor, raters: Tensor | None,
+    ) -> tuple[Tensor, AttentionProbe, TokenGroup]:
+        """``(candidates [B, N], probe, tokens)`` of one reduction step (arguments as
+        :meth:`_reduction_step`'s), with no host sync."""
+        b, l, _ = residual.shape
+        candidates = first_k_true(is_visual, num_visual)
+        text_rows = first_k_true(is_text, num_text)
+        last_row = torch.where(valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
+        rater_rows = rater_valid = None
+        if raters is not None:
+            rater_rows = first_k_true(raters, num_raters)
+            rater_valid = raters.gather(1, rater_rows)
+        probe = AttentionProbe(
+            q, k, scaling, candidates,
+            key_valid=valid, causal=True,
+            text_rows=text_rows, text_valid=is_text.gather(1, text_rows), last_row=last_row,
+            rope=self._rotation((cos, sin), b), attended_keys=cached_keys,
+            hidden=residual, hidden_weight=self.final_norm_weight, rater_rows=rater_rows, rater_valid=rater_valid,
+        )
+        return candidates, probe, TokenGroup(gather_rows(residual, candidates), sizes, positions, self.grid)
+
+    def _group_by_removals(self, seq: _Sequence, index: int, groups: list[SampleGroup], inputs_of,
+                           scaling: float) -> list[SampleGroup]:
+        """``groups`` split by the count the filter removes from each sample at layer ``index``
+        (:meth:`~ficoco.stages.Filter.removals`; one host sync per group), which replace them in
+        ``seq.groups``; those that remove any, each with its count in ``removals[index]``."""
+        out = []
+        for group in groups:
+            _, probe, tokens = self._probe(group.num_visual, group.num_text, seq.num_raters, scaling,
+                                           *inputs_of(group))
+            counts = self.stage.reduction.filter.removals(tokens, probe)
+            rows_of: dict[int, list[int]] = {}
+            for row, count in zip(group.row_list or range(len(counts)), counts):
+                rows_of.setdefault(count, []).append(row)
+            if len(rows_of) == 1:
+                group.removals[index] = counts[0]
+                parts = [group]
+            else:  # samples part ways: each count its own group, the batch kept rectangular by dead rows
+                device = seq.is_visual.device
+                parts = [SampleGroup(torch.tensor(rows, device=device), group.num_visual, group.num_text,
+                                     {**group.removals, index: count}, tuple(rows)) for count, rows in rows_of.items()]
+                at = next(i for i, g in enumerate(seq.groups) if g is group)
+                seq.groups[at:at + 1] = parts
+            out.extend(part for part in parts if part.removals[index])
+        return out
+
+    def _reduction_step(
+        self, removed: int, num_visual: int, num_text: int, num_raters: int, scaling: float,
+        residual: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, cached_keys: Tensor | None,
+        is_visual: Tensor, is_text: Tensor, valid: Tensor, sizes: Tensor, positions: Tensor, raters: Tensor | None,
     ) -> tuple[tuple[Tensor, ...], ReductionResult]:
         """One decoder-side reduction: a pure function of tensors with no host sync, so that it can
-        be replayed as a CUDA graph.
+        be replayed as a CUDA graph (but for a filter that decides its own counts).
 
         Args:
-            removed: visual tokens to remove per sample; ``num_visual`` / ``num_text``: visual
-                tokens and (max) text queries after the image, per sample, before this step.
+            removed: visual tokens to remove per sample; ``num_visual`` / ``num_text`` /
+                ``num_raters``: visual tokens, (max) text queries after the image and (max) text
+                raters, per sample, before this step.
             residual: ``[B, L, D]`` residual stream after self-attention (the layer's output with
                 ``reduce_at="output"``); ``q`` ``[B, L, H, d]``,
                 ``k`` ``[B, L, Hk, d]`` before RoPE; ``cos``/``sin`` ``[1 or B, L, d]``;
                 ``cached_keys`` ``[B, Hk, L, d]`` with RoPE, or ``None``.
-            is_visual / is_text / valid: ``[B, L]`` bool; ``sizes`` / ``positions``: ``[B, N]``.
+            is_visual / is_text / valid: ``[B, L]`` bool; ``sizes`` / ``positions``: ``[B, N]``;
+            raters: ``[B, L]`` bool, the text raters, or ``None``.
 
         Returns:
             ``((rows, features, keep, sizes, positions), result)``: the residual rows ``[B, K]``
@@ -472,18 +550,9 @@ class LanguageSide:
             the ``[B, L - removed]`` rows that go on to the next layer, the survivors' sizes and
             grid positions in sequence order, and the stage composition's own result.
         """
-        b, l, _ = residual.shape
-        candidates = first_k_true(is_visual, num_visual)
-        text_rows = first_k_true(is_text, num_text)
-        last_row = torch.where(valid, torch.arange(l, device=residual.device), -1).amax(dim=1)
-        probe = AttentionProbe(
-            q, k, scaling, candidates,
-            key_valid=valid, causal=True,
-            text_rows=text_rows, text_valid=is_text.gather(1, text_rows), last_row=last_row,
-            rope=self._rotation((cos, sin), b), attended_keys=cached_keys,
-            hidden=residual, hidden_weight=self.final_norm_weight,
-        )
-        tokens = TokenGroup(gather_rows(residual, candidates), sizes, positions, self.grid)
+        l = residual.shape[1]
+        candidates, probe, tokens = self._probe(num_visual, num_text, num_raters, scaling, residual, q, k, cos, sin,
+                                                cached_keys, is_visual, is_text, valid, sizes, positions, raters)
         result = self.stage.reduction(tokens, probe, removed)
         survivors = candidates.gather(1, result.kept)
         if result.new_token_slot is not None:

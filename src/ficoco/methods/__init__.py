@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 from .base import (InputReduction, LanguageReduction, Method, ModelGeometry, ResolutionReduction, ResolvedPlan,
                    VisionReduction)
-from .baselines import dart, evit, fastv, pdrop, random_drop, tome, topk, visionzip
+from .baselines import dart, evit, fastv, pdrop, random_drop, sparsevlm, tome, topk, visionzip
 from .input_pruning import cdpruner, divprune, pool, zero
 from .resolution import downsample
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
@@ -45,6 +45,8 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
     "dart": (dart, "DART: keep pivot tokens and the tokens they duplicate least, before LLM layer K (K = 2)"),
     "pdrop": (pdrop, "PyramidDrop: staged drops by the last token's attention before LLM layers 8/16/24, each stage "
                      "keeping the same share"),
+    "sparsevlm": (sparsevlm, "SparseVLM: keep visual tokens the text raters attend to, recycle the most attended "
+                             "deleted ones into cluster means, after LLM layers 2/6/15"),
     "pool": (pool, "spatial average pooling of the projected visual tokens (LLM input)"),
     "divprune": (divprune, "DivPrune: max-min diverse subset of the projected visual tokens (LLM input)"),
     "cdpruner": (cdpruner, "CDPruner: DPP selection by diversity and relevance to the instruction (LLM input)"),
@@ -62,7 +64,7 @@ ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
 INPUT_METHODS = ("topk", "visionzip", "pool", "divprune", "cdpruner", "zero", "downsample")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 #: the later decoder-side baselines (not in the paper's tables)
-LATER_DECODER_METHODS = ("dart", "pdrop")
+LATER_DECODER_METHODS = ("dart", "pdrop", "sparsevlm")
 
 
 #: ``NAME[official]``: the options with which a method computes what its official code computes
@@ -172,5 +174,5 @@ __all__ = [
     "ModelGeometry", "OFFICIAL_OPTIONS", "ResolutionReduction", "ResolvedPlan", "VisionReduction", "available_methods", "parse_method_spec",
     "parse_option_value", "split_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "downsample", "pdrop", "get_method", "pool", "random_drop", "takes_budget", "tome", "topk", "visionzip", "zero",
+    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "downsample", "pdrop", "get_method", "pool", "random_drop", "sparsevlm", "takes_budget", "tome", "topk", "visionzip", "zero",
 ]

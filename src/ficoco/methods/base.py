@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from ..schedule import spread_evenly, spread_geometrically, tokens_entering_layers, validate_schedule
-from ..stages import BipartiteSimilarityFilter, TokenReduction
+from ..stages import BipartiteSimilarityFilter, TextRaters, TokenReduction
 from ..stages.resolution import exact_grid, grid_within
 
 
@@ -69,8 +69,14 @@ class _Reduction:
     #: score with the *next* layer's queries and keys, computed from this layer's output (with
     #: ``reduce_at="output"``): PyramidDrop ranks tokens by the attention of the layer it prunes for
     score_with_next_layer: bool = False
+    #: with ``stages``: ``stage_counts(available, keep, stages)`` -> the candidates left after each
+    #: stage (non-increasing, the schedule's own rule), instead of the geometric pyramid (SparseVLM's
+    #: per-budget table)
+    stage_counts: Callable[[int, int, int], list[int]] | None = None
 
     def __post_init__(self) -> None:
+        if self.stage_counts is not None and self.stages is None:
+            raise ValueError("stage_counts gives the counts after each of the stages: it needs stages=")
         if self.score_with_next_layer and self.reduce_at != "output":
             raise ValueError("score_with_next_layer reads the next layer's input: it needs reduce_at='output'")
         if self.reduce_at not in ("attention", "output"):
@@ -118,11 +124,24 @@ class _Reduction:
             if not layers and keep < available:
                 raise ValueError(f"no {where} layer between {start} and {end} can reduce; it reduces in layers "
                                  f"{sorted(allowed)}")
-            plan = spread_geometrically(available, keep, layers) if self.stages is not None else \
-                spread_evenly(available - keep, layers)
+            if self.stage_counts is not None:
+                plan = _stage_plan(layers, available, self.stage_counts(available, keep, len(layers)), where)
+            elif self.stages is not None:
+                plan = spread_geometrically(available, keep, layers)
+            else:
+                plan = spread_evenly(available - keep, layers)
         if isinstance(self.reduction.filter, BipartiteSimilarityFilter):
             _check_bipartite_limit(plan, available, self.reduction.extra_sources, self.reduction.filter.max_sources)
         return plan
+
+
+def _stage_plan(layers: list[int], available: int, counts: list[int], where: str) -> dict[int, int]:
+    """``{layer: removed}`` from the candidates left after each stage of ``layers`` (``counts``)."""
+    left = [available, *counts]
+    if len(counts) != len(layers) or any(b > a for a, b in zip(left, left[1:])) or left[-1] < 1:
+        raise ValueError(f"the {where} stages {layers} cannot leave {counts} of {available} tokens: one "
+                         f"non-increasing count per stage, at least one token")
+    return {layer: left[i] - left[i + 1] for i, layer in enumerate(layers) if left[i] > left[i + 1]}
 
 
 def _check_bipartite_limit(plan: Mapping[int, int], available: int, extra: int, limit: Callable[[int], int]) -> None:
@@ -176,7 +195,11 @@ class LanguageReduction(_Reduction):
         start_layer / end_layer: decoder layers the removals are spread over (``end_layer`` defaults
             to the second-to-last layer, the last whose reduction a later layer sees).
         schedule: explicit ``{layer: removed}`` instead of ``retain``.
+        raters: chooses, once per prompt from the LLM's input embeddings, the text tokens whose
+            attention the stages read as ``AttentionProbe.rater_attention`` (SparseVLM).
     """
+
+    raters: TextRaters | None = None
 
     def resolve(self, num_layers: int, num_visual: int, default_start: int = 5, *, keep: int | None = None
                 ) -> dict[int, int]:

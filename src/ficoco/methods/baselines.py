@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 from ..stages import (
@@ -13,12 +15,16 @@ from ..stages import (
     ConvergentCorrelate,
     DominantContextualFilter,
     DuplicationFilter,
+    AveragingCompress,
     DropCompress,
     FuseCompress,
     LastTokenAttentionFilter,
+    NearestReceiverCorrelate,
     NoCorrelate,
     RandomFilter,
+    RaterAttentionFilter,
     SizeWeightedCompress,
+    TextRaters,
     TokenReduction,
     TruncateFilter,
 )
@@ -163,3 +169,139 @@ def pdrop(retain: int | None = 72, *, layers: tuple[int | float, ...] = (0.25, 0
     language = LanguageReduction(reduction, retain, reduce_at="output", stages=stages, score_with_next_layer=True)
     return Method("pdrop", language=language,
                   description="PyramidDrop: staged drops by the last token's attention before layers 8/16/24")
+
+
+#: SparseVLM v1.5 (the ICML 2025 version): per budget, the visual tokens of a 576-token image kept
+#: by score at each of its three stages (after LLM layers 2, 6, 15 of 32); the merged tokens of
+#: the recycled ones come on top (``sparse_token_dict`` of ``score.py`` at Gumpest/SparseVLMs@b9619e61)
+SPARSEVLM_COUNTS: Mapping[int, tuple[int, ...]] = MappingProxyType(
+    {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)})
+#: SparseVLM v1's rank rule per budget, ``(scale, bias)``: keep ``min(int(rank * scale + bias), N - 1)``
+#: (its README and eval scripts at Gumpest/SparseVLMs@b72c5d62)
+SPARSEVLM_RANK_RULE: Mapping[int, tuple[float, float]] = MappingProxyType(
+    {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)})
+#: the visual tokens of one LLaVA-1.5 image, which the tables count
+SPARSEVLM_TOKENS = 576
+
+
+@dataclass(frozen=True)
+class SparseVLMCounts:
+    """SparseVLM's schedule (``LanguageReduction.stage_counts``): the visual tokens left after each
+    stage, for a budget.
+
+    A budget of the table on a 576-token image keeps the table's counts by score. Any other budget
+    (or image size) interpolates: each stage's share of the tokens (count / 576) runs linearly in
+    the budget's share (``retain / tokens``) between the neighbouring budgets of the table, and
+    from share 0 (nothing kept) below the smallest up to share 1 (everything kept) above the
+    largest; it is rounded to the image's tokens. A stage keeps at most what it gets; the merged
+    tokens of its recycled ones (``filter.survivors``) come on top. Under the rank rule the counts
+    are known only when a layer runs: the plan then counts one token per stage (nominal).
+
+    Attributes:
+        table: ``((budget, counts kept by score per stage), ...)``, budgets of 576 tokens.
+        filter: the filter whose recycling arithmetic turns kept counts into survivors.
+    """
+
+    table: tuple[tuple[int, tuple[int, ...]], ...]
+    filter: RaterAttentionFilter
+
+    def kept_by_score(self, available: int, keep: int, stages: int) -> list[int]:
+        """Tokens kept by score at each of ``stages`` stages of ``available`` for budget ``keep``."""
+        table = dict(self.table)
+        if available == SPARSEVLM_TOKENS and keep in table:
+            return list(table[keep])
+        anchors = {0.0: (0.0,) * stages, 1.0: (1.0,) * stages}
+        anchors.update({budget / SPARSEVLM_TOKENS: tuple(c / SPARSEVLM_TOKENS for c in counts)
+                        for budget, counts in table.items()})
+        points = sorted(anchors.items())
+        share = keep / available
+        for (low, low_counts), (high, high_counts) in zip(points, points[1:]):
+            if low <= share <= high:
+                t = (share - low) / (high - low)
+                return [round((a + t * (b - a)) * available) for a, b in zip(low_counts, high_counts)]
+        # a table budget above 576 tokens: beyond it every stage keeps its largest share
+        return [round(min(1.0, s) * available) for s in points[-1][1]]
+
+    def __call__(self, available: int, keep: int, stages: int) -> list[int]:
+        if self.filter.rank_adaptive:
+            return [max(1, available - stage) for stage in range(1, stages + 1)]
+        left, counts = available, []
+        least = 0 if self.filter.recycle else 1  # recycling always leaves a merged token
+        for kept in self.kept_by_score(available, keep, stages):
+            kept = max(least, min(kept, left))
+            left = self.filter.survivors(left, kept)
+            counts.append(left)
+        return counts
+
+
+def _check_sparsevlm_counts(counts: Mapping[int, Sequence[int]], stages: int) -> tuple:
+    table = []
+    for budget, kept in counts.items():
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1 or isinstance(kept, (str, bytes)) \
+                or len(kept) != stages or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in kept):
+            raise ValueError(f"SparseVLM's counts map each budget (a positive integer) to one non-negative count per "
+                             f"stage ({stages} stages); got {budget!r}: {kept!r}")
+        table.append((budget, tuple(kept)))
+    if not table:
+        raise ValueError("SparseVLM's counts table is empty")
+    return tuple(sorted(table))
+
+
+def sparsevlm(
+    retain: int | float = 192,
+    *,
+    layers: tuple[int | float, ...] = (3 / 32, 7 / 32, 16 / 32),
+    counts: Mapping[int, Sequence[int]] | None = None,
+    recycle: bool = True,
+    recycle_ratio: float = 0.3,
+    cluster_ratio: float = 0.1,
+    rank_adaptive: bool = False,
+    scale: float | None = None,
+    bias: float | None = None,
+) -> Method:
+    """SparseVLM (ICML 2025): text raters (the text after the image most related to it, chosen
+    from the LLM's input embeddings) rate the visual tokens by their attention in the LLM layers of
+    ``layers``; after each of those layers the most attended are kept and, with ``recycle``, the
+    most attended ``recycle_ratio`` of the deleted ones merge into ``cluster_ratio`` as many
+    density-peak clusters (each merged token in its centre's place); the rest are dropped.
+
+    ``retain`` names SparseVLM's budget, the official settings 192 / 128 / 64 (an average over the
+    LLM's layers in the paper's accounting, not the final count): each keeps the official v1.5
+    counts by score per stage (``counts``, default :data:`SPARSEVLM_COUNTS`), other budgets
+    interpolate (:class:`SparseVLMCounts`). ``layers``: the layers whose attention rates and after
+    which tokens go, as indices or as shares of the depth (``f``: after layer ``round(f x depth) -
+    1``; the default, the official 2 / 6 / 15 of 32, is 2 / 5 / 13 of Qwen2.5-VL-7B's 28).
+
+    ``rank_adaptive=True`` is v1's rule: each sample keeps ``min(int(rank * scale + bias), N - 1)``
+    by score (``rank`` of the raters' attention to the visual tokens), a count known only when the
+    layer runs; ``scale`` / ``bias`` default to v1's for 192 / 128 / 64 (:data:`SPARSEVLM_RANK_RULE`).
+    """
+    if not layers or len(set(layers)) != len(layers) or any(
+            isinstance(x, bool) or not (isinstance(x, int) and x >= 0 or isinstance(x, float) and 0.0 < x < 1.0)
+            for x in layers):
+        raise ValueError(f"SparseVLM's layers must be distinct layer indices >= 0 or shares of the depth in (0, 1), "
+                         f"got {layers!r}")
+    if rank_adaptive:
+        if scale is None and bias is None:
+            if retain not in SPARSEVLM_RANK_RULE:
+                raise ValueError(f"SparseVLM's rank rule has official scale and bias for budgets "
+                                 f"{sorted(SPARSEVLM_RANK_RULE)}; give scale= and bias= for retain={retain!r}")
+            scale, bias = SPARSEVLM_RANK_RULE[retain]
+        elif scale is None or bias is None:
+            raise ValueError("give both of SparseVLM's scale= and bias= (the rank rule), or neither")
+    elif scale is not None or bias is not None:
+        raise ValueError("scale= and bias= set SparseVLM's rank rule: give rank_adaptive=True too")
+    rule = {} if scale is None else {"scale": scale, "bias": bias}
+    rater_filter = RaterAttentionFilter(recycle=recycle, recycle_ratio=recycle_ratio, cluster_ratio=cluster_ratio,
+                                        rank_adaptive=rank_adaptive, **rule)
+    table = SPARSEVLM_COUNTS if counts is None else counts
+    # the rank rule leaves the table unused: any number of layers (v1 prunes after 2, 6, 15, 19)
+    table = tuple(sorted(table.items())) if rank_adaptive and counts is None else \
+        _check_sparsevlm_counts(table, len(layers))
+    reduction = TokenReduction(rater_filter, NearestReceiverCorrelate(), AveragingCompress()) if recycle else \
+        TokenReduction(rater_filter, NoCorrelate(), DropCompress())
+    language = LanguageReduction(reduction, retain, reduce_at="output", stages=tuple(layers),
+                                 stage_counts=SparseVLMCounts(table, rater_filter), raters=TextRaters())
+    return Method("sparsevlm", language=language,
+                  description="SparseVLM: visual tokens rated by the attention of text raters, deleted ones "
+                              "recycled into clusters, after LLM layers 2/6/15")

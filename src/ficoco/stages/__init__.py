@@ -33,6 +33,7 @@ from .filters import (
     local_penalty,
 )
 from .pipeline import TokenReduction
+from .text_guided import NearestReceiverCorrelate, RaterAttentionFilter, TextRaters, density_peaks
 from .probe import AttentionProbe, FeatureProbe, GroupedProbe
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
@@ -43,4 +44,5 @@ __all__ = [
     "FeatureProbe", "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
     "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets", "top_k_targets",
+    "NearestReceiverCorrelate", "RaterAttentionFilter", "TextRaters", "density_peaks",
 ]

@@ -28,6 +28,17 @@ class Filter(ABC):
         sequence order). Only ToMe's official alternation hands them on in another order."""
         return True
 
+    @property
+    def decides_removals(self) -> bool:
+        """Whether the filter decides from the data how many candidates each sample removes
+        (:meth:`removals`), so that the schedule's count is nominal (SparseVLM's rank rule)."""
+        return False
+
+    def removals(self, tokens: TokenGroup, probe: AttentionProbe) -> list[int]:
+        """Per sample, how many candidates it removes, when :attr:`decides_removals`; the caller
+        then hands each sample its own count as ``num_sources``."""
+        raise TypeError(f"{type(self).__name__} removes as many tokens as the schedule says")
+
     @abstractmethod
     def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
         """``[B, N]`` redundancy scores; higher means more discardable."""

@@ -49,6 +49,11 @@ class TokenReduction:
         return self.filter.keeps_order
 
     @property
+    def decides_removals(self) -> bool:
+        """Whether the filter decides per sample how many tokens go (see :attr:`Filter.decides_removals`)."""
+        return self.filter.decides_removals
+
+    @property
     def extra_sources(self) -> int:
         return 1 if self.correlate.creates_token else 0
 

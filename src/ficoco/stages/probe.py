@@ -44,6 +44,10 @@ class AttentionProbe:
             LLM), for stages that compare tokens' states with text tokens' (DART's text pivots).
         hidden_weight: ``[D]`` the elementwise weight of the decoder's final norm, which a
             cosine of normed hidden states keeps (the norm's 1/RMS cancels in a cosine).
+        rater_rows: ``[B, R]`` sequence indices of the text tokens that rate the visual tokens
+            (SparseVLM's raters, :class:`~ficoco.stages.TextRaters`).
+        rater_valid: ``[B, R]`` bool, which of ``rater_rows`` are real (samples have different
+            numbers of raters); a sample with none is rated by its ``last_row``.
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class AttentionProbe:
         attended_keys: Tensor | None = None,
         hidden: Tensor | None = None,
         hidden_weight: Tensor | None = None,
+        rater_rows: Tensor | None = None,
+        rater_valid: Tensor | None = None,
     ) -> None:
         b, l, h, d = queries.shape
         hk = keys.shape[2]
@@ -75,6 +81,7 @@ class AttentionProbe:
         self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
         self.rope = rope
         self.hidden, self.hidden_weight = hidden, hidden_weight
+        self.rater_rows, self.rater_valid = rater_rows, rater_valid
         if attended_keys is not None:
             self.__dict__["head_major_keys"] = attended_keys  # pre-fills the cached property
 
@@ -251,6 +258,40 @@ class AttentionProbe:
     def text_received(self) -> Tensor:
         """``[B, N]``: ``(1/M) sum_k A_ki``, the attention each candidate receives from the text."""
         return self.text_attention.sum(dim=1) / self.num_text
+
+    @cached_property
+    def _raters(self) -> tuple[Tensor, Tensor | None]:
+        """``(rows, valid)`` of the raters; a sample without any (no text after its image) is
+        rated by its last token (``last_row``), in its first row."""
+        if self.rater_rows is None:
+            raise ValueError("rater attention needs the text raters (SparseVLM): only available inside the LLM, "
+                             "with LanguageReduction(raters=TextRaters())")
+        rows, valid = self.rater_rows, self.rater_valid
+        if valid is None or self.last_row is None or rows.shape[1] == 0:
+            return rows, valid
+        first = (torch.arange(rows.shape[1], device=rows.device) == 0)[None, :] & ~valid.any(dim=1, keepdim=True)
+        return torch.where(first, self.last_row[:, None], rows), valid | first
+
+    @cached_property
+    def rater_attention_rows(self) -> Tensor:
+        """``[B, R, N]``: attention from each rater (``rater_rows``) to each candidate, head-averaged,
+        softmax over all keys; rows of padding (``rater_valid`` false) are zero. Only these ``R``
+        rows of the map are formed."""
+        rows, valid = self._raters
+        probs = self._candidate_columns(self.softmax_rows(rows))
+        return probs if valid is None else probs * valid[:, :, None]
+
+    @property
+    def rater_count(self) -> Tensor:
+        """``[B]``: raters per sample (padding rows not counted)."""
+        rows, valid = self._raters
+        return torch.full((rows.shape[0],), rows.shape[1], device=rows.device) if valid is None else valid.sum(dim=1)
+
+    @cached_property
+    def rater_attention(self) -> Tensor:
+        """``[B, N]``: the attention each candidate receives from the raters, averaged over them
+        (SparseVLM's relevance of a visual token)."""
+        return self.rater_attention_rows.sum(dim=1) / self.rater_count[:, None].clamp_min(1).float()
 
     @cached_property
     def last_token_attention(self) -> Tensor:

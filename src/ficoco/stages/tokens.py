@@ -71,12 +71,16 @@ class FilterResult:
         scores: ``[B, N]`` float redundancy scores (higher = more discardable), for inspection.
         receivers: optional ``[B, N - r]`` bool, which targets may receive information (ToMe's
             bipartite split lets only the other half receive); ``None`` means all of them.
+        passing: optional ``[B, r]`` bool, which sources hand their information on (SparseVLM
+            recycles only the most relevant of the tokens it deletes; the others are dropped);
+            ``None`` means all of them.
     """
 
     sources: Tensor
     targets: Tensor
     scores: Tensor | None = None
     receivers: Tensor | None = None
+    passing: Tensor | None = None
 
 
 @dataclass(frozen=True)
