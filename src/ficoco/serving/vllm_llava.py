@@ -170,6 +170,12 @@ class FicocoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         served = served_reduction(self.config)
+        compilation = vllm_config.compilation_config
+        if served is not None and (getattr(compilation, "compile_mm_encoder", False)
+                                   or getattr(compilation, "cudagraph_mm_encoder", False)):
+            # a compiled or graph-captured tower would not run the hooks (nor cut rows in Python)
+            raise ValueError("ficoco: the reduction runs in the vision tower's Python forward; leave "
+                             "compile_mm_encoder and cudagraph_mm_encoder off")
         self.ficoco = ServedLlava(self, served) if served is not None else None
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
