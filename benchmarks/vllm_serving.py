@@ -10,15 +10,16 @@ and the KV-cache capacity the server logged; then stops the server.
 
 CPU, with the shipped proxy (run by the vLLM environment's interpreter; docs/serving.md)::
 
-    python -m ficoco.cli vllm-checkpoint --out /tmp/proxy-llava-hd64      # or: ficoco vllm-checkpoint ...
+    ficoco vllm-checkpoint --out /tmp/proxy-llava-hd64
     $(bash scripts/vllm-env.sh) benchmarks/vllm_serving.py --model /tmp/proxy-llava-hd64 \\
-        --out docs/benchmarks/vllm-serving-cpu.json
+        --requests 48 --concurrency 16 --out docs/benchmarks/vllm-serving-cpu.json
 
-GPU (LLaVA-1.5-7B, one GPU; ``pip install vllm`` and ``pip install -e .`` in one environment)::
+GPU (LLaVA-1.5-7B on one GPU; ``pip install vllm`` and ``pip install -e .`` in one environment;
+the server also gets CUDA graphs for the LLM, which leave the vision tower and its hooks eager)::
 
-    python benchmarks/vllm_serving.py --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
-        --kv-cache-gib 4 --requests 512 --concurrency 256 --max-tokens 64 --max-model-len 2048 \\
-        --out vllm-serving-7b.json
+    python benchmarks/vllm_serving.py --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 --no-enforce-eager \\
+        --kv-cache-gib 8 --requests 1024 --concurrency 256 --max-tokens 64 --max-model-len 2048 \\
+        --out vllm-serving-7b-h200.json
 """
 
 from __future__ import annotations

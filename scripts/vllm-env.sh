@@ -57,6 +57,11 @@ PYEOF
 fi
 
 # this checkout, without dependencies (vLLM's environment already has what ficoco imports): its
-# entry point in vllm.general_plugins is how vLLM's processes find the plugin
-"$ENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >&2
+# entry point in vllm.general_plugins is how vLLM's processes find the plugin. Skipped when the
+# environment already holds this checkout with this pyproject.toml (its metadata).
+CHECKOUT="$ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$ENV/.ficoco-checkout" 2>/dev/null)" != "$CHECKOUT" ]; then
+    "$ENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+    echo "$CHECKOUT" > "$ENV/.ficoco-checkout"
+fi
 echo "$ENV/bin/python"
