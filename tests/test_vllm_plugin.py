@@ -8,7 +8,8 @@ With vLLM (the interpreter scripts/vllm-env.sh builds, run as subprocesses; the 
 command builds it): the shipped proxy LLaVA, converted, served
 
 - offline (``vllm.LLM``, tests/vllm_worker.py): greedy tokens equal ficoco-on-transformers'
-  for vanilla and FiCoCo-V / ToMe at 192 and 64 tokens on the proxy test questions, prompt
+  for vanilla and FiCoCo-V / ToMe at 192 and 64 tokens on the proxy test questions (and for
+  every other pre-LLM method on a few of them), prompt
   lengths of text tokens + ``retain``, refusals at start-up, the plugin's registration and its
   reversible attachment;
 - by vLLM's OpenAI-compatible server, started here with the plugin: one chat request with an
@@ -48,6 +49,9 @@ DEFAULT_ENV = Path(os.environ.get("FICOCO_VLLM_ENV", Path.home() / ".cache" / "f
 QUESTIONS = 24  # the first 24 proxy test questions: four per family
 TP_QUESTIONS = 6  # fewer with two ranks, whose shared-memory hand-offs crawl on two cores
 CONFIGS = [("vanilla", None), ("ficoco-v", 192), ("ficoco-v", 64), ("tome", 192), ("tome", 64)]
+#: every other pre-LLM method, on the first six questions (each engine costs a start)
+MORE_CONFIGS = [("evit", 64), ("random", 64), ("topk", 64), ("visionzip", 64), ("pool", 144), ("divprune", 64)]
+MORE_QUESTIONS = 6
 MAX_TOKENS = 4  # the proxy answers in one word (at most two tokens) and </s>
 EOS = 2
 SERVED = ("ficoco-v", 64)  # what the server runs
@@ -290,6 +294,11 @@ def _reference() -> dict:
                 with ficoco.apply(model, method, retain=retain):
                     out = model.generate(**batch, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
         result[_label(method, retain)] = [_answer(row) for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+    batch = collate(samples[:MORE_QUESTIONS], processor, with_answers=False)
+    for method, retain in MORE_CONFIGS:
+        with torch.inference_mode(), ficoco.apply(model, method, retain=retain):
+            out = model.generate(**batch, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+        result[_label(method, retain)] = [_answer(row) for row in out[:, batch["input_ids"].shape[1]:].tolist()]
     return result
 
 
@@ -302,7 +311,9 @@ def runs(vllm_python, padded_proxy, server, refused_server, tmp_path_factory) ->
         "model": str(padded_proxy), "questions": QUESTIONS, "max_tokens": MAX_TOKENS,
         "engine": {"distributed_executor_backend": "uni"},
         "configs": [{"label": _label(m, r), "overrides": _overrides(m, r), "detach": m == "tome" and r == 64}
-                    for m, r in CONFIGS],
+                    for m, r in CONFIGS]
+                   + [{"label": _label(m, r), "overrides": _overrides(m, r), "questions": MORE_QUESTIONS}
+                      for m, r in MORE_CONFIGS],
         "refusals": [{"label": label, "overrides": {"architectures": [ARCHITECTURES["llava"]], "ficoco": override}}
                      for label, (override, _) in REFUSED.items()],
     }
@@ -371,6 +382,18 @@ def test_vanilla_answers_are_right(offline, reference):
     texts = [normalize_answer(t) for t in offline["configs"]["vanilla"]["texts"]]
     right = sum(t == normalize_answer(a) for t, a in zip(texts, reference["answers"]))
     assert right >= 0.85 * len(texts), f"{right} of {len(texts)}"
+
+
+@pytest.mark.parametrize(("method", "retain"), MORE_CONFIGS)
+def test_every_other_pre_llm_method_gives_the_same_tokens(offline, reference, method, retain):
+    """EViT, random dropping, TopK and VisionZip in vLLM's CLIP layers, pooling and DivPrune on its
+    projector: the prompt's length and the tokens of ficoco on transformers."""
+    label = _label(method, retain)
+    run = offline["configs"][label]
+    text_tokens = [length - 576 for length in reference["lengths"][:MORE_QUESTIONS]]
+    assert run["prompt_lengths"] == [t + retain for t in text_tokens], label
+    got = [_answer(tokens) for tokens in run["tokens"]]
+    assert got == reference[label], f"{label}: agreement {_agreement(got, reference[label]):.0%}"
 
 
 def test_detaching_restores_vllms_modules(offline):

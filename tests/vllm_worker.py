@@ -9,7 +9,8 @@ refused configuration the error's last line; and checks of the plugin's registra
 reversible attachment.
 
 Job (JSON): ``model`` (a checkpoint folder), ``questions`` (how many of the proxy test split),
-``max_tokens``, ``configs`` / ``refusals`` (``[{"label": ..., "overrides": {...}}]``), and
+``max_tokens``, ``configs`` / ``refusals`` (``[{"label": ..., "overrides": {...}}]``; a config's
+``questions`` answers only the first that many), and
 ``engine`` (extra ``vllm.LLM`` keyword arguments, e.g. ``tensor_parallel_size``).
 """
 
@@ -70,7 +71,7 @@ def main(job_path: str, result_path: str) -> None:
         start = time.perf_counter()
         llm = LLM(model=job["model"], hf_overrides=config["overrides"], **engine)
         ready = time.perf_counter()
-        outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        outputs = llm.generate(prompts[:config.get("questions", len(prompts))], sampling, use_tqdm=False)
         entry = {
             "prompt_lengths": [len(o.prompt_token_ids) for o in outputs],
             "tokens": [list(o.outputs[0].token_ids) for o in outputs],

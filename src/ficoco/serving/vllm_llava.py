@@ -128,7 +128,8 @@ class ServedLlava:
                 self.input = InputSide(method.input, plan.input_removed, grid=served.grid,
                                        leading=served.tokens_per_image - plan.llm_input_visual,
                                        image_token_id=model.config.image_token_index,
-                                       embed=model.get_language_model().get_input_embeddings(),
+                                       # read only for an instruction, which no served method uses
+                                       embed=model.get_language_model().model.embed_tokens,
                                        token_state=self._encoder_state if self.vision is not None else None)
                 self.input.install(self.hooks, model.multi_modal_projector)
         except BaseException:
