@@ -49,7 +49,9 @@ class FicocoLlavaProcessingInfo(LlavaProcessingInfo):
 
     @cached_property
     def served(self) -> ServedReduction | None:
-        return served_reduction(self.get_hf_config())
+        # the config as loaded, without get_hf_config's LlavaConfig type check: a Qwen-VL checkpoint
+        # sent to this class then gets ficoco's one line instead of a type error
+        return served_reduction(self.ctx.model_config.hf_config)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         if self.served is None:
