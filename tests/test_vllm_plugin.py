@@ -177,6 +177,21 @@ def test_refusals_beyond_the_registry():
         hf_overrides("ficoco-v", 0.25, model_type="qwen2_5_vl")
 
 
+def test_command_line_writes_the_overrides_and_the_padded_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from ficoco.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["vllm-overrides", "tome", "--retain", "0.25", "--option", "proportional_attention=false"])
+    assert out.exit_code == 0 and json.loads(out.output) == hf_overrides("tome", 0.25, proportional_attention=False)
+    out = runner.invoke(main, ["vllm-overrides", "fastv", "--retain", "64"])
+    assert out.exit_code != 0 and "fastv reduces inside the LLM" in out.output and "Traceback" not in out.output
+    out = runner.invoke(main, ["vllm-checkpoint", "--out", str(tmp_path / "hd64")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "hd64" / "config.json").read_text())["text_config"]["head_dim"] == 64
+
+
 # -- with vLLM: the environment, the server, the engines --------------------------------------
 
 
