@@ -610,6 +610,44 @@ def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, devi
     click.echo(Path(out_dir, "proxy_accuracy.md").read_text())
 
 
+@main.command("vllm-overrides")
+@click.argument("method_name", metavar="METHOD")
+@click.option("--retain", default=None, help="Visual tokens kept per image: a count, or a share (0.25) [the "
+              "method's default].")
+@click.option("--option", "options", multiple=True, help="A method option KEY=VALUE (repeatable).")
+def vllm_overrides(method_name, retain, options) -> None:
+    """Print the --hf-overrides JSON that serves METHOD with vLLM (docs/serving.md); 'vanilla' for none."""
+    from .methods import parse_option_value
+    from .serving import hf_overrides
+
+    budgets = None if retain is None else _budgets(retain)
+    if budgets is not None and len(budgets) != 1:
+        raise click.BadParameter(f"expected one count or share, got {retain!r}", param_hint="--retain")
+    extra = {}
+    for item in options:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+        extra[key.strip()] = parse_option_value(text)
+    click.echo(json.dumps(hf_overrides(method_name, budgets and budgets[0], **extra)))
+
+
+@main.command("vllm-checkpoint")
+@click.argument("model_path", required=False, type=click.Path(file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(file_okay=False),
+              help="The folder to write (replaced if it exists).")
+@click.option("--head-dim", type=int, default=None,
+              help="The LLM's new head size [the smallest vLLM's CPU attention supports].")
+def vllm_checkpoint(model_path, out_path, head_dim) -> None:
+    """Pad a LLaVA checkpoint's LLM heads for vLLM's CPU attention, exactly [the embedded proxy]."""
+    from .assets import embedded_model_dir
+    from .serving.checkpoint import pad_attention_heads
+
+    source = embedded_model_dir("llava") if model_path is None else Path(model_path)
+    target = pad_attention_heads(source, out_path, head_dim)
+    click.echo(f"wrote {target}")
+
+
 def _method_options(items) -> dict[str, dict]:
     """``("ficoco-l:start_layer=1", ...)`` -> ``{"ficoco-l": {"start_layer": 1}}`` (values read as
     int, float, true/false, none, else text)."""

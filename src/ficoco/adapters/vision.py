@@ -86,11 +86,10 @@ class VisionSide:
         first = min(self.removals)
         for index, layer in enumerate(self.layers):
             if self.stage.proportional_attention and index > first:
-                hooks.pre(layer, self._size_bias, with_kwargs=True)
+                self._install_size_bias(hooks, layer)
             if index in self.removals:
                 attn = layer.self_attn
-                hooks.post(attn.q_proj, self._keep_queries)
-                hooks.post(attn.k_proj, self._keep_keys)
+                self._install_query_key_capture(hooks, attn)
                 reduce = self._reducer(index, self.removals[index], attn)
                 if self.stage.reduce_at == "output":
                     hooks.post(layer, self._on_output(reduce), prepend=True)
@@ -98,6 +97,17 @@ class VisionSide:
                     hooks.pre(layer.layer_norm2, reduce)
                     hooks.post(layer, self._drop_rows, prepend=True)
         hooks.post(self.layers[-1], self._finish_batch)
+
+    def _install_query_key_capture(self, hooks: HookSet, attn: nn.Module) -> None:
+        """Keep the queries and keys ``[B, L, heads x head_dim]`` of a reducing layer's attention
+        (overridden for towers that fuse q, k and v into one projection: serving/vllm_llava.py)."""
+        hooks.post(attn.q_proj, self._keep_queries)
+        hooks.post(attn.k_proj, self._keep_keys)
+
+    def _install_size_bias(self, hooks: HookSet, layer: nn.Module) -> None:
+        """Make ``layer``'s attention add :meth:`_key_bias` to its logits (proportional attention;
+        overridden for layers that take no attention mask)."""
+        hooks.pre(layer, self._size_bias, with_kwargs=True)
 
     # -- hooks ----------------------------------------------------------------------------------
 

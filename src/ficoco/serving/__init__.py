@@ -1,0 +1,15 @@
+"""Serving ficoco's pre-LLM methods with vLLM (docs/serving.md).
+
+- :mod:`.config`: the method a served model runs, from its HF config (``--hf-overrides``), and
+  :func:`hf_overrides` to write that setting; no vLLM import;
+- :mod:`.checkpoint`: the exact head-size padding that vLLM's CPU attention needs for ficoco's
+  small proxy model;
+- :mod:`.plugin`: the ``vllm.general_plugins`` entry point;
+- :mod:`.vllm_llava`: the LLaVA model class vLLM builds (imports vLLM).
+
+Nothing in ficoco imports this package except the command line.
+"""
+
+from .config import ARCHITECTURES, OVERRIDE_KEY, ServedReduction, hf_overrides, served_reduction
+
+__all__ = ["ARCHITECTURES", "OVERRIDE_KEY", "ServedReduction", "hf_overrides", "served_reduction"]
