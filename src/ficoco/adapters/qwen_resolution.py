@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from ..stages.resolution import resize_images
 from .handle import ReductionHandle
-from .inputs import cut_tokens, run_keep_mask
-from .qwen_vl import _qwen_parts
+from .inputs import run_keep_mask
+from .qwen_vl import _qwen_parts, cut_prompt
 
-_PER_TOKEN_INPUTS = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
 #: (pixels, grids) keys of the two kinds of visual input
 _VISUAL_INPUTS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
@@ -159,17 +158,8 @@ class QwenResolutionHandle(ReductionHandle):
             keep = mask if keep is None else keep & mask
         if keep is None:
             return inputs
-        if isinstance(inputs.get("position_ids"), Tensor):
-            raise ValueError("downsample changes the image's grid, whose M-RoPE positions the model computes itself; "
-                             "leave position_ids out")
-        per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
-                     and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
-        pad = self.config.text_config.pad_token_id
-        new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=0 if pad is None else pad,
-                                  default_side=default_side)
-        inputs.update(cut)
-        inputs["input_ids"] = new_ids
-        return inputs
+        return cut_prompt(inputs, input_ids, keep, self.config.text_config.pad_token_id, default_side,
+                          "downsample changes the image's grid, whose M-RoPE positions the model computes itself")
 
     def _resized(self, pixels: Tensor, items: list[tuple[int, int, int]],
                  smaller: list[tuple[int, int, int]]) -> Tensor:

@@ -43,6 +43,23 @@ from .packed_input import PackedInputSide
 from .packed_vision import PackedVisionSide, frame_sizes
 
 _PER_TOKEN_INPUTS = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+
+
+def cut_prompt(inputs: dict, input_ids: Tensor, keep: Tensor, pad_token_id: int | None, default_side: str | None,
+               why: str) -> dict:
+    """``inputs`` with the prompt tokens where ``keep`` (``[B, L]`` bool) is false removed from
+    ``input_ids`` and from every per-token input (rows re-padded). The model computes the M-RoPE
+    positions of what is left itself, so ``position_ids`` given by the caller are refused (``why``
+    says which reduction needs that)."""
+    if isinstance(inputs.get("position_ids"), Tensor):
+        raise ValueError(f"{why}; leave position_ids out")
+    per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
+                 and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
+    new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=0 if pad_token_id is None else pad_token_id,
+                              default_side=default_side)
+    inputs.update(cut)
+    inputs["input_ids"] = new_ids
+    return inputs
 #: the grid a decoder-side stage sees for Qwen tokens: positions are only used as hash keys there
 _LLM_GRID = (1, 1 << 20)
 
@@ -170,17 +187,8 @@ class QwenVLHandle(ReductionHandle):
             keep = mask if keep is None else keep & mask
         if keep is None or bool(keep.all()):
             return inputs  # nothing to cut, or cut already (generate's prefill)
-        if isinstance(inputs.get("position_ids"), Tensor):
-            raise ValueError("a reduction before the LLM computes the M-RoPE positions of the kept tokens itself; "
-                             "leave position_ids out")
-        per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
-                     and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
-        pad = self.config.text_config.pad_token_id
-        new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=0 if pad is None else pad,
-                                  default_side=default_side)
-        inputs.update(cut)
-        inputs["input_ids"] = new_ids
-        return inputs
+        return cut_prompt(inputs, input_ids, keep, self.config.text_config.pad_token_id, default_side,
+                          "a reduction before the LLM computes the M-RoPE positions of the kept tokens itself")
 
     def _features_wrapper(self, token: int):
         """``get_image_features`` / ``get_video_features`` that remember the grids of the items they
