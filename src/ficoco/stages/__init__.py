@@ -9,11 +9,14 @@ statistics they read.
 """
 
 from .compressors import AddMeanCompress, AveragingCompress, Compress, DropCompress, FuseCompress, SelfPreservingCompress, SizeWeightedCompress
+from .compressors import NeighbourSupplementCompress
 from .correlates import (
     ArgmaxSimilarityCorrelate,
     AttentionQuantileCorrelate,
     ConvergentCorrelate,
     Correlate,
+    KeyNeighbourCorrelate,
+    NeighbourCorrelation,
     NoCorrelate,
     TextMediatedQuantileCorrelate,
     quantile_targets,
@@ -28,12 +31,13 @@ from .filters import (
     FiCoCoVisionFilter,
     Filter,
     LastTokenAttentionFilter,
+    OutlierAttentionFilter,
     RandomFilter,
     TruncateFilter,
     local_penalty,
 )
 from .pipeline import TokenReduction
-from .probe import AttentionProbe, FeatureProbe, GroupedProbe
+from .probe import AttentionProbe, FeatureProbe, GroupedProbe, token_importance
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
 __all__ = [
@@ -43,4 +47,6 @@ __all__ = [
     "FeatureProbe", "FuseCompress", "GroupedProbe", "LastTokenAttentionFilter", "NO_POSITION", "NoCorrelate", "RandomFilter", "ReductionResult",
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
     "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets", "top_k_targets",
+    "KeyNeighbourCorrelate", "NeighbourCorrelation", "NeighbourSupplementCompress", "OutlierAttentionFilter",
+    "token_importance",
 ]
