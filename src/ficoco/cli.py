@@ -133,8 +133,10 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     from .measure.qwen import QwenVLShape
 
     # the LLM-input methods (pool, divprune, cdpruner; topk at the feature layer) all run the whole
-    # tower and feed the LLM `retain` tokens: one row stands for them (LLaVA-1.5 only)
-    input_rows = ("pool",)
+    # tower and feed the LLM `retain` tokens: one row stands for them (LLaVA-1.5 only); prumerge's
+    # for those that reduce the feature layer's output (visionzip, prumerge+), whose last layer runs
+    # on the kept tokens
+    input_rows = ("pool", "prumerge")
 
     shape = _shape(model, image_size)
     qwen = isinstance(shape, QwenVLShape)
@@ -175,7 +177,9 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget"
                + ("" if qwen or targets else "; pool's row is every method that prunes at the LLM input (topk, pool, "
-                                              "divprune, cdpruner: the whole tower runs)"))
+                                              "divprune, cdpruner: the whole tower runs), prumerge's every one that "
+                                              "reduces the feature layer's output (visionzip, prumerge+; prumerge "
+                                              "without a budget keeps an adaptive count per image)"))
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \
              f"{'vision TFLOPs':>13} {'KV MB':>8}  schedule"
     click.echo(header)
