@@ -194,8 +194,12 @@ class VisionSide:
             whole = probe(slice(None))
             tokens = TokenGroup(residual[:, self.offset:], self.sizes, self.positions, self.grid)
             reduction = self.stage.reduction
-            # an adaptive filter's counts, one host sync (the shapes depend on them)
-            removals = reduction.adaptive_removals(tokens, whole).tolist() if self.stage.adaptive else [count] * b
+            removals = [count] * b
+            if self.stage.adaptive:  # the filter's counts: one host sync, as the shapes depend on them
+                if residual.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise ValueError("an adaptive reduction decides its shapes from the data, which a CUDA graph cannot "
+                                     "replay: give the method a retain budget to graph the tower")
+                removals = reduction.adaptive_removals(tokens, whole).tolist()
             if len(set(removals)) == 1:
                 parts = [(slice(None), reduction(tokens, whole, removals[0]))]
             else:  # the images keep different counts: one at a time, each row padded below
