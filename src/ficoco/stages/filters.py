@@ -484,11 +484,12 @@ class OutlierAttentionFilter(Filter):
         least = torch.zeros_like(chosen).scatter_(1, attention.argmin(dim=1, keepdim=True), True)
         return chosen & ~(least & chosen.all(dim=1, keepdim=True))
 
-    def _budget(self, attention: Tensor, outlier: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+    def _budget(self, attention: Tensor, kept: int) -> tuple[Tensor, Tensor]:
         """``([B, N] bool kept, [B, N] bool ranked by attention)`` with exactly ``kept`` per row."""
-        top = torch.zeros_like(outlier).scatter_(1, attention.topk(kept, dim=1).indices, True)
-        if not self.spatial_samples:
+        top = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, attention.topk(kept, dim=1).indices, True)
+        if not self.spatial_samples:  # the top of the ranking: no fence needed
             return top, top
+        outlier = self.outliers(attention)
         n = attention.shape[1]
         count = outlier.sum(dim=1, keepdim=True)  # [B, 1]
         rest = (n - count).clamp_min(1)  # rows where it is 0 take `top` below
@@ -512,16 +513,15 @@ class OutlierAttentionFilter(Filter):
             raise ValueError(f"cannot discard {num_sources} of {n} tokens")
         kept = n - num_sources
         attention = self.attention(probe)
-        outlier = self.outliers(attention)
         if self.adaptive:
-            chosen = self._adaptive(attention, outlier)
-            ranked = outlier
+            ranked = self.outliers(attention)
+            chosen = self._adaptive(attention, ranked)
             counts = chosen.sum(dim=1)
             if bool((counts != kept).any()):
                 raise ValueError(f"the outliers keep {counts.tolist()} tokens per sample, not {kept}: an adaptive "
                                  f"reduction removes what kept_counts() leaves, one count per call")
         else:
-            chosen, ranked = self._budget(attention, outlier, kept)
+            chosen, ranked = self._budget(attention, kept)
         targets = first_k_true(chosen, kept)  # ascending
         if self.order == "official":  # attention-ranked ones by descending attention, then the spread ones
             key = torch.where(ranked.gather(1, targets), -attention.gather(1, targets), float("inf"))
