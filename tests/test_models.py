@@ -28,6 +28,10 @@ METHODS = {
     "random-llm": dict(retain=100, side="language"),
     "topk": dict(retain=100),
     "visionzip": dict(retain=100),
+    "prumerge": dict(retain=100),
+    "prumerge+": dict(retain=100),
+    "prumerge-adaptive": dict(retain=None),  # each image its own count: the three hand on 11, 10 and 13 tokens
+    "prumerge+-adaptive": dict(retain=None),
     "dart": dict(retain=100),
     "pdrop": dict(retain=100, layers=(2, 4, 6)),
     "sparsevlm": dict(retain=100),
@@ -38,11 +42,12 @@ METHODS = {
     "downsample": dict(retain=192),  # a 16x12-patch image: non-square, position embeddings interpolated
 }
 #: methods that can keep every token (``retain`` = all patches is then the vanilla model)
-CAN_KEEP_ALL = [key for key in METHODS if key != "zero"]
+CAN_KEEP_ALL = [key for key in METHODS if key != "zero" and not key.endswith("-adaptive")]
 
 
 def build(key: str, **overrides) -> ficoco.Method:
     name = key.removesuffix("-prop").removesuffix("-llm").removesuffix("-k1").removesuffix("-k2")
+    name = name.removesuffix("-adaptive")
     return ficoco.get_method(name, **{**METHODS[key], **overrides})
 
 
@@ -241,6 +246,34 @@ def test_raster_order_and_cls_preserved(model, images, key):
     sizes = handle.vision_trace.sizes
     if key != "random":  # merging methods conserve the total number of patches
         torch.testing.assert_close(sizes.sum(1), torch.full((2,), float(PATCHES)))
+
+
+@pytest.mark.parametrize("key", ["prumerge", "prumerge+", "prumerge-adaptive", "prumerge+-adaptive"])
+def test_prumerge_counts_order_and_extra_token(model, images, prompts, key):
+    """PruMerge hands the LLM exactly ``retain`` tokens per image with a budget, or each image its
+    own outlier count without one (here three different counts in one batch): kept tokens in raster
+    order, then the extra token, which stands for every discarded patch."""
+    inputs = batch_inputs(prompts, images, "right")
+    with ficoco.apply(model, build(key)) as handle:
+        out = logits(model, inputs)
+        trace = handle.vision_trace
+        prepared = handle.prepare_inputs(**inputs)
+    adaptive = key.endswith("-adaptive")
+    counts = trace.counts.tolist() if adaptive else [100] * 3
+    assert (trace.counts is None) != adaptive
+    assert len(set(counts)) == (3 if adaptive else 1)
+    assert trace.positions.shape == (3, max(counts))
+    for row, count in enumerate(counts):
+        positions = trace.positions[row, :count].tolist()
+        assert positions[:-1] == sorted(set(positions[:-1])) and min(positions[:-1]) >= 0 and positions[-1] == -1
+        assert trace.sizes[row, :count].sum() == PATCHES and not trace.sizes[row, count:].any()
+    lengths = inputs["attention_mask"].sum(1) - PATCHES + torch.tensor(counts)
+    assert prepared["attention_mask"].sum(1).tolist() == lengths.tolist()
+    assert out.shape[1] == inputs["input_ids"].shape[1] - PATCHES + max(counts)
+    assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 3 * PATCHES  # caller's inputs untouched
+    if adaptive:
+        with pytest.raises(ValueError, match="decides each image's count"):
+            handle.visual_tokens_per_image
 
 
 def test_decoder_loss_uses_kept_positions(model, images, prompts):

@@ -346,7 +346,7 @@ def test_method_names_carry_options_and_official_presets():
     assert get_method("evit[official]").vision.reduction.compress.fused == "sum"
     assert get_method("tome[official,proportional_attention=false]").vision.proportional_attention is False
     assert get_method("ficoco-v").name == "ficoco-v"
-    assert set(OFFICIAL_OPTIONS) == {"ficoco-v", "tome", "evit"}
+    assert set(OFFICIAL_OPTIONS) == {"ficoco-v", "tome", "evit", "prumerge", "prumerge+"}
     assert split_methods("ficoco-v, ficoco-v[lam=0.5,swap_weights=true],tome[official]") == [
         "ficoco-v", "ficoco-v[lam=0.5,swap_weights=true]", "tome[official]"]
     for bad, message in (("fastv[official]", "no official-code options"), ("ficoco-v[lam]", "expected KEY=VALUE"),

@@ -60,10 +60,18 @@ def reference_image_features(model, pixel_values, method, plan):
             h = h + layer.mlp(layer.layer_norm2(h))
         if index in plan:
             length = h.shape[1]
+            if method.vision.score_with_next_layer:  # PruMerge: the next layer's queries and keys of this output
+                following = vm.encoder.layers[index + 1]
+                x_next = following.layer_norm1(h)
+                q, k = following.self_attn.q_proj(x_next), following.self_attn.k_proj(x_next)
             probe = AttentionProbe(q.view(1, length, n_heads, -1), k.view(1, length, n_heads, -1), attn.scale,
                                    torch.arange(1, length)[None], cls_index=0,
                                    key_bias=bias[:, 0, 0] if prop else None)
-            result = method.vision.reduction(TokenGroup(h[:, 1:], sizes, positions, GRID), probe, plan[index])
+            tokens = TokenGroup(h[:, 1:], sizes, positions, GRID)
+            removed = plan[index]
+            if method.vision.adaptive:  # the image's own count (the plan holds 0)
+                removed = int(method.vision.reduction.adaptive_removals(tokens, probe)[0])
+            result = method.vision.reduction(tokens, probe, removed)
             h = torch.cat([h[:, :1], result.tokens.features], dim=1)
             sizes, positions = result.tokens.sizes, result.tokens.positions
         if not after_mlp:
@@ -164,7 +172,8 @@ def reference_logits(model, prompt, pixel_values, method):
 
 @pytest.mark.parametrize("use_cache", [True, False])  # keys from the KV cache, or rotated by the probe
 @pytest.mark.parametrize("key", ["ficoco-v", "ficoco-v-prop", "tome", "evit", "ficoco-l", "fastv", "ficoco-vl", "random-llm",
-                                 "topk", "visionzip", "dart", "pdrop", "sparsevlm", "pool", "divprune", "cdpruner",
+                                 "topk", "visionzip", "prumerge", "prumerge+", "prumerge-adaptive",
+                                 "prumerge+-adaptive", "dart", "pdrop", "sparsevlm", "pool", "divprune", "cdpruner",
                                  "zero"])
 def test_hooked_model_matches_explicit_reference(model, images, prompts, key, use_cache):
     method = build(key)

@@ -133,8 +133,9 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     from .measure.qwen import QwenVLShape
 
     # the LLM-input methods (pool, divprune, cdpruner; topk at the feature layer) all run the whole
-    # tower and feed the LLM `retain` tokens: one row stands for them
-    input_rows = ("pool",)
+    # tower and feed the LLM `retain` tokens: one row stands for them; prumerge's for those that reduce
+    # the feature layer's output (visionzip, prumerge+; LLaVA-1.5), whose last layer runs on the kept tokens
+    input_rows = ("pool", "prumerge")
 
     shape = _shape(model, image_size)
     qwen = isinstance(shape, QwenVLShape)
@@ -161,7 +162,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                     rows.append((f"{target:g} TF", cost, budget.describe_schedule(method, geometry)))
     else:
         for retain in _budgets(retains):
-            for name in ENCODER_METHODS[:1] + input_rows + ("downsample",) + DECODER_METHODS \
+            for name in ENCODER_METHODS[:1] + input_rows[:1 if qwen else None] + ("downsample",) + DECODER_METHODS \
                     + LATER_DECODER_METHODS:
                 method = get_method(name, retain=retain)
                 try:
@@ -180,7 +181,10 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget; "
                "downsample's tower runs on the smaller image (its vision TFLOPs)"
                + ("" if targets else "; pool's row is every method that prunes at the LLM input (topk, pool, "
-                                     "divprune, cdpruner: the whole tower runs)"))
+                                     "divprune, cdpruner: the whole tower runs)")
+               + ("" if qwen or targets else ", prumerge's every one that reduces the feature layer's output "
+                                              "(visionzip, prumerge+; prumerge without a budget keeps an "
+                                              "adaptive count per image)"))
     header = f"{'budget':>8} {'method':<10} {'LLM in':>6} {'LLM out':>7} {'LLM TFLOPs':>10} {'% vanilla':>9} " \
              f"{'vision TFLOPs':>13} {'KV MB':>8}  schedule"
     click.echo(header)

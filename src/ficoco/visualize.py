@@ -32,6 +32,10 @@ def patch_destinations(steps: list[tuple[int, ReductionResult]], num_patches: in
     Rows of pruned patches are all zero; merged patches spread over their targets with the
     correlation's row-normalised weights (the same shares the compressors use for sizes).
     """
+    layers = [layer for layer, _ in steps]
+    if len(set(layers)) != len(layers):
+        raise ValueError("these steps hold one entry per image of the same layer (an adaptive reduction whose images "
+                         "keep different counts): pass one image's steps at a time, e.g. [trace.steps[i]]")
     if steps:
         batch = steps[0][1].kept.shape[0]
     share = torch.eye(num_patches).expand(batch, num_patches, num_patches).clone()

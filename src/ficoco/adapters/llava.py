@@ -11,9 +11,17 @@ The ``downsample`` control (:class:`~ficoco.methods.ResolutionReduction`) resize
 pre-hook on the vision tower, which it asks to interpolate its position embeddings to the smaller
 grid (CLIP's and SigLIP's ``interpolate_pos_encoding``); the prompt's placeholders are cut to the
 smaller grid's tokens as for every method that hands the LLM fewer tokens.
+
+An adaptive encoder-side method (PruMerge with no budget) learns each image's count only once the
+tower has run, after the prompt's placeholders must already match it. Its prompt rewriting
+therefore encodes the images itself, cuts each image's placeholders to that image's count and
+hands the model the encoded images (``mm_encoder_outputs``) in place of the pixels; an
+instance-level ``get_image_features`` wrapper gives each image only its own rows.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +31,7 @@ from ..stages import NO_POSITION
 from ..stages.resolution import resize_images
 from .handle import ReductionHandle
 from .input_side import InputSide
-from .inputs import shrink_placeholders
+from .inputs import cut_tokens, run_keep_mask, shrink_placeholders
 from .language import LanguageSide
 from .vision import VisionSide
 _PER_TOKEN_INPUTS = ("attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids")
@@ -93,6 +101,14 @@ class LlavaHandle(ReductionHandle):
         geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers),
                                  grid=grid)
         self.plan: ResolvedPlan = method.plan(geometry)
+        self.adaptive = method.vision is not None and method.vision.adaptive
+        if self.adaptive:
+            if method.input is not None or method.language is not None:
+                raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
+                                 f"reduction after it would need that count in advance")
+            if "mm_encoder_outputs" not in inspect.signature(type(llava).forward).parameters:
+                raise ValueError(f"{method.name} without a budget gives each image its own token count, which needs a "
+                                 f"transformers whose LLaVA takes mm_encoder_outputs; give retain=")
         self._attach()
 
     def _install(self) -> None:
@@ -108,6 +124,8 @@ class LlavaHandle(ReductionHandle):
             self.vision = VisionSide(self.encoder_layers, method.vision, self.plan.vision, grid=self.grid,
                                      has_cls=self.has_cls, record=self.record)
             self.vision.install(self.hooks)
+            if self.adaptive:
+                self._wrap(llava, "get_image_features", self._own_rows)
         if self.plan.input_removed:
             self.input = InputSide(method.input, self.plan.input_removed, grid=self.grid, leading=self.cls_to_llm,
                                    image_token_id=llava.config.image_token_id, embed=llava.get_input_embeddings(),
@@ -127,6 +145,8 @@ class LlavaHandle(ReductionHandle):
     @property
     def visual_tokens_per_image(self) -> int:
         """Visual tokens per image after the last reduction (what the LLM's last layers see)."""
+        if self.adaptive:
+            raise ValueError(f"{self.method.name} decides each image's count: see vision_trace.counts")
         return self.plan.llm_final_visual
 
     @property
@@ -190,9 +210,55 @@ class LlavaHandle(ReductionHandle):
     # -- encoder-side: placeholders -------------------------------------------------------------
 
     def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:
+        if self.adaptive:
+            return self._encode_and_cut(inputs, default_side)
         inputs = self._cut_placeholders(inputs, default_side)
         if self.input is not None and inputs.get("pixel_values") is not None:
             self.input.remember_prompt(inputs.get("input_ids"), inputs.get("attention_mask"))
+        return inputs
+
+    def _own_rows(self, original):
+        """``get_image_features`` that gives each image only its own rows of an adaptive
+        reduction's padded batch (``pooler_output`` is a list of ``[N_i, D]``)."""
+        def get_image_features(*args, **kwargs):
+            out = original(*args, **kwargs)
+            trace = self.vision_trace
+            features = getattr(out, "pooler_output", None)
+            if trace is not None and trace.counts is not None and isinstance(features, (list, tuple)):
+                counts = (trace.counts + self.cls_to_llm).tolist()
+                out.pooler_output = [f[:count] for f, count in zip(features, counts)]
+            return out
+
+        return get_image_features
+
+    def _encode_and_cut(self, inputs: dict, default_side: str) -> dict:
+        """For an adaptive method: encode the images, cut each image's placeholders to its own
+        count and pass the encoded images on as ``mm_encoder_outputs`` instead of the pixels."""
+        input_ids, pixel_values = inputs.get("input_ids"), inputs.get("pixel_values")
+        if input_ids is None or pixel_values is None:
+            return inputs
+        image_token = self.llava.config.image_token_id
+        full = self.plan.geometry.num_patches + self.cls_to_llm
+        images = pixel_values.shape[0]
+        total = int((input_ids == image_token).sum())
+        if total != images * full:
+            raise ValueError(
+                f"the prompt has {total} image placeholders for {images} image(s); expected {full} per image"
+            )
+        options = {key: inputs[key] for key in ("vision_feature_layer", "vision_feature_select_strategy")
+                   if inputs.get(key) is not None}
+        encoded = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True, **options)
+        kept = [features.shape[0] for features in encoded.pooler_output]
+        per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
+                     and inputs[k].shape[-1] == input_ids.shape[-1] and inputs[k].dim() == 2}
+        pad = self.llava.config.text_config.pad_token_id
+        keep = run_keep_mask(input_ids, image_token, [full] * images, kept)
+        new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=image_token if pad is None else pad,
+                                  default_side=default_side)
+        inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
+        inputs.update(cut)
+        inputs["input_ids"] = new_ids
+        inputs["mm_encoder_outputs"] = {**(inputs.get("mm_encoder_outputs") or {}), "image": encoded}
         return inputs
 
     def _cut_placeholders(self, inputs: dict, default_side: str) -> dict:

@@ -3,7 +3,9 @@
 Hooks, all on the attached model's own modules and removed on detach:
 
 - ``q_proj`` / ``k_proj`` forward hooks of each reducing layer keep that layer's queries and keys
-  (the attention itself stays SDPA);
+  (the attention itself stays SDPA); a reduction that scores with the next layer
+  (``score_with_next_layer``, PruMerge) computes that layer's input norm, queries and keys of the
+  output instead;
 - a forward pre-hook on the layer's ``layer_norm2`` runs the reduction on the residual stream after
   self-attention: merged targets are written back into that tensor, which the layer also holds as
   its MLP residual, and the order of survivors is remembered (with ``reduce_at="output"`` the
@@ -16,6 +18,12 @@ Hooks, all on the attached model's own modules and removed on detach:
 
 Per-call state (sizes, grid positions) lives on this object and is reset by a pre-hook on the
 first encoder layer at the start of every image batch.
+
+An adaptive reduction (the filter decides each image's count: PruMerge's outliers) reduces the
+images that keep the same count together and the others one at a time; the batch stays
+rectangular, each image's row holding its own tokens first and then rows that only pad it
+(:attr:`VisionTrace.counts` says how many are real), which the family adapter cuts away before
+the LLM.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import VisionReduction
-from ..stages import AttentionProbe, ReductionResult, TokenGroup
+from ..stages import NO_POSITION, AttentionProbe, ReductionResult, TokenGroup
 from ..stages.tokens import gather_rows
 from .hooks import HookSet, replace_hidden_output, write_rows
 
@@ -40,12 +48,16 @@ class VisionTrace:
             (raster order unless the method reorders, as ToMe's official alternation does; -1
             for fused tokens).
         sizes: ``[B, N']`` patches each of them stands for.
-        steps: per reducing layer, ``(layer, ReductionResult)`` when recording is on.
+        steps: per reducing layer, ``(layer, ReductionResult)`` when recording is on (an adaptive
+            reduction whose images keep different counts records one entry per image).
+        counts: ``[B]`` tokens each image really hands on, for an adaptive reduction (the rest of
+            its row pads the batch: position -1, size 0); ``None`` when all hand on ``N'``.
     """
 
     positions: Tensor
     sizes: Tensor
     steps: list[tuple[int, ReductionResult]]
+    counts: Tensor | None = None
 
 
 class VisionSide:
@@ -73,6 +85,7 @@ class VisionSide:
         self.queries: Tensor | None = None
         self.keys: Tensor | None = None
         self.pending_keep: Tensor | None = None
+        self.counts: Tensor | None = None
         self.steps: list[tuple[int, ReductionResult]] = []
 
     # -- installation ---------------------------------------------------------------------------
@@ -89,7 +102,12 @@ class VisionSide:
                 self._install_size_bias(hooks, layer)
             if index in self.removals:
                 attn = layer.self_attn
-                self._install_query_key_capture(hooks, attn)
+                if self.stage.score_with_next_layer:
+                    if index + 1 >= len(self.layers):
+                        raise ValueError(f"the reduction scores with the encoder layer after layer {index}, which is "
+                                         f"the last one here: give score_with_next_layer=False")
+                else:
+                    self._install_query_key_capture(hooks, attn)
                 reduce = self._reducer(index, self.removals[index], attn)
                 if self.stage.reduce_at == "output":
                     hooks.post(layer, self._on_output(reduce), prepend=True)
@@ -116,7 +134,7 @@ class VisionSide:
 
     def _finish_batch(self, module, args, output) -> None:
         if self.sizes is not None:
-            self.last = VisionTrace(self.positions, self.sizes, self.steps)
+            self.last = VisionTrace(self.positions, self.sizes, self.steps, self.counts)
         self._reset()
 
     def _keep_queries(self, module, args, output) -> None:
@@ -163,39 +181,81 @@ class VisionSide:
 
     def _reducer(self, index: int, count: int, attn: nn.Module):
         def reduce_after_attention(module, args) -> None:
-            residual = args[0]  # [B, L, D]: the layer's residual stream after self-attention
+            residual = args[0]  # [B, L, D]: the layer's residual stream after self-attention (or its output)
             self._ensure_state(residual)
             b, l, _ = residual.shape
-            heads, head_dim = attn.num_heads, attn.head_dim
+            if self.stage.score_with_next_layer:
+                scoring = self.layers[index + 1].self_attn
+                x = self.layers[index + 1].layer_norm1(residual)
+                queries, keys = scoring.q_proj(x), scoring.k_proj(x)
+            else:
+                scoring, queries, keys = attn, self.queries, self.keys
+            self.queries = self.keys = None
+            heads, head_dim = scoring.num_heads, scoring.head_dim
             n = l - self.offset
             candidates = torch.arange(self.offset, l, device=residual.device).expand(b, n)
-            probe = AttentionProbe(
-                self.queries.view(b, l, heads, head_dim),
-                self.keys.view(b, l, heads, head_dim),
-                attn.scale,
-                candidates,
-                cls_index=0 if self.has_cls else None,
-                key_bias=self._key_bias(),
-            )
+            q, k, bias = queries.view(b, l, heads, head_dim), keys.view(b, l, heads, head_dim), self._key_bias()
+
+            def probe(rows: slice) -> AttentionProbe:
+                return AttentionProbe(q[rows], k[rows], scoring.scale, candidates[rows],
+                                      cls_index=0 if self.has_cls else None,
+                                      key_bias=None if bias is None else bias[rows])
+
+            whole = probe(slice(None))
             tokens = TokenGroup(residual[:, self.offset:], self.sizes, self.positions, self.grid)
-            result = self.stage.reduction(tokens, probe, count)
-            self.queries = self.keys = None
-            # in the filter's order: ascending, except ToMe's official [unmerged A, B], which the
-            # rows dropped below (and so later layers and the LLM) then follow
-            kept_rows = candidates.gather(1, result.kept)
-            num_kept = kept_rows.shape[1]
-            write_rows(residual, kept_rows, result.tokens.features[:, :num_kept])
-            order = [torch.arange(self.offset, device=residual.device).expand(b, self.offset), kept_rows]
-            if result.new_token_slot is not None:
-                slot = (self.offset + result.new_token_slot)[:, None]
-                write_rows(residual, slot, result.tokens.features[:, num_kept:])
-                order.append(slot)  # the fused token goes after every kept token (EViT)
-            self.pending_keep = torch.cat(order, dim=1)
-            self.sizes, self.positions = result.tokens.sizes, result.tokens.positions
-            if self.record:
-                self.steps.append((index, result))
+            reduction = self.stage.reduction
+            removals = [count] * b
+            if self.stage.adaptive:  # the filter's counts: one host sync, as the shapes depend on them
+                if residual.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise ValueError("an adaptive reduction decides its shapes from the data, which a CUDA graph cannot "
+                                     "replay: give the method a retain budget to graph the tower")
+                removals = reduction.adaptive_removals(tokens, whole).tolist()
+            if len(set(removals)) == 1:
+                parts = [(slice(None), reduction(tokens, whole, removals[0]))]
+            else:  # the images keep different counts: one at a time, each row padded below
+                parts = []
+                for row, removed in enumerate(removals):
+                    rows = slice(row, row + 1)
+                    alone = TokenGroup(tokens.features[rows], tokens.sizes[rows], tokens.positions[rows], self.grid)
+                    parts.append((rows, reduction(alone, probe(rows), removed)))
+            orders, sizes, positions = [], [], []
+            for rows, result in parts:
+                order = self._write(residual[rows], candidates[rows], result)  # a view: writes land in `residual`
+                orders.append(order)
+                sizes.append(result.tokens.sizes)
+                positions.append(result.tokens.positions)
+                if self.record:
+                    self.steps.append((index, result))
+            if self.stage.adaptive:
+                self.counts = torch.tensor([order.shape[1] - self.offset for order in orders], device=residual.device)
+            width = max(order.shape[1] for order in orders)
+            for i, (rows, result) in enumerate(parts):
+                pad = width - orders[i].shape[1]
+                if pad:  # rows that only pad the batch: discarded tokens' rows, size 0, no position
+                    dead = candidates[rows].gather(1, result.sources[:, 1:1 + pad])
+                    orders[i] = torch.cat([orders[i], dead], dim=1)
+                    sizes[i] = torch.cat([sizes[i], sizes[i].new_zeros(1, pad)], dim=1)
+                    positions[i] = torch.cat([positions[i], positions[i].new_full((1, pad), NO_POSITION)], dim=1)
+            self.pending_keep = torch.cat(orders)
+            self.sizes, self.positions = torch.cat(sizes), torch.cat(positions)
 
         return reduce_after_attention
+
+    def _write(self, residual: Tensor, candidates: Tensor, result: ReductionResult) -> Tensor:
+        """Write ``result``'s surviving features into their rows of ``residual`` (``[B', L, D]``)
+        and return ``[B', offset + N']`` the rows to hand on, in order."""
+        b = residual.shape[0]
+        # in the filter's order: ascending, except ToMe's official [unmerged A, B] and PruMerge's
+        # official attention order, which the rows kept below (and so later layers and the LLM) follow
+        kept_rows = candidates.gather(1, result.kept)
+        num_kept = kept_rows.shape[1]
+        write_rows(residual, kept_rows, result.tokens.features[:, :num_kept])
+        order = [torch.arange(self.offset, device=residual.device).expand(b, self.offset), kept_rows]
+        if result.new_token_slot is not None:
+            slot = (self.offset + result.new_token_slot)[:, None]
+            write_rows(residual, slot, result.tokens.features[:, num_kept:])
+            order.append(slot)  # the fused token goes after every kept token (EViT, PruMerge)
+        return torch.cat(order, dim=1)
 
     def _on_output(self, reduce):
         """A forward hook that runs ``reduce`` on the layer's output (after its MLP) and keeps the

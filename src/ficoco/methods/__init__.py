@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 from .base import (InputReduction, LanguageReduction, Method, ModelGeometry, ResolutionReduction, ResolvedPlan,
                    VisionReduction)
-from .baselines import dart, evit, fastv, pdrop, random_drop, sparsevlm, tome, topk, visionzip
+from .baselines import dart, evit, fastv, pdrop, prumerge, prumerge_plus, random_drop, sparsevlm, tome, topk, visionzip
 from .input_pruning import cdpruner, divprune, pool, zero
 from .resolution import downsample
 from .ficoco import ficoco_l, ficoco_l_reduction, ficoco_v, ficoco_v_reduction, ficoco_vl
@@ -42,6 +42,10 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
                    "the attention they receive"),
     "visionzip": (visionzip, "VisionZip: dominant tokens by [CLS] attention + merged contextual tokens (encoder "
                              "output at the feature layer); without [CLS] the attention they receive"),
+    "prumerge": (prumerge, "PruMerge: IQR outliers of [CLS] attention (adaptive count, or a budget), each merged with "
+                           "its 32 key neighbours, the rest summed into one token (encoder output; LLaVA-1.5)"),
+    "prumerge+": (prumerge_plus, "PruMerge+: PruMerge's outliers plus spatially uniform tokens (adaptive count, or a "
+                                 "budget) (encoder output; LLaVA-1.5)"),
     "dart": (dart, "DART: keep pivot tokens and the tokens they duplicate least, before LLM layer K (K = 2)"),
     "pdrop": (pdrop, "PyramidDrop: staged drops by the last token's attention before LLM layers 8/16/24, each stage "
                      "keeping the same share"),
@@ -61,7 +65,7 @@ _REGISTRY: MappingProxyType[str, tuple[Callable[..., Method], str]] = MappingPro
 ENCODER_METHODS = ("ficoco-v", "tome", "evit", "random")
 #: methods that prune the projected tokens at the LLM input, and the encoder-side TopK; the
 #: ``downsample`` control (a smaller image, before the encoder) is listed with them
-INPUT_METHODS = ("topk", "visionzip", "pool", "divprune", "cdpruner", "zero", "downsample")
+INPUT_METHODS = ("topk", "visionzip", "prumerge", "prumerge+", "pool", "divprune", "cdpruner", "zero", "downsample")
 DECODER_METHODS = ("ficoco-l", "fastv", "ficoco-vl")
 #: the later decoder-side baselines (not in the paper's tables)
 LATER_DECODER_METHODS = ("dart", "pdrop", "sparsevlm")
@@ -75,6 +79,8 @@ OFFICIAL_OPTIONS: MappingProxyType[str, MappingProxyType[str, object]] = Mapping
                                   "correlation_map": "mean_logits_softmax"}),
     "tome": MappingProxyType({"alternation": "official"}),
     "evit": MappingProxyType({"fused": "sum"}),
+    "prumerge": MappingProxyType({"order": "official"}),
+    "prumerge+": MappingProxyType({"order": "official"}),
 })
 
 _SPEC = re.compile(r"^\s*([^\[\]]+?)\s*(?:\[([^\[\]]*)\])?\s*$")
@@ -174,5 +180,5 @@ __all__ = [
     "ModelGeometry", "OFFICIAL_OPTIONS", "ResolutionReduction", "ResolvedPlan", "VisionReduction", "available_methods", "parse_method_spec",
     "parse_option_value", "split_methods",
     "evit", "fastv", "ficoco_l", "ficoco_l_reduction", "ficoco_v", "ficoco_v_reduction", "ficoco_vl",
-    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "downsample", "pdrop", "get_method", "pool", "random_drop", "sparsevlm", "takes_budget", "tome", "topk", "visionzip", "zero",
+    "LATER_DECODER_METHODS", "cdpruner", "dart", "divprune", "downsample", "pdrop", "get_method", "pool", "prumerge", "prumerge_plus", "random_drop", "sparsevlm", "takes_budget", "tome", "topk", "visionzip", "zero",
 ]

@@ -83,12 +83,21 @@ class _Reduction:
             raise ValueError(f"reduce_at must be 'attention' or 'output', got {self.reduce_at!r}")
         if self.retain is not None and self.schedule is not None:
             raise ValueError("give one of retain= or schedule=, not both")
+        if self.adaptive and (self.retain is not None or self.schedule is not None):
+            raise ValueError(f"{type(self.reduction.filter).__name__} decides how many tokens each image keeps: "
+                             f"give neither retain= nor schedule=")
         if self.retain is not None:
             check_retain_value(self.retain)
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the filter decides each image's count (PruMerge's outliers): the plan then
+        holds the one reducing layer with ``0`` removals, and the adapter asks the filter."""
+        return self.reduction.adaptive
+
+    @property
     def has_budget(self) -> bool:
-        return self.retain is not None or self.schedule is not None
+        return self.retain is not None or self.schedule is not None or self.adaptive
 
     def _resolve(self, reducible: range, default_start: int, available: int, where: str,
                  allowed: frozenset[int] | None = None, keep: int | None = None) -> dict[int, int]:
@@ -101,7 +110,7 @@ class _Reduction:
                 raise ValueError(f"schedule layers {sorted(set(plan) - allowed)} cannot reduce in this {where}; "
                                  f"it reduces in layers {sorted(allowed)}")
         else:
-            if keep is None:
+            if keep is None and not self.adaptive:
                 if self.retain is None:
                     raise ValueError(f"the {where} reduction has no budget: give retain= or schedule=")
                 keep = kept_count(self.retain, available, where)
@@ -121,6 +130,11 @@ class _Reduction:
                 if any(layer not in reducible for layer in layers):
                     raise ValueError(f"{where} reduction stages {layers} (from {list(self.stages)}) must lie within "
                                      f"{reducible.start}..{reducible.stop - 1}")
+            if self.adaptive:  # the count is decided per image at run time, in one layer
+                if len(layers) != 1 or self.stages is not None:
+                    raise ValueError(f"an adaptive {where} reduction decides its count in one layer, not in layers "
+                                     f"{layers}")
+                return {layers[0]: 0}
             if not layers and keep < available:
                 raise ValueError(f"no {where} layer between {start} and {end} can reduce; it reduces in layers "
                                  f"{sorted(allowed)}")

@@ -18,9 +18,12 @@ from ..stages import (
     AveragingCompress,
     DropCompress,
     FuseCompress,
+    KeyNeighbourCorrelate,
     LastTokenAttentionFilter,
     NearestReceiverCorrelate,
+    NeighbourSupplementCompress,
     NoCorrelate,
+    OutlierAttentionFilter,
     RandomFilter,
     RaterAttentionFilter,
     SizeWeightedCompress,
@@ -138,6 +141,61 @@ def visionzip(retain: int | None = 64, *, contextual_share: float = 10 / 64, lay
                                AddMeanCompress())
     return Method("visionzip", vision=VisionReduction(reduction, retain, layer, layer, reduce_at="output"),
                   description="VisionZip: dominant tokens by [CLS] attention + merged contextual tokens")
+
+
+def _prumerge(name: str, retain: int | float | None, spatial_samples: bool, *, layer: int, neighbours: int,
+              iqr_multiplier: float, heads: str, score_with_next_layer: bool, order: str, description: str) -> Method:
+    reduction = TokenReduction(
+        OutlierAttentionFilter(iqr_multiplier, spatial_samples, adaptive=retain is None, heads=heads, order=order),
+        KeyNeighbourCorrelate(neighbours, heads=heads), NeighbourSupplementCompress())
+    vision = VisionReduction(reduction, retain, layer, layer, reduce_at="output",
+                             score_with_next_layer=score_with_next_layer)
+    return Method(name, vision=vision, description=description)
+
+
+def prumerge(
+    retain: int | float | None = None,
+    *,
+    layer: int = -1,
+    neighbours: int = 32,
+    iqr_multiplier: float = 1.5,
+    heads: Literal["fused", "mean"] = "fused",
+    score_with_next_layer: bool = True,
+    order: Literal["raster", "official"] = "raster",
+) -> Method:
+    """PruMerge (LLaVA-PruMerge): on the output of the encoder layer the LLM reads (``layer``),
+    scored with the attention of the layer after it (``score_with_next_layer``; the official code
+    reads layer 23's queries and keys of layer 22's output, its heads fused into one, ``heads``),
+    keep the tokens whose [CLS] attention is an IQR outlier (:class:`~ficoco.stages.OutlierAttentionFilter`);
+    each kept token adds its ``neighbours`` most key-similar tokens weighted by their attention,
+    and the discarded ones become one extra token, their attention-weighted sum.
+
+    ``retain=None`` (default): the official adaptive count, per image (images in a batch may keep
+    different counts); a count or share: exactly that many tokens to the LLM, the extra token
+    counted (the ``retain - 1`` most attended kept). ``order="official"``: kept tokens by descending
+    attention, as the official code hands them on."""
+    return _prumerge("prumerge", retain, False, layer=layer, neighbours=neighbours, iqr_multiplier=iqr_multiplier,
+                     heads=heads, score_with_next_layer=score_with_next_layer, order=order,
+                     description="PruMerge: IQR outliers of [CLS] attention, each merged with its key neighbours")
+
+
+def prumerge_plus(
+    retain: int | float | None = None,
+    *,
+    layer: int = -1,
+    neighbours: int = 32,
+    iqr_multiplier: float = 1.5,
+    heads: Literal["fused", "mean"] = "fused",
+    score_with_next_layer: bool = True,
+    order: Literal["raster", "official"] = "raster",
+) -> Method:
+    """PruMerge+: PruMerge with tokens spread evenly over the image added to the outliers (the
+    official stride with ``retain=None``; with a budget, the outliers filled up to ``retain - 1``
+    by tokens evenly spaced among the others). Options as :func:`prumerge`."""
+    return _prumerge("prumerge+", retain, True, layer=layer, neighbours=neighbours, iqr_multiplier=iqr_multiplier,
+                     heads=heads, score_with_next_layer=score_with_next_layer, order=order,
+                     description="PruMerge+: PruMerge's outliers plus spatially uniform tokens, merged with their "
+                                 "key neighbours")
 
 
 def dart(retain: int | None = 192, *, k: int = 2, image_pivots: int = 4, text_pivots: int = 4) -> Method:

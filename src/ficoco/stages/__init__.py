@@ -9,11 +9,14 @@ statistics they read.
 """
 
 from .compressors import AddMeanCompress, AveragingCompress, Compress, DropCompress, FuseCompress, SelfPreservingCompress, SizeWeightedCompress
+from .compressors import NeighbourSupplementCompress
 from .correlates import (
     ArgmaxSimilarityCorrelate,
     AttentionQuantileCorrelate,
     ConvergentCorrelate,
     Correlate,
+    KeyNeighbourCorrelate,
+    NeighbourCorrelation,
     NoCorrelate,
     TextMediatedQuantileCorrelate,
     quantile_targets,
@@ -28,13 +31,14 @@ from .filters import (
     FiCoCoVisionFilter,
     Filter,
     LastTokenAttentionFilter,
+    OutlierAttentionFilter,
     RandomFilter,
     TruncateFilter,
     local_penalty,
 )
 from .pipeline import TokenReduction
 from .text_guided import NearestReceiverCorrelate, RaterAttentionFilter, TextRaters, density_peaks
-from .probe import AttentionProbe, FeatureProbe, GroupedProbe
+from .probe import AttentionProbe, FeatureProbe, GroupedProbe, token_importance
 from .tokens import NO_POSITION, Correlation, FilterResult, ReductionResult, TokenGroup
 
 __all__ = [
@@ -45,4 +49,6 @@ __all__ = [
     "SelfPreservingCompress", "SizeWeightedCompress", "TextMediatedQuantileCorrelate", "TokenGroup",
     "TokenReduction", "TruncateFilter", "local_penalty", "quantile_targets", "top_k_targets",
     "NearestReceiverCorrelate", "RaterAttentionFilter", "TextRaters", "density_peaks",
+    "KeyNeighbourCorrelate", "NeighbourCorrelation", "NeighbourSupplementCompress", "OutlierAttentionFilter",
+    "token_importance",
 ]

@@ -116,6 +116,28 @@ class FuseCompress(Compress):
 
 
 @dataclass
+class NeighbourSupplementCompress(Compress):
+    """PruMerge's compression: every kept token adds its neighbours' features weighted by the
+    attention they get, ``x_t <- x_t + sum_j w_tj x_j`` (the features before this step, and no
+    denominator: the official code divides by nothing), and the sources become one new token, their
+    attention-weighted *sum* appended after the targets (:class:`FuseCompress` with ``"sum"``).
+    Sizes count every patch once: a kept token stands for itself, the new token for the sources
+    (what a kept token adds from its neighbours are copies of their features)."""
+
+    accepts_new_token = True
+
+    def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
+        from_targets, from_sources = (getattr(correlation, name, None) for name in ("from_targets", "from_sources"))
+        if from_targets is None or from_sources is None:
+            raise TypeError(f"{type(self).__name__} adds each kept token's neighbours: it needs the neighbours of "
+                            f"a KeyNeighbourCorrelate, not {type(correlation).__name__}")
+        x_t = targets.features.float()
+        supplemented = x_t + from_targets.float() @ x_t + from_sources.float() @ sources.features.float()
+        kept = TokenGroup(supplemented.to(targets.features.dtype), targets.sizes, targets.positions, targets.grid)
+        return FuseCompress(fused="sum")(kept, sources, correlation)
+
+
+@dataclass
 class DropCompress(Compress):
     """Pruning: the targets are returned unchanged."""
 

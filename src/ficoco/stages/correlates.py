@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .probe import AttentionProbe
+from .probe import AttentionProbe, token_importance
 from .tokens import Correlation, FilterResult, TokenGroup, gather_rows
 
 
@@ -190,6 +190,62 @@ class ConvergentCorrelate(Correlate):
         return Correlation(w[:, :, None], into_new_token=True)
 
     def without_cls(self) -> "ConvergentCorrelate":
+        return replace(self, weights="received")
+
+
+@dataclass(frozen=True)
+class NeighbourCorrelation(Correlation):
+    """A convergent correlation (``weights`` ``[B, r, 1]``: each source's weight in one new token)
+    plus what every kept token adds from its nearest neighbours, kept or discarded (PruMerge):
+
+    Attributes:
+        from_targets: ``[B, T, T]`` weight of kept token ``u``'s features added to kept token ``t``
+            (zero diagonal).
+        from_sources: ``[B, T, r]`` weight of source ``i``'s features added to kept token ``t``.
+    """
+
+    from_targets: Tensor | None = None
+    from_sources: Tensor | None = None
+
+
+@dataclass
+class KeyNeighbourCorrelate(Correlate):
+    """PruMerge's correlate: each kept token takes its ``neighbours`` nearest tokens by key cosine
+    among *all* other candidates (kept ones included), each weighted by the attention it gets; and
+    every discarded token goes, with the same weight, into one new token.
+
+    Attributes:
+        neighbours: how many (the official 32; fewer when there are fewer other tokens).
+        weights: ``"cls"`` ([CLS] attention) or ``"received"`` (the stand-in without [CLS]).
+        heads: ``"fused"``: attention and keys of the layer read as one head over all channels (the
+            official code's: full keys, :attr:`AttentionProbe.fused_heads`); ``"mean"``: the
+            mean of the per-head attention and the head-averaged keys.
+    """
+
+    creates_token = True
+    neighbours: int = 32
+    weights: Literal["cls", "received"] = "cls"
+    heads: Literal["fused", "mean"] = "fused"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
+            raise ValueError(f"neighbours must be an integer >= 1, got {self.neighbours!r}")
+        if self.weights not in ("cls", "received"):
+            raise ValueError(f"weights must be 'cls' or 'received', got {self.weights!r}")
+        if self.heads not in ("fused", "mean"):
+            raise ValueError(f"heads must be 'fused' or 'mean', got {self.heads!r}")
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> NeighbourCorrelation:
+        a = token_importance(probe, self.heads, self.weights)  # [B, N], shared with the filter's
+        keys = F.normalize((probe.fused_heads if self.heads == "fused" else probe).mean_keys, dim=-1)  # [B, N, d]
+        similarity = gather_rows(keys, split.targets) @ keys.transpose(1, 2)  # [B, T, N]
+        similarity.scatter_(2, split.targets[..., None], float("-inf"))  # a token is not its own neighbour
+        near = similarity.topk(min(self.neighbours, keys.shape[1] - 1), dim=-1).indices  # [B, T, k]
+        w = torch.zeros_like(similarity).scatter_(2, near, a[:, None, :].expand_as(similarity).gather(2, near))
+        return NeighbourCorrelation(a.gather(1, split.sources)[:, :, None], into_new_token=True,
+                                    from_targets=gather_cols(w, split.targets), from_sources=gather_cols(w, split.sources))
+
+    def without_cls(self) -> "KeyNeighbourCorrelate":
         return replace(self, weights="received")
 
 

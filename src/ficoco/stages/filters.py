@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .probe import AttentionProbe
+from .probe import AttentionProbe, token_importance
 from .tokens import NO_POSITION, FilterResult, TokenGroup, complement, first_k_true, gather_rows
 
 
 class Filter(ABC):
     """Base class: subclasses define :meth:`scores`; the top ``r`` scores are discarded."""
+
+    #: the filter decides how many tokens each sample keeps (PruMerge's outliers): a reduction
+    #: then removes what :meth:`kept_counts` leaves, and takes no budget
+    adaptive: bool = False
 
     @property
     def keeps_order(self) -> bool:
@@ -50,6 +54,10 @@ class Filter(ABC):
     def without_cls(self) -> "Filter":
         """This filter for an encoder without [CLS] (SigLIP, Qwen-VL): itself, or its stand-in."""
         return self
+
+    def kept_counts(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        """``[B]`` long: how many candidates each sample keeps, for an :attr:`adaptive` filter."""
+        raise TypeError(f"{type(self).__name__} keeps the number of tokens it is given; it decides no count of its own")
 
 
 def split_top(scores: Tensor, num_sources: int) -> FilterResult:
@@ -406,6 +414,135 @@ class DominantContextualFilter(Filter):
         return FilterResult(sources=sources, targets=targets, scores=s, receivers=is_ctx.gather(1, targets))
 
     def without_cls(self) -> "DominantContextualFilter":
+        return replace(self, importance="received")
+
+
+@dataclass
+class OutlierAttentionFilter(Filter):
+    """PruMerge's filter (Shang et al., ICCV 2025): keep the tokens whose [CLS] attention is an
+    outlier of their image's, ``a_i > Q3 + iqr_multiplier x (Q3 - Q1)`` (quartiles of the sample's
+    own ``a``, linearly interpolated as ``numpy.percentile``; at least its most attended token),
+    so the count adapts to the image. PruMerge+ (``spatial_samples``) adds tokens spread over the
+    grid: with ``o`` outliers of ``N``, every ``s``-th raster position from 0, ``s = (N // o) //
+    3``, below ``N - 1`` (the official bound, which leaves out the last patch).
+
+    With a budget (``adaptive=False``) the count is exact: PruMerge keeps the ``kept`` most attended
+    tokens (the top of the same ranking, outliers first); PruMerge+ keeps its outliers (the
+    ``kept`` most attended of them when there are more) and fills up with ``kept - o`` tokens
+    evenly spaced in raster order among the others (ranks ``floor(i x (N - o) / (kept - o))``).
+
+    Attributes:
+        iqr_multiplier: the fence's multiple of the interquartile range (the official 1.5).
+        spatial_samples: PruMerge+'s spread tokens.
+        adaptive: the outliers decide each sample's count (:meth:`kept_counts`); a call must then
+            remove exactly what they leave (all samples alike in one call).
+        heads: ``"fused"``: the layer read as one head over all channels (the official code's
+            ``softmax(q . k / sqrt(H * d))``, :attr:`AttentionProbe.fused_heads`); ``"mean"``: the
+            mean of the layer's per-head softmax rows.
+        importance: ``"cls"`` or ``"received"`` (the stand-in without [CLS]).
+        order: ``"raster"`` (default): kept tokens in raster order; ``"official"``: in the official
+            code's order, the attention-ranked tokens by descending attention, then PruMerge+'s
+            spread tokens in raster order.
+    """
+
+    iqr_multiplier: float = 1.5
+    spatial_samples: bool = False
+    adaptive: bool = False
+    heads: Literal["fused", "mean"] = "fused"
+    importance: Literal["cls", "received"] = "cls"
+    order: Literal["raster", "official"] = "raster"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iqr_multiplier, bool) or not isinstance(self.iqr_multiplier, (int, float)) \
+                or self.iqr_multiplier < 0:
+            raise ValueError(f"iqr_multiplier must be a number >= 0, got {self.iqr_multiplier!r}")
+        if self.heads not in ("fused", "mean"):
+            raise ValueError(f"heads must be 'fused' or 'mean', got {self.heads!r}")
+        if self.importance not in ("cls", "received"):
+            raise ValueError(f"importance must be 'cls' or 'received', got {self.importance!r}")
+        if self.order not in ("raster", "official"):
+            raise ValueError(f"order must be 'raster' or 'official', got {self.order!r}")
+
+    @property
+    def keeps_order(self) -> bool:
+        return self.order == "raster"
+
+    def attention(self, probe: AttentionProbe) -> Tensor:
+        """``[B, N]`` float32: the attention each candidate gets (the ranking and the outliers' statistic)."""
+        return token_importance(probe, self.heads, self.importance)
+
+    def scores(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        return -self.attention(probe)
+
+    def outliers(self, attention: Tensor) -> Tensor:
+        """``[B, N]`` bool: the upper-fence outliers of each row of ``attention``, or its largest
+        entry where none is (the official code would then keep nothing, and PruMerge+ divide by
+        zero)."""
+        quartiles = torch.quantile(attention, torch.tensor([0.25, 0.75], device=attention.device,
+                                                            dtype=attention.dtype), dim=1)  # [2, B]
+        fence = quartiles[1] + self.iqr_multiplier * (quartiles[1] - quartiles[0])
+        above = attention > fence[:, None]
+        top = torch.zeros_like(above).scatter_(1, attention.argmax(dim=1, keepdim=True), True)
+        return torch.where(above.any(dim=1, keepdim=True), above, top)
+
+    def _adaptive(self, attention: Tensor, outlier: Tensor) -> Tensor:
+        """``[B, N]`` bool: the outliers, and PruMerge+'s strided tokens; never every token (the
+        least attended one is then left to the extra token, where the official code would hand
+        on ``N + 1`` tokens, the last one empty)."""
+        if not self.spatial_samples:
+            return outlier
+        n = attention.shape[1]
+        stride = ((n // outlier.sum(dim=1)) // 3).clamp_min(1)  # the official int(int(N / o) / 3), at least 1
+        position = torch.arange(n, device=attention.device)
+        chosen = outlier | ((position % stride[:, None] == 0) & (position < n - 1))
+        least = torch.zeros_like(chosen).scatter_(1, attention.argmin(dim=1, keepdim=True), True)
+        return chosen & ~(least & chosen.all(dim=1, keepdim=True))
+
+    def _budget(self, attention: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+        """``([B, N] bool kept, [B, N] bool ranked by attention)`` with exactly ``kept`` per row."""
+        top = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, attention.topk(kept, dim=1).indices, True)
+        if not self.spatial_samples:  # the top of the ranking: no fence needed
+            return top, top
+        outlier = self.outliers(attention)
+        n = attention.shape[1]
+        count = outlier.sum(dim=1, keepdim=True)  # [B, 1]
+        rest = (n - count).clamp_min(1)  # rows where it is 0 take `top` below
+        need = (kept - count).clamp_min(0)
+        rank = (~outlier).cumsum(dim=1) - 1  # raster rank among the non-outliers
+        # rank r is one of floor(i * rest / need), i < need, iff i = ceil(r * need / rest) maps back to r
+        i = (rank * need + rest - 1) // rest
+        fill = ~outlier & (i < need) & (i * rest // need.clamp_min(1) == rank)
+        enough = count >= kept
+        return torch.where(enough, top, outlier | fill), torch.where(enough, top, outlier)
+
+    def kept_counts(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        if not self.adaptive:
+            return super().kept_counts(tokens, probe)
+        attention = self.attention(probe)
+        return self._adaptive(attention, self.outliers(attention)).sum(dim=1)
+
+    def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_sources: int) -> FilterResult:
+        n = tokens.num_tokens
+        if not 0 <= num_sources <= n:
+            raise ValueError(f"cannot discard {num_sources} of {n} tokens")
+        kept = n - num_sources
+        attention = self.attention(probe)
+        if self.adaptive:
+            ranked = self.outliers(attention)
+            chosen = self._adaptive(attention, ranked)
+            counts = chosen.sum(dim=1)
+            if bool((counts != kept).any()):
+                raise ValueError(f"the outliers keep {counts.tolist()} tokens per sample, not {kept}: an adaptive "
+                                 f"reduction removes what kept_counts() leaves, one count per call")
+        else:
+            chosen, ranked = self._budget(attention, kept)
+        targets = first_k_true(chosen, kept)  # ascending
+        if self.order == "official":  # attention-ranked ones by descending attention, then the spread ones
+            key = torch.where(ranked.gather(1, targets), -attention.gather(1, targets), float("inf"))
+            targets = targets.gather(1, torch.argsort(key, dim=1, stable=True))
+        return FilterResult(sources=complement(targets, n), targets=targets, scores=-attention)
+
+    def without_cls(self) -> "OutlierAttentionFilter":
         return replace(self, importance="received")
 
 

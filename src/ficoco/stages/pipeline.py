@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from torch import Tensor
+
 from .compressors import Compress
 from .correlates import Correlate, NoCorrelate
 from .filters import Filter
@@ -56,6 +58,17 @@ class TokenReduction:
     @property
     def extra_sources(self) -> int:
         return 1 if self.correlate.creates_token else 0
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the filter decides how many tokens each sample keeps (PruMerge's outliers)."""
+        return self.filter.adaptive
+
+    def adaptive_removals(self, tokens: TokenGroup, probe: AttentionProbe) -> Tensor:
+        """``[B]`` long: the ``num_remove`` of each sample under an adaptive filter (the new token,
+        if the correlate makes one, counted among what is left). Samples with the same count can
+        be reduced in one call; others one at a time."""
+        return tokens.num_tokens - self.filter.kept_counts(tokens, probe) - self.extra_sources
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, num_remove: int) -> ReductionResult:
         num_sources = num_remove + self.extra_sources

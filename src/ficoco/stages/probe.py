@@ -305,6 +305,35 @@ class AttentionProbe:
         """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
         return gather_rows(self.rotated_keys, self.candidates).float().mean(dim=2)
 
+    @cached_property
+    def fused_heads(self) -> "AttentionProbe":
+        """The same layer read as *one* attention head over all ``H * d`` channels: queries and keys
+        ``[B, L, 1, H * d]`` (the heads concatenated, as the projections output them) with scale
+        ``(H * d) ** -0.5``. Its softmax rows are ``softmax(sqrt(H) x head-averaged logits)``, how
+        PruMerge's official code reads a CLIP layer's attention, and its ``mean_keys`` are the full
+        ``[B, N, H * d]`` keys. Masks and key bias carry over; defined only without RoPE (the
+        vision encoders), where the heads' channels need no rotation."""
+        if self.rope is not None:
+            raise ValueError("fused heads are defined for attention without rotary embeddings (vision encoders)")
+        b, l, h, d = self.queries.shape
+        keys = self.keys
+        if keys.shape[2] != h:  # grouped-query attention: each query head's own key
+            keys = keys.repeat_interleave(h // keys.shape[2], dim=2)
+        return AttentionProbe(
+            self.queries.reshape(b, l, 1, h * d), keys.reshape(b, l, 1, h * d), (h * d) ** -0.5, self.candidates,
+            cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
+            text_rows=self.text_rows, text_valid=self.text_valid, last_row=self.last_row,
+        )
+
+
+def token_importance(probe: AttentionProbe, heads: Literal["fused", "mean"] = "mean",
+                     importance: Literal["cls", "received"] = "cls") -> Tensor:
+    """``[B, N]``: the attention each candidate gets, from [CLS] (``"cls"``) or from all tokens on
+    average (``"received"``, the stand-in without [CLS]), with the layer's heads averaged
+    (``"mean"``) or read as one fused head (``"fused"``, :attr:`AttentionProbe.fused_heads`)."""
+    view = probe.fused_heads if heads == "fused" else probe
+    return view.cls_attention if importance == "cls" else view.received_attention
+
 
 class GroupedProbe:
     """The statistics of :class:`AttentionProbe` for candidates that are groups of ``size``
