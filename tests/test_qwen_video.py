@@ -112,13 +112,34 @@ def test_same_tensors_as_transformers_video_processors(generation):
 
     cls = getattr(transformers, {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}[generation])
     theirs = cls()
-    ours = TorchQwenVideoProcessor(**{**GENERATION_DEFAULTS[generation], **theirs.size,
-                                      "image_mean": theirs.image_mean, "image_std": theirs.image_std})
+    ours = TorchQwenVideoProcessor(**{**GENERATION_DEFAULTS[generation], "shortest_edge": theirs.size["shortest_edge"],
+                                      "longest_edge": theirs.size["longest_edge"], "image_mean": theirs.image_mean,
+                                      "image_std": theirs.image_std})
     rng = np.random.default_rng(0)
     frames = (rng.random((6, 360, 640, 3)) * 255).astype(np.uint8)
     expected = theirs(videos=[frames], do_sample_frames=False, return_tensors="pt")
     got = ours([frames])
     assert got["video_grid_thw"].tolist() == expected["video_grid_thw"].tolist()
-    # the same resize up to the rounding of a few pixel values (1/255 in [0, 1], scaled by 1/std)
-    diff = (got["pixel_values_videos"] - expected["pixel_values_videos"]).abs()
-    assert float(diff.mean()) < 1e-3 and float(diff.max()) < 0.1
+    # the same resized pixels; only the order of the rescale and normalisation arithmetic differs
+    torch.testing.assert_close(got["pixel_values_videos"], expected["pixel_values_videos"], rtol=0, atol=1e-5)
+
+
+def test_the_proxy_processor_is_the_same_with_or_without_torchvision():
+    """Where torchvision is installed: the Qwen proxy's ``AutoProcessor`` (transformers' video
+    processor) and ficoco's torchvision-free one give the same inputs for the same frames."""
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from ficoco.assets import embedded_model_dir
+    from ficoco.qwen_processor import load_image_only_processor
+
+    folder = embedded_model_dir("qwen")
+    frames = np.stack([_still(90, s) for s in range(6)])
+    text = ["user : <|vision_start|><|video_pad|><|vision_end|> what color ? assistant :"]
+    metadata = [VideoMetadata(total_num_frames=30, fps=10.0, frames_indices=[0, 5, 10, 15, 20, 25])]
+    outputs = [p(text=text, videos=[frames], video_metadata=metadata, do_sample_frames=False, return_tensors="pt")
+               for p in (AutoProcessor.from_pretrained(folder), load_image_only_processor(folder, "qwen2_5_vl"))]
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        torch.testing.assert_close(outputs[1][key], outputs[0][key], rtol=0, atol=1e-5, msg=key)

@@ -178,6 +178,21 @@ def test_qwen3_rule_is_the_processors_own():
         assert sample_frames("qwen3_vl", VideoInfo(total, fps, 64, 64)) == expected.tolist(), (total, fps)
 
 
+def test_qwen2_rule_is_the_processors_own():
+    """Where torchvision is installed: Qwen2-VL / Qwen2.5-VL's sampling equals transformers'
+    ``Qwen2VLVideoProcessor.sample_frames`` at 2 frames per second, capped at 32."""
+    pytest.importorskip("torchvision")
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    settings = SimpleNamespace(num_frames=None, fps=2, temporal_patch_size=2, min_frames=4, max_frames=32)
+    for total, fps in ((3, 30.0), (16, 8.0), (75, 25.0), (301, 29.97), (3000, 30.0), (9, 1.0)):
+        expected = Qwen2VLVideoProcessor.sample_frames(settings, VideoMetadata(total_num_frames=total, fps=fps))
+        assert sample_frames("qwen2_vl", VideoInfo(total, fps, 64, 64)) == expected.tolist(), (total, fps)
+
+
 # ------------------------------------------------------------------------------------- judging
 
 

@@ -9,8 +9,8 @@ still takes ``videos=``:
 1. each video, ``T`` frames of ``H x W`` RGB pixels, is resized as one block to ``h x w`` (both
    multiples of ``patch x merge``): Qwen2-VL / Qwen2.5-VL bound each frame's area by the
    processor's ``size`` (``shortest_edge`` / ``longest_edge`` pixels), Qwen3-VL bounds the area
-   of all frames together; bicubic with antialiasing on pixel values, rounded back to 0-255, as
-   torchvision's ``resize`` does on ``uint8`` frames;
+   of all frames together; bicubic with antialiasing on the ``uint8`` frames, torch's own kernel,
+   which is what torchvision's ``resize`` runs on the CPU (the same values to the last bit);
 2. rescaled by ``1/255`` and normalised with the processor's mean and std;
 3. padded to a multiple of ``temporal_patch_size`` frames by repeating the last one, and cut into
    patches of ``C x temporal_patch x patch x patch`` values in the processors' merge-group order:
@@ -160,7 +160,7 @@ class TorchQwenVideoProcessor:
 
     @staticmethod
     def _as_frames(video) -> torch.Tensor:
-        """``(T, 3, H, W)`` float frames holding 0-255 values."""
+        """``(T, 3, H, W)`` uint8 frames."""
         if isinstance(video, (list, tuple)):
             video = np.stack([np.asarray(frame.convert("RGB") if hasattr(frame, "convert") else frame)
                               for frame in video])
@@ -171,7 +171,9 @@ class TorchQwenVideoProcessor:
             frames = frames.permute(0, 3, 1, 2)
         if frames.shape[1] == 1:
             frames = frames.expand(-1, 3, -1, -1)
-        return frames.float()
+        if frames.dtype != torch.uint8:
+            frames = frames.float().round().clamp(0, 255).to(torch.uint8)
+        return frames.contiguous()
 
     def _patches(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         count, channels, height, width = frames.shape
@@ -179,12 +181,11 @@ class TorchQwenVideoProcessor:
         h, w = frame_size(count, height, width, factor=p * m, temporal_factor=tp, per_video_area=self.per_video_area,
                           **self.size)
         if (h, w) != (height, width):
-            # as torchvision's resize of uint8 frames: bicubic with antialiasing, then back to whole pixel values
+            # torchvision's resize of uint8 frames on the CPU: torch's native uint8 antialiased bicubic
             frames = F.interpolate(frames, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-            frames = frames.round().clamp(0, 255)
         mean = torch.tensor(self.image_mean).view(1, -1, 1, 1)
         std = torch.tensor(self.image_std).view(1, -1, 1, 1)
-        frames = (frames / 255.0 - mean) / std
+        frames = (frames.float() / 255.0 - mean) / std
         if pad := -count % tp:
             frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
         t, gh, gw = frames.shape[0] // tp, h // p, w // p
