@@ -137,16 +137,7 @@ def markdown_table(results: Sequence[Mapping], threshold: float = UNPARSED_WARN_
             share = None if result is None else result.get("unparsed", unparsed_share(result["score"]))
             cells.append(_percent(share) + (f" {FLAG}" if (task, variant) in bad else ""))
         lines.append("| " + " | ".join([variant, *cells]) + " |")
-    judged = [r for r in results if r["score"].get("metric") == "gpt_accuracy" and not r["score"].get("skipped")]
-    if judged:
-        lines += ["", "GPT-judged video QA (Video-LLaVA's protocol): accuracy / mean score (0-5):", "",
-                  "| variant | " + " | ".join(TASK_TITLES.get(t, t) for t in dict.fromkeys(r["task"] for r in judged))
-                  + " |", "|" + "---|" * (len({r["task"] for r in judged}) + 1)]
-        by_key = {(r["task"], r["variant"]): r["score"] for r in judged}
-        for variant in dict.fromkeys(r["variant"] for r in judged):
-            cells = [f"{by_key[t, variant]['accuracy']:.1f} / {by_key[t, variant]['mean_score']:.2f}"
-                     if (t, variant) in by_key else "-" for t in dict.fromkeys(r["task"] for r in judged)]
-            lines.append("| " + " | ".join([variant, *cells]) + " |")
+    lines += _video_qa_table(results)
     skipped = sorted({TASK_TITLES.get(r["task"], r["task"]) for r in results if r["score"].get("skipped")})
     if skipped:
         lines += ["", f"Not scored (no judge configured; predictions kept): {', '.join(skipped)}"]
@@ -161,6 +152,24 @@ def markdown_table(results: Sequence[Mapping], threshold: float = UNPARSED_WARN_
     if notes:
         lines += ["", "**Warning: answers the benchmarks could not parse.**", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _video_qa_table(results: Sequence[Mapping]) -> list[str]:
+    """Lines of the judged video QA results: accuracy / mean score per benchmark and variant, as
+    Video-LLaVA's tables give them (none when no such result was judged)."""
+    judged = [r for r in results if r["score"].get("metric") == "gpt_accuracy" and not r["score"].get("skipped")]
+    if not judged:
+        return []
+    tasks, variants, _ = _ordered(judged)
+    by_key = {(r["task"], r["variant"]): r["score"] for r in judged}
+    lines = ["", "GPT-judged video QA (Video-LLaVA's protocol): accuracy / mean score (0-5):", "",
+             "| " + " | ".join(["variant"] + [TASK_TITLES.get(t, t) for t in tasks]) + " |",
+             "|" + "---|" * (len(tasks) + 1)]
+    for variant in variants:
+        cells = [f"{by_key[t, variant]['accuracy']:.1f} / {by_key[t, variant]['mean_score']:.2f}"
+                 if (t, variant) in by_key else "-" for t in tasks]
+        lines.append("| " + " | ".join([variant, *cells]) + " |")
+    return lines
 
 
 def csv_table(results: Sequence[Mapping]) -> str:
