@@ -6,7 +6,6 @@ transport), and ``ficoco eval`` end to end on the Qwen proxy with a judge inject
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -285,9 +285,10 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     text = _text_tokens(processor, records)
     tflops = None
     if spec.modality == "image":
-        # a Qwen-VL model is costed at the first sample's image size (its images differ in token count)
-        shape = budget.shape_of(model.config, records[0].images()[0].size if budget.is_qwen(model.config) else None,
-                                getattr(processor, "image_processor", None))
+        # a Qwen-VL model is costed at the first image's size (its images differ in token count)
+        first = next((r for r in records if r.image_sources), None)
+        size = first.images()[0].size if first is not None and budget.is_qwen(model.config) else None
+        shape = budget.shape_of(model.config, size, getattr(processor, "image_processor", None))
         tflops = (budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)).llm_tflops
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
             "unparsed": unparsed_share(score), "llm_tflops": tflops, "text_tokens": text,
