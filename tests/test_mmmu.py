@@ -123,14 +123,17 @@ def test_prompts_images_and_bare_questions(tmp_path):
 
 @pytest.fixture(scope="module")
 def mmmu_dir(tmp_path_factory):
-    """Three MMMU questions about procedural scenes, the proxies' own kind of question: an open
-    count, a multiple choice, and an open question over two images."""
+    """Four MMMU questions in the proxies' own question language: one with no image first (the
+    Qwen model is then costed at the next question's image), an open count, a multiple choice,
+    and an open question over two images."""
     from ficoco.proxy.scenes import make_split
 
     split = make_split("test", 60)
     count, choice, text = (next(e for e in split if e.family == f) for f in ("counting", "choice", "text"))
     options = re.findall(r"[A-D]\. (\w+)", choice.question)
     return write_mmmu(tmp_path_factory.mktemp("mmmu"), [
+        {"id": "validation_Math_0", "question": "how many circles are there?", "question_type": "open",
+         "options": "[]", "answer": "one"},
         {"id": "validation_Math_1", "question": f"<image 1> {count.question}", "question_type": "open",
          "options": "[]", "answer": count.answer, "image_1": _png(count.image())},
         {"id": "validation_Art_Theory_2", "question": "<image 1> " + choice.question.split(" A. ")[0],
@@ -143,23 +146,24 @@ def mmmu_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])
 def test_ficoco_eval_runs_mmmu(family, mmmu_dir, tmp_path):
-    """Both proxies answer the three questions, the two-image one with both images; the table has
-    MMMU's accuracy and LLM TFLOPs; per-subject and per-discipline scores are in results.json."""
+    """Both proxies answer the four questions, batched by their number of images (0, 1, 2); the
+    table has MMMU's accuracy and LLM TFLOPs; per-subject and per-discipline scores are in
+    results.json."""
     from ficoco.assets import embedded_model_dir
 
     methods = ["--methods", "ficoco-v", "--retain", "64" if family == "llava" else "0.25"]
     out = CliRunner().invoke(main, ["eval", str(embedded_model_dir(family)), "--data", f"mmmu_val={mmmu_dir}",
-                                    *methods, "--batch-size", "3", "--no-plot", "--out", str(tmp_path)])
+                                    *methods, "--batch-size", "4", "--no-plot", "--out", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "| variant | LLM TFLOPs (mean) | MMMU accuracy |" in out.stdout
     results = {r["variant"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
     assert set(results) == {"vanilla", f"ficoco-v@{methods[-1]}"}
     vanilla = results["vanilla"]
-    assert vanilla["n"] == 3 and vanilla["llm_tflops"] > results[f"ficoco-v@{methods[-1]}"]["llm_tflops"]
+    assert vanilla["n"] == 4 and vanilla["llm_tflops"] > results[f"ficoco-v@{methods[-1]}"]["llm_tflops"]
     assert set(vanilla["score"]["per_subject"]) == {"Math", "Art_Theory"}
     assert set(vanilla["score"]["per_discipline"]) == {"Science", "Art and Design"}
     lines = [json.loads(line) for line in (tmp_path / "mmmu_val" / "vanilla.jsonl").read_text().splitlines()]
-    assert [line["question_type"] for line in lines] == ["open", "multiple-choice", "open"]
+    assert [line["question_type"] for line in lines] == ["open", "open", "multiple-choice", "open"]
     assert all(line["prediction"] for line in lines)
     # the open questions are the proxies' own: they answer at least one of them right
-    assert vanilla["score"]["per_subject"]["Math"] >= 50.0
+    assert vanilla["score"]["per_subject"]["Math"] > 0
