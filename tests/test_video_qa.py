@@ -147,6 +147,13 @@ def test_pyav_reads_the_frames_asked_for(tmp_path):
         VideoFile("broken", [tmp_path]).info("t", "3")
 
 
+def test_a_header_that_overstates_the_frame_count(tmp_path, monkeypatch):
+    colored_video(tmp_path / "clip.mp4", count=16)
+    monkeypatch.setattr(VideoFile, "info", lambda self, task, sample_id: VideoInfo(20, 8.0, 64, 64))
+    frames = VideoFile("clip", [tmp_path]).read("t", "0", lambda info: sample_frames("video_llava", info))
+    assert frames.info.frames == 16 and frames.indices == (0, 2, 4, 6, 8, 10, 12, 15)  # sampled from the 16
+
+
 def test_frame_rules_of_each_family():
     short, clip, long = VideoInfo(3, 30.0, 64, 64), VideoInfo(16, 8.0, 64, 64), VideoInfo(3000, 30.0, 64, 64)
     # Qwen2-VL / Qwen2.5-VL: 2 per second, at least 4, at most 32 (lmms-eval's cap) and the video's own, even

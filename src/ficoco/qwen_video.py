@@ -38,15 +38,14 @@ import torch.nn.functional as F
 
 #: the defaults of transformers' video processor of each generation (class attributes), used where
 #: a checkpoint's configuration does not set them
-GENERATION_DEFAULTS = MappingProxyType({
-    "qwen2_vl": dict(patch_size=14, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 28 * 28,
-                     longest_edge=28 * 28 * 768, image_mean=(0.48145466, 0.4578275, 0.40821073),
-                     image_std=(0.26862954, 0.26130258, 0.27577711), per_video_area=False),
-    "qwen3_vl": dict(patch_size=16, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 32 * 32,
-                     longest_edge=32 * 32 * 768, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-                     per_video_area=True),
-})
-GENERATION_DEFAULTS = MappingProxyType({**GENERATION_DEFAULTS, "qwen2_5_vl": GENERATION_DEFAULTS["qwen2_vl"]})
+_QWEN2_VIDEO = MappingProxyType(dict(
+    patch_size=14, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 28 * 28, longest_edge=28 * 28 * 768,
+    image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+    per_video_area=False))
+_QWEN3_VIDEO = MappingProxyType(dict(
+    patch_size=16, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 32 * 32, longest_edge=32 * 32 * 768,
+    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), per_video_area=True))
+GENERATION_DEFAULTS = MappingProxyType({"qwen2_vl": _QWEN2_VIDEO, "qwen2_5_vl": _QWEN2_VIDEO, "qwen3_vl": _QWEN3_VIDEO})
 
 
 def frame_size(frames: int, height: int, width: int, *, factor: int, shortest_edge: int, longest_edge: int,

@@ -10,8 +10,9 @@ over the task's folders, prefixes and :data:`VIDEO_EXTENSIONS`, and a missing on
 for. Which frames are read is the model's choice (:mod:`ficoco.evaluation.video_frames`).
 
 Decoding is PyAV's (``pip install av``, ficoco's ``video`` extra): frames are decoded in order and
-the wanted ones converted to RGB, so the frame count is exact even where a container's header is
-wrong (the frames are then sampled again from the true count).
+the wanted ones converted to RGB. The frame count comes from the container's header (counted by
+decoding where it has none); a header that overstates it is caught when the video ends early, and
+the frames are then sampled again from the true count.
 """
 
 from __future__ import annotations
