@@ -1,4 +1,4 @@
-"""TGIF-QA (FrameQA, as Video-LLaVA evaluates it): open questions about animated GIFs, judged by
+"""TGIF-QA (the zero-shot QA set Video-LLaVA evaluates): open questions about animated GIFs, judged by
 GPT with Video-LLaVA's protocol (:mod:`ficoco.evaluation.video_qa`). lmms-eval has no TGIF-QA
 task; the name ``tgif_qa`` is ficoco's.
 
