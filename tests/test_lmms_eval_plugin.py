@@ -286,3 +286,37 @@ def test_command_line(pope_dir, embedded_checkpoint, tmp_path):
     assert 0.0 <= results["results"][TASK]["pope_accuracy,none"] <= 1.0
     assert "pope_accuracy" in done.stdout  # the table lmms-eval prints
     assert f"ficoco: {TASK}: 0 of 6 answers (0.0%) cannot be parsed" in done.stdout + done.stderr
+
+
+def test_video_files_reach_a_qwen_model_as_ficoco_eval_shows_them(embedded_checkpoint, tmp_path):
+    """A task whose ``doc_to_visual`` gives video paths (lmms-eval's ``activitynetqa``) runs on the
+    Qwen proxy: the frames its processor convention picks, the same answers as ``ficoco eval``'s
+    ``answer_batch``, FiCoCo-V attached with a share of each frame's tokens; LLaVA-1.5 refuses it
+    in one line naming the families that take video."""
+    from ficoco.assets import embedded_model_dir
+    from ficoco.evaluation.formats.videos import VideoFile
+    from ficoco.evaluation.records import Record
+    from ficoco.proxy.scenes import make_split
+
+    from .video_files import scene_video
+
+    scenes = [e for e in make_split("test", 60) if e.family == "existence"][:2]
+    paths = [scene_video(tmp_path / f"v_{i}.mp4", scene.image()) for i, scene in enumerate(scenes)]
+    lm = plugin.FicocoLlava(pretrained=str(embedded_model_dir("qwen")), method="ficoco-v", retain=0.25, device="cpu",
+                            batch_size=2)
+    lm.task_dict = {"activitynetqa": {"test": [{"path": str(p)} for p in paths]}}
+    requests = [SimpleNamespace(args=(scene.question, {"max_new_tokens": 4}, lambda doc: [doc["path"]], i,
+                                      "activitynetqa", "test")) for i, scene in enumerate(scenes)]
+    answers = lm.generate_until(requests)
+    assert lm.handle is not None and lm.handle.method.name == "ficoco-v"  # attached for the whole run
+    records = [Record("activitynetqa", str(i), scene.question, _videos=(VideoFile(p.name, [p.parent]),))
+               for i, (scene, p) in enumerate(zip(scenes, paths))]
+    assert answers == answer_batch(lm.model, lm.processor, records, 4)  # the method is still attached: same run
+    assert all(answers) and lm.unparsed["activitynetqa"] == (0, 2)
+    lm.close()
+
+    llava = plugin.FicocoLlava(pretrained=str(embedded_checkpoint), device="cpu")
+    llava.task_dict = lm.task_dict
+    with pytest.raises(ValueError, match="activitynetqa is a video benchmark and LLaVA-1.5 models take no video"):
+        llava.generate_until(requests[:1])
+    llava.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,14 @@ def write_parquet(path: Path, rows: list[dict], *, list_image=False, row_group_s
     fields = []
     for name in rows[0]:
         values = [r[name] for r in rows]
-        if name == "image":
+        if name == "image" or re.fullmatch(r"image_\d", name):  # image_1 .. image_7: MMMU's image columns
             fields.append(pa.field(name, pa.list_(IMAGE_TYPE) if list_image else IMAGE_TYPE))
         else:
             fields.append(pa.field(name, pa.infer_type(values)))
     metadata = None
     if hf_meta:
-        features = {n: ({"_type": "Image"} if n == "image" else {"dtype": "string", "_type": "Value"}) for n in rows[0]}
+        features = {n: ({"_type": "Image"} if n == "image" or re.fullmatch(r"image_\d", n) else
+                        {"dtype": "string", "_type": "Value"}) for n in rows[0]}
         metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     table = pa.Table.from_pylist(rows, schema=pa.schema(fields, metadata=metadata))
     pq.write_table(table, path, row_group_size=row_group_size)
@@ -289,15 +291,37 @@ def hf_llava_wild(root: Path):
             "category": "conv"}
 
 
+def hf_mmmu(root: Path):
+    """lmms-lab/MMMU: images in image_1..image_7 (empty where unused), the ones shown being those the
+    question and options refer to; options as a Python list literal."""
+    rows = [
+        {"id": "validation_Art_Theory_1", "question": "<image 1> Which style is this?", "options": "['Baroque', 'Rococo']",
+         "answer": "B", "question_type": "multiple-choice", "image_1": cell(COLORS[0]), "image_2": cell(COLORS[5]),
+         "subfield": "Art history", "img_type": "['Paintings']"},
+        {"id": "validation_Math_2", "question": "What is the area of <image 2>?", "options": "[]", "answer": "12",
+         "question_type": "open", "image_1": None, "image_2": cell(COLORS[1]), "subfield": "Geometry",
+         "img_type": "['Diagrams']"},
+    ]
+    write_parquet(root / "data" / "validation-00000-of-00001.parquet", rows)
+    write_parquet(root / "data" / "dev-00000-of-00001.parquet", [{**rows[0], "id": "dev_Art_Theory_1"}])
+    return {"split": None, "count": 2, "ids": ["validation_Art_Theory_1", "validation_Math_2"],
+            "question": "<image 1> Which style is this?\nA. Baroque\nB. Rococo\n\n" + LETTER.strip(),
+            "answer": "B", "n_answers": 1, "options": {"A": "Baroque", "B": "Rococo"},
+            "second_question": "What is the area of <image 2>?\n\n" + VQA.strip(), "second_answer": "12",
+            "category": "Art_Theory"}
+
+
 HF_WRITERS = {
     "textvqa_val": hf_textvqa, "vqav2_val": hf_vqav2, "vizwiz_vqa_val": hf_vizwiz, "pope": hf_pope, "mme": hf_mme,
     "scienceqa_img": hf_scienceqa, "seedbench": hf_seedbench, "gqa": hf_gqa, "mmbench_en_dev": hf_mmbench("en"),
-    "mmbench_cn_dev": hf_mmbench("cn"), "mmvet": hf_mmvet, "llava_in_the_wild": hf_llava_wild,
+    "mmbench_cn_dev": hf_mmbench("cn"), "mmvet": hf_mmvet, "llava_in_the_wild": hf_llava_wild, "mmmu_val": hf_mmmu,
 }
 
 
 def test_every_task_has_a_parquet_fixture():
-    assert set(HF_WRITERS) == set(TASKS) == set(available_tasks())
+    """Every image benchmark here; the video benchmarks' layouts are in test_video_qa.py."""
+    assert set(available_tasks()) == set(TASKS)
+    assert set(HF_WRITERS) == {t for t, spec in TASKS.items() if spec.modality == "image"}
 
 
 @pytest.mark.parametrize("task", sorted(HF_WRITERS))
@@ -733,7 +757,9 @@ LLAVA_WRITERS = {
 
 
 def test_every_task_has_a_llava_fixture():
-    assert set(LLAVA_WRITERS) == set(TASKS)
+    """Every image benchmark with LLaVA-1.5 files (MMMU has none); the video benchmarks' Video-LLaVA
+    files are in test_video_qa.py."""
+    assert set(LLAVA_WRITERS) == {t for t, spec in TASKS.items() if spec.modality == "image" and spec.llava_files}
 
 
 @pytest.mark.parametrize("task", sorted(LLAVA_WRITERS))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ficoco.evaluation.metrics import extract_option, score_exact_match
-from ficoco.evaluation.tasks import SCORERS, score_judged, score_multiple_choice
+from ficoco.evaluation.tasks import SCORERS, TASKS, score_judged, score_multiple_choice
 from ficoco.evaluation.tasks.mmbench import score_mmbench
 from ficoco.evaluation.tasks.mme import (
     MME_COGNITION,
@@ -407,7 +407,7 @@ def test_score_exact_match_gqa():
 
 def test_judged_without_judge_is_skipped():
     records = [{"question": "q", "answer": "a", "prediction": "p"}]
-    for task in ("mmvet", "llava_in_the_wild"):
+    for task in ("mmvet", "llava_in_the_wild", "tgif_qa", "msvd_qa", "msrvtt_qa", "activitynetqa"):
         result = SCORERS[task](records)
         assert result["skipped"] is True
         assert result["score"] is None
@@ -469,6 +469,11 @@ def test_registry_names_and_immutability():
         "mmbench_cn_dev",
         "mmvet",
         "llava_in_the_wild",
+        "mmmu_val",
+        "tgif_qa",
+        "msvd_qa",
+        "msrvtt_qa",
+        "activitynetqa",
     }
     with pytest.raises(TypeError):
         SCORERS["new"] = score_vqa  # type: ignore[index]
@@ -497,6 +502,11 @@ def _records_for(task: str, predictions: list[str]) -> list[dict]:
         return [{"prediction": p, "answer": "a cat", "question": "what?"} for p in predictions]
     if task == "gqa":
         return [{"prediction": p, "answer": "cat"} for p in predictions]
+    if task == "mmmu_val":
+        return [{"prediction": p, "answer": "A", "sample_id": f"validation_Art_{i}", "question_type": "multiple-choice",
+                 "options": {"A": "cat", "B": "dog"}} for i, p in enumerate(predictions)]
+    if TASKS[task].modality == "video":
+        return [{"prediction": p, "answer": "a cat", "question": "what?"} for p in predictions]
     return [{"prediction": p, "answers": ["cat"] * 10} for p in predictions]
 
 
@@ -508,8 +518,9 @@ def test_every_scorer_counts_unparsed_answers(task):
     from ficoco.evaluation.tasks import is_unparsed
 
     good = {"pope": "yes", "mme": "Yes", "scienceqa_img": "A", "seedbench": "A", "mmbench_en_dev": "A",
-            "mmbench_cn_dev": "A"}.get(task, "cat")
-    bad = "" if task in ("textvqa_val", "vqav2_val", "vizwiz_vqa_val", "gqa", "mmvet", "llava_in_the_wild") else "maybe so"
+            "mmbench_cn_dev": "A", "mmmu_val": "A"}.get(task, "cat")
+    free_form = ("textvqa_val", "vqav2_val", "vizwiz_vqa_val", "gqa", "mmvet", "llava_in_the_wild", "mmmu_val")
+    bad = "" if task in free_form or TASKS[task].modality == "video" else "maybe so"
     if task == "seedbench":
         bad = ""  # SEED-Bench reads the first character: only an empty answer has none
     result = SCORERS[task](_records_for(task, [good, bad, bad, good]))

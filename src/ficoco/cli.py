@@ -453,31 +453,52 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
 @click.option("--textvqa-ocr/--no-textvqa-ocr", "textvqa_ocr", default=None,
               help="TextVQA prompts with the reference OCR tokens, as LLaVA-1.5's published results [with them where "
                    "the files have them].")
+@click.option("--videos", "video_dirs", multiple=True, metavar="TASK=FOLDER",
+              help="Where a video benchmark's extracted videos are [its folders beside the data: all_test/, "
+                   "videos/, mp4/, ...] (repeat per benchmark).")
+@click.option("--frames", "max_frames", type=click.IntRange(min=1), default=None,
+              help="Most frames shown of a video [Qwen-VL: 2 per second, at most 32; Video-LLaVA: 8].")
+@click.option("--judge", "judge_spec", default="none", show_default=True,
+              help="Judge of the video QA benchmarks (Video-LLaVA's GPT protocol): none (predictions kept, not "
+                   "scored), openai (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL), or "
+                   "MODULE:NAME, a callable judge(question, answer, prediction) -> (yes, score 0-5).")
+@click.option("--judge-model", default=None, help="openai judge: the model [FICOCO_JUDGE_MODEL, else gpt-3.5-turbo, "
+              "Video-LLaVA's].")
+@click.option("--judge-url", default=None, help="openai judge: the API base URL [OPENAI_BASE_URL, else OpenAI's].")
 def eval_command(model_path, data, method_names, retains, batch_size, limit, out_dir, device, dtype, prompt_format,
-                 plot, textvqa_ocr) -> None:
+                 plot, textvqa_ocr, video_dirs, max_frames, judge_spec, judge_model, judge_url) -> None:
     """Evaluate vanilla and every method/budget on benchmarks; resumable; writes tables and a plot.
 
     MODEL_PATH is a local checkpoint folder with its processor [the embedded proxy model]. Under
     'accelerate launch --num_processes N -m ficoco.cli eval ...' the samples are sharded across the
-    processes and the main process merges and scores them."""
+    processes and the main process merges and scores them. Video benchmarks (tgif_qa, msvd_qa,
+    msrvtt_qa, activitynetqa) need a model that takes videos (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)."""
     from .assets import embedded_model_dir
     from .checkpoint import checkpoint_config, check_supported, load_model, load_processor, resolve_device
     from .evaluation.prompt_format import in_prompt_format, resolve_prompt_format
     from .evaluation.read import read_benchmark
     from .evaluation.report import plot_results
     from .evaluation.runner import Shard, evaluate, variants_for
+    from .evaluation.tasks import task_spec
+    from .evaluation.video_frames import check_takes_video
     from .methods import split_methods
 
     model_path = model_path or str(embedded_model_dir())
-    check_supported(checkpoint_config(model_path), model_path)
+    config = checkpoint_config(model_path)
+    check_supported(config, model_path)
     prompt_format = resolve_prompt_format(prompt_format, model_path)
+    folders = _pairs(video_dirs, "--videos", "TASK=FOLDER")
+    video_judge = _video_judge(judge_spec, judge_model, judge_url)
     tasks = {}
-    for item in data:
-        task, sep, path = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected TASK=PATH, got {item!r}", param_hint="--data")
+    for task, path in _pairs(data, "--data", "TASK=PATH").items():
+        if task_spec(task).modality == "video":
+            check_takes_video(config.get("model_type"), task)  # before reading anything
         options = {"ocr_tokens": textvqa_ocr} if task == "textvqa_val" else {}
+        if task in folders:
+            options["video_folder"] = folders.pop(task)
         tasks[task] = in_prompt_format(read_benchmark(task, path, limit=limit, **options), prompt_format)
+    if folders:
+        raise click.BadParameter(f"no --data for {', '.join(folders)}", param_hint="--videos")
     variants = variants_for(split_methods(method_names), _budgets(retains))
     for variant in variants:
         variant.build()  # fail fast on a bad method or budget
@@ -493,12 +514,46 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
     processor = load_processor(model_path)
     model = load_model(model_path, dtype=dtype, device=target)
     summary = evaluate(model, processor, tasks, variants, out_dir, batch_size=batch_size, shard=shard,
-                       log=lambda line: click.echo(f"warning: {line}", err=True))
+                       log=lambda line: click.echo(f"warning: {line}", err=True), video_judge=video_judge,
+                       max_frames=max_frames)
     if summary is None:  # not the main process under accelerate launch
         return
     if plot:
         plot_results(summary["results"], str(Path(out_dir) / "accuracy-vs-tflops.png"))
     click.echo(Path(out_dir, "results.md").read_text())
+
+
+def _pairs(items, option: str, form: str) -> dict[str, str]:
+    """``("a=x", "b=y")`` -> ``{"a": "x", "b": "y"}``; one clear line for an item without ``=``."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected {form}, got {item!r}", param_hint=option)
+        pairs[key] = value
+    return pairs
+
+
+def _video_judge(spec: str, model: str | None, url: str | None):
+    """The video QA judge ``--judge`` names: ``None`` for none, the OpenAI-compatible one, or an
+    importable callable ``MODULE:NAME``."""
+    if spec == "none":
+        if model or url:
+            raise click.BadParameter("--judge-model / --judge-url need --judge openai", param_hint="--judge")
+        return None
+    if spec == "openai":
+        from .evaluation.video_qa import OpenAIJudge
+
+        return OpenAIJudge.from_env(model=model, base_url=url)
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise click.BadParameter(f"expected none, openai or MODULE:NAME, got {spec!r}", param_hint="--judge")
+    import importlib
+
+    judge = getattr(importlib.import_module(module), name, None)
+    if not callable(judge):
+        raise click.BadParameter(f"{spec} is not a callable judge", param_hint="--judge")
+    return judge
 
 
 @main.command("train-proxy")

@@ -1,5 +1,5 @@
-"""The one place that turns a question into a LLaVA prompt with one image, and that checks
-whether a model's tokenizer can read the prompt at all."""
+"""The one place that turns a question into a prompt about its images (or a video) in the model's
+chat template, and that checks whether a model's tokenizer can read the prompt at all."""
 
 from __future__ import annotations
 
@@ -8,13 +8,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
-def chat_prompt(processor, question: str) -> str:
-    """``question`` about one image in the processor's own chat template, or in LLaVA-1.5's plain
-    ``USER: <image>\\n... ASSISTANT:`` format when the processor has no template."""
+def chat_prompt(processor, question: str, images: int = 1) -> str:
+    """``question`` about ``images`` images (placed before it, in order) in the processor's own chat
+    template, or in LLaVA-1.5's plain ``USER: <image>\\n... ASSISTANT:`` format when the processor
+    has no template."""
     if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+        parts = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    return "USER: " + "<image>\n" * images + f"{question} ASSISTANT:"
+
+
+def video_chat_prompt(processor, question: str) -> str:
+    """``question`` about one video (placed before it) in the processor's chat template. A template
+    that knows only images (the Qwen proxy's) renders an image part, whose placeholder becomes the
+    video's: Qwen's templates wrap both alike (``<|vision_start|>...<|vision_end|>``)."""
+    video_token = getattr(processor, "video_token", None)
+    if not getattr(processor, "chat_template", None) or video_token is None:
+        raise ValueError(f"{type(processor).__name__} has no chat template with a video placeholder; it cannot be "
+                         f"asked about a video")
+    parts = [{"type": "video"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    if video_token in text:
+        return text
+    return chat_prompt(processor, question).replace(processor.image_token, video_token, 1)
 
 
 def follow_up_prompt(processor, question: str) -> str:

@@ -3,16 +3,20 @@
 transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors refuse to be built (or loaded with
 ``AutoProcessor``) without a video processor, and every Qwen video processor needs torchvision.
 Images alone need neither: the PIL image processor and the tokenizer do all the work. Here the
-processor class of each generation is used as it is, with the video processor left out; asking it
-for videos fails with one line saying torchvision is needed. ``checkpoint.load_processor`` falls
-back to it only when torchvision is missing, and the Qwen proxy model is saved with
-:func:`save_processor` so that either path loads it.
+processor class of each generation is used as it is, with its video processor replaced by
+ficoco's torch-only one (:class:`~ficoco.qwen_video.TorchQwenVideoProcessor`, for frames already
+sampled) or left out; without one, asking for videos fails with one line saying torchvision is
+needed. ``checkpoint.load_processor`` falls back to it only when torchvision is missing (with the
+torch-only video processor), and the Qwen proxy model is saved with :func:`save_processor` so
+that either path loads it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .qwen_video import TorchQwenVideoProcessor
 
 #: the processor class of each Qwen-VL generation, by ``config.model_type``
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
@@ -30,31 +34,35 @@ def _image_only_class(model_type: str) -> type:
                          f"{', '.join(PROCESSOR_CLASSES)}") from None
 
     def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None  # images only: no video processor, hence no torchvision
+        if argument_name == "video_processor" and (argument is None or isinstance(argument, TorchQwenVideoProcessor)):
+            return None  # no torchvision: images only, or videos through ficoco's torch-only preprocessing
         return base.check_argument_for_proper_class(self, argument_name, argument)
 
     def _process_videos(self, *args, **kwargs):
-        raise ImportError(f"{base.__name__} without a video processor (torchvision is not installed) reads images "
-                          f"only; install torchvision to process videos")
+        if self.video_processor is None:
+            raise ImportError(f"{base.__name__} without a video processor (torchvision is not installed) reads images "
+                              f"only; install torchvision to process videos")
+        return base._process_videos(self, *args, **kwargs)
 
     return type(f"ImageOnly{base.__name__}", (base,),
                 {"check_argument_for_proper_class": check_argument_for_proper_class,
                  "_process_videos": _process_videos, "__module__": __name__})
 
 
-def image_only_processor(model_type: str, image_processor, tokenizer, chat_template: str | None = None):
+def image_only_processor(model_type: str, image_processor, tokenizer, chat_template: str | None = None,
+                         video_processor: TorchQwenVideoProcessor | None = None):
     """The ``model_type`` generation's own processor class built from an image processor and a
-    tokenizer alone (no video processor)."""
-    return _image_only_class(model_type)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                         chat_template=chat_template)
+    tokenizer, without torchvision: no video processor, or ficoco's torch-only one."""
+    return _image_only_class(model_type)(image_processor=image_processor, tokenizer=tokenizer,
+                                         video_processor=video_processor, chat_template=chat_template)
 
 
 def load_image_only_processor(folder: str | Path, model_type: str):
     """:func:`image_only_processor` from the image processor, tokenizer and chat template saved in
-    ``folder``. The image processor is read with the PIL backend (all three generations use
-    Qwen2-VL's image processor; ``AutoImageProcessor`` itself needs torchvision in some
-    transformers 5.x releases)."""
+    ``folder``, with the torch-only video preprocessing of the checkpoint's video settings
+    (:meth:`~ficoco.qwen_video.TorchQwenVideoProcessor.from_folder`). The image processor is read
+    with the PIL backend (all three generations use Qwen2-VL's image processor;
+    ``AutoImageProcessor`` itself needs torchvision in some transformers 5.x releases)."""
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -62,7 +70,8 @@ def load_image_only_processor(folder: str | Path, model_type: str):
     template = folder / CHAT_TEMPLATE_FILE
     return image_only_processor(model_type, Qwen2VLImageProcessorPil.from_pretrained(folder, local_files_only=True),
                                 AutoTokenizer.from_pretrained(folder, local_files_only=True),
-                                template.read_text() if template.is_file() else None)
+                                template.read_text() if template.is_file() else None,
+                                TorchQwenVideoProcessor.from_folder(folder, model_type))
 
 
 def save_processor(processor, folder: str | Path) -> None:
@@ -72,7 +81,8 @@ def save_processor(processor, folder: str | Path) -> None:
     generation's processor class."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if getattr(processor, "video_processor", None) is not None:
+    video = getattr(processor, "video_processor", None)
+    if video is not None and not isinstance(video, TorchQwenVideoProcessor):
         processor.save_pretrained(folder)
         return
     processor.tokenizer.save_pretrained(folder)

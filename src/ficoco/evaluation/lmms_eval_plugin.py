@@ -8,9 +8,12 @@ token-reduction method attached::
         --tasks pope --batch_size 8
 
 ``model_args``: ``pretrained`` (local checkpoint folder with its processor), ``method`` (a name from
-``ficoco methods``, or ``vanilla``), ``retain`` (visual tokens per image), ``device``
+``ficoco methods``, or ``vanilla``), ``retain`` (visual tokens per image, or a share such as
+``0.25``), ``device``
 (default ``cuda`` when there is one), ``dtype`` (``auto``, ``float16``, ``bfloat16``, ``float32``),
 ``batch_size``, ``max_new_tokens`` (used when the task does not set it), ``attn_implementation``,
+``max_frames`` (most frames shown of a video; by default the model's convention, see
+:mod:`ficoco.evaluation.video_frames`),
 ``prompt_format`` (``auto``, ``benchmark`` or ``model``: see
 :mod:`ficoco.evaluation.prompt_format`; ``auto`` asks a model made by ``ficoco train-proxy`` the
 bare questions, without the tasks' answer instructions); every other key is an option of the method (``start_layer=12``, ``lam=0.35``,
@@ -20,7 +23,10 @@ of the samples on its own GPU.
 The method is attached once, with :func:`ficoco.attach`, when the model is built, and detached by
 :meth:`FicocoLlava.close` (lmms-eval calls :meth:`~FicocoLlava.clean` after the last request).
 Prompts use the processor's chat template with one image, exactly as ``ficoco eval``
-(:func:`ficoco.prompts.chat_prompt`), so both give the same answers.
+(:func:`ficoco.prompts.chat_prompt`), so both give the same answers. A task whose visuals are video
+files (lmms-eval's ``activitynetqa``, ...) runs on a model that takes videos (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL): its frames are sampled and decoded as ``ficoco eval`` does
+(:mod:`ficoco.evaluation.model_inputs`); any other model refuses it in one line.
 
 Honest output: before answering, each task's prompts are checked against the tokenizer (mostly
 unknown words: ``ValueError``; some: a warning). After answering, the share of answers each task's
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from types import MappingProxyType
 
 import torch
@@ -45,6 +52,8 @@ from ..adapters import attach
 from ..checkpoint import load_model, load_processor, resolve_device
 from ..methods import get_method
 from ..prompts import chat_prompt
+from .formats.videos import VIDEO_EXTENSIONS, VideoFile
+from .model_inputs import read_frames, to_model, video_inputs
 from .prompt_format import bare_question, check_task_prompts, resolve_prompt_format
 from .report import UNPARSED_WARN_SHARE
 from .tasks import answer_format, is_unparsed
@@ -90,10 +99,10 @@ class FicocoLlava(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, method: str = "vanilla", retain: int | None = None, *,
+    def __init__(self, pretrained: str, method: str = "vanilla", retain: int | float | None = None, *,
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
                  max_new_tokens: int = 128, attn_implementation: str = "sdpa", max_batch_size=None,
-                 prompt_format: str = "auto", **method_options) -> None:
+                 prompt_format: str = "auto", max_frames: int | None = None, **method_options) -> None:
         super().__init__()
         method = "vanilla" if method is None else str(method).lower()
         if method in _VANILLA:
@@ -104,8 +113,8 @@ class FicocoLlava(lmms):
         # build the method before loading weights: a bad name or option fails at once
         if "schedule" in method_options:
             method_options["schedule"] = _as_schedule(method_options["schedule"])
-        if retain is not None:
-            method_options["retain"] = int(retain)
+        if retain is not None:  # a count, or a share of each image's tokens (0.25: Qwen-VL's varied sizes)
+            method_options["retain"] = float(retain) if "." in str(retain) else int(retain)
         self.method = None if method == "vanilla" else get_method(method, **method_options)
         if not (dtype == "auto" or isinstance(dtype, torch.dtype) or isinstance(getattr(torch, str(dtype), None),
                                                                                  torch.dtype)):
@@ -116,6 +125,7 @@ class FicocoLlava(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
+        self.max_frames = None if max_frames in (None, "", "None") else int(max_frames)
         self.pretrained = str(pretrained)
         self.method_name, self.retain = method, retain
         self.prompt_format = resolve_prompt_format(str(prompt_format), self.pretrained)
@@ -195,6 +205,7 @@ class FicocoLlava(lmms):
         return self.task_dict[task][split][doc_id]
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        """The sample's images (RGB) or video files, as ``doc_to_visual`` gives them."""
         if doc_to_visual is None:
             return []
         visuals = doc_to_visual(self._doc(task, split, doc_id)) or []
@@ -202,10 +213,14 @@ class FicocoLlava(lmms):
             visuals = [visuals]
         out = []
         for visual in visuals:
-            if not hasattr(visual, "convert"):
-                raise NotImplementedError(f"the ficoco model takes images only, got a {type(visual).__name__} "
-                                          "(video or audio tasks are not supported)")
-            out.append(visual.convert("RGB"))
+            if isinstance(visual, str) and visual.lower().endswith(VIDEO_EXTENSIONS):
+                path = Path(visual)
+                out.append(VideoFile(path.name, [path.parent]))
+            elif hasattr(visual, "convert"):
+                out.append(visual.convert("RGB"))
+            else:
+                raise NotImplementedError(f"the ficoco model takes images and video files, got a "
+                                          f"{type(visual).__name__} (audio tasks are not supported)")
         return out
 
     def _prompt(self, context: str, images: int) -> str:
@@ -224,6 +239,15 @@ class FicocoLlava(lmms):
             conversation = [{"role": "user", "content": [*content, {"type": "text", "text": context}]}]
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return "USER: " + ("" if in_text else f"{token}\n" * images) + f"{context} ASSISTANT:"
+
+    def _video_batch(self, contexts: Sequence[str], videos: Sequence[VideoFile], tasks: Sequence[str],
+                     doc_ids: Sequence[int]) -> dict:
+        """The inputs of one question per video, the frames read as ``ficoco eval`` reads them."""
+        model_type = getattr(self._model.config, "model_type", None)
+        frames = [read_frames(video, model_type, task, str(doc_id), self.max_frames)
+                  for video, task, doc_id in zip(videos, tasks, doc_ids)]
+        questions = [bare_question(c) if self.prompt_format == "model" else c for c in contexts]
+        return to_model(video_inputs(self.processor, model_type, questions, frames), self._model)
 
     def _inputs(self, prompts: Sequence[str], images: list) -> dict:
         batch = self.processor(images=images or None, text=list(prompts), return_tensors="pt", padding=True)
@@ -253,11 +277,19 @@ class FicocoLlava(lmms):
                 chunk.append(order[start + len(chunk)])
             start += len(chunk)
             visuals = {i: self._visuals(args[i][2], args[i][4], args[i][5], args[i][3]) for i in chunk}
-            by_count: dict[int, list[int]] = {}
+            by_count: dict[object, list[int]] = {}
             for i in chunk:  # decoder-side reductions need the same number of images in every row
-                by_count.setdefault(len(visuals[i]), []).append(i)
-            for rows in by_count.values():
-                texts = self._generate([args[i][0] for i in rows], [visuals[i] for i in rows], args[rows[0]][1])
+                kind = "video" if any(isinstance(v, VideoFile) for v in visuals[i]) else len(visuals[i])
+                by_count.setdefault(kind, []).append(i)
+            for kind, rows in by_count.items():
+                if kind == "video":
+                    if any(len(visuals[i]) != 1 for i in rows):
+                        raise NotImplementedError("the ficoco model takes one video per question, without images")
+                    batch = self._video_batch([args[i][0] for i in rows], [visuals[i][0] for i in rows],
+                                              [args[i][4] for i in rows], [args[i][3] for i in rows])
+                    texts = self._generate([args[i][0] for i in rows], [], args[rows[0]][1], batch=batch)
+                else:
+                    texts = self._generate([args[i][0] for i in rows], [visuals[i] for i in rows], args[rows[0]][1])
                 for i, text in zip(rows, texts):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
@@ -304,7 +336,8 @@ class FicocoLlava(lmms):
                 logger.info(line)
 
     @torch.inference_mode()
-    def _generate(self, contexts: Sequence[str], visuals: Sequence[list], gen_kwargs: dict | None) -> list[str]:
+    def _generate(self, contexts: Sequence[str], visuals: Sequence[list], gen_kwargs: dict | None, *,
+                  batch: dict | None = None) -> list[str]:
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
@@ -317,8 +350,9 @@ class FicocoLlava(lmms):
             options["temperature"] = temperature if temperature > 0 else 1.0
             if gen_kwargs.get("top_p") is not None:
                 options["top_p"] = float(gen_kwargs["top_p"])
-        prompts = [self._prompt(context, len(images)) for context, images in zip(contexts, visuals)]
-        batch = self._inputs(prompts, [image for images in visuals for image in images])
+        if batch is None:  # images (a video batch comes built)
+            prompts = [self._prompt(context, len(images)) for context, images in zip(contexts, visuals)]
+            batch = self._inputs(prompts, [image for images in visuals for image in images])
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out = self._model.generate(**batch, pad_token_id=pad, **options)
@@ -339,6 +373,8 @@ class FicocoLlava(lmms):
             if isinstance(continuation, list):
                 continuation = continuation[0]
             images = self._visuals(doc_to_visual, task, split, doc_id)
+            if any(isinstance(v, VideoFile) for v in images):
+                raise NotImplementedError("the ficoco model scores log-likelihoods of image tasks only, not videos")
             prompt = self._prompt(context, len(images))
             context_length = self._inputs([prompt], images)["input_ids"].shape[1]
             batch = self._inputs([prompt + str(continuation)], images)

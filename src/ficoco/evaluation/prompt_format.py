@@ -24,13 +24,15 @@ from pathlib import Path
 from ..checkpoint import is_proxy_checkpoint
 from ..prompts import VocabularyCheck, vocabulary_check
 from .records import OPTION_POST, VQA_POST, Record
+from .tasks.activitynet_qa import ACTIVITYNET_POST
 from .tasks.mmbench import MMBENCH_CN_POST
 from .tasks.mmvet import MMVET_PRE
 from .tasks.vizwiz_vqa import VIZWIZ_POST
 
 PROMPT_FORMATS = ("auto", "benchmark", "model")
 # longest first, so that VizWiz's two sentences go before the VQA sentence they end with
-_SUFFIXES = tuple(sorted((VQA_POST, OPTION_POST, VIZWIZ_POST, MMBENCH_CN_POST), key=len, reverse=True))
+_SUFFIXES = tuple(sorted((VQA_POST, OPTION_POST, VIZWIZ_POST, MMBENCH_CN_POST, ACTIVITYNET_POST), key=len,
+                          reverse=True))
 _PREFIXES = (MMVET_PRE,)
 #: records per task whose words are checked against the tokenizer
 CHECKED_RECORDS = 256

@@ -15,13 +15,19 @@
 * ``tsv``        -- MMBench's ``.tsv`` with base64 images;
 * ``mme_folder`` -- the ``MME_Benchmark_release_version`` folder.
 
+Video benchmarks (TGIF-QA, MSVD-QA, MSRVTT-QA, ActivityNet-QA) come as a parquet (lmms-lab's
+columns) or as Video-LLaVA's ``test_q.json`` / ``test_a.json`` (the ``llava`` form), with their
+video archive extracted into a folder beside them (or ``video_folder``); each record names its
+video file (:meth:`Record.video`), decoded only when a model reads its frames.
+
 Prompts: for the formats that carry the raw fields (parquet, hf_disk, tsv, mme_folder) the
 ``question`` of a record is the prompt lmms-eval's task builds (``doc_to_text`` with the
 default ``lmms_eval_specific_kwargs``: options, hints and post-prompt included).  LLaVA's
 question files carry a finished prompt; it is used verbatim (ScienceQA gets the
 ``--single-pred-prompt`` sentence that ``model_vqa_science.py`` appends).
 
-Nothing is downloaded.  Images are decoded lazily by :meth:`Record.image`.  Every problem with
+Nothing is downloaded.  Images are decoded lazily by :meth:`Record.image`, videos by the model's
+inputs (:mod:`ficoco.evaluation.model_inputs`).  Every problem with
 the files raises :class:`~ficoco.evaluation.records.BenchmarkDataError` naming the file.
 
 This module only dispatches: how each form is read is in :mod:`ficoco.evaluation.formats`, what
@@ -43,6 +49,7 @@ from .formats.files import (
 from .formats.llava import llava_drafts, read_llava
 from .formats.tables import hf_disk_sources, parquet_sources, rows_to_drafts
 from .formats.tsv import read_tsv
+from .formats.videos import VideoFile, video_folders
 from .records import BenchmarkDataError, Record, TaskSpec, finish_records
 from .tasks import JOINERS, REGISTRY, task_spec
 from .tasks.gqa import read_gqa
@@ -65,6 +72,7 @@ def read_benchmark(
     post_prompt: str | None = None,
     check_images: bool = True,
     ocr_tokens: bool | None = None,
+    video_folder: str | os.PathLike | None = None,
 ) -> list[Record]:
     """Read benchmark ``task`` (an lmms-eval task name, see :data:`~ficoco.evaluation.tasks.TASKS`) from ``path``.
 
@@ -84,6 +92,11 @@ def read_benchmark(
     ``pre_prompt`` / ``post_prompt`` replace the task's lmms-eval defaults where the prompt is
     built from raw fields (not for LLaVA question files, whose prompts are finished).
 
+    Video benchmarks: ``video_folder`` is where the extracted videos are; by default the task's
+    folders (e.g. ``all_test/``, ``videos/``) beside the parquet / question file or under
+    ``path``. With ``check_images`` every video is looked for while reading (a missing one is
+    named).
+
     ``ocr_tokens`` (TextVQA only): whether the prompt carries the reference OCR tokens
     (``"<Question>\\nReference OCR token: a, b, ...\\n<post prompt>"``), as LLaVA-1.5's published
     results do (its ``llava_textvqa_val_v051_ocr.jsonl``; lmms-eval's ``ocr`` option). ``None``:
@@ -94,9 +107,13 @@ def read_benchmark(
     spec = task_spec(task)
     if ocr_tokens is not None and spec.name != "textvqa_val":
         raise ValueError(f"ocr_tokens is a TextVQA option, not {spec.name}'s")
+    if video_folder is not None and spec.modality != "video":
+        raise ValueError(f"video_folder is for video benchmarks, not {spec.name}")
+    if video_folder is not None and not Path(video_folder).is_dir():
+        raise BenchmarkDataError(f"{spec.name}: video folder {video_folder} does not exist", video_folder)
     records = _read_records(spec, task, path, split=split, limit=limit, format=format, image_folder=image_folder,
                             annotation_file=annotation_file, pre_prompt=pre_prompt, post_prompt=post_prompt,
-                            check_images=check_images)
+                            check_images=check_images, video_folder=video_folder)
     if spec.name == "textvqa_val":
         pre = spec.pre_prompt if pre_prompt is None else pre_prompt
         post = spec.post_prompt if post_prompt is None else post_prompt
@@ -105,7 +122,7 @@ def read_benchmark(
 
 
 def _read_records(spec: TaskSpec, task: str, path, *, split, limit, format, image_folder, annotation_file, pre_prompt,
-                  post_prompt, check_images) -> list[Record]:
+                  post_prompt, check_images, video_folder) -> list[Record]:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     if format is not None and format not in FORMATS:
@@ -122,8 +139,8 @@ def _read_records(spec: TaskSpec, task: str, path, *, split, limit, format, imag
         if pre_prompt is not None or post_prompt is not None:
             raise ValueError("pre_prompt/post_prompt cannot be applied to LLaVA question files: their prompts are "
                              "finished text")
-        return read_llava(spec, root, split, limit, image_folder, annotation_file, check_images, joiners=JOINERS,
-                          read_drafts=REGISTRY[spec.name].llava_drafts or llava_drafts)
+        return read_llava(spec, root, split, limit, image_folder or video_folder, annotation_file, check_images,
+                          joiners=JOINERS, read_drafts=REGISTRY[spec.name].llava_drafts or llava_drafts)
     if annotation_file is not None or image_folder is not None:
         raise ValueError(f"image_folder/annotation_file only apply to LLaVA question files, not format {fmt!r}")
     if fmt == "tsv":
@@ -140,18 +157,43 @@ def _read_records(spec: TaskSpec, task: str, path, *, split, limit, format, imag
         return read_mme_folder(spec, root, limit, pre, post, check_images)
     if spec.name == "gqa":
         return read_gqa(spec, root, fmt, split, limit, pre, post)
-    return _read_tabular(spec, root, fmt, split, limit, pre, post)
+    return _read_tabular(spec, root, fmt, split, limit, pre, post, video_folder, check_images)
 
 
 def _read_tabular(spec: TaskSpec, root: Path, fmt: str, split: str | None, limit: int | None,
-                  pre: str, post: str) -> list[Record]:
+                  pre: str, post: str, video_folder=None, check_images: bool = True) -> list[Record]:
     if fmt == "parquet":
         sel = select_parquet(spec, root, split, spec.hf_config)
         sources, chosen, category = parquet_sources(sel.files), sel.split, sel.category
     else:
         sources, chosen, category = hf_disk_sources(spec, root, split)
-    return finish_records(spec, rows_to_drafts(spec, sources, REGISTRY[spec.name].build_row, split=chosen,
-                                               category=category, limit=limit, pre=pre, post=post, fmt=fmt))
+    lookup = _video_lookup(spec, root, video_folder) if spec.modality == "video" else None
+    drafts = rows_to_drafts(spec, sources, REGISTRY[spec.name].build_row, split=chosen, category=category,
+                            limit=limit, pre=pre, post=post, fmt=fmt, video_lookup=lookup)
+    if check_images:
+        for d in drafts:
+            for video in d.videos:
+                video.path(spec.name, d.raw_id)  # a missing video is named now, before any answering
+    return finish_records(spec, drafts)
+
+
+def _video_lookup(spec: TaskSpec, root: Path, video_folder):
+    """``(source, names) -> video files``: looked for in ``video_folder`` (and the task's
+    subfolders of it), else in the task's folders beside the dataset and its parquet files."""
+    top = root if root.is_dir() else root.parent
+    found: dict[str, list[Path]] = {}
+
+    def folders(source) -> list[Path]:
+        key = str(source.base_dir)
+        if key not in found:
+            if video_folder is not None:
+                found[key] = video_folders([Path(video_folder)], (".",) + spec.video_dirs)
+            else:
+                roots = [top] + ([source.base_dir] if source.base_dir is not None else []) + [top.parent]
+                found[key] = video_folders(roots, spec.video_dirs) or [top]
+        return found[key]
+
+    return lambda source, names: tuple(VideoFile(n, folders(source), spec.video_prefixes) for n in names)
 
 
 def detect_format(task: str, path: str | os.PathLike) -> str:

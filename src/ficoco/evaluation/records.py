@@ -1,6 +1,7 @@
 """What a benchmark sample and a benchmark task are, shared by every reader and task.
 
-* :class:`Record` -- one sample as :func:`~ficoco.evaluation.read.read_benchmark` returns it;
+* :class:`Record` -- one sample as :func:`~ficoco.evaluation.read.read_benchmark` returns it (its
+  images, or the video files of a video benchmark);
 * :class:`TaskSpec` -- what a benchmark looks like on disk and how lmms-eval prompts it;
 * :class:`Task` -- a spec with the code specific to that benchmark (row builder, LLaVA-file join,
   scorer), as each module of :mod:`ficoco.evaluation.tasks` defines it;
@@ -19,10 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-if TYPE_CHECKING:  # only annotations: the image references import this module
+if TYPE_CHECKING:  # only annotations: the image and video references import this module
     from PIL import Image
 
     from .formats.images import ImageRef
+    from .formats.videos import VideoFile
 
 __all__ = [
     "BenchmarkDataError",
@@ -55,7 +57,7 @@ class TaskSpec:
     """What a benchmark looks like on disk and how lmms-eval prompts it."""
 
     name: str
-    hf_dataset: str  # the lmms-lab dataset lmms-eval's yaml names (``dataset_path``)
+    hf_dataset: str  # the lmms-lab dataset lmms-eval's yaml names (``dataset_path``); "" where lmms-eval has none
     hf_config: str | None  # ``dataset_name`` in the yaml
     default_split: str  # ``test_split`` in the yaml
     pre_prompt: str
@@ -66,7 +68,11 @@ class TaskSpec:
     category_splits: tuple[str, ...] = ()  # split names that select a value of the ``category`` column
     other_configs: tuple[str, ...] = ()  # sibling configs of the same HF dataset (never read for this task)
     llava_files: tuple[str, ...] = ()  # LLaVA-1.5 question file names (``.tsv`` for MMBench)
-    llava_image_dirs: tuple[str, ...] = ()  # image folders, relative to the question file's folder
+    llava_image_dirs: tuple[str, ...] = ()  # image folders (video tasks: video folders), relative to the question file
+    modality: str = "image"  # "image": samples with images; "video": one video file per sample
+    max_new_tokens: int | None = None  # the generation length lmms-eval's yaml sets, where the kind's default is wrong
+    video_dirs: tuple[str, ...] = ()  # video folders, relative to the dataset root / parquet folder (parquet layouts)
+    video_prefixes: tuple[str, ...] = ("",)  # file-name prefixes of a video ("v_" for ActivityNet's)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +98,18 @@ class Record:
     category: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     _images: tuple["ImageRef", ...] = field(default=(), repr=False, compare=False)
+    _videos: tuple["VideoFile", ...] = field(default=(), repr=False, compare=False)
+
+    def videos(self) -> list["VideoFile"]:
+        """The video files of the sample (video benchmarks: one), not decoded: how many frames are
+        read, and which, depends on the model (:mod:`ficoco.evaluation.model_inputs`)."""
+        return list(self._videos)
+
+    def video(self) -> "VideoFile":
+        """The sample's one video file; :class:`BenchmarkDataError` when it has none or several."""
+        if len(self._videos) != 1:
+            raise BenchmarkDataError(f"{self.task}: sample {self.sample_id} has {len(self._videos)} videos, not one")
+        return self._videos[0]
 
     def images(self) -> list[Image.Image]:
         """Every image of the sample (SEED-Bench video questions have several), decoded as RGB."""
@@ -134,6 +152,8 @@ class Built:
     answers: list[str] = field(default_factory=list)
     options: dict[str, str] = field(default_factory=dict)
     category: str | None = None
+    image_columns: tuple[str, ...] | None = None  # the image columns of this row, in order (None: all of them)
+    video_names: tuple[str, ...] = ()  # the videos of this row, by name (found in the task's video folders)
 
 
 @dataclass
@@ -148,6 +168,7 @@ class Draft:
     category: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     images: tuple[ImageRef, ...] = ()
+    videos: tuple[VideoFile, ...] = ()
 
 
 def finish_records(spec: TaskSpec, drafts: list[Draft]) -> list[Record]:
@@ -162,7 +183,7 @@ def finish_records(spec: TaskSpec, drafts: list[Draft]) -> list[Record]:
         meta = dict(d.meta)
         meta.setdefault("question_id", d.raw_id)
         records.append(Record(spec.name, sample_id, d.question, d.answer, list(d.answers), dict(d.options),
-                              d.category, meta, tuple(d.images)))
+                              d.category, meta, tuple(d.images), tuple(d.videos)))
     return records
 
 
@@ -180,7 +201,10 @@ class Task:
     image_folder, annotation_file)`` fills the answers of the drafts of a LLaVA question file from
     the ground-truth file LLaVA's scripts use (``None``: the task has no LLaVA question file);
     ``llava_drafts(spec, question_file, image_folder) -> list[Draft]`` reads a question file that
-    is not LLaVA's usual jsonl (``None``: it is).
+    is not LLaVA's usual jsonl (``None``: it is). ``scorer_fields``: the fields of a record's
+    ``meta`` its scorer reads besides the common ones (the runner copies them into each prediction
+    line). ``judge``: the judge protocol the scorer takes (``"mmvet"``, ``"llava_bench"``,
+    ``"video_qa"``), ``None`` for a rule-scored task.
     """
 
     spec: TaskSpec
@@ -188,6 +212,8 @@ class Task:
     score: Callable[..., dict]
     join_llava: Callable[..., None] | None = None
     llava_drafts: Callable[..., list[Draft]] | None = None
+    scorer_fields: tuple[str, ...] = ()
+    judge: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ FLAG = "⚠"
 TASK_TITLES: Mapping[str, str] = MappingProxyType({
     "textvqa_val": "TextVQA", "vqav2_val": "VQAv2", "vizwiz_vqa_val": "VizWiz", "pope": "POPE", "mme": "MME",
     "scienceqa_img": "SQA-IMG", "seedbench": "SEED", "gqa": "GQA", "mmbench_en_dev": "MMB", "mmbench_cn_dev": "MMB-CN",
-    "mmvet": "MM-Vet", "llava_in_the_wild": "LLaVA-W",
+    "mmvet": "MM-Vet", "llava_in_the_wild": "LLaVA-W", "mmmu_val": "MMMU", "tgif_qa": "TGIF-QA", "msvd_qa": "MSVD-QA",
+    "msrvtt_qa": "MSRVTT-QA", "activitynetqa": "ActivityNet-QA",
 })
 _METRIC_TITLES: Mapping[str, str] = MappingProxyType({
     "vqa_accuracy": "VQA accuracy", "perception": "perception score", "accuracy": "accuracy",
     "circular_accuracy": "circular accuracy", "exact_match": "exact match", "gpt_score": "GPT score",
-    "relative_score": "relative score",
+    "relative_score": "relative score", "gpt_accuracy": "GPT accuracy",
 })
 
 
@@ -101,7 +102,7 @@ def table_rows(results: Sequence[Mapping]) -> tuple[list[str], list[list]]:
     rows = []
     for variant in variants:
         cells = [by_key.get((t, variant)) for t in tasks]
-        flops = [c["llm_tflops"] for c in cells if c]
+        flops = [c["llm_tflops"] for c in cells if c and c.get("llm_tflops") is not None]  # videos: not costed
         scores = [headline(c["score"]) if c else None for c in cells]
         ratios = []
         for task, value in zip(tasks, scores):
@@ -136,6 +137,13 @@ def markdown_table(results: Sequence[Mapping], threshold: float = UNPARSED_WARN_
             share = None if result is None else result.get("unparsed", unparsed_share(result["score"]))
             cells.append(_percent(share) + (f" {FLAG}" if (task, variant) in bad else ""))
         lines.append("| " + " | ".join([variant, *cells]) + " |")
+    lines += _video_qa_table(results)
+    skipped = sorted({TASK_TITLES.get(r["task"], r["task"]) for r in results if r["score"].get("skipped")})
+    if skipped:
+        lines += ["", f"Not scored (no judge configured; predictions kept): {', '.join(skipped)}"]
+    uncosted = sorted({TASK_TITLES.get(r["task"], r["task"]) for r in results if r.get("llm_tflops") is None})
+    if uncosted:
+        lines += ["", f"Not in the TFLOPs column (video inputs are not costed): {', '.join(uncosted)}"]
     prompts = {r["task"]: r["ocr_reference"] for r in results if "ocr_reference" in r}
     for task, with_ocr in prompts.items():
         lines += ["", f"{TASK_TITLES.get(task, task)} prompts: " + ("with the reference OCR tokens (LLaVA-1.5's setting)"
@@ -144,6 +152,24 @@ def markdown_table(results: Sequence[Mapping], threshold: float = UNPARSED_WARN_
     if notes:
         lines += ["", "**Warning: answers the benchmarks could not parse.**", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _video_qa_table(results: Sequence[Mapping]) -> list[str]:
+    """Lines of the judged video QA results: accuracy / mean score per benchmark and variant, as
+    Video-LLaVA's tables give them (none when no such result was judged)."""
+    judged = [r for r in results if r["score"].get("metric") == "gpt_accuracy" and not r["score"].get("skipped")]
+    if not judged:
+        return []
+    tasks, variants, _ = _ordered(judged)
+    by_key = {(r["task"], r["variant"]): r["score"] for r in judged}
+    lines = ["", "GPT-judged video QA (Video-LLaVA's protocol): accuracy / mean score (0-5):", "",
+             "| " + " | ".join(["variant"] + [TASK_TITLES.get(t, t) for t in tasks]) + " |",
+             "|" + "---|" * (len(tasks) + 1)]
+    for variant in variants:
+        cells = [f"{by_key[t, variant]['accuracy']:.1f} / {by_key[t, variant]['mean_score']:.2f}"
+                 if (t, variant) in by_key else "-" for t in tasks]
+        lines.append("| " + " | ".join([variant, *cells]) + " |")
+    return lines
 
 
 def csv_table(results: Sequence[Mapping]) -> str:
@@ -176,7 +202,7 @@ def plot_results(results: Sequence[Mapping], path: str) -> None:
         titled = None
         for r in results:
             value = headline(r["score"])
-            if r["task"] == task and value is not None:
+            if r["task"] == task and value is not None and r.get("llm_tflops") is not None:
                 titled = titled or r["score"]
                 lines.setdefault(r["variant"].split("@")[0], []).append((r["llm_tflops"], value))
         for name, points in sorted(lines.items()):

@@ -3,8 +3,11 @@
 Per (task, variant) the predictions go to ``<out>/<task>/<variant>.jsonl``, one JSON line per
 sample, flushed and fsync'ed after every batch. A rerun skips the samples already there, and a
 line cut short by a kill is dropped before appending, so nothing is lost or written twice. Scores
-come from each task's scorer (:data:`ficoco.evaluation.tasks.SCORERS`); TFLOPs from
-:mod:`ficoco.measure.budget` at the mean text length of the task's prompts.
+come from each task's scorer (:data:`ficoco.evaluation.tasks.SCORERS`); the verdicts of a video
+QA judge go to ``<variant>.judged.jsonl`` beside the predictions, one line per answer as it is
+judged, so a rerun asks the judge only about answers it has not judged. TFLOPs come from
+:mod:`ficoco.measure.budget` at the mean text length of the task's prompts, for one image at the
+first sample's size (video benchmarks are not costed: ``llm_tflops`` is ``None``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import torch
 from ..measure import budget
 from ..adapters import attach
 from ..methods import Method, get_method, takes_budget
-from ..prompts import chat_prompt
+from ..prompts import chat_prompt, video_chat_prompt
 from .metrics import unparsed_share
+from .model_inputs import image_inputs, read_frames, to_model, video_inputs, visual_token_ids
 from .prompt_format import check_task_prompts
 from .records import Record
 from .report import csv_table, markdown_table, warnings
-from .tasks import SCORERS, TASKS
+from .tasks import REGISTRY, SCORERS, TASKS
+from .video_frames import check_takes_video
+from .video_qa import check_verdict, judge_name, judge_question
 
 #: generation length per kind of task (short answers vs free-form)
 MAX_NEW_TOKENS = MappingProxyType({"vqa": 16, "yes_no": 8, "multiple_choice": 8, "open": 512})
@@ -74,7 +80,8 @@ def scorer_row(record: Record, prediction: str) -> dict:
     row = {"sample_id": record.sample_id, "prediction": prediction, "answer": record.answer,
            "answers": list(record.answers), "options": dict(record.options), "category": record.category,
            "question": record.question}
-    for key in _SCORER_FIELDS:
+    task = REGISTRY.get(record.task)
+    for key in _SCORER_FIELDS + (task.scorer_fields if task is not None else ()):
         value = next((record.meta[k] for k in (key, *_FIELD_ALIASES.get(key, ())) if record.meta.get(k) is not None),
                      None)
         if value is not None:
@@ -149,34 +156,96 @@ def load_predictions(path: Path) -> dict[str, dict]:
 
 
 @torch.inference_mode()
-def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: int) -> list[str]:
+def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: int, *,
+                 max_frames: int | None = None) -> list[str]:
+    """Greedy answers to ``records`` in order: samples with images are batched by their number of
+    images (decoder-side reductions need it alike in every row), video samples show the frames
+    their model's convention picks (:mod:`ficoco.evaluation.model_inputs`), at most ``max_frames``."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    prompts = [chat_prompt(processor, r.question) for r in records]
-    batch = processor(images=[r.image() for r in records], text=prompts, return_tensors="pt", padding=True)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1]:],
-                                                             skip_special_tokens=True)]
+    groups: dict[object, list[int]] = {}
+    images: dict[int, list] = {}
+    for i, r in enumerate(records):
+        if getattr(r, "videos", list)():
+            groups.setdefault("video", []).append(i)
+        else:
+            images[i] = r.images() if hasattr(r, "images") else [r.image()]  # decoded once, here
+            groups.setdefault(len(images[i]), []).append(i)
+    answers: list[str] = [""] * len(records)
+    for key, rows in groups.items():
+        chosen = [records[i] for i in rows]
+        if key == "video":
+            model_type = getattr(model.config, "model_type", None)
+            frames = [read_frames(r.video(), model_type, r.task, r.sample_id, max_frames) for r in chosen]
+            batch = video_inputs(processor, model_type, [r.question for r in chosen], frames)
+        else:
+            batch = image_inputs(processor, [r.question for r in chosen], [images[i] for i in rows])
+        batch = to_model(batch, model)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(rows, texts):
+            answers[i] = text.strip()
+    return answers
 
 
 def _text_tokens(processor, records: Sequence[Record]) -> int:
+    """Mean count of text tokens (not image or video placeholders) in the prompts of up to 32 records."""
     if not records:
         return 0
     sample = records[: min(len(records), 32)]
-    ids = processor.tokenizer([chat_prompt(processor, r.question) for r in sample])["input_ids"]
-    image = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
-    return round(sum(sum(t != image for t in row) for row in ids) / len(ids))
+    prompts = [video_chat_prompt(processor, r.question) if r.videos() else chat_prompt(processor, r.question)
+               for r in sample]
+    ids = processor.tokenizer(prompts)["input_ids"]
+    visual = visual_token_ids(processor)
+    return round(sum(sum(t not in visual for t in row) for row in ids) / len(ids))
+
+
+def judged_rows(rows: Sequence[dict], judge, path: Path) -> list[dict]:
+    """``rows`` with ``judge_yes`` / ``judge_score`` from ``judge`` (a video QA judge). Verdicts
+    already in ``path`` from the same judge on the same answer are reused; every new one is
+    appended to it (flushed and fsync'ed) as soon as it is given, so an interrupted judging loses
+    nothing."""
+    name = judge_name(judge)
+    known = {}
+    for row in load_predictions(path).values() if path.exists() else ():
+        if row.get("judge") == name:
+            known[row["sample_id"]] = row
+    out = []
+    with open(path, "a", encoding="utf-8") as fh:
+        for row in rows:
+            seen = known.get(row["sample_id"])
+            if seen is not None and seen.get("prediction") == row.get("prediction"):
+                yes, score = check_verdict((seen["yes"], seen["score"]))
+            else:
+                yes, score = check_verdict(judge(judge_question(row), row.get("answer") or "", row.get("prediction")))
+                fh.write(json.dumps({"sample_id": row["sample_id"], "judge": name, "prediction": row.get("prediction"),
+                                     "yes": yes, "score": score}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            out.append({**row, "judge_yes": yes, "judge_score": score})
+    return out
+
+
+def _score(task: str, rows: list[dict], folder: Path, label: str, judge, video_judge) -> dict:
+    protocol = REGISTRY[task].judge
+    if protocol == "video_qa":
+        if video_judge is not None:
+            rows = judged_rows(rows, video_judge, folder / f"{label}.judged.jsonl")
+        return SCORERS[task](rows)
+    return SCORERS[task](rows, judge=judge) if protocol is not None else SCORERS[task](rows)
 
 
 def run_task(model, processor, task: str, records: Sequence[Record], variant: Variant, out_dir: Path, *,
              batch_size: int = 8, judge=None, progress: Callable[[int], None] | None = None,
-             max_new_tokens: int | None = None, shard: Shard = Shard()) -> dict | None:
+             max_new_tokens: int | None = None, shard: Shard = Shard(), video_judge=None,
+             max_frames: int | None = None) -> dict | None:
     """Answer every record not yet predicted (this process's shard of them), then, on the main
-    process, score all of this run's records. Other processes return ``None``."""
+    process, score all of this run's records. Other processes return ``None``.
+
+    ``judge`` scores MM-Vet / LLaVA-Bench, ``video_judge`` the video QA benchmarks
+    (:mod:`ficoco.evaluation.video_qa`); without one, a judged task's result is marked skipped.
+    ``max_frames`` caps the frames of a video (the model's convention otherwise)."""
     folder = out_dir / task
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / shard.file_name(variant.label)
@@ -187,14 +256,15 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
         raise ValueError(f"{task} {variant.label}: the predictions in {folder} were made with other prompts (e.g. "
                          f"sample {changed[0]}: another prompt format?); use another --out folder or delete them")
     todo = [r for r in shard.take(records) if r.sample_id not in done]
-    tokens = max_new_tokens or MAX_NEW_TOKENS[TASKS[task].kind]
+    spec = TASKS[task]
+    tokens = max_new_tokens or spec.max_new_tokens or MAX_NEW_TOKENS[spec.kind]
     method = variant.build()
     handle = attach(model, method) if method is not None else None
     try:
         with open(path, "a", encoding="utf-8") as fh:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                predictions = answer_batch(model, processor, chunk, tokens)
+                predictions = answer_batch(model, processor, chunk, tokens, max_frames=max_frames)
                 fh.write("".join(json.dumps(scorer_row(r, p)) + "\n" for r, p in zip(chunk, predictions)))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -211,15 +281,17 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     if missing:
         raise RuntimeError(f"{task} {variant.label}: {len(missing)} samples have no prediction (e.g. {missing[0]})")
     wanted = [rows[r.sample_id] for r in records]
-    scorer = SCORERS[task]
-    score = scorer(wanted, judge=judge) if task in ("mmvet", "llava_in_the_wild") else scorer(wanted)
-    # a Qwen-VL model is costed at the first sample's image size (its images differ in token count)
-    shape = budget.shape_of(model.config, records[0].image().size if budget.is_qwen(model.config) else None,
-                            getattr(processor, "image_processor", None))
+    score = _score(task, wanted, folder, variant.label, judge, video_judge)
     text = _text_tokens(processor, records)
-    cost = budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)
+    tflops = None
+    if spec.modality == "image":
+        # a Qwen-VL model is costed at the first image's size (its images differ in token count)
+        first = next((r for r in records if r.image_sources), None)
+        size = first.images()[0].size if first is not None and budget.is_qwen(model.config) else None
+        shape = budget.shape_of(model.config, size, getattr(processor, "image_processor", None))
+        tflops = (budget.method_cost(shape, method, text) if method else budget.vanilla_cost(shape, text)).llm_tflops
     return {"task": task, "variant": variant.label, "n": len(wanted), "score": score,
-            "unparsed": unparsed_share(score), "llm_tflops": cost.llm_tflops, "text_tokens": text,
+            "unparsed": unparsed_share(score), "llm_tflops": tflops, "text_tokens": text,
             "predictions": str(folder),
             **({"ocr_reference": all(r.meta.get("ocr_reference") for r in records)}
                if any("ocr_reference" in r.meta for r in records) else {})}
@@ -227,7 +299,7 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
 
 def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
              batch_size: int = 8, judge=None, show_progress: bool = True, shard: Shard | None = None,
-             log: Callable[[str], None] | None = None) -> dict | None:
+             log: Callable[[str], None] | None = None, video_judge=None, max_frames: int | None = None) -> dict | None:
     """Every task × variant; the main process writes ``results.json``, ``results.md`` and
     ``results.csv`` in ``out_dir`` and returns the summary (other processes return ``None``).
     Under ``accelerate launch`` every process answers its shard of the samples.
@@ -235,9 +307,14 @@ def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Seq
     Before anything runs, each task's prompts are checked against the model's tokenizer
     (:func:`~ficoco.evaluation.prompt_format.check_task_prompts`): mostly unknown words raise
     ``ValueError``. ``log`` receives the warnings: some unknown words, and every result where more
-    than 10% of the answers could not be parsed (``results.md`` flags those cells too)."""
+    than 10% of the answers could not be parsed (``results.md`` flags those cells too). A video
+    benchmark given a model that takes no video is refused first, in one line. ``judge`` /
+    ``video_judge`` / ``max_frames``: see :func:`run_task`."""
     from tqdm.auto import tqdm
 
+    for task in tasks:
+        if TASKS[task].modality == "video":
+            check_takes_video(getattr(model.config, "model_type", None), task)
     shard = shard or Shard.current()
     check_task_prompts(processor.tokenizer, tasks, warn=log if shard.rank == 0 else None)
     out = Path(out_dir)
@@ -250,7 +327,7 @@ def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Seq
                       disable=not show_progress) as bar:
                 bar.update(len(load_all_predictions(out / task, variant.label).keys() & mine))
                 result = run_task(model, processor, task, records, variant, out, batch_size=batch_size, judge=judge,
-                                  progress=bar.update, shard=shard)
+                                  progress=bar.update, shard=shard, video_judge=video_judge, max_frames=max_frames)
             if result is not None:
                 results.append(result)
     if shard.rank != 0:

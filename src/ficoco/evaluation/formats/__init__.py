@@ -14,7 +14,10 @@
 * ``mme_folder`` -- the ``MME_Benchmark_release_version`` folder: read by
   :mod:`ficoco.evaluation.tasks.mme`, the one task that has it.
 
-Images are decoded lazily (:mod:`.images`).  Nothing here knows a particular benchmark: what a
+The video QA benchmarks' ``llava`` form is Video-LLaVA's ``test_q.json`` / ``test_a.json``
+(:mod:`.video_llava`); their videos are files in an extracted folder (:mod:`.videos`).
+
+Images are decoded lazily (:mod:`.images`), videos only when a model reads their frames.  Nothing here knows a particular benchmark: what a
 row means is the task's ``build_row`` (:mod:`ficoco.evaluation.tasks`).
 """
 

@@ -57,14 +57,16 @@ def _image_folder(spec: TaskSpec, qfile: Path, image_folder: str | os.PathLike |
     if image_folder is not None:
         folder = Path(image_folder)
         if not folder.is_dir():
-            raise BenchmarkDataError(f"image folder {folder} does not exist", folder)
+            raise BenchmarkDataError(f"{'video' if spec.modality == 'video' else 'image'} folder {folder} does not "
+                                     f"exist", folder)
         return folder
     tried = [qfile.parent / d for d in spec.llava_image_dirs]
     for folder in tried:
         if folder.is_dir():
             return folder
-    raise BenchmarkDataError(
-        f"no image folder for {qfile}: tried {', '.join(map(str, tried)) or 'nothing'}; pass image_folder=", qfile)
+    what = "video" if spec.modality == "video" else "image"
+    raise BenchmarkDataError(f"no {what} folder for {qfile}: tried {', '.join(map(str, tried)) or 'nothing'}; "
+                             f"extract the {what}s there or pass {what}_folder=", qfile)
 
 
 def llava_drafts(spec: TaskSpec, qfile: Path, folder: Path) -> list[Draft]:
@@ -124,4 +126,6 @@ def read_llava(spec: TaskSpec, path: Path, split: str | None, limit: int | None,
                 if isinstance(ref, FileImage) and not ref.path.is_file():
                     raise BenchmarkDataError(
                         f"{spec.name}: sample {d.raw_id} ({qfile}): image file not found: {ref.path}", ref.path)
+            for video in d.videos:
+                video.path(spec.name, d.raw_id)  # a missing video is named now, before any answering
     return finish_records(spec, drafts)

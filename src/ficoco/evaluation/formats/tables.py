@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..records import BenchmarkDataError, Built, Draft, TaskSpec
 from .files import read_json_file
 from .images import CellImage, ImageRef
+from .videos import VideoFile
 
 
 def _pyarrow():
@@ -222,10 +223,14 @@ def check_columns(spec: TaskSpec, source: Source, needed: Sequence[str]) -> None
 
 def rows_to_drafts(spec: TaskSpec, sources: list[Source], build: Callable[[dict, str, str], Built], *, split: str,
                    category: str | None, limit: int | None, pre: str, post: str, fmt: str,
-                   image_lookup: Callable[[dict], tuple[ImageRef, ...]] | None = None) -> list[Draft]:
+                   image_lookup: Callable[[dict], tuple[ImageRef, ...]] | None = None,
+                   video_lookup: Callable[[Source, tuple[str, ...]], tuple[VideoFile, ...]] | None = None,
+                   ) -> list[Draft]:
     """The drafts of the rows of ``sources`` (``limit`` at most; only those whose ``category`` is
     ``category`` where it is given), each built by the task's ``build(row, pre, post)``; its images
-    are the row's image cells, or ``image_lookup(row)`` where they are in another table (GQA)."""
+    are the row's image cells (those the builder names in ``image_columns``, else all of them), or
+    ``image_lookup(row)`` where they are in another table (GQA); its videos are
+    ``video_lookup(source, names)`` of the names the builder gives (video benchmarks)."""
     needed = list(spec.required_columns)
     if split == spec.default_split:
         needed += [c for c in spec.answer_columns if c not in needed]
@@ -249,11 +254,16 @@ def rows_to_drafts(spec: TaskSpec, sources: list[Source], build: Callable[[dict,
                 built = build(row, pre, post)
             except BenchmarkDataError as exc:
                 raise BenchmarkDataError(f"{source.origin} row {row_index}: {exc}", source.origin) from exc
-            refs = image_lookup(row) if image_lookup else tuple(CellImage(source, row_index, c) for c in images)
+            own = images if built.image_columns is None else [c for c in built.image_columns if c in images]
+            refs = image_lookup(row) if image_lookup else tuple(CellImage(source, row_index, c) for c in own)
+            if built.video_names and video_lookup is None:
+                raise BenchmarkDataError(f"{spec.name}: {source.origin} row {row_index} names videos but the task "
+                                         f"has no video folders", source.origin)
+            videos = video_lookup(source, built.video_names) if built.video_names else ()
             meta = {k: v for k, v in row.items()}
             meta.update(format=fmt, file=source.origin, row=row_index, split=split, raw_question=built.raw_question)
             raw_id = built.raw_id if built.raw_id is not None else str(global_index)
             drafts.append(Draft(raw_id, built.question, built.answer, built.answers, built.options,
-                                built.category, meta, refs))
+                                built.category, meta, refs, videos))
         running += getattr(source, "num_rows", 0)
     return drafts

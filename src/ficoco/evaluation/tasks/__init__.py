@@ -22,7 +22,15 @@ lmms-eval task                 module
 ``mmbench_en_dev`` / ``_cn_``  :mod:`.mmbench`
 ``mmvet``                      :mod:`.mmvet`
 ``llava_in_the_wild``          :mod:`.llava_in_the_wild`
+``mmmu_val``                   :mod:`.mmmu`
+``tgif_qa`` (video)            :mod:`.tgif_qa`
+``msvd_qa`` (video)            :mod:`.msvd_qa`
+``msrvtt_qa`` (video)          :mod:`.msrvtt_qa`
+``activitynetqa`` (video)      :mod:`.activitynet_qa`
 =============================  ============================================================
+
+The video QA tasks (TGIF-QA, MSVD-QA and MSRVTT-QA have no lmms-eval task; their names are
+ficoco's) share Video-LLaVA's GPT-judged protocol (:mod:`ficoco.evaluation.video_qa`).
 
 ``SCORERS`` maps lmms-eval task names to scorers; call ``SCORERS[task](records, **kwargs)``
 (see :mod:`ficoco.evaluation.metrics` for what records and results hold).
@@ -37,15 +45,20 @@ from typing import Any, Literal
 from ..metrics import Judge, ScoredRecord, as_list, choice_accuracy, extract_option
 from ..records import Task, TaskSpec, as_text
 from . import (
+    activitynet_qa,
     gqa,
     llava_in_the_wild,
     mmbench,
     mme,
+    mmmu,
     mmvet,
+    msrvtt_qa,
+    msvd_qa,
     pope,
     scienceqa,
     seedbench,
     textvqa,
+    tgif_qa,
     vizwiz_vqa,
     vqav2,
 )
@@ -68,7 +81,8 @@ __all__ = [
 #: lmms-eval task name -> :class:`~ficoco.evaluation.records.Task`, in the paper's order
 REGISTRY: Mapping[str, Task] = MappingProxyType({task.spec.name: task for task in (
     textvqa.TASK, vqav2.TASK, vizwiz_vqa.TASK, pope.TASK, mme.TASK, scienceqa.TASK, seedbench.TASK, gqa.TASK,
-    mmbench.TASK_EN, mmbench.TASK_CN, mmvet.TASK, llava_in_the_wild.TASK,
+    mmbench.TASK_EN, mmbench.TASK_CN, mmvet.TASK, llava_in_the_wild.TASK, mmmu.TASK,
+    tgif_qa.TASK, msvd_qa.TASK, msrvtt_qa.TASK, activitynet_qa.TASK,
 )})
 
 #: lmms-eval task name -> what the benchmark looks like on disk and how lmms-eval prompts it
@@ -81,7 +95,8 @@ JOINERS: Mapping[str, Callable[..., None]] = MappingProxyType(
 
 SCORERS: Mapping[str, Callable[..., dict[str, Any]]] = MappingProxyType(
     {name: task.score for name, task in REGISTRY.items()})
-"""lmms-eval task name -> scorer. Judged tasks take ``judge=``; MMBench takes ``fallback=``."""
+"""lmms-eval task name -> scorer. Judged tasks take ``judge=`` (the protocol in the task's
+``judge``); MMBench takes ``fallback=``."""
 
 
 def available_tasks() -> tuple[str, ...]:

@@ -103,4 +103,4 @@ def score_llava_bench(records: Iterable[ScoredRecord], judge: Judge | None = Non
     }
 
 
-TASK = Task(SPEC, build_row, score_llava_bench, join_llava)
+TASK = Task(SPEC, build_row, score_llava_bench, join_llava, judge="llava_bench")

@@ -113,4 +113,4 @@ def score_mmvet(records: Iterable[ScoredRecord], judge: Judge | None = None) -> 
             "n_unparsed": count_empty(rows)}
 
 
-TASK = Task(SPEC, build_row, score_mmvet, join_llava)
+TASK = Task(SPEC, build_row, score_mmvet, join_llava, judge="mmvet")
