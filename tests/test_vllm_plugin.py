@@ -165,6 +165,10 @@ def test_refusals_beyond_the_registry():
         ({"ficoco": {"method": "tome", "retain": 16}}, "ToMe merges at most half"),
         ({"ficoco": {"method": "ficoco-v", "retain": 64, "colour": 1}}, "bad option for method 'ficoco-v'"),
         ({"model_type": "qwen2_5_vl", "ficoco": {"method": "ficoco-v", "retain": 0.25}}, "serves LLaVA-1.5 only"),
+        ({"ficoco": {"method": "prumerge", "retain": 64}}, "scores with the encoder layer after the feature layer"),
+        ({"ficoco": {"method": "prumerge+"}}, "adaptive count per image"),
+        ({"ficoco": {"method": "downsample", "retain": 64}}, "resizes the image before the encoder"),
+        ({"ficoco": {"method": "sparsevlm", "retain": 64}}, "reduces inside the LLM"),
     ]
     for override, says in cases:
         with pytest.raises(ValueError, match="^ficoco: ") as caught:

@@ -110,6 +110,13 @@ def build_method(options: Mapping) -> Method:
             f"ficoco: {name} reduces inside the LLM, which vLLM's paged KV cache and chunked prefill do not allow "
             f"(the prompt's length is fixed before the first layer runs); serve a method that reduces before the "
             f"LLM: ficoco-v, tome, evit, random, topk, visionzip, pool, divprune")
+    if getattr(method, "resolution", None) is not None:
+        raise ValueError(f"ficoco: {name} resizes the image before the encoder, which this plugin does not do inside "
+                         f"vLLM yet; send the smaller image instead")
+    if method.vision is not None and (method.vision.adaptive or method.vision.score_with_next_layer):
+        raise ValueError(f"ficoco: {name} scores with the encoder layer after the feature layer (or keeps an adaptive "
+                         f"count per image), which vLLM's fused CLIP layers and fixed placeholder counts do not allow "
+                         f"in this plugin yet")
     return method
 
 
