@@ -80,6 +80,10 @@ class QwenVLHandle(ReductionHandle):
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         core, outer = _qwen_parts(model)
+        if method.vision is not None and (method.vision.score_with_next_layer or method.vision.adaptive):
+            raise ValueError(f"{method.name} reduces a block's output after its MLP, scored by the next block's "
+                             f"attention to [CLS]: Qwen-VL's towers have no [CLS] and their last block feeds the "
+                             f"merger; it runs on LLaVA-1.5")
         super().__init__(model, core, outer, method.without_cls(), record=record)
         tower, config = core.visual, core.config
         self.tower, self.config = tower, config

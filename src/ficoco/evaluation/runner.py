@@ -194,8 +194,9 @@ def _text_tokens(processor, records: Sequence[Record]) -> int:
     if not records:
         return 0
     sample = records[: min(len(records), 32)]
-    prompts = [video_chat_prompt(processor, r.question) if r.videos() else chat_prompt(processor, r.question)
-               for r in sample]
+    # the proxy table passes its rendered examples, which are image-only and have no videos()
+    prompts = [video_chat_prompt(processor, r.question) if callable(getattr(r, "videos", None)) and r.videos()
+               else chat_prompt(processor, r.question) for r in sample]
     ids = processor.tokenizer(prompts)["input_ids"]
     visual = visual_token_ids(processor)
     return round(sum(sum(t not in visual for t in row) for row in ids) / len(ids))
