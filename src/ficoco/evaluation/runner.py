@@ -189,17 +189,19 @@ def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: in
     return answers
 
 
-def _text_tokens(processor, records: Sequence[Record]) -> int:
-    """Mean count of text tokens (not image or video placeholders) in the prompts of up to 32 records."""
-    if not records:
+def mean_text_tokens(processor, prompts: Sequence[str]) -> int:
+    """Mean count of text tokens (not image or video placeholders) in the first 32 ``prompts``."""
+    if not prompts:
         return 0
-    sample = records[: min(len(records), 32)]
-    # the proxy table passes its rendered examples, which are image-only and have no videos()
-    prompts = [video_chat_prompt(processor, r.question) if callable(getattr(r, "videos", None)) and r.videos()
-               else chat_prompt(processor, r.question) for r in sample]
-    ids = processor.tokenizer(prompts)["input_ids"]
+    ids = processor.tokenizer(list(prompts[:32]))["input_ids"]
     visual = visual_token_ids(processor)
     return round(sum(sum(t not in visual for t in row) for row in ids) / len(ids))
+
+
+def _record_prompts(processor, records: Sequence[Record]) -> list[str]:
+    """The chat prompt of each record (a video prompt for a video sample)."""
+    return [video_chat_prompt(processor, r.question) if r.videos() else chat_prompt(processor, r.question)
+            for r in records]
 
 
 def judged_rows(rows: Sequence[dict], judge, path: Path) -> list[dict]:
@@ -283,7 +285,7 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
         raise RuntimeError(f"{task} {variant.label}: {len(missing)} samples have no prediction (e.g. {missing[0]})")
     wanted = [rows[r.sample_id] for r in records]
     score = _score(task, wanted, folder, variant.label, judge, video_judge)
-    text = _text_tokens(processor, records)
+    text = mean_text_tokens(processor, _record_prompts(processor, records[:32]))
     tflops = None
     if spec.modality == "image":
         # a Qwen-VL model is costed at the first image's size (its images differ in token count)

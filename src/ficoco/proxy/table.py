@@ -31,8 +31,9 @@ from pathlib import Path
 
 from ..measure import budget
 from ..evaluation.report import plot_results
-from ..evaluation.runner import _text_tokens, variants_for
+from ..evaluation.runner import mean_text_tokens, variants_for
 from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
+from ..prompts import chat_prompt
 from .easyvqa import load_easy_vqa
 from .evaluate import accuracy
 from .recipe import EASY_VQA_FAMILY as EASY_VQA  # the column of easy-VQA's test questions
@@ -274,7 +275,8 @@ def run(model_path: str, out_dir: str, *, split: str = "test", size: int | None 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = load_model(model_path, dtype=dtype, device=device).eval()
     shape = budget.shape_of(model.config, QWEN_COST_SIZE if qwen else None, processor.image_processor)
-    text_tokens = _text_tokens(processor, samples["procedural"])
+    questions = [sample.question for sample in samples["procedural"][:32]]
+    text_tokens = mean_text_tokens(processor, [chat_prompt(processor, q) for q in questions])
     planned = plan_variants(shape, methods, retains, text_tokens, options)
     log(f"{len(planned)} variants on {len(samples['procedural'])} {split} samples"
         + (f" + {len(samples[EASY_VQA])} easy-VQA questions" if easy_vqa else "") + f" ({device})")
