@@ -1,6 +1,8 @@
 """Where the Qwen2.5-VL-7B vision tower spends its GPU time (random bf16 weights, one 1280x720
-image per sample): the top operators by device time, stock attention vs the one-call path, and
-with FiCoCo-V attached. Usage: python benchmarks/profile_qwen_tower.py [--batch 8] [--method ficoco-v]"""
+image per sample): the top operators by device time on the one-call path (compiled blocks with
+``--compile``), vanilla, with a method attached, or with its truncation oracle (``--oracle``); the
+``ficoco.filter / correlate / compress`` ranges split a reduction's cost by stage.
+Usage: python benchmarks/profile_qwen_tower.py [--batch 8] [--method ficoco-v] [--compile] [--oracle]"""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ficoco
-from ficoco.measure import bench_qwen
+from ficoco.measure import bench_qwen, budget
 from ficoco.measure.flops import preset
+from ficoco.methods.baselines import oracle
 
 
 def main() -> None:
@@ -21,16 +24,22 @@ def main() -> None:
     parser.add_argument("--method", default=None)
     parser.add_argument("--retain", type=float, default=0.25)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--compile", action="store_true", help="compile each block's forward (compile_blocks)")
+    parser.add_argument("--oracle", action="store_true", help="the method's truncation oracle instead of it")
+    parser.add_argument("--sort", default="cuda_time_total", help="profiler table column to sort by")
     args = parser.parse_args()
     model = bench_qwen.random_qwen_model(args.preset)
     shape = preset(args.preset)
     inputs = bench_qwen.make_inputs(shape, args.batch, 64, "cuda", torch.bfloat16)
-    handle = ficoco.attach(model, args.method, retain=args.retain) if args.method else None
-    with ficoco.fast_vision_attention(model), torch.inference_mode():
+    method = ficoco.get_method(args.method, retain=args.retain) if args.method else None
+    if method is not None and args.oracle:
+        method = oracle(like=method, geometry=budget.geometry(shape))
+    handle = ficoco.attach(model, method) if method is not None else None
+    with ficoco.fast_vision_attention(model, compile_blocks=args.compile), torch.inference_mode():
         def tower():
             return model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
-        for _ in range(3):
+        for _ in range(5 if args.compile else 3):
             tower()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -38,7 +47,9 @@ def main() -> None:
             torch.cuda.synchronize()
     if handle:
         handle.remove()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    label = "vanilla" if method is None else method.name
+    print(f"{label} at batch {args.batch}{', compiled blocks' if args.compile else ''}")
+    print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ class QwenMeasurement:
 def variants(shares: Sequence[float], methods: Sequence[str], geometry, log: Callable[[str], None]
              ) -> list[tuple[str, float, Method | None]]:
     """``(label, share, method)`` for vanilla, the oracles and every method (one that cannot run at
-    a share, such as ToMe past half the tokens of a layer, is skipped and said)."""
+    a share, such as ToMe past half the tokens of a layer, is skipped and said). A method reducing in
+    the tower or the LLM gets ``oracle[name]``, its own per-layer schedule with truncation."""
     out: list[tuple[str, float, Method | None]] = [("vanilla", 1.0, None)]
     for share in shares:
         out.append(("oracle", share, oracle(share)))
@@ -148,7 +149,10 @@ def variants(shares: Sequence[float], methods: Sequence[str], geometry, log: Cal
             except ValueError as err:
                 log(f"skipped {name} at {share:g}: {err}")
                 continue
-            out.append((f"oracle[{name}]", share, oracle(like=method, geometry=geometry)))
+            if method.vision is not None or method.language is not None:
+                out.append((f"oracle[{name}]", share, oracle(like=method, geometry=geometry)))
+            # methods that reduce only the LLM's input or the image's resolution compare with the
+            # plain oracle: the LLM fed the same count of tokens
             out.append((name, share, method))
     return out
 
@@ -196,13 +200,19 @@ def run(
                         for batch in batches:
                             key = (path, label, share, batch)
                             inputs = make_inputs(shape, batch, text_tokens, device, dtype)
+                            # what the tower is given (downsample: the smaller image)
+                            encoded = handle.prepare_inputs(**inputs) if handle is not None else inputs
                             with torch.inference_mode():
                                 def prefill():
                                     return model(**inputs, use_cache=True, logits_to_keep=1)
 
                                 def vision():
-                                    return model.model.get_image_features(inputs["pixel_values"],
-                                                                          inputs["image_grid_thw"])
+                                    # the class's method, past the handle's instance wrapper: the
+                                    # tower with any reduction inside it; an LLM-input reduction
+                                    # (it may read the prompt's text) counts in the LLM part
+                                    core = model.model
+                                    return type(core).get_image_features(core, encoded["pixel_values"],
+                                                                         encoded["image_grid_thw"])
 
                                 if key not in memory:
                                     torch.cuda.synchronize()
@@ -236,6 +246,7 @@ def run(
         "settings": dict(image_size=list(image_size), grid=list(shape.grid), tokens_per_image=shape.num_patches,
                          batches=list(batches), shares=list(shares), methods=list(methods), attention=list(attention),
                          text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
-                         dtype="bfloat16"),
+                         dtype="bfloat16", vision_part="the tower, with any reduction inside it; an LLM-input "
+                         "reduction (pool, divprune, cdpruner) is timed in the LLM part"),
         "prefill": rows,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from torch import Tensor
+from torch.profiler import record_function
 
 from .compressors import Compress
 from .correlates import Correlate, NoCorrelate
@@ -74,8 +75,12 @@ class TokenReduction:
         num_sources = num_remove + self.extra_sources
         if not 0 < num_sources <= tokens.num_tokens:
             raise ValueError(f"cannot remove {num_remove} of {tokens.num_tokens} tokens")
-        split = self.filter(tokens, probe, num_sources)
-        correlation = self.correlate(tokens, probe, split)
-        survivors = self.compress(tokens.select(split.targets), tokens.select(split.sources), correlation)
+        # named ranges, so that a profile of a model run splits a reduction's cost by stage
+        with record_function("ficoco.filter"):
+            split = self.filter(tokens, probe, num_sources)
+        with record_function("ficoco.correlate"):
+            correlation = self.correlate(tokens, probe, split)
+        with record_function("ficoco.compress"):
+            survivors = self.compress(tokens.select(split.targets), tokens.select(split.sources), correlation)
         slot = split.sources[:, 0] if correlation.into_new_token else None
         return ReductionResult(survivors, split.targets, split.sources, slot, split, correlation)
