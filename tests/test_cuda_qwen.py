@@ -75,3 +75,33 @@ def test_cuda_bfloat16_generates_with_exact_budget(cuda_model, key):
     assert torch.isfinite(out).all() and gen.shape[1] == inputs["input_ids"].shape[1] + 3
     if handle.vision_trace is not None:
         assert [k.numel() for k in handle.vision_trace.kept] == [p.llm_input_visual for p in plans]
+
+
+def test_cuda_compiled_head_mean_softmax_equals_eager():
+    """The compiled statistics (``compile_blocks=True``) are the eager ones, masked rows included."""
+    from ficoco.stages.probe import compiled_head_mean_softmax, head_mean_softmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 2, 37, 301, device="cuda", dtype=torch.bfloat16) * 4
+    logits[1, ..., 250:] = float("-inf")  # padding keys of the second sample
+    logits[0, :, :, 5] = float("-inf")  # a row that sees no key
+    eager = head_mean_softmax(logits)
+    torch.testing.assert_close(compiled_head_mean_softmax("inductor")(logits), eager, rtol=1e-5, atol=1e-6)
+    assert bool((eager[0, 5] == 0).all())
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])
+def test_cuda_compiled_blocks_with_reductions(cuda_model, key):
+    """Compiled blocks (and the reductions' compiled statistics) give what the eager one-call path gives."""
+    generation, model = cuda_model
+    inputs = _to(image_batch(generation), "cuda")
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        with ficoco.fast_vision_attention(model):
+            eager = model(**inputs).logits
+            kept = [k.clone() for k in handle.vision_trace.kept] if handle.vision_trace is not None else None
+        with ficoco.fast_vision_attention(model, compile_blocks=True):
+            compiled = model(**inputs).logits
+            if kept is not None:
+                assert all(torch.equal(a, b) for a, b in zip(kept, handle.vision_trace.kept))
+    assert not hasattr(model.model.visual, "_ficoco_statistics_backend")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

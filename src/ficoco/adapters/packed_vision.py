@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
 from .hooks import HookSet
+from .varlen import STATISTICS_BACKEND_ATTRIBUTE
 
 _SENTINEL = object()
 
@@ -291,9 +292,11 @@ class PackedVisionSide:
                     + torch.arange(count, device=device)  # [n, G]
                 rows = (group_index[..., None] * self.group + torch.arange(self.group, device=device)).flatten(1)
                 cos, sin = (x.index_select(0, rows.flatten()).view(n, rows.shape[1], -1) for x in self.block_rope)
-                probe = AttentionProbe(q[rows], k[rows], attn.scaling,
+                q_rows, k_rows = q[rows], k[rows]
+                probe = AttentionProbe(q_rows, k_rows, attn.scaling,
                                        torch.arange(rows.shape[1], device=device).expand(n, -1),
-                                       rope=self._rotation(cos, sin))
+                                       rope=self._rotation(q_rows, k_rows, cos, sin),
+                                       compile_backend=getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None))
                 tokens = TokenGroup(residual[rows].reshape(n, count, self.group * width), groups.size[group_index],
                                     groups.grid_position[group_index], side)
                 result = self.stage.reduction(tokens, GroupedProbe(probe, self.group), removed)
@@ -332,11 +335,18 @@ class PackedVisionSide:
         _, h, w = self.grids[item]
         return h // self.merge, w // self.merge
 
-    def _rotation(self, cos: Tensor, sin: Tensor):
-        """``rope(x, rows)`` for the probe: the tower's own rotary function on ``x`` ``[n, R, H, d]``."""
+    def _rotation(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+        """``rope(x, rows)`` for the probe: the tower's own rotary function on ``x`` ``[n, R, H, d]``.
+        The function rotates a query and a key tensor in one call, so the probe's queries ``q`` and
+        keys ``k`` (all rows) are rotated together, once, when the first of them is asked for."""
+        both: list[Tensor] = []
 
         def rope(x: Tensor, rows: Tensor | None) -> Tensor:
             if rows is None:
+                if x is q or x is k:
+                    if not both:
+                        both.extend(self.rotate(q, k, cos, sin))
+                    return both[0] if x is q else both[1]
                 c, s = cos, sin
             else:
                 index = rows[..., None].expand(-1, -1, cos.shape[-1])

@@ -116,6 +116,11 @@ def padded_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     return varlen_attention(module, query, key, value, attention_mask, **kwargs, use_native=False)
 
 
+#: set on a tower whose blocks ``fast_vision_attention(compile_blocks=True)`` compiled: the
+#: ``torch.compile`` backend a reduction in it may compile its attention statistics with
+STATISTICS_BACKEND_ATTRIBUTE = "_ficoco_statistics_backend"
+
+
 def register() -> None:
     """Make :data:`ATTENTION_NAME` and :data:`PADDED_ATTENTION_NAME` known to transformers (idempotent)."""
     from transformers import AttentionInterface
@@ -206,10 +211,14 @@ class FastVisionAttention:
         # each block's forward compiled on the instance (deleting the attribute restores the class's):
         # the towers' remaining time is elementwise float32 work (rotary, norms) that compiling fuses
         self.compiled = []
+        self.tower = tower
         if compile_blocks:
             for block in tower.blocks:
                 block.forward = _compiled_unless_hooked(block, compile_backend)
                 self.compiled.append(block)
+            # the blocks where a method reduces run eagerly; its attention statistics are compiled
+            # instead (read by the reduction's probe, see ficoco.stages.AttentionProbe)
+            setattr(tower, STATISTICS_BACKEND_ATTRIBUTE, compile_backend)
 
     def remove(self) -> None:
         if self.config is not None:
@@ -221,6 +230,9 @@ class FastVisionAttention:
         for block in self.compiled:
             del block.forward
         self.compiled = []
+        if self.tower is not None:
+            self.tower.__dict__.pop(STATISTICS_BACKEND_ATTRIBUTE, None)
+            self.tower = None
 
     def __enter__(self) -> "FastVisionAttention":
         return self

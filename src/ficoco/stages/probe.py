@@ -9,6 +9,7 @@ caches each statistic so that filter and correlate can share it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from functools import cached_property
 from typing import Literal
@@ -17,6 +18,20 @@ import torch
 from torch import Tensor
 
 from .tokens import gather_rows
+
+
+def head_mean_softmax(logits: Tensor) -> Tensor:
+    """``[B, Hk, G, R, L]`` logits (masked keys at ``-inf``) → ``[B, R, L]`` float32: the mean over
+    the ``Hk * G`` heads of each head's softmax row; rows that see no key are zero."""
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num(0.0).mean(dim=(1, 2))
+
+
+@functools.cache
+def compiled_head_mean_softmax(backend: str) -> Callable[[Tensor], Tensor]:
+    """:func:`head_mean_softmax` through ``torch.compile(dynamic=True)``: one fused pass over the
+    logits instead of a float32 copy of the probabilities written and read again (built once per
+    backend and process; a pure function, so the cache holds no state that could go stale)."""
+    return torch.compile(head_mean_softmax, dynamic=True, backend=backend)
 
 
 class AttentionProbe:
@@ -48,6 +63,10 @@ class AttentionProbe:
             (SparseVLM's raters, :class:`~ficoco.stages.TextRaters`).
         rater_valid: ``[B, R]`` bool, which of ``rater_rows`` are real (samples have different
             numbers of raters); a sample with none is rated by its ``last_row``.
+        compile_backend: on CUDA, form head-averaged softmax rows with
+            :func:`compiled_head_mean_softmax` of this ``torch.compile`` backend (``None``: eagerly).
+            The adapters pass it where the user compiled the model's blocks
+            (``fast_vision_attention(..., compile_blocks=True)``).
     """
 
     def __init__(
@@ -70,6 +89,7 @@ class AttentionProbe:
         hidden_weight: Tensor | None = None,
         rater_rows: Tensor | None = None,
         rater_valid: Tensor | None = None,
+        compile_backend: str | None = None,
     ) -> None:
         b, l, h, d = queries.shape
         hk = keys.shape[2]
@@ -82,6 +102,7 @@ class AttentionProbe:
         self.rope = rope
         self.hidden, self.hidden_weight = hidden, hidden_weight
         self.rater_rows, self.rater_valid = rater_rows, rater_valid
+        self.compile_backend = compile_backend
         if attended_keys is not None:
             self.__dict__["head_major_keys"] = attended_keys  # pre-fills the cached property
 
@@ -137,11 +158,9 @@ class AttentionProbe:
         q = q.view(b, r, hk, h // hk, d).permute(0, 2, 3, 1, 4).reshape(b, hk, h // hk * r, d)
         return torch.matmul(q, self.head_major_keys.transpose(-1, -2)).view(b, hk, h // hk, r, l)
 
-    def _masked_softmax(self, logits: Tensor, rows: Tensor) -> Tensor:
-        """Float32 softmax over the last axis of ``[B, ..., R, L]`` logits after the layer's key
-        bias and masks (padding keys; future keys when causal); rows that see no key become zero.
-        Half-precision logits are read as they are and normalised in float32 (no float copy of
-        them first: these rows are the largest tensor a statistic forms)."""
+    def _masked_logits(self, logits: Tensor, rows: Tensor) -> tuple[Tensor, bool]:
+        """``[B, ..., R, L]`` logits after the layer's key bias and masks (padding keys; future keys
+        when causal: ``-inf``), and whether any key was masked."""
         extra = logits.dim() - 3  # axes between the batch and the rows (heads, or none)
         if self.key_bias is not None:
             logits = logits + self.key_bias.float().view(logits.shape[0], *([1] * (extra + 1)), -1)
@@ -150,10 +169,17 @@ class AttentionProbe:
             future = self._key_index[None, None, :] > rows[:, :, None]  # [B, R, L]
             masked = future if masked is None else (masked | future)
         if masked is None:
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
-        logits = logits.masked_fill(masked.view(masked.shape[0], *([1] * extra), *masked.shape[1:]), float("-inf"))
-        # rows that see no key (padding) -> 0
-        return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0)
+            return logits, False
+        return logits.masked_fill(masked.view(masked.shape[0], *([1] * extra), *masked.shape[1:]), float("-inf")), True
+
+    def _masked_softmax(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """Float32 softmax over the last axis of ``[B, ..., R, L]`` logits after the layer's key
+        bias and masks; rows that see no key become zero. Half-precision logits are read as they
+        are and normalised in float32 (no float copy of them first: these rows are the largest
+        tensor a statistic forms)."""
+        logits, masked = self._masked_logits(logits, rows)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return probs.nan_to_num_(0.0) if masked else probs  # rows that see no key (padding) -> 0
 
     def softmax_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """Head-averaged attention probabilities of the query rows ``rows`` (``[B, R]`` sequence
@@ -171,6 +197,8 @@ class AttentionProbe:
         logits = self._row_logits(rows)  # [B, Hk, G, R, L]
         if average == "logits":
             return self._masked_softmax(logits.mean(dim=(1, 2), dtype=torch.float32), rows)
+        if self.compile_backend is not None and logits.is_cuda:
+            return compiled_head_mean_softmax(self.compile_backend)(self._masked_logits(logits, rows)[0])
         return self._masked_softmax(logits, rows).mean(dim=(1, 2))
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
@@ -229,12 +257,16 @@ class AttentionProbe:
     @cached_property
     def received_attention(self) -> Tensor:
         """``[B, N]``: ``(1/N) sum_j A_ji`` over candidate queries ``j``. Needs every candidate row,
-        so it costs ``O(N^2 d)``; rows are processed in chunks to bound memory."""
+        so it costs ``O(N^2 d)``; rows are processed in chunks of at most ``2**28`` logits (and at
+        least 64 rows) to bound memory, each chunk's rows summed before its candidate columns are
+        taken."""
+        b, l, h, _ = self.queries.shape
+        rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
-        for chunk in self.candidates.split(64, dim=1):
-            part = self._candidate_columns(self.softmax_rows(chunk)).sum(dim=1)
+        for chunk in self.candidates.split(rows_per_chunk, dim=1):
+            part = self.softmax_rows(chunk).sum(dim=1)  # [B, L]
             total = part if total is None else total + part
-        return total / self.num_candidates
+        return total.gather(1, self.candidates) / self.num_candidates
 
     @cached_property
     def text_attention(self) -> Tensor:
@@ -323,6 +355,7 @@ class AttentionProbe:
             self.queries.reshape(b, l, 1, h * d), keys.reshape(b, l, 1, h * d), (h * d) ** -0.5, self.candidates,
             cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
             text_rows=self.text_rows, text_valid=self.text_valid, last_row=self.last_row,
+            compile_backend=self.compile_backend,
         )
 
 
