@@ -146,3 +146,63 @@ def test_missing_easy_vqa_package_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install easy-vqa .*--no-easy-vqa"):
         load_samples("test", 1, easy_vqa=True)
     assert list(load_samples("test", 1, easy_vqa=False)) == ["procedural"]
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(says_no, tmp_path, monkeypatch):
+    """Each evaluated row is saved as it comes; a rerun with the same settings evaluates only the
+    rows the interruption lost and writes the same table; other settings are refused, not overwritten."""
+    from ficoco.proxy import table as proxy_table
+
+    real = proxy_table.accuracy
+    calls: list[str] = []
+
+    def interrupted_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(getattr(args[3], "name", "vanilla"))
+        return real(*args, **kwargs)
+
+    options = dict(split="test", size=6, retains=(64,), methods=("ficoco-v", "tome", "fastv"), device="cpu",
+                   batch_size=4, easy_vqa=False, log=lambda _: None)
+    monkeypatch.setattr(proxy_table, "accuracy", interrupted_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        proxy_table.run(str(says_no), str(tmp_path), **options)
+    saved = json.loads((tmp_path / proxy_table.PARTIAL).read_text())
+    assert [row["label"] for row in saved["rows"] if "accuracy" in row] == ["vanilla", "ficoco-v@64", "tome@64"]
+    calls.clear()
+    monkeypatch.setattr(proxy_table, "accuracy", lambda *a, **k: (calls.append(a[3].name), real(*a, **k))[1])
+    report = proxy_table.run(str(says_no), str(tmp_path), **options)
+    assert calls == ["fastv"]  # the matched row of fastv is planned after it (or skipped)
+    assert not (tmp_path / proxy_table.PARTIAL).exists()
+    labels = [row["label"] for row in report["rows"] if "accuracy" in row]
+    assert labels[:4] == ["vanilla", "ficoco-v@64", "tome@64", "fastv@64"]
+    # the model answers "no" whatever it sees: every row scores what vanilla scores
+    assert {row["accuracy"]["overall"] for row in report["rows"] if "accuracy" in row} == \
+        {report["rows"][0]["accuracy"]["overall"]}
+    (tmp_path / proxy_table.PARTIAL).write_text(json.dumps({"settings": {**saved["settings"], "size": 99}, "rows": []}))
+    with pytest.raises(ValueError, match="other settings \\(size\\)"):
+        proxy_table.run(str(says_no), str(tmp_path), **options)
+
+
+def test_prompt_batches_built_once_answer_as_built_each_time():
+    """Answers from prompt batches built once equal answers built per call, for methods that
+    rewrite the prompt (encoder-side, resolution) and one that does not."""
+    from ficoco.proxy.evaluate import accuracy, prompt_batches
+    from ficoco.proxy.scenes import make_split
+    from ficoco.proxy.recipe import rendered
+
+    model, processor = tiny_llava(seed=1), tiny_llava_processor()
+    samples = [rendered(example) for example in make_split("test", 5)]
+    batches = prompt_batches(model, processor, samples, 2)
+    for name in ("ficoco-v", "downsample", "fastv"):
+        method = ficoco_method(name)
+        assert accuracy(model, processor, samples, method, 2, batches=batches) == \
+            accuracy(model, processor, samples, method, 2)
+    with pytest.raises(ValueError, match="prompt batches"):
+        accuracy(model, processor, samples, None, 3, batches=batches)
+
+
+def ficoco_method(name: str):
+    import ficoco
+
+    return ficoco.get_method(name, retain=64)

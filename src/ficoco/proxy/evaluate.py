@@ -27,12 +27,22 @@ def _prompt_batch(model, processor, samples: Sequence[QASample]) -> dict:
 
 
 @torch.inference_mode()
-def answer(model, processor, samples: Sequence[QASample], max_new_tokens: int = 4) -> list[str]:
-    """Greedy answers for ``samples`` (one batch, left-padded)."""
-    batch = _prompt_batch(model, processor, samples)
+def answer(model, processor, samples: Sequence[QASample], max_new_tokens: int = 4, *,
+           batch: dict | None = None) -> list[str]:
+    """Greedy answers for ``samples`` (one batch, left-padded; ``batch``: their prompt batch, when
+    already built by :func:`prompt_batches`)."""
+    batch = _prompt_batch(model, processor, samples) if batch is None else batch
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id)
     return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def prompt_batches(model, processor, samples: Sequence[QASample], batch_size: int) -> list[dict]:
+    """The prompt batches of ``samples`` (``batch_size`` each, on the model's device), built once
+    to be answered under several methods: rendering and processing the images is most of a small
+    model's evaluation time."""
+    return [_prompt_batch(model, processor, samples[start:start + batch_size])
+            for start in range(0, len(samples), batch_size)]
 
 
 def accuracy(
@@ -41,14 +51,20 @@ def accuracy(
     samples: Sequence[QASample],
     method: Method | None = None,
     batch_size: int = 16,
+    *,
+    batches: Sequence[dict] | None = None,
 ) -> dict[str, float]:
-    """``{family: accuracy, ..., "overall": accuracy}`` (exact match after normalisation)."""
+    """``{family: accuracy, ..., "overall": accuracy}`` (exact match after normalisation).
+    ``batches``: the samples' :func:`prompt_batches` of ``batch_size``, if already built."""
+    if batches is not None and len(batches) != -(-len(samples) // batch_size):
+        raise ValueError(f"{len(batches)} prompt batches do not hold {len(samples)} samples in batches of {batch_size}")
     handle = attach(model, method) if method is not None else None
     correct: dict[str, list[bool]] = defaultdict(list)
     try:
-        for start in range(0, len(samples), batch_size):
+        for index, start in enumerate(range(0, len(samples), batch_size)):
             chunk = samples[start:start + batch_size]
-            for sample, predicted in zip(chunk, answer(model, processor, chunk)):
+            predictions = answer(model, processor, chunk, batch=None if batches is None else batches[index])
+            for sample, predicted in zip(chunk, predictions):
                 correct[sample.family].append(normalize_answer(predicted) == normalize_answer(sample.answer))
     finally:
         if handle is not None:

@@ -35,7 +35,7 @@ from ..evaluation.runner import mean_text_tokens, variants_for
 from ..methods import DECODER_METHODS, ENCODER_METHODS, Method, get_method
 from ..prompts import chat_prompt
 from .easyvqa import load_easy_vqa
-from .evaluate import accuracy
+from .evaluate import accuracy, prompt_batches
 from .recipe import EASY_VQA_FAMILY as EASY_VQA  # the column of easy-VQA's test questions
 from .recipe import easy_vqa_rendered, rendered
 from .scenes import FAMILIES, make_split
@@ -43,6 +43,8 @@ from .scenes import FAMILIES, make_split
 DEFAULT_METHODS = ENCODER_METHODS + DECODER_METHODS
 REFERENCE = "ficoco-v"  # the method whose cost the matched-TFLOPs rows meet
 FILES = ("proxy_accuracy.json", "proxy_accuracy.md", "proxy_accuracy.png")
+#: rows of a run under way, saved after each one, so that an interrupted run resumes
+PARTIAL = "proxy_accuracy.partial.json"
 
 
 def matched_label(method: str, retain: int) -> str:
@@ -137,10 +139,22 @@ def _percent(value: float | None, base: float | None) -> float | None:
 
 
 def evaluate_variants(model, processor, samples: Mapping[str, Sequence], planned: Sequence[tuple[dict, Method | None]],
-                      batch_size: int = 64, log: Callable[[str], None] = print) -> list[dict]:
+                      batch_size: int = 64, log: Callable[[str], None] = print, *,
+                      done: Mapping[str, dict] | None = None,
+                      save: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Fill each planned row with ``accuracy`` (per family, ``overall`` of the procedural samples,
-    ``easy-vqa``) and ``percent_of_vanilla`` (same keys); skipped rows get neither."""
+    ``easy-vqa``) and ``percent_of_vanilla`` (same keys); skipped rows get neither. ``done``:
+    rows already evaluated with the same settings (by label: an interrupted run's), taken as they
+    are; ``save(rows)`` is called after each newly evaluated row, so an interruption loses at most
+    the row under way. Each sample set's prompt batches are built once for every variant."""
     rows = []
+    batches: dict[str, list[dict]] = {}
+
+    def score(name: str, method: Method | None) -> dict[str, float]:
+        if name not in batches:
+            batches[name] = prompt_batches(model, processor, samples[name], batch_size)
+        return accuracy(model, processor, samples[name], method, batch_size, batches=batches[name])
+
     for row, method in planned:
         row = dict(row)
         if row["skipped"]:
@@ -149,15 +163,23 @@ def evaluate_variants(model, processor, samples: Mapping[str, Sequence], planned
             continue
         if row["kind"] != "vanilla" and method is None:
             raise ValueError(f"{row['label']}: no method to evaluate")
+        earlier = (done or {}).get(row["label"])
+        if earlier is not None and "accuracy" in earlier:
+            row["accuracy"], row["seconds"] = earlier["accuracy"], earlier.get("seconds")
+            rows.append(row)
+            log(f"{row['label']:<22} overall {100 * row['accuracy']['overall']:5.1f}%  (from the interrupted run)")
+            continue
         started = time.perf_counter()
-        scores = accuracy(model, processor, samples["procedural"], method, batch_size)
+        scores = score("procedural", method)
         if samples.get(EASY_VQA):
-            scores[EASY_VQA] = accuracy(model, processor, samples[EASY_VQA], method, batch_size)["overall"]
+            scores[EASY_VQA] = score(EASY_VQA, method)["overall"]
         row["accuracy"] = scores
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         log(f"{row['label']:<22} overall {100 * scores['overall']:5.1f}%  "
             f"LLM {row['llm_tflops']:.4g} TFLOPs  {row['llm_final_visual']} visual tokens")
+        if save is not None:
+            save(rows)
     vanilla = next((r["accuracy"] for r in rows if r["kind"] == "vanilla" and "accuracy" in r), None)
     for row in rows:
         if "accuracy" in row and vanilla is not None:
@@ -280,17 +302,48 @@ def run(model_path: str, out_dir: str, *, split: str = "test", size: int | None 
     planned = plan_variants(shape, methods, retains, text_tokens, options)
     log(f"{len(planned)} variants on {len(samples['procedural'])} {split} samples"
         + (f" + {len(samples[EASY_VQA])} easy-VQA questions" if easy_vqa else "") + f" ({device})")
-    rows = evaluate_variants(model, processor, samples, planned, batch_size, log)
-    report = {
+    settings = {
         "model": str(model_path), "family": family, "split": split,
         "cost_image_size": "x".join(map(str, QWEN_COST_SIZE)) if qwen else None, "size": len(samples["procedural"]),
         "easy_vqa_size": len(samples.get(EASY_VQA, ())), "device": device, "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size, "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "text_tokens": text_tokens,
+        "text_tokens": text_tokens, "options": {k: dict(v) for k, v in (options or {}).items()},
+    }
+    partial = Path(out_dir) / PARTIAL
+    done = _interrupted_rows(partial, settings, log)
+
+    def save(rows: list[dict]) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+
+    rows = evaluate_variants(model, processor, samples, planned, batch_size, log, done=done, save=save)
+    report = {
+        **{k: v for k, v in settings.items() if k != "options"},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "retains": list(retains), "methods": list(methods), "matched_to": REFERENCE,
         "matched_on": "llm_tflops", "vanilla_llm_tflops": budget.vanilla_cost(shape, text_tokens).llm_tflops,
         "rows": rows,
     }
     for path in write(report, out_dir):
         log(f"wrote {path}")
+    partial.unlink(missing_ok=True)
     return report
+
+
+def _interrupted_rows(partial: Path, settings: Mapping, log: Callable[[str], None]) -> dict[str, dict]:
+    """The rows an interrupted run with the same settings saved in ``partial``, by label; a saved
+    run with other settings is refused rather than overwritten."""
+    if not partial.exists():
+        return {}
+    try:
+        saved = json.loads(partial.read_text())
+        earlier, rows = saved["settings"], saved["rows"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{partial} is not an interrupted table run ({err}); move it away to start afresh") from None
+    differing = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
+    if differing:
+        raise ValueError(f"{partial} holds an interrupted run with other settings ({', '.join(differing)}); finish "
+                         f"it with the same settings, or move it away to start afresh")
+    done = {row["label"]: row for row in rows if "accuracy" in row}
+    log(f"resuming: {len(done)} rows from the interrupted run in {partial}")
+    return done
