@@ -137,7 +137,8 @@ def test_vision_preset_terms():
 def test_presets_are_fresh_and_named():
     assert preset("llava-1.5-7b") == llava_1_5_7b()
     assert preset(" LLaVA-1.5-13B ") == llava_1_5_13b()
-    assert set(preset_names()) == {"llava-1.5-7b", "llava-1.5-13b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"}
+    assert set(preset_names()) == {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "video-llava-7b", "qwen2-vl-7b",
+                                  "qwen2.5-vl-7b", "qwen3-vl-8b"}
     s = llava_1_5_13b().language
     assert (s.num_layers, s.hidden_size, s.intermediate_size, s.num_heads, s.vocab_size) == (
         40,

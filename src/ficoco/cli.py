@@ -53,7 +53,8 @@ def methods() -> None:
 
 
 def _shape(model: str, image_size: str | None = None):
-    """The FLOPs shape of a preset or a checkpoint folder (Qwen-VL: at ``image_size``, "WxH")."""
+    """The FLOPs shape of a preset or a checkpoint folder (Qwen-VL, LLaVA-NeXT: at ``image_size``, "WxH")."""
+    from .measure import multiview
     from .measure.flops import LlavaShape, preset, preset_names
     from .measure.qwen import QwenVLShape
 
@@ -72,15 +73,18 @@ def _shape(model: str, image_size: str | None = None):
         config = AutoConfig.from_pretrained(path)
         shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else QwenVLShape.from_config(config)
     if image_size is not None:
-        if not isinstance(shape, QwenVLShape):
-            raise click.BadParameter("LLaVA-1.5 sees every image at its fixed size; --image-size is for Qwen-VL",
-                                     param_hint="--image-size")
+        if not isinstance(shape, QwenVLShape) and not shape.grid_pinpoints:
+            raise click.BadParameter(f"{model} sees every {shape.view} at {shape.vision.image_size} px; "
+                                     f"--image-size is for Qwen-VL and LLaVA-NeXT", param_hint="--image-size")
         try:
             width, height = (int(x) for x in image_size.lower().split("x"))
+            if width <= 0 or height <= 0:
+                raise ValueError
         except ValueError:
             raise click.BadParameter(f"expected WIDTHxHEIGHT in pixels, got {image_size!r}",
                                      param_hint="--image-size") from None
-        shape = shape.with_image(width, height)
+        shape = shape.with_image(width, height) if isinstance(shape, QwenVLShape) else \
+            multiview.with_image(shape, width, height)
     return shape
 
 
@@ -110,14 +114,17 @@ def _int_list(text: str) -> list[int]:
 
 @main.command()
 @click.option("--model", "model", default="llava-1.5-7b", show_default=True,
-              help="Preset name (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b) or a "
-                   "checkpoint folder with config.json.")
-@click.option("--image-size", default=None, help="Qwen-VL: the image's WIDTHxHEIGHT in pixels [1280x720].")
+              help="Preset name (llava-1.5-7b, llava-1.5-13b, llava-next-7b, video-llava-7b, qwen2-vl-7b, "
+                   "qwen2.5-vl-7b, qwen3-vl-8b) or a checkpoint folder with config.json.")
+@click.option("--image-size", default=None, help="Qwen-VL: the image's WIDTHxHEIGHT in pixels [1280x720]; "
+              "LLaVA-NeXT: picks its tile grid [the paper's 2x2 tiles + base, as for 672x672].")
 @click.option("--text-tokens", type=int, default=None,
-              help="Text tokens in the prompt [LLaVA: 60 for 7B, 512 for 13B; Qwen-VL: 64].")
+              help="Text tokens in the prompt [LLaVA-1.5: 60 for 7B, 512 for 13B; LLaVA-NeXT, Video-LLaVA, "
+                   "Qwen-VL: 64].")
 @click.option("--retain", "retains", default=None,
-              help="Visual-token budgets: counts, or shares such as 0.25 [LLaVA: 192,128,64; Qwen-VL: 600,500,400, "
-                   "the paper's Table 3].")
+              help="Visual-token budgets: counts, or shares such as 0.25 [LLaVA-1.5: 192,128,64; Qwen-VL: "
+                   "600,500,400, the paper's Table 3]; per crop for LLaVA-NeXT [128,64,32] and per frame for "
+                   "Video-LLaVA [64,32,17].")
 @click.option("--tflops", "targets", default=None, help="Comma-separated TFLOPs budgets to solve schedules for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def flops(model: str, image_size: str | None, text_tokens: int | None, retains: str | None, targets: str | None,
@@ -128,6 +135,7 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
     own layers when they reach every budget, else all removals at its first reducing layer. So its
     kept tokens never grow as the budget shrinks; the schedule column and the notes say which."""
     from .measure import budget
+    from .measure.multiview import preset_defaults
     from .methods import DECODER_METHODS, ENCODER_METHODS, LATER_DECODER_METHODS, get_method
 
     from .measure.qwen import QwenVLShape
@@ -139,10 +147,13 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
 
     shape = _shape(model, image_size)
     qwen = isinstance(shape, QwenVLShape)
+    views = 1 if qwen else shape.num_views
+    text_default, retains_default = preset_defaults(model) or (
+        64 if qwen else 512 if shape.language.num_layers >= 40 else 60, "600,500,400" if qwen else "192,128,64")
     if text_tokens is None:
-        text_tokens = 64 if qwen else 512 if shape.language.num_layers >= 40 else 60
+        text_tokens = text_default
     if retains is None:
-        retains = "600,500,400" if qwen else "192,128,64"
+        retains = retains_default
     geometry = budget.geometry(shape)
     vanilla = budget.vanilla_cost(shape, text_tokens)
     rows, notes = [("-", vanilla, "-")], []
@@ -171,12 +182,19 @@ def flops(model: str, image_size: str | None, text_tokens: int | None, retains: 
                 except ValueError as err:  # downsample: a budget no smaller image gives exactly
                     notes.append(f"{name} at {retain}: {err}")
     if as_json:
-        click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "notes": notes,
+        click.echo(json.dumps({"model": model, "text_tokens": text_tokens, "views": views, "notes": notes,
                                "rows": [dict(budget=b, schedule=s, **c.as_dict()) for b, c, s in rows]}, indent=1))
         return
-    image = (f" ({shape.image_size[0]}x{shape.image_size[1]} px image, {shape.grid[1]}x{shape.grid[0]} patches)"
-             if qwen else "")
-    click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {shape.num_patches} visual tokens per image{image}, "
+    if qwen:
+        visual = (f"{shape.num_patches} visual tokens per image ({shape.image_size[0]}x{shape.image_size[1]} px "
+                  f"image, {shape.grid[1]}x{shape.grid[0]} patches)")
+    elif views > 1:
+        image = f" of a {shape.image_size[0]}x{shape.image_size[1]} px image" if shape.image_size else ""
+        visual = (f"{views} {shape.view}s{image} x {shape.num_patches} = {shape.visual_tokens} visual tokens "
+                  f"(budgets are per {shape.view})")
+    else:
+        visual = f"{shape.num_patches} visual tokens per image"
+    click.echo(f"{model}: {shape.language.num_layers}-layer LLM, {visual}, "
                f"{text_tokens} text tokens; LLM prefill counted as in docs/spec.md §8")
     click.echo("encoder-side methods (ficoco-v, tome, evit, random) share ficoco-v's row at the same budget; "
                "downsample's tower runs on the smaller image (its vision TFLOPs)"

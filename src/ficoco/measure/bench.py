@@ -47,6 +47,9 @@ def llava_config(preset: str):
         shape = flops_preset(preset)
     except ValueError:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}") from None
+    if not isinstance(shape, LlavaShape) or shape.num_views != 1:
+        raise ValueError(f"the benchmark builds LLaVA-1.5 and Qwen-VL models; {preset} is a FLOPs preset only "
+                         f"(ficoco flops --model {preset})")
     v, t = shape.vision, shape.language
     vision = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                               num_hidden_layers=v.num_layers, num_attention_heads=v.hidden_size // 64,

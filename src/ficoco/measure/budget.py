@@ -64,10 +64,12 @@ def geometry(shape: Shape) -> ModelGeometry:
 
 @dataclass(frozen=True)
 class MethodCost:
-    """Cost of one method on one model for one image and ``text_tokens`` text tokens.
+    """Cost of one method on one model for one sample (one image, or every view of a multi-view
+    :class:`~ficoco.measure.flops.LlavaShape`) and ``text_tokens`` text tokens.
 
     Attributes:
-        llm_input_visual / llm_final_visual: visual tokens entering the LLM / after its last reduction.
+        llm_input_visual / llm_final_visual: visual tokens entering the LLM / after its last reduction
+            (all views).
         llm_tflops: LLM prefill TFLOPs (decoder layers).
         vision_tflops: vision tower + projector TFLOPs.
         kv_cache_mb: fp16 KV cache after prefill, MB (1e6 bytes).
@@ -87,10 +89,13 @@ class MethodCost:
 
 
 def plan_cost(shape: Shape, plan: ResolvedPlan, text_tokens: int, name: str = "") -> MethodCost:
-    """Cost of a resolved plan."""
+    """Cost of a resolved plan (for one view; a multi-view shape repeats it over its views)."""
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be non-negative, got {text_tokens}")
-    llm_tokens = [v + text_tokens for v in plan.llm_visual_per_layer()]
+    # LLaVA-NeXT's crops and Video-LLaVA's frames are each planned alike, so the LLM holds that many times
+    # each count and the tower runs that many times
+    views = 1 if isinstance(shape, QwenVLShape) else shape.num_views
+    llm_tokens = [views * v + text_tokens for v in plan.llm_visual_per_layer()]
     # the projector (merger) runs before an LLM-input reduction, on every token the encoder hands on
     projected = plan.llm_input_visual + plan.input_removed
     if isinstance(shape, QwenVLShape):
@@ -106,10 +111,10 @@ def plan_cost(shape: Shape, plan: ResolvedPlan, text_tokens: int, name: str = ""
                               num_patches=plan.encoded_tokens)
     return MethodCost(
         method=name,
-        llm_input_visual=plan.llm_input_visual,
-        llm_final_visual=plan.llm_final_visual,
+        llm_input_visual=views * plan.llm_input_visual,
+        llm_final_visual=views * plan.llm_final_visual,
         llm_tflops=llm_prefill_flops(shape, llm_tokens) / 1e12,
-        vision_tflops=vision.total / 1e12,
+        vision_tflops=views * vision.total / 1e12,
         kv_cache_mb=kv_cache_bytes(shape, llm_tokens) / 1e6,
         llm_tokens_per_layer=tuple(llm_tokens),
     )

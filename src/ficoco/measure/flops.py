@@ -219,16 +219,43 @@ class LlavaShape:
         vision_feature_layer: index into the tower's hidden states whose features are projected
             (LLaVA-1.5: -2, the penultimate layer).  All encoder layers are still run by the
             transformers implementation, so it does not change the FLOP count.
+        num_views: tower passes per sample, each handing ``num_patches`` tokens to the LLM
+            (LLaVA-1.5: 1 image; LLaVA-NeXT: the base image and its tiles; Video-LLaVA: the frames).
+            Methods budget each view alike: ``retain`` is per view.
+        view: what one view is, for messages ("image", "crop", "frame").
+        grid_pinpoints: LLaVA-NeXT's anyres resolutions, ``(height, width)`` in pixels, from which
+            :func:`ficoco.measure.multiview.with_image` picks an image's tile grid; empty when
+            every image is seen at one fixed size.
+        image_size: the ``(width, height)`` the views were derived from, or None (the preset's
+            assumption).
     """
 
     vision: VisionTowerShape
     language: LanguageModelShape
     vision_feature_layer: int | tuple[int, ...] = -2
+    num_views: int = 1
+    view: str = "image"
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("num_views", self.num_views)
+        tile = self.vision.image_size
+        for pinpoint in self.grid_pinpoints:
+            if (not isinstance(pinpoint, tuple) or len(pinpoint) != 2
+                    or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 or x % tile for x in pinpoint)):
+                raise ValueError(f"grid_pinpoints must be (height, width) pairs of positive multiples of the "
+                                 f"tower's {tile} px, got {pinpoint!r}")
 
     @property
     def num_patches(self) -> int:
-        """Visual tokens per image entering the LLM (patch tokens, class token dropped)."""
+        """Visual tokens per view entering the LLM (patch tokens, class token dropped)."""
         return self.vision.num_patches
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens of one sample entering the LLM: ``num_views * num_patches``."""
+        return self.num_views * self.num_patches
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LlavaShape":
@@ -293,9 +320,10 @@ _PRESETS: tuple[tuple[str, Callable[[], LlavaShape]], ...] = (
 
 
 def _all_presets() -> tuple:
+    from .multiview import PRESETS as MULTIVIEW_PRESETS
     from .qwen import PRESETS as QWEN_PRESETS
 
-    return _PRESETS + QWEN_PRESETS
+    return _PRESETS + MULTIVIEW_PRESETS + QWEN_PRESETS
 
 
 def preset_names() -> tuple[str, ...]:
@@ -304,8 +332,9 @@ def preset_names() -> tuple[str, ...]:
 
 
 def preset(name: str):
-    """A new shape for a preset name: :class:`LlavaShape` ("llava-1.5-7b", "llava-1.5-13b") or
-    :class:`~ficoco.measure.qwen.QwenVLShape` ("qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
+    """A new shape for a preset name: :class:`LlavaShape` ("llava-1.5-7b", "llava-1.5-13b";
+    "llava-next-7b", 5 crops, and "video-llava-7b", 8 frames, from :mod:`ficoco.measure.multiview`)
+    or :class:`~ficoco.measure.qwen.QwenVLShape` ("qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
     costed at a 1280x720 image).
 
     Matching ignores case and surrounding whitespace.  Raises ``ValueError`` listing the valid
