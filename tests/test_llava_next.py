@@ -54,13 +54,14 @@ REFUSED = {
 BEFORE_LLM = ("ficoco-v", "tome", "evit", "random", "topk", "visionzip", "prumerge", "prumerge+", "pool", "divprune",
               "cdpruner", "zero", "ficoco-v-share", "ficoco-vl")
 CAN_KEEP_ALL = [key for key in METHODS if key != "zero"]
-# (height, width): 1x2 tiles, 2x1 tiles (columns unpadded), 1x3 tiles (rows unpadded), 2x2 tiles
-SIZES = [(300, 500), (500, 260), (200, 700), (400, 400)]
+# (height, width): 1x2 tiles (rows unpadded), 2x1 tiles (columns unpadded), 1x3 tiles, 2x2 tiles; thin
+# images keep the unpadded tile grids (and so the tests) small: 968, 1,008, 1,160 and 2,928 tokens
+SIZES = [(100, 640), (640, 100), (100, 1000), (400, 400)]
 
 
 def build(key: str, **overrides) -> ficoco.Method:
     name = key.removesuffix("-llm").removesuffix("-share").removesuffix("-adaptive")
-    options = {**(METHODS.get(key) or REFUSED[key]["options"]), **overrides}
+    options = {**(METHODS[key] if key in METHODS else REFUSED[key]["options"]), **overrides}
     return ficoco.get_method(name, **options)
 
 
@@ -128,7 +129,7 @@ def batch(samples: list[dict], side: str = "left") -> dict:
 
 @pytest.fixture(scope="module")
 def samples(processor):
-    """Two samples of different image sizes and question lengths (1,560 and 1,726 image tokens)."""
+    """Two samples of different image sizes and question lengths (968 and 1,008 image tokens)."""
     return [encode(processor, [SIZES[0]], "what is the color of the shape ?", seed=1),
             encode(processor, [SIZES[1]], "how many ?", seed=2)]
 
@@ -201,15 +202,17 @@ def _valid_rows(out, length, side):
     return out[-length:] if side == "left" else out[:length]
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("key", list(METHODS))
-def test_batched_equals_one_by_one(model, samples, key, side):
-    """Mixed image sizes: each sample's logits in the batch as when run alone."""
+def test_batched_equals_one_by_one(model, samples, key):
+    """Mixed image sizes, padded on the left and on the right: each sample's logits in the batch
+    as when run alone."""
     with ficoco.apply(model, build(key)):
-        batched = logits(model, batch(samples, side))
-        for row, sample in enumerate(samples):
-            single = logits(model, batch([sample], side))[0]
-            torch.testing.assert_close(_valid_rows(batched[row], single.shape[0], side), single, rtol=1e-4, atol=1e-4)
+        singles = [logits(model, batch([sample]))[0] for sample in samples]
+        for side in ("left", "right"):
+            batched = logits(model, batch(samples, side))
+            for row, single in enumerate(singles):
+                torch.testing.assert_close(_valid_rows(batched[row], single.shape[0], side), single, rtol=1e-4,
+                                           atol=1e-4)
 
 
 def output_mask(handle, inputs):
@@ -301,7 +304,8 @@ def test_exact_token_counts(model, samples, key):
         placeholders = (prepared["input_ids"] == IMAGE_TOKEN) & prepared["attention_mask"].bool()
         assert placeholders.sum(1).tolist() == [x.crops * per_crop for x in layouts]
         assert prepared["attention_mask"].sum(1).tolist() == [t + x.crops * per_crop for t, x in zip(text, layouts)]
-        assert out.logits.shape[1] == prepared["input_ids"].shape[1]
+        if method.language is None:
+            assert out.logits.shape[1] == prepared["input_ids"].shape[1]
         assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == sum(x.full_tokens for x in layouts)  # untouched
     if method.language is None:
         assert kept_index is None
@@ -363,19 +367,22 @@ def test_reduced_crops_packing(model, samples, key):
         assert sorted(set(tile_of.tolist())) == list(range(layout.crops - 1))
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("key", ["fastv", "ficoco-l", "ficoco-v", "cdpruner"])
-def test_samples_with_several_images_batch_like_one_by_one(model, processor, samples, key, side):
+def test_samples_with_several_images_batch_like_one_by_one(model, processor, samples, key):
     """One sample with one image, one with two of other sizes (3 + 4 crops): different counts per
-    sample (dead rows inside the LLM), each sample's logits as alone."""
+    sample (dead rows inside the LLM), each sample's logits as alone, padded on either side."""
     two = encode(processor, [SIZES[1], SIZES[2]], "is there a red circle ?", seed=5)
     with ficoco.apply(model, build(key)) as handle:
-        batched = logits(model, batch([samples[0], two], side))
-        valid = handle.kept_valid.clone() if handle.kept_valid is not None else None
-        singles = [logits(model, batch([sample], side))[0] for sample in (samples[0], two)]
-    for row, single in enumerate(singles):
-        got = batched[row][valid[row]] if valid is not None else _valid_rows(batched[row], single.shape[0], side)
-        torch.testing.assert_close(got, single, rtol=1e-4, atol=1e-4)
+        singles = [logits(model, batch([sample]))[0] for sample in (samples[0], two)]
+        for side in ("left", "right"):
+            batched = logits(model, batch([samples[0], two], side))
+            valid = handle.kept_valid
+            for row, single in enumerate(singles):
+                got = batched[row][valid[row]] if valid is not None else \
+                    _valid_rows(batched[row], single.shape[0], side)
+                torch.testing.assert_close(got, single, rtol=1e-4, atol=1e-4)
+            if valid is not None:
+                assert handle.kept_dead is not None and bool(handle.kept_dead.any())
 
 
 def test_budget_is_per_crop(model, samples):
@@ -427,3 +434,22 @@ def test_family_from_model_and_checkpoint(model, checkpoint):
     assert type(loaded).__name__ == "LlavaNextForConditionalGeneration"
     with ficoco.apply(loaded.model, "ficoco-v", retain=64) as handle:  # the bare LlavaNextModel too
         assert handle.family == "llava-next"
+
+
+def test_command_line_picks_the_family_from_the_checkpoint(checkpoint, tmp_path):
+    """``ficoco run`` answers on a LLaVA-NeXT checkpoint (no TFLOPs line: not costed), and
+    ``ficoco flops`` refuses it in one line."""
+    from click.testing import CliRunner
+
+    from ficoco.cli import main
+
+    path = tmp_path / "thin.png"
+    image(SIZES[0], seed=3).save(path)
+    runner = CliRunner()
+    out = runner.invoke(main, ["run", str(checkpoint), "--image", str(path), "--question", "what is the color ?",
+                               "--method", "ficoco-v", "--retain", "64", "--max-new-tokens", "2"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("answer: ") and "method: ficoco-v  time: " in out.stdout and "TFLOPs" not in out.stdout
+    out = runner.invoke(main, ["flops", "--model", str(checkpoint)])
+    assert out.exit_code != 0 and "is a LLaVA-NeXT checkpoint; the FLOPs calculator models" in out.stderr
+    assert "Traceback" not in out.output
