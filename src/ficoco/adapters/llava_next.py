@@ -118,7 +118,7 @@ class LlavaNextHandle(ReductionHandle):
             self.input = InputSide(method.input, plan.input_removed, grid=self.grid, leading=0,
                                    image_token_id=self.image_token, embed=llava.get_input_embeddings(),
                                    token_state=self._encoder_state if plan.vision else None, record=self.record,
-                                   crops_per_image=lambda: self._prompt_crops)
+                                   crops_per_run=self._crops_per_run)
             self.input.install(self.hooks, llava.multi_modal_projector)
         if method.language is not None and plan.language:
             self.hooks.pre(llava, self._remember_prompted, with_kwargs=True)  # before the language side's own
@@ -225,6 +225,23 @@ class LlavaNextHandle(ReductionHandle):
             self._prompt_crops = [layout.crops for layout in layouts]
             self.input.remember_prompt(inputs["input_ids"], inputs.get("attention_mask"))
         return inputs
+
+    def _crops_per_run(self, input_ids: Tensor) -> list[int]:
+        """Crops of each run of placeholders in the prompt last cut (``[B, L]``, runs counted row by
+        row): images placed next to each other share one run, and so the text after it."""
+        is_image = input_ids == self.image_token
+        starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+        run = (starts.flatten().long().cumsum(0) - 1)[is_image.flatten()]
+        lengths = torch.bincount(run).tolist() if run.numel() else []
+        out, image = [], 0
+        for length in lengths:
+            crops = 0
+            while length > 0 and image < len(self._prompt_crops):
+                crops += self._prompt_crops[image]
+                length -= self._prompt_crops[image] * self.plan.llm_input_visual
+                image += 1
+            out.append(crops)
+        return out
 
     def _pack_reduced(self, original):
         """``pack_image_features`` for crops that hand on ``k`` tokens each: per image
