@@ -248,7 +248,7 @@ def _cache_argument(model) -> str:
 
 def _manual_greedy(model, inputs, steps):
     """Prefill, then one token at a time with the cache, as generate() does."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    mask = inputs["attention_mask"]
     position = mask.long().cumsum(-1) - 1
     out = model(**inputs, use_cache=True, position_ids=position.clamp_min(0))
     tokens, step_logits = [], []

@@ -46,6 +46,12 @@ from .llava import vision_layout
 from .vision import VisionSide
 
 
+def _sizes_of(image_sizes) -> list[tuple[int, int]]:
+    """``[(height, width)]`` of ``image_sizes`` (a ``[I, 2]`` tensor or a list of pairs)."""
+    rows = image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes
+    return [tuple(int(x) for x in size) for size in rows]
+
+
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """``(LlavaNextModel, LlavaNextForConditionalGeneration or None)`` or a clear error."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
@@ -184,7 +190,7 @@ class LlavaNextHandle(ReductionHandle):
         def get_image_features(*args, **kwargs):
             sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
             if sizes is not None:
-                self._sizes = [tuple(int(x) for x in size) for size in sizes.tolist()]
+                self._sizes = _sizes_of(sizes)
             return original(*args, **kwargs)
 
         return get_image_features
@@ -193,13 +199,12 @@ class LlavaNextHandle(ReductionHandle):
         bound = self._signatures[id(module)].bind_partial(module, *args, **kwargs).arguments
         sizes = bound.get("image_sizes", bound.get("kwargs", {}).get("image_sizes"))
         if sizes is not None and bound.get("pixel_values") is not None:
-            self._sizes = [tuple(int(x) for x in size) for size in sizes.tolist()]
+            self._sizes = _sizes_of(sizes)
 
     def _image_layouts(self, sizes) -> list[AnyresLayout]:
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (height, width of each image) with pixel_values")
-        rows = sizes.tolist() if isinstance(sizes, Tensor) else sizes
-        return [self.layout(tuple(int(x) for x in size)) for size in rows]
+        return [self.layout(size) for size in _sizes_of(sizes)]
 
     # -- before the LLM: the prompt and the packing ---------------------------------------------
 
@@ -215,8 +220,7 @@ class LlavaNextHandle(ReductionHandle):
             return inputs  # already cut (generate's own forward calls)
         if total != sum(full):
             raise ValueError(f"the prompt has {total} image placeholders for {len(layouts)} image(s) of sizes "
-                             f"{[tuple(int(x) for x in s) for s in inputs['image_sizes'].tolist()]}; LLaVA-NeXT "
-                             f"expects {sum(full)} ({full})")
+                             f"{_sizes_of(inputs['image_sizes'])}; LLaVA-NeXT expects {sum(full)} ({full})")
         keep = run_keep_mask(input_ids, self.image_token, full, kept)
         pad = self.llava.config.text_config.pad_token_id
         inputs = cut_prompt_inputs(inputs, keep, pad_token_id=self.image_token if pad is None else pad,
