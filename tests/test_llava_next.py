@@ -282,6 +282,22 @@ def test_generate_equals_manual_prefill_and_decode(model, samples, key):
     assert torch.equal(gen.sequences[:, -steps:], tokens)
 
 
+@pytest.mark.parametrize("key", ["ficoco-v", "cdpruner", "fastv"])
+def test_static_cache_generates_the_same_tokens_or_refuses_clearly(model, samples, key):
+    """Before the LLM only the prompt is shorter, so a static KV cache gives the dynamic cache's
+    tokens; inside it each layer keeps its own length, and a static cache is refused."""
+    inputs = batch(samples, "left")
+    options = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with ficoco.apply(model, build(key)) as handle, torch.inference_mode():
+        dynamic = model.generate(**inputs, **options)
+        if handle.method.language is not None:
+            with pytest.raises(ValueError, match="needs a dynamic KV cache.*StaticCache"):
+                model.generate(**inputs, **options, cache_implementation="static")
+            return
+        static = model.generate(**inputs, **options, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
 # -- budgets and layout of the reduced tokens -----------------------------------------------------
 
 
