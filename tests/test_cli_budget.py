@@ -141,7 +141,7 @@ def test_run_answers(runner, checkpoint_with_processor, image_file, method):
     ("cuda-on-cpu-torch", "sees no CUDA GPU; use --device cpu"),
     ("bad-device", "unknown device 'gpu'"),
     ("no-processor", "has no processor: it lacks an image processor"),
-    ("other-family", "is a 'llava_next' checkpoint"),
+    ("other-family", "is a 'idefics3' checkpoint"),
 ])
 def test_run_errors_are_one_line(runner, checkpoint_with_processor, image_file, tmp_path, case, message):
     model, image, extra = str(checkpoint_with_processor), str(image_file), []
@@ -171,7 +171,7 @@ def test_run_errors_are_one_line(runner, checkpoint_with_processor, image_file, 
                 Path(model, name).unlink(missing_ok=True)
         else:
             config = json.loads(Path(model, "config.json").read_text())
-            config.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"])
+            config.update(model_type="idefics3", architectures=["Idefics3ForConditionalGeneration"])
             Path(model, "config.json").write_text(json.dumps(config))
     out = runner.invoke(main, ["run", model, "--image", image, "--question", "what ?", *extra])
     assert out.exit_code != 0

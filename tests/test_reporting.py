@@ -140,9 +140,10 @@ def test_checkpoint_problems_are_named(tmp_path, checkpoint, checkpoint_with_pro
     config = json.loads((checkpoint / "config.json").read_text())
     check_supported(config, checkpoint)
     assert check_supported({"model_type": "qwen2_5_vl"}, "x").name.startswith("Qwen2-VL")
-    with pytest.raises(ValueError, match=r"'llava_next' checkpoint \(LlavaNextForConditionalGeneration\); ficoco "
-                                         r"runs LLaVA-1.5 \(llava\); Qwen2-VL / Qwen2.5-VL / Qwen3-VL"):
-        check_supported({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}, "x")
+    assert check_supported({"model_type": "llava_next"}, "x").name == "LLaVA-NeXT"
+    with pytest.raises(ValueError, match=r"'idefics3' checkpoint \(Idefics3ForConditionalGeneration\); ficoco "
+                                         r"runs LLaVA-1.5 \(llava\); LLaVA-NeXT \(llava_next\); Qwen2-VL / Qwen2.5-VL"):
+        check_supported({"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]}, "x")
 
 
 def test_results_say_which_textvqa_prompts_they_used():

@@ -54,7 +54,7 @@ def methods() -> None:
 
 def _shape(model: str, image_size: str | None = None):
     """The FLOPs shape of a preset or a checkpoint folder (Qwen-VL, LLaVA-NeXT: at ``image_size``, "WxH")."""
-    from .measure import multiview
+    from .measure import budget, multiview
     from .measure.flops import LlavaShape, preset, preset_names
     from .measure.qwen import QwenVLShape
 
@@ -70,6 +70,10 @@ def _shape(model: str, image_size: str | None = None):
         from .checkpoint import check_supported, checkpoint_config
 
         family = check_supported(checkpoint_config(path), path)
+        if not budget.is_costed(checkpoint_config(path)):
+            raise click.BadParameter(f"{path} is a {family.name} checkpoint; the FLOPs calculator reads LLaVA-1.5 "
+                                     f"and Qwen-VL checkpoints (presets: {', '.join(preset_names())})",
+                                     param_hint="--model")
         config = AutoConfig.from_pretrained(path)
         shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else QwenVLShape.from_config(config)
     if image_size is not None:
@@ -286,7 +290,8 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
     text = chat_prompt(processor, question)
     inputs = processor(images=image, text=text, return_tensors="pt").to(target)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    shape = budget.shape_of(model.config, image.size, processor.image_processor)
+    costed = budget.is_costed(model.config)
+    shape = budget.shape_of(model.config, image.size, processor.image_processor) if costed else None
     image_token = model.config.image_token_id
     text_tokens = int((inputs["input_ids"][0] != image_token).sum())
     handle = attach(model, method) if method is not None else None
@@ -301,12 +306,15 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
         if handle is not None:
             handle.remove()
     answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
-    cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
     click.echo(f"answer: {answer}")
+    timing = f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens"
+    if shape is None:  # LLaVA-NeXT: its anyres images are not costed
+        click.echo(f"method: {method_name}  {timing}")
+        return
+    cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
     click.echo(f"method: {method_name}  visual tokens: {cost.llm_input_visual} into the LLM, "
                f"{cost.llm_final_visual} after its last reduction (of {shape.num_patches})")
-    click.echo(f"LLM prefill: {cost.llm_tflops:.4g} TFLOPs  vision: {cost.vision_tflops:.4g} TFLOPs  "
-               f"time: {seconds:.2f} s for {out.shape[1] - inputs['input_ids'].shape[1]} new tokens")
+    click.echo(f"LLM prefill: {cost.llm_tflops:.4g} TFLOPs  vision: {cost.vision_tflops:.4g} TFLOPs  {timing}")
 
 
 @main.command()

@@ -1,4 +1,5 @@
-"""A tiny random LLaVA with LLaVA-1.5's geometry, for tests and examples that cannot download weights.
+"""Tiny random models with real geometry (LLaVA-1.5, LLaVA-NeXT, Qwen-VL), for tests and examples
+that cannot download weights.
 
 CLIP at 336 px with patch 14 (576 patches + [CLS]), 24 encoder layers, features from layer -2, a
 small Llama decoder with grouped-query attention. Weights are random; the geometry is real.
@@ -67,6 +68,57 @@ def tiny_llava_processor(image_token_id: int = 95):
     processor = proxy_processor(sorted(words))
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == image_token_id
     return processor
+
+
+# -- the LLaVA-NeXT family ------------------------------------------------------------------------
+
+#: LLaVA-NeXT-7B's (llava-v1.6-vicuna-7b) anyres resolutions, ``[height, width]`` in pixels
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def tiny_llava_next_config(*, llm_layers: int = 8, attn_implementation: str = "sdpa", **options):
+    """A :class:`transformers.LlavaNextConfig` with LLaVA-NeXT-7B's geometry at tiny widths: the
+    tiny LLaVA's CLIP-336/14 tower (24 layers, features from layer -2, ``default`` strategy) and
+    decoder, and LLaVA-NeXT-7B's :data:`LLAVA_NEXT_PINPOINTS`."""
+    from transformers import LlavaNextConfig
+
+    base = tiny_llava_config(llm_layers=llm_layers, attn_implementation=attn_implementation, **options)
+    base.text_config.max_position_embeddings = 8192  # an image brings up to 2928 tokens
+    config = LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_id=base.image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_next(seed: int = 0, **config_options):
+    """A :class:`transformers.LlavaNextForConditionalGeneration` with random weights, in eval mode."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(tiny_llava_next_config(**config_options))
+    with torch.no_grad():  # sharper attention than random init, so that scores are informative
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+def tiny_llava_next_processor(image_token_id: int = 95):
+    """A ``LlavaNextProcessor`` for :func:`tiny_llava_next`: LLaVA-NeXT's anyres preprocessing
+    (PIL backend) at 336 px with :data:`LLAVA_NEXT_PINPOINTS`, and the tiny LLaVA's word-level
+    tokenizer and chat template, so that images of different sizes get their own token counts."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    words = tiny_llava_processor(image_token_id)
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                        image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS])
+    return LlavaNextProcessor(image_processor=images, tokenizer=words.tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=words.chat_template, image_token="<image>")
 
 
 # -- the Qwen-VL family -----------------------------------------------------------------------------

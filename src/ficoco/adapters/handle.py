@@ -122,6 +122,14 @@ class ReductionHandle:
         owner.__dict__[name] = wrapper
         self._instance_wrappers.append((owner, name))
 
+    def _encoder_state(self, images: int, n: int, device) -> tuple[Tensor, Tensor] | None:
+        """Sizes and grid positions ``[images, n]`` of the tokens the encoder handed the projector,
+        from its trace (``None`` when it did not hand on those)."""
+        trace = self.vision_trace
+        if trace is None or trace.sizes.shape != (images, n):
+            return None
+        return trace.sizes.to(device), trace.positions.to(device)
+
     # -- encoder-side: placeholders -------------------------------------------------------------
 
     def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:

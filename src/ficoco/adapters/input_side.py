@@ -75,12 +75,18 @@ class InputSide:
         embed: the model's input embedding layer.
         token_state: ``(sizes, positions)`` ``[I, N]`` of the projected tokens (after an
             encoder-side reduction), or ``None`` for fresh patches.
+        crops_per_run: ``input_ids [B, L] -> [crops of each placeholder run]`` (runs counted row by
+            row), for a model whose projector sees several crops per image (LLaVA-NeXT): each crop
+            is then reduced on its own, with the instruction of its image's run. ``None``: one
+            grid per run.
     """
 
     def __init__(self, stage: InputReduction, removed: int, *, grid: tuple[int, int], leading: int,
-                 image_token_id: int, embed: nn.Module, token_state=None, record: bool = False) -> None:
+                 image_token_id: int, embed: nn.Module, token_state=None, record: bool = False,
+                 crops_per_run=None) -> None:
         self.stage, self.removed, self.grid, self.leading = stage, removed, grid, leading
         self.image_token_id, self.embed, self.token_state, self.record = image_token_id, embed, token_state, record
+        self.crops_per_run = crops_per_run
         self.prompt: tuple[Tensor, Tensor | None] | None = None
         self.last: InputTrace | None = None
 
@@ -98,6 +104,10 @@ class InputSide:
 
         def instruction() -> tuple[Tensor, Tensor]:
             samples, rows, valid = instruction_rows(input_ids, attention_mask, self.image_token_id)
+            if self.crops_per_run is not None:  # every crop of an image reads its run's instruction
+                crops = torch.tensor(self.crops_per_run(input_ids), device=samples.device)
+                if crops.numel() == samples.numel():
+                    samples, rows, valid = (x.repeat_interleave(crops, dim=0) for x in (samples, rows, valid))
             if samples.numel() != images:
                 raise ValueError(f"the prompt has {samples.numel()} image placeholder runs for {images} image(s)")
             with torch.no_grad():

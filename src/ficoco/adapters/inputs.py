@@ -17,6 +17,8 @@ from torch import Tensor
 
 #: fill values for per-token tensors when rows must be re-padded
 PAD_VALUES = MappingProxyType({"attention_mask": 0, "labels": -100, "position_ids": 0, "mm_token_type_ids": 0})
+#: model inputs that hold one value per prompt token (cut with the prompt)
+PER_TOKEN_INPUTS = ("attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids")
 
 
 def padding_side(attention_mask: Tensor | None, default: str = "right") -> str:
@@ -73,6 +75,19 @@ def cut_tokens(input_ids: Tensor, per_token: dict[str, Tensor], keep: Tensor, *,
 
     new_ids = cut(input_ids, pad_token_id)
     return new_ids, {name: cut(t, PAD_VALUES.get(name, 0)) for name, t in per_token.items()}
+
+
+def cut_prompt_inputs(inputs: dict, keep: Tensor, *, pad_token_id: int, default_side: str = "right") -> dict:
+    """``inputs`` (model keyword arguments) with the prompt tokens where ``keep`` (``[B, L]``) is
+    false removed from ``input_ids`` and from every ``[B, L]`` tensor of :data:`PER_TOKEN_INPUTS`,
+    rows re-padded as :func:`cut_tokens` does. ``inputs`` is updated in place and returned."""
+    input_ids = inputs["input_ids"]
+    per_token = {k: inputs[k] for k in PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
+                 and inputs[k].dim() == 2 and inputs[k].shape[-1] == input_ids.shape[-1]}
+    new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=pad_token_id, default_side=default_side)
+    inputs.update(cut)
+    inputs["input_ids"] = new_ids
+    return inputs
 
 
 def shrink_placeholders(

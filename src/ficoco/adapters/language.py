@@ -133,6 +133,9 @@ class LanguageSide:
         token_state: ``(B, counts) -> (sizes, positions)`` ``[B, max(counts)]`` of the visual
             tokens entering the LLM (what the encoder did to them), or ``None`` for fresh ones.
         grid: the patch grid the positions refer to.
+        candidates: ``placeholders [B, L] -> [B, L]``: which of the visual placeholders may be
+            reduced (``None``: all). The others (LLaVA-NeXT's newline tokens) are kept like
+            text, but are not text queries either.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class LanguageSide:
         grid: tuple[int, int],
         token_state: Callable[[int, list[int], torch.device], tuple[Tensor, Tensor] | None] | None = None,
         record: bool = False,
+        candidates: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not stage.reduction.keeps_order:
             # kept tokens keep their place (and position id) in the prompt, whatever order a filter asks for
@@ -155,7 +159,7 @@ class LanguageSide:
         self.core, self.stage, self.reducing = core_model, stage, set(layers)
         self.layers = core_model.language_model.layers
         self.schedule, self.visual_token_ids, self.grid = schedule, tuple(visual_token_ids), grid
-        self.token_state, self.record = token_state, record
+        self.token_state, self.record, self.candidates = token_state, record, candidates
         self.signature = inspect.signature(type(core_model).forward)
         self.seq: _Sequence | None = None
         self.queries: Tensor | None = None
@@ -260,17 +264,20 @@ class LanguageSide:
             found = hit if found is None else found | hit
         return found
 
-    def _new_sequence(self, is_visual: Tensor, attention_mask: Tensor | None) -> _Sequence | None:
-        b, l = is_visual.shape
+    def _new_sequence(self, placeholders: Tensor, attention_mask: Tensor | None) -> _Sequence | None:
+        b, l = placeholders.shape
+        is_visual = placeholders
+        if self.candidates is not None and bool(placeholders.any()):
+            is_visual = self.candidates(placeholders)
         counts = is_visual.sum(dim=1).tolist()  # one host sync per prefill
         if max(counts) == 0:
-            return None  # text-only prompt: nothing to reduce
+            return None  # text-only prompt (or only placeholders that are never reduced): nothing to reduce
         device = is_visual.device
         valid = torch.ones(b, l, dtype=torch.bool, device=device)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask.bool()
         columns = torch.arange(l, device=device)
-        last_visual = torch.where(is_visual, columns, -1).amax(dim=1, keepdim=True)
+        last_visual = torch.where(placeholders, columns, -1).amax(dim=1, keepdim=True)
         is_text = valid & (columns > last_visual)
         num_text = is_text.sum(dim=1).tolist()
         per_sample = self.schedule(is_visual)

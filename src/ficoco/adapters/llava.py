@@ -31,10 +31,9 @@ from ..stages import NO_POSITION
 from ..stages.resolution import resize_images
 from .handle import ReductionHandle
 from .input_side import InputSide
-from .inputs import cut_tokens, run_keep_mask, shrink_placeholders
+from .inputs import PER_TOKEN_INPUTS, cut_prompt_inputs, run_keep_mask, shrink_placeholders
 from .language import LanguageSide
 from .vision import VisionSide
-_PER_TOKEN_INPUTS = ("attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids")
 
 
 def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -51,7 +50,7 @@ def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     )
 
 
-def _vision_layout(llava: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, int], int]:
+def vision_layout(llava: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, int], int]:
     """``(encoder layers, has_cls, grid, feature layer index)`` of a CLIP or SigLIP tower."""
     config = llava.config
     vcfg = config.vision_config
@@ -91,7 +90,7 @@ class LlavaHandle(ReductionHandle):
         llava, outer = _llava_parts(model)
         super().__init__(model, llava, outer, method, record=record)
         self.llava = llava
-        layers, has_cls, grid, feature_layer = _vision_layout(llava)
+        layers, has_cls, grid, feature_layer = vision_layout(llava)
         self.encoder_layers, self.grid, self.has_cls = layers, grid, has_cls
         if not has_cls:
             self.method = method = method.without_cls()
@@ -187,13 +186,6 @@ class LlavaHandle(ReductionHandle):
             schedules.append({layer: removed * images for layer, removed in self.plan.language.items()})
         return schedules
 
-    def _encoder_state(self, images: int, n: int, device) -> tuple[Tensor, Tensor] | None:
-        """Sizes and grid positions of the tokens the encoder handed the projector, from its trace."""
-        trace = self.vision_trace
-        if trace is None or trace.sizes.shape != (images, n):
-            return None
-        return trace.sizes.to(device), trace.positions.to(device)
-
     def _token_state(self, b: int, counts: list[int], device) -> tuple[Tensor, Tensor] | None:
         """Sizes and grid positions of the visual tokens: the encoder's (or input reduction's)
         trace, or fresh patches."""
@@ -249,15 +241,11 @@ class LlavaHandle(ReductionHandle):
                    if inputs.get(key) is not None}
         encoded = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True, **options)
         kept = [features.shape[0] for features in encoded.pooler_output]
-        per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
-                     and inputs[k].shape[-1] == input_ids.shape[-1] and inputs[k].dim() == 2}
         pad = self.llava.config.text_config.pad_token_id
         keep = run_keep_mask(input_ids, image_token, [full] * images, kept)
-        new_ids, cut = cut_tokens(input_ids, per_token, keep, pad_token_id=image_token if pad is None else pad,
-                                  default_side=default_side)
         inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
-        inputs.update(cut)
-        inputs["input_ids"] = new_ids
+        inputs = cut_prompt_inputs(inputs, keep, pad_token_id=image_token if pad is None else pad,
+                                   default_side=default_side)
         inputs["mm_encoder_outputs"] = {**(inputs.get("mm_encoder_outputs") or {}), "image": encoded}
         return inputs
 
@@ -277,7 +265,7 @@ class LlavaHandle(ReductionHandle):
             raise ValueError(
                 f"the prompt has {total} image placeholders for {images} image(s); expected {full} per image"
             )
-        per_token = {k: inputs[k] for k in _PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
+        per_token = {k: inputs[k] for k in PER_TOKEN_INPUTS if isinstance(inputs.get(k), Tensor)
                      and inputs[k].shape[-1] == input_ids.shape[-1] and inputs[k].dim() == 2}
         pad = self.llava.config.text_config.pad_token_id
         pad = image_token if pad is None else pad

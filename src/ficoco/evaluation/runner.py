@@ -287,7 +287,7 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
     score = _score(task, wanted, folder, variant.label, judge, video_judge)
     text = mean_text_tokens(processor, _record_prompts(processor, records[:32]))
     tflops = None
-    if spec.modality == "image":
+    if spec.modality == "image" and budget.is_costed(model.config):  # (LLaVA-NeXT is not costed: None)
         # a Qwen-VL model is costed at the first image's size (its images differ in token count)
         first = next((r for r in records if r.image_sources), None)
         size = first.images()[0].size if first is not None and budget.is_qwen(model.config) else None

@@ -25,11 +25,23 @@ def is_qwen(config) -> bool:
     return getattr(config, "model_type", None) in QWEN_MODEL_TYPES
 
 
+#: ``model_type`` values the calculator models (LLaVA-NeXT's anyres images are not modelled yet)
+COSTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES)
+
+
+def is_costed(config) -> bool:
+    """Whether the calculator models a model config's family."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return model_type in COSTED_MODEL_TYPES
+
+
 def shape_of(config, image_size: tuple[int, int] | None = None, image_processor=None) -> Shape:
     """The FLOPs shape of a loaded model's config: LLaVA-1.5's fixed grid (``image_size`` does not
     change it: its processor resizes every image to 336 px), or a Qwen-VL model at ``image_size``
     (``(width, height)``; default 1280x720) resized within ``image_processor``'s pixel bounds when
     given (else the shape's defaults)."""
+    if not is_costed(config):
+        raise ValueError(f"the FLOPs calculator models LLaVA-1.5 and Qwen-VL, not {config.model_type!r} models")
     if is_qwen(config):
         shape = QwenVLShape.from_config(config, image_size or (1280, 720))
         size = getattr(image_processor, "size", None) or {}
