@@ -472,5 +472,5 @@ def test_command_line_picks_the_family_from_the_checkpoint(checkpoint, tmp_path)
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("answer: ") and "method: ficoco-v  time: " in out.stdout and "TFLOPs" not in out.stdout
     out = runner.invoke(main, ["flops", "--model", str(checkpoint)])
-    assert out.exit_code != 0 and "is a LLaVA-NeXT checkpoint; the FLOPs calculator models" in out.stderr
+    assert out.exit_code != 0 and "is a LLaVA-NeXT checkpoint; the FLOPs calculator reads" in out.stderr
     assert "Traceback" not in out.output

@@ -224,3 +224,45 @@ def qwen_prompt(text_before: list[int], items: list[tuple[str, int]], text_after
         ids += [QWEN_TOKENS["vision_start"], *[QWEN_TOKENS[kind]] * tokens, QWEN_TOKENS["vision_end"]]
         types += [0, *[1 if kind == "image" else 2] * tokens, 0]
     return ids + list(text_after), types + [0] * len(text_after)
+
+
+# -- the Video-LLaVA family -------------------------------------------------------------------------
+
+#: token ids of the tiny Video-LLaVA (a 96-word vocabulary, the two placeholders last)
+VIDEO_LLAVA_TOKENS = {"pad": 0, "bos": 1, "eos": 2, "image": 94, "video": 95}
+#: frames per video, as Video-LLaVA samples them
+VIDEO_LLAVA_FRAMES = 8
+
+
+def tiny_video_llava_config(*, vision_layers: int = 24, llm_layers: int = 8, attn_implementation: str = "sdpa"):
+    """A :class:`transformers.VideoLlavaConfig` with Video-LLaVA's real geometry at tiny widths:
+    two CLIP-224/14 towers (256 patches + [CLS]) of 24 layers, features from layer -2, images
+    handing on their patches and frames their [CLS] and patches (2,056 tokens for 8 frames)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=224, patch_size=14, projection_dim=32)
+    tokens = VIDEO_LLAVA_TOKENS
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96, max_position_embeddings=4096,
+                       pad_token_id=tokens["pad"], bos_token_id=tokens["bos"], eos_token_id=tokens["eos"])
+    config = VideoLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                              image_token_index=tokens["image"], video_token_index=tokens["video"],
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              image_seq_length=256, video_seq_length=257 * VIDEO_LLAVA_FRAMES)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_video_llava(seed: int = 0, **config_options):
+    """A :class:`transformers.VideoLlavaForConditionalGeneration` with random weights, in eval mode."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(**config_options))
+    with torch.no_grad():  # sharper attention than random init, so that scores are informative
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+

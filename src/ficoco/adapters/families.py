@@ -51,6 +51,12 @@ def _llava_next() -> type[ReductionHandle]:
     return LlavaNextHandle
 
 
+def _video_llava() -> type[ReductionHandle]:
+    from .video_llava import VideoLlavaHandle
+
+    return VideoLlavaHandle
+
+
 def _qwen_vl() -> type[ReductionHandle]:
     from .qwen_vl import QwenVLHandle
 
@@ -69,6 +75,7 @@ QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), ("LlavaForConditionalGeneration", "LlavaModel"), _llava),
     Family("LLaVA-NeXT", ("llava_next",), ("LlavaNextForConditionalGeneration", "LlavaNextModel"), _llava_next),
+    Family("Video-LLaVA", ("video_llava",), ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), _video_llava),
     Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", QWEN_MODEL_TYPES,
            ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
             "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"), _qwen_vl, _qwen_resolution),

@@ -34,6 +34,8 @@ class ReductionHandle:
 
     #: the family's name, as ``ficoco`` names it in messages
     family = "model"
+    #: the forward arguments that carry pixels (a call with none of them has nothing to cut)
+    pixel_inputs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
 
     def __init__(self, model: nn.Module, core: nn.Module, outer: nn.Module | None, method: Method, *,
                  record: bool) -> None:
@@ -138,7 +140,7 @@ class ReductionHandle:
         return inputs
 
     def _rewrite_model_inputs(self, module, args, kwargs):
-        if not args and kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+        if not args and all(kwargs.get(name) is None for name in self.pixel_inputs):
             return None  # nothing to cut: decoding steps, text-only calls
         bound = self._signatures[id(module)].bind_partial(module, *args, **kwargs).arguments
         bound.pop("self", None)

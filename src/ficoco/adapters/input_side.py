@@ -87,20 +87,25 @@ class InputSide:
         self.stage, self.removed, self.grid, self.leading = stage, removed, grid, leading
         self.image_token_id, self.embed, self.token_state, self.record = image_token_id, embed, token_state, record
         self.crops_per_run = crops_per_run
-        self.prompt: tuple[Tensor, Tensor | None] | None = None
+        self.prompt: tuple[Tensor, Tensor | None, int] | None = None
         self.last: InputTrace | None = None
+        self.active = None
 
-    def install(self, hooks, projector: nn.Module) -> None:
+    def install(self, hooks, projector: nn.Module, active=None) -> None:
+        """Reduce ``projector``'s outputs; ``active()``, when given, says whether this call's are
+        this side's (a projector shared by images and video frames: Video-LLaVA)."""
+        self.active = active
         hooks.post(projector, self._reduce)
 
-    def remember_prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
-        """The (already cut) prompt whose images the projector is about to see; used once."""
-        self.prompt = None if input_ids is None else (input_ids, attention_mask)
+    def remember_prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None, per_run: int = 1) -> None:
+        """The (already cut) prompt whose images the projector is about to see; used once.
+        ``per_run``: projected items per placeholder run (the frames of a video)."""
+        self.prompt = None if input_ids is None else (input_ids, attention_mask, per_run)
 
     def _probe(self, images: int, dtype) -> FeatureProbe:
         if self.prompt is None:
             return FeatureProbe()
-        (input_ids, attention_mask), self.prompt = self.prompt, None
+        (input_ids, attention_mask, per_run), self.prompt = self.prompt, None
 
         def instruction() -> tuple[Tensor, Tensor]:
             samples, rows, valid = instruction_rows(input_ids, attention_mask, self.image_token_id)
@@ -108,8 +113,14 @@ class InputSide:
                 crops = torch.tensor(self.crops_per_run(input_ids), device=samples.device)
                 if crops.numel() == samples.numel():
                     samples, rows, valid = (x.repeat_interleave(crops, dim=0) for x in (samples, rows, valid))
-            if samples.numel() != images:
-                raise ValueError(f"the prompt has {samples.numel()} image placeholder runs for {images} image(s)")
+                if samples.numel() != images:
+                    raise ValueError(f"the prompt has {samples.numel()} image placeholder runs for {images} image(s)")
+            else:
+                if samples.numel() * per_run != images:
+                    raise ValueError(f"the prompt has {samples.numel()} placeholder runs of {per_run} item(s) each "
+                                     f"for {images} projected item(s)")
+                if per_run > 1:  # every frame of a video reads the text after the video
+                    samples, rows, valid = (x.repeat_interleave(per_run, dim=0) for x in (samples, rows, valid))
             with torch.no_grad():
                 text = self.embed(input_ids[samples[:, None], rows])  # [I, M, D]
             return text.to(dtype), valid
@@ -117,7 +128,7 @@ class InputSide:
         return FeatureProbe(instruction)
 
     def _reduce(self, module, args, output: Tensor) -> Tensor | None:
-        if self.removed == 0:
+        if self.removed == 0 or (self.active is not None and not self.active()):
             return None
         features = output[:, self.leading:]
         images, n, _ = features.shape

@@ -52,9 +52,14 @@ def _llava_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 def vision_layout(llava: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, int], int]:
     """``(encoder layers, has_cls, grid, feature layer index)`` of a CLIP or SigLIP tower."""
-    config = llava.config
+    return tower_layout(llava.config, llava.vision_tower)
+
+
+def tower_layout(config, tower: nn.Module) -> tuple[nn.ModuleList, bool, tuple[int, int], int]:
+    """``(encoder layers, has_cls, grid, feature layer index)`` of a CLIP or SigLIP ``tower`` of a
+    model whose ``config`` has the ``vision_config`` and ``vision_feature_layer`` (LLaVA-1.5, and
+    each of Video-LLaVA's two towers)."""
     vcfg = config.vision_config
-    tower = llava.vision_tower
     kinds = {"clip_vision_model": True, "siglip_vision_model": False}
     # transformers versions differ on whether the tower wraps its transformer in ``vision_model``
     encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
