@@ -288,7 +288,7 @@ def test_embedded_model_scores_llava_format_pope_end_to_end(checkpoint, tmp_path
     assert "adversarial" in text and "random" in text  # scored per POPE split
     vanilla = _pope_accuracy(scores["vanilla"])
     assert vanilla >= 0.9, scores["vanilla"]
-    # FiCoCo-L at 192 tokens keeps the proxy model's accuracy (docs/proxy/proxy_accuracy.md)
+    # FiCoCo-L at 192 tokens keeps the proxy model's accuracy (docs/proxy/cpu-fp32-2026-11-30/proxy_accuracy.md)
     assert _pope_accuracy(scores["ficoco-l@192"]) >= vanilla - 0.1, scores["ficoco-l@192"]
 
 

@@ -45,6 +45,18 @@ METHODS = {
 CAN_KEEP_ALL = [key for key in METHODS if key != "zero" and not key.endswith("-adaptive")]
 
 
+def takes_encoded() -> bool:
+    """Whether this transformers' LLaVA takes encoded images (``mm_encoder_outputs``), which
+    adaptive PruMerge needs (transformers 5.17 does not: there it is refused)."""
+    from transformers import LlavaModel
+
+    return "mm_encoder_outputs" in inspect.signature(LlavaModel.forward).parameters
+
+
+#: the methods that run on this transformers
+RUNNABLE = [key for key in METHODS if not key.endswith("-adaptive") or takes_encoded()]
+
+
 def build(key: str, **overrides) -> ficoco.Method:
     name = key.removesuffix("-prop").removesuffix("-llm").removesuffix("-k1").removesuffix("-k2")
     name = name.removesuffix("-adaptive")
@@ -73,7 +85,7 @@ def test_reduction_disabled_is_vanilla(model, images, prompts, vanilla_logits, k
     torch.testing.assert_close(out, vanilla_logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("key", list(METHODS))
+@pytest.mark.parametrize("key", RUNNABLE)
 def test_detach_restores_model(model, images, prompts, vanilla_logits, key):
     before = hook_count(model)
     with ficoco.apply(model, build(key)) as handle:
@@ -91,7 +103,7 @@ def _valid_rows(out, mask_len, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("key", list(METHODS))
+@pytest.mark.parametrize("key", RUNNABLE)
 def test_batched_equals_one_by_one(model, images, prompts, key, side):
     with ficoco.apply(model, build(key)):
         batched = logits(model, batch_inputs(prompts, images, side))
@@ -108,7 +120,7 @@ def output_mask(handle, inputs):
     return handle.prepare_inputs(**inputs)["attention_mask"].bool()
 
 
-@pytest.mark.parametrize("key", list(METHODS))
+@pytest.mark.parametrize("key", RUNNABLE)
 def test_eager_equals_sdpa(model, eager_model, images, prompts, key):
     inputs = batch_inputs(prompts, images)
     with ficoco.apply(model, build(key)) as handle:
@@ -149,7 +161,7 @@ def _manual_greedy(model, inputs, steps):
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
-@pytest.mark.parametrize("key", ["vanilla", *METHODS])
+@pytest.mark.parametrize("key", ["vanilla", *RUNNABLE])
 def test_generate_equals_manual_prefill_and_decode(model, images, prompts, key):
     inputs = batch_inputs(prompts, images, "left")
     steps = 5
@@ -169,7 +181,7 @@ def test_generate_equals_manual_prefill_and_decode(model, images, prompts, key):
     assert torch.equal(gen.sequences[:, -steps:], tokens)
 
 
-@pytest.mark.parametrize("key", ["vanilla", *METHODS])
+@pytest.mark.parametrize("key", ["vanilla", *RUNNABLE])
 def test_static_cache_generates_the_same_tokens_or_refuses_clearly(model, images, prompts, key):
     """Encoder-side methods only shorten the LLM's input, so a static KV cache works and gives the
     dynamic cache's tokens; decoder-side ones keep a different length per layer and refuse."""
@@ -248,7 +260,8 @@ def test_raster_order_and_cls_preserved(model, images, key):
         torch.testing.assert_close(sizes.sum(1), torch.full((2,), float(PATCHES)))
 
 
-@pytest.mark.parametrize("key", ["prumerge", "prumerge+", "prumerge-adaptive", "prumerge+-adaptive"])
+@pytest.mark.parametrize("key", [k for k in ("prumerge", "prumerge+", "prumerge-adaptive", "prumerge+-adaptive")
+                                 if k in RUNNABLE])
 def test_prumerge_counts_order_and_extra_token(model, images, prompts, key):
     """PruMerge hands the LLM exactly ``retain`` tokens per image with a budget, or each image its
     own outlier count without one (here three different counts in one batch): kept tokens in raster
@@ -509,3 +522,12 @@ def test_graphed_language_steps_run_cpu_inputs_eagerly_and_detach(model, images,
     with ficoco.apply(model, build("ficoco-v")) as handle:
         with pytest.raises(ValueError, match="does not reduce inside the LLM decoder"):
             ficoco.graph_language_steps(handle)
+
+
+@pytest.mark.skipif(takes_encoded(), reason="this transformers' LLaVA takes mm_encoder_outputs")
+@pytest.mark.parametrize("key", ["prumerge-adaptive", "prumerge+-adaptive"])
+def test_adaptive_prumerge_refused_without_encoded_inputs(model, key):
+    before = hook_count(model)
+    with pytest.raises(ValueError, match="mm_encoder_outputs; give retain="):
+        ficoco.attach(model, build(key))
+    assert hook_count(model) == before and not hasattr(model, "_ficoco_handle")

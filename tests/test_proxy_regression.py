@@ -9,7 +9,7 @@ The shipped model answers a fixed subset of the procedural test split:
 and the [CLS]-guided encoder methods must keep the patches of the objects and the written word
 (the model's [CLS] attention carries meaning, as CLIP's does).
 
-Thresholds come from the measured accuracy table (docs/proxy/proxy_accuracy.md, 600 test questions),
+Thresholds come from the measured accuracy table (docs/proxy/cpu-fp32-2026-11-30/proxy_accuracy.md, 600 test questions),
 with a safety margin for the smaller subset. A broken filter, a merge into the wrong token or a
 lost [CLS] shows up here as lost accuracy. Random weights could never show that.
 
@@ -67,7 +67,7 @@ from ficoco.proxy.scenes import DATASET_VERSION, FAMILIES, make_split
 AT_192 = pytest.mark.xdist_group("proxy-regression-192")
 AT_64 = pytest.mark.xdist_group("proxy-regression-64")
 SUBSET = 120  # the first 120 test questions: 20 per family
-# measured: vanilla 94.7% on the first 600 test questions (docs/proxy/proxy_accuracy.md) and 96.7%
+# measured: vanilla 94.7% on the first 600 test questions (docs/proxy/cpu-fp32-2026-11-30/proxy_accuracy.md) and 96.7%
 # on this subset; at 64 tokens random dropping 77.8%, FiCoCo-L 92.5%, FiCoCo-VL 75.0% and FiCoCo-V
 # 70.5% on the 600 questions; at 192 tokens random dropping 91.5% (96.6% of vanilla)
 VANILLA_AT_LEAST = 0.88

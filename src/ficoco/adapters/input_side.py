@@ -100,6 +100,11 @@ class InputSide:
     def remember_prompt(self, input_ids: Tensor | None, attention_mask: Tensor | None, per_run: int = 1) -> None:
         """The (already cut) prompt whose images the projector is about to see; used once.
         ``per_run``: projected items per placeholder run (the frames of a video)."""
+        if input_ids is not None and attention_mask is not None and attention_mask.dim() == 4:
+            # a prepared [B, 1, Q, K] mask (transformers 5.17's generate with a static cache): the
+            # prompt's last query row may attend to exactly its real keys, whichever side pads
+            row = attention_mask[:, 0, -1, :input_ids.shape[1]]
+            attention_mask = (row == 0) if row.is_floating_point() else row.bool()
         self.prompt = None if input_ids is None else (input_ids, attention_mask, per_run)
 
     def _probe(self, images: int, dtype) -> FeatureProbe:
