@@ -20,7 +20,6 @@ LLM time is their difference.
 
 from __future__ import annotations
 
-
 import json
 import platform
 import statistics
@@ -30,10 +29,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import bench_models, budget
 from ..adapters import attach, graph_language_steps, graph_vision_tower
 from ..methods import Method, get_method
 from ..methods.baselines import oracle
+from . import bench_models, budget
+
 
 def model_config(preset: str):
     """The configuration of a preset's model with its exact shapes (:func:`.bench_models.model_config`)."""
