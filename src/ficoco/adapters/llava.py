@@ -21,7 +21,6 @@ instance-level ``get_image_features`` wrapper gives each image only its own rows
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import Tensor, nn
@@ -104,14 +103,7 @@ class LlavaHandle(ReductionHandle):
         geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers),
                                  grid=grid)
         self.plan: ResolvedPlan = method.plan(geometry)
-        self.adaptive = method.vision is not None and method.vision.adaptive
-        if self.adaptive:
-            if method.input is not None or method.language is not None:
-                raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
-                                 f"reduction after it would need that count in advance")
-            if "mm_encoder_outputs" not in inspect.signature(type(llava).forward).parameters:
-                raise ValueError(f"{method.name} without a budget gives each image its own token count, which needs a "
-                                 f"transformers whose LLaVA takes mm_encoder_outputs; give retain=")
+        self.adaptive = self._adaptive_counts("image", "LLaVA")
         self._attach()
 
     def _install(self) -> None:

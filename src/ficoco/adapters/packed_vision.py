@@ -30,7 +30,6 @@ Hooks, all on the tower's own modules and removed on detach:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
+from ..stages.probe import compiled
 from .hooks import HookSet
 from .varlen import STATISTICS_BACKEND_ATTRIBUTE
 
@@ -73,14 +73,6 @@ class PackedTrace:
             mask = torch.zeros(t * (h // merge) * (w // merge), dtype=torch.bool, device=kept.device)
             parts.append(mask.index_fill_(0, kept, True))
         return torch.cat(parts)
-
-
-@functools.cache
-def compiled_rotation(rotate: Callable, backend: str) -> Callable:
-    """A tower's rotary function ``rotate(q, k, cos, sin)`` through ``torch.compile(dynamic=True)``
-    (built once per function and backend; the function is the model's own, so the cache holds
-    nothing that could go stale)."""
-    return torch.compile(rotate, dynamic=True, backend=backend)
 
 
 def frame_sizes(grids: list[tuple[int, int, int]], merge: int) -> list[tuple[int, int, int]]:
@@ -352,7 +344,7 @@ class PackedVisionSide:
         backend = getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None)
         # on compiled blocks the rotation of every query and key is one fused pass too (the same
         # function the compiled blocks already run), not a dozen float32 passes
-        rotate_all = compiled_rotation(self.rotate, backend) if backend is not None and q.is_cuda else self.rotate
+        rotate_all = compiled(self.rotate, backend) if backend is not None and q.is_cuda else self.rotate
 
         def rope(x: Tensor, rows: Tensor | None) -> Tensor:
             if rows is None:

@@ -36,7 +36,6 @@ transformers whose Video-LLaVA takes them (newer than 5.17); it is refused in on
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -138,14 +137,7 @@ class VideoLlavaHandle(ReductionHandle):
             "video": _Kind("video", config.video_token_id, core.video_tower, video_layout[0], frame_cls,
                            frame_cls * handed),
         }
-        self.adaptive = method.vision is not None and method.vision.adaptive
-        if self.adaptive:
-            if method.input is not None or method.language is not None:
-                raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
-                                 f"reduction after it would need that count in advance")
-            if "mm_encoder_outputs" not in inspect.signature(type(core).forward).parameters:
-                raise ValueError(f"{method.name} without a budget gives each image and frame its own token count, "
-                                 f"which needs a transformers whose Video-LLaVA takes mm_encoder_outputs; give retain=")
+        self.adaptive = self._adaptive_counts("image and frame", "Video-LLaVA")
         self._attach()
 
     def _install(self) -> None:
