@@ -83,6 +83,15 @@ def test_variants_count_per_crop_or_frame(preset, patches):
                       ("oracle", 17), ("ficoco-v", 17), ("oracle[fastv]", 17), ("fastv", 17)]
 
 
+def test_variants_skip_a_budget_the_method_cannot_meet():
+    # ToMe halves a layer at most: 32 of a crop's 576 patches is past what its default schedule reaches
+    geometry = budget.geometry(bench_models.layout("llava-next-7b").shape)
+    said = []
+    labels = [(label, retain) for label, retain, _ in bench.variants([128, 32], ["tome", "evit"], geometry, said.append)]
+    assert labels == [("vanilla", 576), ("oracle", 128), ("tome", 128), ("evit", 128), ("oracle", 32), ("evit", 32)]
+    assert len(said) == 1 and said[0].startswith("skipped tome at 32: ToMe merges at most half")
+
+
 def _tiny(preset: str):
     """The tiny model of the preset's geometry (LLM depth too, so the oracles' schedules fit) and
     its token ids."""

@@ -376,7 +376,10 @@ def bench(preset, batches, retains, image_size, attention, method_names, generat
                            generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=rounds,
                            graph_vision=graph_vision, graph_steps=graph_steps, static_cache=static_cache,
-                           log=click.echo)
+                           log=click.echo, on_round=lambda partial: benchmark.save(partial, out_path))
+    if "error" in result:
+        benchmark.save(result, out_path)
+        raise click.ClickException(f"{result['error']} (the rows measured before it are in {out_path})")
     if with_flops:
         result["flops"] = benchmark.measured_flops(preset, retain=retains[0], text_tokens=text_tokens,
                                                    methods=methods_list)
