@@ -162,6 +162,9 @@ def test_a_whole_run_on_the_tiny_model(monkeypatch, preset, retain, kept, method
         assert rows[(label, 1)]["kv_cache_mb"] == pytest.approx(per_token * (35 + kept + 29))
     for label in ("fastv", "oracle[fastv]"):  # inside the LLM: the first layers keep every token
         assert per_token * (35 + kept + 29) < rows[(label, 1)]["kv_cache_mb"] < rows[("vanilla", 1)]["kv_cache_mb"]
+    # the oracle keeps, layer by layer, what FastV keeps: its schedule is resolved per crop / frame
+    # as the method's is (a copy of one view's counts left 4 in 5 crops' tokens unremoved)
+    assert rows[("oracle[fastv]", 1)]["kv_cache_mb"] == pytest.approx(rows[("fastv", 1)]["kv_cache_mb"])
     shape = bench_models.layout(preset).shape
     assert rows[("vanilla", 1)]["retain"] == shape.num_patches
     assert rows[("vanilla", 1)]["calculator_llm_tflops"] == pytest.approx(budget.vanilla_cost(shape, 64).llm_tflops)

@@ -130,7 +130,7 @@ def variants(retains: Sequence[int], methods: Sequence[str], geometry,
                 log(f"skipped {name} at {retain}: {err}")
                 continue
             if method.language is not None:
-                out.append((f"oracle[{name}]", retain, oracle(like=method, geometry=geometry)))
+                out.append((f"oracle[{name}]", retain, oracle(like=method)))
             out.append((name, retain, method))
     return out
 
@@ -278,12 +278,14 @@ def run(
             log(f"round {round_index + 1}/{len(per_round)} done ({round_repeats} timed runs per variant and batch; "
                 f"{torch.cuda.memory_allocated() / 1e9:.1f} GB allocated, {torch.cuda.memory_reserved() / 1e9:.1f} GB reserved)")
             if on_round is not None:
-                on_round(_result(preset, model, shape, prefill_rows_of(), generate_rows, settings))
+                on_round(_result(preset, model, shape, prefill_rows_of(), generate_rows,
+                                 dict(settings, rounds_done=round_index + 1)))
     except torch.OutOfMemoryError as err:
         # keep what was measured: the rows of every (variant, batch) timed so far are still reported
         error = f"stopped early: {type(err).__name__}: {str(err).splitlines()[0]}"
         log(error)
-    result = _result(preset, model, shape, prefill_rows_of(log), generate_rows, settings)
+    done = len(per_round) if error is None else round_index
+    result = _result(preset, model, shape, prefill_rows_of(log), generate_rows, dict(settings, rounds_done=done))
     if error is not None:
         result["error"] = error
     return result
