@@ -201,3 +201,19 @@ def test_cli_lists_the_presets_and_passes_their_defaults(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["bench", "--preset", "video-llava-7b", "--retain", "8", "--batches", "4",
                                        "--no-flops", "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 0 and (seen["batches"], seen["retains"]) == ([4], [8])
+
+
+@pytest.mark.parametrize("preset, tflops", [("llava-next-7b", 42.7), ("video-llava-7b", 29.7)])
+def test_a_checkpoint_config_costs_as_its_preset(preset, tflops):
+    """The calculator reading a checkpoint's config (the bench's full-size transformers config of
+    each preset stands in for llava-v1.6-vicuna-7b's and Video-LLaVA-7B's) gives the preset's
+    shape, hence the paper's baseline TFLOPs."""
+    from ficoco.measure import multiview
+
+    from dataclasses import replace
+
+    shape = multiview.shape_from_config(bench_models.model_config(preset))
+    assert replace(shape, image_size=None) == bench_models.layout(preset).shape  # NeXT's records its 672x672
+    assert round(budget.vanilla_cost(shape, 64).llm_tflops, 1) == tflops
+    with pytest.raises(ValueError, match="not a LLaVA-NeXT or Video-LLaVA config"):
+        multiview.shape_from_config(bench.model_config("llava-1.5-7b"))

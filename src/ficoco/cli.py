@@ -70,12 +70,17 @@ def _shape(model: str, image_size: str | None = None):
         from .checkpoint import check_supported, checkpoint_config
 
         family = check_supported(checkpoint_config(path), path)
-        if not budget.is_costed(checkpoint_config(path)):
-            raise click.BadParameter(f"{path} is a {family.name} checkpoint; the FLOPs calculator reads LLaVA-1.5 "
-                                     f"and Qwen-VL checkpoints (presets: {', '.join(preset_names())})",
-                                     param_hint="--model")
+        model_type = checkpoint_config(path).get("model_type")
+        if not budget.is_costed(checkpoint_config(path)) and model_type not in multiview.CHECKPOINT_MODEL_TYPES:
+            raise click.BadParameter(f"{path} is a {family.name} checkpoint; the FLOPs calculator reads LLaVA-1.5, "
+                                     f"LLaVA-NeXT, Video-LLaVA and Qwen-VL checkpoints (presets: "
+                                     f"{', '.join(preset_names())})", param_hint="--model")
         config = AutoConfig.from_pretrained(path)
-        shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else QwenVLShape.from_config(config)
+        if model_type in multiview.CHECKPOINT_MODEL_TYPES:
+            shape = multiview.shape_from_config(config)
+        else:
+            shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else \
+                QwenVLShape.from_config(config)
     if image_size is not None:
         if not isinstance(shape, QwenVLShape) and not shape.grid_pinpoints:
             raise click.BadParameter(f"{model} sees every {shape.view} at {shape.vision.image_size} px; "
