@@ -1,0 +1,394 @@
+"""Qwen2.5-VL for vLLM with a ficoco reduction before the LLM (imported by vLLM, through the
+plugin's registration, only in processes that build this architecture).
+
+Three things must agree, all from :func:`ficoco.serving.config.served_reduction` (a plan per
+image size, as the Qwen-VL adapter of transformers makes them):
+
+- the multimodal processor writes each image's kept count of placeholders
+  (:class:`FicocoQwen2_5_VLMultiModalProcessor`), so the scheduler, the paged KV cache and the
+  prompt's length see the short sequence from the start;
+- the vision path hands that many tokens per image to the LLM: ficoco's own
+  :class:`~ficoco.adapters.packed_vision.PackedVisionSide` runs the method's stages in the
+  full-attention blocks of vLLM's Qwen2.5 ViT (:class:`VllmPackedVisionSide` adapts its hooks to
+  vLLM's block signature), and :class:`~ficoco.adapters.packed_input.PackedInputSide` reduces the
+  merger's output for LLM-input methods (pooling, DivPrune);
+- M-RoPE: every kept token keeps the (t, h, w) position it had in the full image, and the text
+  after the image (and decoding) continues where it would after the full image. The positions
+  travel as vLLM's video pruning (EVS) carries them (``SupportsMultiModalPruning``): each image's
+  embeddings get 4 more channels, from vLLM's ``compute_mrope_for_media`` (its tokens' positions
+  as if the image opened the prompt, and where the text after it starts). EVS has the model
+  runner place them (``recompute_mrope_positions``), but vLLM 0.32's CPU runner never turns that
+  on (``CPUModelRunner.load_model`` leaves ``is_multimodal_pruning_enabled`` False), so this model
+  places them itself, on every runner: :meth:`get_mrope_input_positions` numbers the text as it
+  ends up and puts every placeholder of an image at the image's base ``(b, b, b)``;
+  :meth:`embed_input_ids` strips the channels and keeps them; :meth:`forward` adds them to the
+  image rows' positions, ``b + (t, h, w)``. Each row carries its own offset, so a prompt split
+  by chunked prefill or batched with others is placed alike.
+
+Not served with a reduction (one line each): videos (the processor takes none), precomputed
+image embeddings, a vision tower split over tensor-parallel ranks or sharded over them
+(``mm_encoder_tp_mode="data"``), vLLM's own video pruning at once, a compiled or graph-captured
+tower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from vllm.model_executor.layers.attention import MMEncoderAttention
+from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+from ..adapters.hooks import HookSet
+from ..adapters.packed_input import PackedInputSide
+from ..adapters.packed_vision import PackedVisionSide
+from .config import ServedQwenReduction, served_reduction
+
+#: the refusal of videos when a reduction is served
+_NO_VIDEO = ("ficoco: the plugin reduces Qwen2.5-VL's images only; videos are not taken while a ficoco method is "
+             "served")
+
+
+def _rotate_for_probe(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """vLLM's rotary function (NeoX halves, ``cos``/``sin`` ``[..., R, head_dim / 2]``) on queries
+    and keys ``[..., R, H, head_dim]``, in float32 as the probe's statistics are computed."""
+    return (ApplyRotaryEmb.forward_static(q, cos, sin, True, True),
+            ApplyRotaryEmb.forward_static(k, cos, sin, True, True))
+
+
+class VllmPackedVisionSide(PackedVisionSide):
+    """ficoco's packed-tower hooks on vLLM's ``Qwen2_5_VisionTransformer``.
+
+    Where vLLM's tower differs from transformers': the grids come as a list; the residual stream
+    carries a batch axis of one (``[S, 1, D]``); ``qkv`` returns ``(out, bias)``; blocks take
+    ``rotary_pos_emb_cos`` / ``rotary_pos_emb_sin`` (``[S, head_dim / 2]``), ``cu_seqlens``, a
+    host-side ``max_seqlen`` and backend ``sequence_lengths``; and ``norm2`` adds the attention's
+    output to the residual itself (``norm2(x, residual=x_attn)``), so the reduction sees that sum
+    and hands ``norm2`` the reduced stream with a zero residual."""
+
+    @staticmethod
+    def _tower_shape(tower: nn.Module) -> tuple[int, int | None, int]:
+        return tower.spatial_merge_size, tower.window_size, tower.patch_size
+
+    @staticmethod
+    def _rotary_function(tower: nn.Module):
+        return _rotate_for_probe
+
+    @staticmethod
+    def _attention_shape(attn: nn.Module) -> tuple[int, float]:
+        if attn.tp_size != 1:
+            # each rank would score with its own heads and keep different tokens
+            raise ValueError("ficoco: the vision tower is split over tensor-parallel ranks; serve Qwen2.5-VL with "
+                             "a reduction on one rank")
+        return attn.num_attention_heads_per_partition, attn.attn.scale
+
+    def _start(self, grid_thw) -> None:
+        super()._start(torch.as_tensor(grid_thw, dtype=torch.long, device=self.tower.device))
+
+    def _window_index(self, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+        # the tower's own per-item windows, offset as its prepare_encoder_metadata offsets them
+        indices, cu_parts, groups_before, patches_before = [], [torch.zeros(1, dtype=torch.int32)], 0, 0
+        for t, h, w in grid_thw.tolist():
+            index, cu = self.tower.get_window_index_thw(t, h, w)
+            indices.append(index + groups_before)
+            cu_parts.append(cu + patches_before)
+            groups_before += t * (h // self.merge) * (w // self.merge)
+            patches_before = int(cu_parts[-1][-1])
+        return torch.cat(indices), torch.unique_consecutive(torch.cat(cu_parts))
+
+    def _keep_qkv(self, module, args, output) -> None:
+        if self.groups is not None:
+            self.qkv = output[0] if isinstance(output, tuple) else output  # [S, 1, 3 x heads x head_dim]
+
+    def install(self, hooks: HookSet) -> None:
+        """The hooks, on modules vLLM calls through ``nn.Module.__call__``: its blocks and merger
+        are ``support_torch_compile`` classes whose ``__call__`` runs ``forward`` without hooks,
+        so the block inputs are set on each block's ``attn``, rows are dropped in the reducing
+        block's ``norm2`` pre-hook (the MLP then runs on the kept rows only), an output reduction
+        (VisionZip's place) runs on the merger's ``ln_q`` input and the merged tokens are laid out
+        from the merger's ``mlp``."""
+        if not self.blocks:
+            return
+        last = len(self.tower.blocks) - 1
+        if self.stage.reduce_at == "output" and self.blocks != {last}:
+            raise ValueError(f"ficoco: {type(self.stage.reduction.filter).__name__} reduces a block's output, which "
+                             f"this plugin does in vLLM's Qwen2.5 tower only after its last block ({last}), not in "
+                             f"blocks {sorted(self.blocks - {last})}")
+        hooks.pre(self.tower, self._start_call, with_kwargs=True)
+        first = min(self.blocks)
+        for index, block in enumerate(self.tower.blocks):
+            if index >= first:
+                hooks.pre(block.attn, self._block_inputs(index), with_kwargs=True)
+            if index in self.blocks:
+                hooks.post(block.attn.qkv, self._keep_qkv)
+                reduce = self._reducer(index, block.attn)
+                if self.stage.reduce_at == "output":
+                    hooks.pre(self.tower.merger.ln_q, self._on_merger_input(reduce))
+                else:
+                    hooks.pre(block.norm2, self._after_attention(reduce), with_kwargs=True)
+        hooks.post(self.tower.merger.mlp, self._scatter_merged)
+        hooks.post(self.tower, self._finish_call)
+
+    def _after_attention(self, reduce):
+        def reduce_sum(module, args, kwargs):
+            residual = kwargs.get("residual")
+            if residual is None or self.groups is None:
+                return None
+            stream = args[0] + residual  # what norm2 adds: the residual stream after attention
+            reduce(module, (stream,))
+            if self.pending_keep is None:  # this block did not reduce: norm2 adds as it does
+                return None
+            stream = self._drop_rows(module, args, stream)
+            return (stream,), {**kwargs, "residual": torch.zeros_like(stream)}
+
+        return reduce_sum
+
+    def _on_merger_input(self, reduce):
+        on_output = self._on_output(reduce)
+
+        def reduce_output(module, args):
+            out = on_output(module, args, args[0])
+            return None if out is None else (out,)
+
+        return reduce_output
+
+    def _block_inputs(self, index: int):
+        def set_block_inputs(module, args, kwargs):
+            if self.groups is None:
+                return None
+            if self.rope is None:
+                self.rope = (kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"])
+            if self.reduced:
+                full = self.full_attention is None or index in self.full_attention
+                if full not in self.stage_kwargs:
+                    self.stage_kwargs[full] = self._current_inputs(full)
+                cu_seqlens, max_seqlen, lengths, (cos, sin) = self.stage_kwargs[full]
+                kwargs.update(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, sequence_lengths=lengths,
+                              rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin)
+            if index in self.blocks:
+                self.block_rope = (kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"])
+            return args, kwargs
+
+        return set_block_inputs
+
+    def _current_inputs(self, full: bool) -> tuple:
+        """``cu_seqlens``, ``max_seqlen``, ``sequence_lengths`` (per frame, or per window) and the
+        rotary tables of the current rows, as the tower's ``prepare_encoder_metadata`` makes them."""
+        segments = self.groups.segment if full or self.groups.window is None else self.groups.window
+        _, counts = torch.unique_consecutive(segments, return_counts=True)
+        cu = np.concatenate([[0], np.cumsum((counts * self.group).cpu().numpy())]).astype(np.int32)
+        tower, device = self.tower, self.groups.seq.device
+        rows = (self.groups.seq[:, None] * self.group + torch.arange(self.group, device=device)).flatten()
+        rope = tuple(x.index_select(0, rows.to(x.device)) for x in self.rope)
+        max_seqlen = torch.tensor(MMEncoderAttention.compute_max_seqlen(tower.attn_backend, cu), dtype=torch.int32)
+        lengths = MMEncoderAttention.maybe_compute_seq_lens(tower.attn_backend, cu, device)
+        cu_seqlens = MMEncoderAttention.maybe_recompute_cu_seqlens(
+            tower.attn_backend, cu, tower.hidden_size, tower.tp_size, device,
+            fp8_padded_hidden_size=tower.fp8_padded_hidden_size)
+        return cu_seqlens, max_seqlen, lengths, rope
+
+
+def media_positions(grid: Sequence[int], merge: int) -> Tensor:
+    """``[t x h/merge x w/merge, 4]`` int64: each LLM token's M-RoPE (t, h, w) position in an
+    image of patch grid ``grid`` that opened the prompt (vLLM's ``compute_mrope_for_media``), and in
+    channel 3 where the text after the whole image starts (its largest position + 1: the full
+    image's, whichever tokens are kept). EVS writes the token grid's width there instead, which is
+    the same for images no taller than wide."""
+    positions = compute_mrope_for_media(torch.tensor(list(grid)), merge)
+    positions[:, 3] = positions[:, :3].max() + 1
+    return positions
+
+
+class ServedQwen:
+    """A ficoco reduction attached to a vLLM Qwen2.5-VL model's own modules.
+
+    Args:
+        model: the vLLM ``Qwen2_5_VLForConditionalGeneration`` (its ``visual`` tower).
+        served: the resolved method (:func:`~ficoco.serving.config.served_reduction`).
+    """
+
+    def __init__(self, model: nn.Module, served: ServedQwenReduction) -> None:
+        self.served, self.hooks = served, HookSet()
+        self.vision: VllmPackedVisionSide | None = None
+        self.input: PackedInputSide | None = None
+        method, tower = served.method, model.visual
+        blocks = set(served.plan_for(1 << 16).vision)
+        try:
+            if method.vision is not None and blocks:
+                self.vision = VllmPackedVisionSide(tower, method.vision, lambda n: served.plan_for(n).vision,
+                                                   blocks=blocks, full_attention=served.full_attention)
+                self.vision.install(self.hooks)
+            if method.input is not None:
+                self.input = PackedInputSide(method.input, lambda n: served.plan_for(n).input_removed,
+                                             merge=served.merge)
+        except BaseException:
+            self.remove()
+            raise
+
+    def kept(self, embeds: Sequence[Tensor], grids: list[list[int]]) -> tuple[Tensor, ...]:
+        """Each image's kept tokens ``[k_i, D + 4]``: the features (the tower's output, ``[n_i, D]``
+        per image, raster order, zeros where the tower dropped a token) and their positions
+        (:func:`media_positions`)."""
+        grids = [tuple(int(x) for x in g) for g in grids]
+        trace = self.vision.last if self.vision is not None else None
+        if trace is not None:
+            if trace.grids != grids:
+                raise RuntimeError(f"ficoco: the tower's last call encoded grids {trace.grids}, not {grids}")
+            embeds = [e.index_select(0, kept.to(e.device)) for e, kept in zip(embeds, trace.kept)]
+        if self.input is not None:
+            embeds, _ = self.input.reduce(list(embeds), grids, trace, None, [])
+            trace = self.input.last
+        out = []
+        for index, (e, grid) in enumerate(zip(embeds, grids)):
+            expected = self.served.kept_tokens((grid[1] // self.served.merge) * (grid[2] // self.served.merge))
+            if e.shape[0] != expected:
+                raise RuntimeError(f"ficoco: image {index} has {e.shape[0]} tokens after the reduction, its "
+                                   f"placeholders {expected}")
+            positions = media_positions(grid, self.served.merge)
+            if trace is not None:
+                positions = positions.index_select(0, trace.kept[index].cpu())
+            out.append(torch.cat([e, positions.to(device=e.device, dtype=e.dtype)], dim=1))
+        return tuple(out)
+
+    def remove(self) -> None:
+        """Detach: every hook removed."""
+        self.hooks.remove()
+
+
+class FicocoQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Qwen2.5-VL's processing info with each image's kept count of placeholders, and no videos
+    while a reduction is served."""
+
+    @cached_property
+    def served(self) -> ServedQwenReduction | None:
+        # the config as loaded (no type check), so that a LLaVA checkpoint sent here gets one line
+        # (a count above the largest image's tokens fails at start-up too: vLLM sizes its budgets
+        # with get_num_image_tokens of the largest image the processor makes)
+        served = served_reduction(self.ctx.model_config.hf_config)
+        if served is not None and not isinstance(served, ServedQwenReduction):
+            raise ValueError("ficoco: FicocoQwen2_5_VLForConditionalGeneration serves Qwen2.5-VL checkpoints")
+        return served
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        if self.served is None:
+            return super().get_supported_mm_limits()
+        return {"image": None}  # a modality left out is not taken at all
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor,
+                             mm_kwargs: Mapping[str, object]) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height,
+                                            image_processor=image_processor, mm_kwargs=mm_kwargs)
+        return full if self.served is None else self.served.kept_tokens(full)
+
+
+class FicocoQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+    """Qwen2.5-VL's processor writing each image's kept count of placeholders."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        served = self.info.served
+        if served is None:
+            return updates
+        token = self.info.get_tokenizer().get_vocab()[self.info.get_hf_processor(**hf_processor_mm_kwargs).image_token]
+
+        def replacement(item: int) -> list[int]:
+            _, h, w = (int(x) for x in out_mm_kwargs["image"][item]["image_grid_thw"].data)
+            return [token] * served.kept_tokens((h // served.merge) * (w // served.merge))
+
+        return [PromptReplacement(modality="image", target=[token], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(FicocoQwen2_5_VLMultiModalProcessor, info=FicocoQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class FicocoQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with the ficoco method of ``hf_config.ficoco`` (none: vLLM's Qwen2.5-VL as it is)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        served = served_reduction(self.config)
+        self.ficoco: ServedQwen | None = None
+        if served is None:
+            return
+        if not isinstance(served, ServedQwenReduction):
+            raise ValueError("ficoco: FicocoQwen2_5_VLForConditionalGeneration serves Qwen2.5-VL checkpoints")
+        compilation = vllm_config.compilation_config
+        if getattr(compilation, "compile_mm_encoder", False) or getattr(compilation, "cudagraph_mm_encoder", False):
+            raise ValueError("ficoco: the reduction runs in the vision tower's Python forward; leave "
+                             "compile_mm_encoder and cudagraph_mm_encoder off")
+        if self.use_data_parallel:
+            raise ValueError("ficoco: a reduction in Qwen2.5-VL's tower is not served with the tower sharded over "
+                             "ranks (mm_encoder_tp_mode='data')")
+        if self.is_multimodal_pruning_enabled:
+            raise ValueError("ficoco: vLLM's video pruning (--video-pruning-rate) and a ficoco reduction are not "
+                             "served together")
+        self.ficoco = ServedQwen(self, served)
+        # offsets [3, R] of the image rows of the tokens embedded last (embed_input_ids), added to
+        # their positions by the forward that follows
+        self._image_offsets: tuple[Tensor, Tensor] | None = None
+
+    def _process_image_input(self, image_input) -> tuple[Tensor, ...]:
+        if self.ficoco is None:
+            return super()._process_image_input(image_input)
+        if image_input["type"] == "image_embeds":
+            raise ValueError("ficoco: precomputed image embeddings cannot be reduced (the reduction runs inside "
+                             "the vision tower); send the image")
+        embeds = super()._process_image_input(image_input)  # per image [n_i, D], zeros where dropped
+        return self.ficoco.kept(embeds, image_input["image_grid_thw"].tolist())
+
+    def _process_video_input(self, video_input) -> tuple[Tensor, ...]:
+        if self.ficoco is not None:
+            raise ValueError(_NO_VIDEO)
+        return super()._process_video_input(video_input)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
+        """The prompt's M-RoPE positions ``[3, L]`` and decoding's offset, before the images are
+        encoded: text at its final positions (after an image, where it would be after the full
+        image), every placeholder of an image at the image's base, to which :meth:`forward` adds
+        its kept token's (t, h, w)."""
+        if self.ficoco is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        parts, start, next_position = [], 0, 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if feature.modality != "image":
+                raise ValueError(_NO_VIDEO)
+            offset, count = feature.mm_position.offset, feature.mm_position.length
+            parts.append(torch.arange(offset - start).expand(3, -1) + next_position)
+            base = next_position + offset - start
+            parts.append(torch.full((3, count), base, dtype=torch.long))
+            grid = feature.data["image_grid_thw"].data.tolist()
+            next_position, start = base + int(media_positions(grid, self.ficoco.served.merge)[0, 3]), offset + count
+        parts.append(torch.arange(len(input_tokens) - start).expand(3, -1) + next_position)
+        # decoding continues where text after the prompt would (the prompt's largest position + 1
+        # when it ends with text, as chat prompts do)
+        return torch.cat(parts, dim=1), next_position - start
+
+    def embed_input_ids(self, input_ids: Tensor, multimodal_embeddings=None, *, is_multimodal=None) -> Tensor:
+        if self.ficoco is None or multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        # each image's rows (of this step's share of it) carry their (t, h, w) in channels -4..-2
+        offsets = torch.cat([e[:, -4:-1] for e in multimodal_embeddings]).round().long().T  # [3, R]
+        self._image_offsets = (is_multimodal, offsets)
+        return super().embed_input_ids(input_ids, [e[:, :-4] for e in multimodal_embeddings],
+                                       is_multimodal=is_multimodal)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        stash, self._image_offsets = getattr(self, "_image_offsets", None), None
+        if stash is not None and positions.dim() == 2:
+            rows, offsets = stash
+            index = rows.nonzero().squeeze(1).to(positions.device)
+            positions = positions.clone()  # the runner's buffer is rebuilt each step; leave it
+            positions[:, index] += offsets.to(positions.device, positions.dtype)
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
