@@ -32,12 +32,12 @@ from .test_vllm_plugin import _finish_worker, _start_worker, _stop, _vllm_env, v
 
 pytestmark = pytest.mark.xdist_group("vllm-plugin")
 
-QUESTIONS = 12  # the first 12 Qwen proxy test questions: two per family, images of 99 to 224 tokens
+QUESTIONS = 6  # the first 6 Qwen proxy test questions: one per family, images of 99 to 210 tokens
 CONFIGS = [("vanilla", None), ("ficoco-v", 0.5), ("ficoco-v", 0.25), ("tome", 0.5), ("tome[start_layer=0]", 0.25)]
-#: every other pre-LLM method, on the first six questions (each engine costs a start)
+#: every other pre-LLM method, on the first three questions (each engine costs a start)
 MORE_CONFIGS = [("evit", 0.25), ("random", 0.25), ("topk", 0.25), ("visionzip", 0.25), ("pool", 0.25),
                 ("divprune", 0.25)]
-MORE_QUESTIONS = 6
+MORE_QUESTIONS = 3
 POSITIONS = ("ficoco-v", 0.25)  # whose first question's positions are compared, call by call
 MAX_TOKENS = 4
 EOS = 2
@@ -140,6 +140,19 @@ def test_overrides_name_the_qwen_architecture():
     assert _overrides("ficoco-v", 0.25) == {"architectures": ["FicocoQwen2_5_VLForConditionalGeneration"],
                                             "ficoco": {"method": "ficoco-v", "retain": 0.25}}
     assert served_reduction({**_proxy_config(), **_overrides("vanilla", None)}) is None
+
+
+def test_command_line_writes_the_qwen_overrides_and_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from ficoco.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["vllm-overrides", "ficoco-v", "--retain", "0.25", "--model-type", "qwen2_5_vl"])
+    assert out.exit_code == 0 and json.loads(out.output) == _overrides("ficoco-v", 0.25)
+    out = runner.invoke(main, ["vllm-checkpoint", "--proxy", "qwen", "--out", str(tmp_path / "hd64")])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "hd64" / "config.json").read_text())["text_config"]["hidden_size"] == 256
 
 
 @pytest.mark.parametrize("label", sorted(set(REFUSED) - {"impossible retain"}))

@@ -283,7 +283,14 @@ class FicocoQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return served
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        if self.served is None:
+        # asked while vLLM validates its model config, which would bury a refusal under pydantic's
+        # lines: a refused method answers as Qwen2.5-VL does here and is refused in one line by
+        # get_num_image_tokens and the model, a moment later
+        try:
+            served = self.served
+        except ValueError:
+            served = None
+        if served is None:
             return super().get_supported_mm_limits()
         return {"image": None}  # a modality left out is not taken at all
 
