@@ -12,14 +12,18 @@ greedy tokens of ficoco on transformers for vanilla, FiCoCo-V and ToMe at 50% an
 image's tokens and the other pre-LLM methods; prompt lengths are text tokens + each image's kept
 count; the first decoder layer gets, in prefill and in decoding, the M-RoPE positions transformers
 gives the kept tokens; decoder-side methods, text-conditioned ones and impossible budgets are
-refused at start-up in one line.
+refused at start-up in one line; vLLM's OpenAI-compatible server, started here with the plugin,
+answers a chat request with an image as the offline engine does.
 
 The vLLM parts skip when that interpreter is absent, unless ``FICOCO_REQUIRE_VLLM`` is set.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,15 @@ import torch
 from ficoco.serving import ARCHITECTURES, hf_overrides, served_reduction
 from ficoco.serving.checkpoint import pad_attention_heads, widen_qwen_llm
 
-from .test_vllm_plugin import _finish_worker, _start_worker, _stop, _vllm_env, vllm_python  # noqa: F401
+from .test_vllm_plugin import (  # noqa: F401 (vllm_python: a fixture)
+    _finish_worker,
+    _start_server,
+    _start_worker,
+    _stop,
+    _vllm_env,
+    _wait_ready,
+    vllm_python,
+)
 
 pytestmark = pytest.mark.xdist_group("vllm-plugin")
 
@@ -226,8 +238,21 @@ def _reference() -> dict:
     return result
 
 
+SERVED = ("ficoco-v", 0.25)  # what the server runs
+
+
 @pytest.fixture(scope="module")
-def runs(vllm_python, widened_proxy, tmp_path_factory) -> tuple[dict, dict]:
+def server(vllm_python, widened_proxy, tmp_path_factory):
+    """vLLM's OpenAI-compatible server with the plugin running FiCoCo-V at 25% (started first, so
+    that it boots while the offline engines run)."""
+    log = tmp_path_factory.mktemp("server-qwen") / "server.log"
+    process, url = _start_server(vllm_python, widened_proxy, _overrides(*SERVED), log)
+    yield process, url, log
+    _stop(process)
+
+
+@pytest.fixture(scope="module")
+def runs(vllm_python, widened_proxy, server, tmp_path_factory) -> tuple[dict, dict]:
     """``(offline, reference)``: every configuration answered by ``vllm.LLM`` in one process with
     every refusal, and by ficoco on transformers here, meanwhile."""
     architecture = ARCHITECTURES["qwen2_5_vl"]
@@ -321,3 +346,27 @@ def test_engine_refuses_at_start_up_in_one_line(offline, label):
     line = offline["refusals"][label]
     assert line is not None, f"{label} was not refused"
     assert line.startswith("ficoco: ") and REFUSED[label][1] in line, line
+
+
+def test_server_answers_a_chat_request_with_an_image(server, offline, reference):
+    from ficoco.proxy import qwen
+    from ficoco.proxy.evaluate import normalize_answer
+
+    process, url, log = server
+    _wait_ready(process, url, log)
+    sample = qwen.validation_samples(1, "test")[0]
+    png = io.BytesIO()
+    sample.image.save(png, format="PNG")
+    body = {"model": "proxy", "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
+        {"type": "text", "text": sample.question}]}]}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        reply = json.loads(response.read())
+    offline_run = offline["configs"][_label(*SERVED)]
+    kept = reference["kept"][_label(*SERVED)][0]
+    assert reply["usage"]["prompt_tokens"] == offline_run["prompt_lengths"][0] == \
+        reference["lengths"][0] - reference["image_tokens"][0] + kept
+    answer = reply["choices"][0]["message"]["content"]
+    assert answer == offline_run["texts"][0] and normalize_answer(answer) == normalize_answer(sample.answer)

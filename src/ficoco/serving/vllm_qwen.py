@@ -89,10 +89,6 @@ class VllmPackedVisionSide(PackedVisionSide):
 
     @staticmethod
     def _attention_shape(attn: nn.Module) -> tuple[int, float]:
-        if attn.tp_size != 1:
-            # each rank would score with its own heads and keep different tokens
-            raise ValueError("ficoco: the vision tower is split over tensor-parallel ranks; serve Qwen2.5-VL with "
-                             "a reduction on one rank")
         return attn.num_attention_heads_per_partition, attn.attn.scale
 
     def _start(self, grid_thw) -> None:
@@ -122,6 +118,10 @@ class VllmPackedVisionSide(PackedVisionSide):
         from the merger's ``mlp``."""
         if not self.blocks:
             return
+        if self.tower.blocks[0].attn.tp_size != 1:
+            # each rank would score with its own heads and keep different tokens
+            raise ValueError("ficoco: the vision tower is split over tensor-parallel ranks; serve Qwen2.5-VL with "
+                             "a reduction on one rank")
         last = len(self.tower.blocks) - 1
         if self.stage.reduce_at == "output" and self.blocks != {last}:
             raise ValueError(f"ficoco: {type(self.stage.reduction.filter).__name__} reduces a block's output, which "
