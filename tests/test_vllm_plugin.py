@@ -204,6 +204,10 @@ def test_command_line_writes_the_overrides_and_the_padded_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
+    return find_vllm_python()
+
+
+def find_vllm_python() -> Path:
     """The vLLM environment's interpreter, or a skip (a failure under FICOCO_REQUIRE_VLLM)."""
     python = Path(os.environ.get("FICOCO_VLLM_PYTHON", DEFAULT_ENV / "bin" / "python"))
     if not python.is_file():

@@ -32,17 +32,17 @@ import torch
 from ficoco.serving import ARCHITECTURES, hf_overrides, served_reduction
 from ficoco.serving.checkpoint import pad_attention_heads, widen_qwen_llm
 
-from .test_vllm_plugin import (  # noqa: F401 (vllm_python: a fixture)
+from .test_vllm_plugin import (
     _finish_worker,
     _start_server,
     _start_worker,
     _stop,
     _vllm_env,
     _wait_ready,
-    vllm_python,
+    find_vllm_python,
 )
 
-pytestmark = pytest.mark.xdist_group("vllm-plugin")
+pytestmark = pytest.mark.xdist_group("vllm-qwen")
 
 QUESTIONS = 6  # the first 6 Qwen proxy test questions: one per family, images of 99 to 210 tokens
 CONFIGS = [("vanilla", None), ("ficoco-v", 0.5), ("ficoco-v", 0.25), ("tome", 0.5), ("tome[start_layer=0]", 0.25)]
@@ -185,6 +185,11 @@ def test_a_count_above_an_images_tokens_is_refused_for_that_image():
 
 
 # -- with vLLM ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    return find_vllm_python()
 
 
 def _reference() -> dict:
@@ -357,9 +362,9 @@ def test_server_answers_a_chat_request_with_an_image(server, offline, reference)
     sample = qwen.validation_samples(1, "test")[0]
     png = io.BytesIO()
     sample.image.save(png, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     body = {"model": "proxy", "max_tokens": MAX_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
-        {"type": "text", "text": sample.question}]}]}
+        {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": sample.question}]}]}
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:

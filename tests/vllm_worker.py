@@ -1,4 +1,4 @@
-"""The vLLM side of tests/test_vllm_plugin.py, run by the vLLM environment's interpreter
+"""The vLLM side of tests/test_vllm_plugin.py and tests/test_vllm_qwen.py, run by the vLLM environment's interpreter
 (scripts/vllm-env.sh) as ``python tests/vllm_worker.py JOB.json RESULT.json``.
 
 One process builds every engine of the job in turn (vLLM imported once; with

@@ -11,7 +11,14 @@
 Nothing in ficoco imports this package except the command line.
 """
 
-from .config import ARCHITECTURES, OVERRIDE_KEY, ServedQwenReduction, ServedReduction, hf_overrides, served_reduction
+from .config import (
+           ARCHITECTURES,
+           OVERRIDE_KEY,
+           ServedQwenReduction,
+           ServedReduction,
+           hf_overrides,
+           served_reduction,
+)
 
 __all__ = ["ARCHITECTURES", "OVERRIDE_KEY", "ServedQwenReduction", "ServedReduction", "hf_overrides",
            "served_reduction"]
