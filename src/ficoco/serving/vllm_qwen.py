@@ -57,6 +57,9 @@ from ..adapters.packed_input import PackedInputSide
 from ..adapters.packed_vision import PackedVisionSide
 from .config import ServedQwenReduction, served_reduction
 
+#: the largest integer every smaller one of which a float type holds exactly (the positions ride
+#: in the embeddings' dtype)
+_EXACT_INTEGERS = {torch.bfloat16: 256, torch.float16: 2048}
 #: the refusal of videos when a reduction is served
 _NO_VIDEO = ("ficoco: the plugin reduces Qwen2.5-VL's images only; videos are not taken while a ficoco method is "
              "served")
@@ -258,6 +261,11 @@ class ServedQwen:
                 raise RuntimeError(f"ficoco: image {index} has {e.shape[0]} tokens after the reduction, its "
                                    f"placeholders {expected}")
             positions = media_positions(grid, self.served.merge)
+            exact = _EXACT_INTEGERS.get(e.dtype)
+            if exact is not None and int(positions[:, :3].max()) > exact:
+                raise ValueError(f"ficoco: an image of {grid[1] // self.served.merge} x {grid[2] // self.served.merge} "
+                                 f"tokens has positions above {exact}, which its {e.dtype} embeddings cannot carry "
+                                 f"exactly; serve in float32 or send a less elongated image")
             if trace is not None:
                 positions = positions.index_select(0, trace.kept[index].cpu())
             out.append(torch.cat([e, positions.to(device=e.device, dtype=e.dtype)], dim=1))
