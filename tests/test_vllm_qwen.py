@@ -375,3 +375,40 @@ def test_server_answers_a_chat_request_with_an_image(server, offline, reference)
         reference["lengths"][0] - reference["image_tokens"][0] + kept
     answer = reply["choices"][0]["message"]["content"]
     assert answer == offline_run["texts"][0] and normalize_answer(answer) == normalize_answer(sample.answer)
+
+
+_POSITION_CHECKS = """
+import torch
+from ficoco.serving.config import served_reduction
+from ficoco.serving.vllm_qwen import ServedQwen, media_positions
+
+positions = media_positions((1, 30, 20), 2)  # 15 rows x 10 columns of LLM tokens
+assert positions.shape == (150, 4), positions.shape
+assert positions[:, 0].eq(0).all() and positions[:, 3].eq(15).all()  # text after: base + 15 (rows), not 10
+assert positions[11, 1:3].tolist() == [1, 1] and positions[-1, 1:3].tolist() == [14, 9]
+served = served_reduction({"model_type": "qwen2_5_vl", "ficoco": {"method": "random", "retain": 1.0},
+                           "vision_config": {"depth": 4, "fullatt_block_indexes": [3], "spatial_merge_size": 2},
+                           "text_config": {"num_hidden_layers": 2}})
+side = ServedQwen.__new__(ServedQwen)
+side.served, side.vision, side.input = served, None, None
+wide = (1, 2, 2 * 300)  # 1 x 300 tokens: positions up to 299
+out = side.kept([torch.zeros(300, 8)], [list(wide)])
+assert out[0].shape == (300, 12) and out[0][-1, -4:].tolist() == [0, 0, 299, 300]
+try:
+    side.kept([torch.zeros(300, 8, dtype=torch.bfloat16)], [list(wide)])
+except ValueError as err:
+    print(err)
+else:
+    raise AssertionError("bfloat16 positions above 256 were not refused")
+"""
+
+
+def test_positions_ride_exactly_or_are_refused(vllm_python):
+    """Channel 3 is where the text after the whole image starts (its rows here, where EVS would
+    write its width); positions a bfloat16 embedding cannot hold exactly are refused in one line."""
+    import subprocess
+
+    done = subprocess.run([str(vllm_python), "-c", _POSITION_CHECKS], capture_output=True, text=True, timeout=300,
+                          env=_vllm_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("ficoco: an image of 1 x 300 tokens has positions above 256")
