@@ -6,8 +6,7 @@
   vLLM's CPU attention needs for ficoco's small proxy models;
 - :mod:`.plugin`: the ``vllm.general_plugins`` entry point;
 - :mod:`.vllm_llava`, :mod:`.vllm_qwen` (its tower hooks: :mod:`.vllm_qwen_tower`): the LLaVA-1.5
-  and Qwen2.5-VL model classes vLLM builds
-  (they import vLLM).
+  and Qwen2.5-VL model classes vLLM builds (they import vLLM).
 
 Nothing in ficoco imports this package except the command line.
 """
