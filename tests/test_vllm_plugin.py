@@ -111,8 +111,11 @@ def test_padded_checkpoint_computes_the_same_logits(padded_proxy):
 def test_padding_refuses_what_it_cannot_convert(tmp_path):
     from ficoco.assets import embedded_model_dir
 
+    other = tmp_path / "qwen3"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "text_config": {"head_dim": 56}}))
     with pytest.raises(ValueError, match="only LLaVA checkpoints"):
-        pad_attention_heads(embedded_model_dir("qwen"), tmp_path / "qwen")
+        pad_attention_heads(other, tmp_path / "qwen3-out")
     with pytest.raises(ValueError, match="must be even and larger"):
         pad_attention_heads(embedded_model_dir("llava"), tmp_path / "small", head_dim=32)
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -145,7 +148,7 @@ def test_overrides_name_the_plugin_architecture_and_vanilla_reduces_nothing():
     # the full feature strategy hands [CLS] to the LLM too: one more placeholder
     full = {**_proxy_config(), "vision_feature_select_strategy": "full", **hf_overrides("ficoco-v", 64)}
     assert served_reduction(full).tokens_per_image == 65
-    assert set(ARCHITECTURES) == {"llava"}
+    assert set(ARCHITECTURES) == {"llava", "qwen2_5_vl"}
 
 
 @pytest.mark.parametrize("label", sorted(REFUSED))
@@ -164,7 +167,8 @@ def test_refusals_beyond_the_registry():
         ({"ficoco": [1, 2]}, "must be a JSON object"),
         ({"ficoco": {"method": "tome", "retain": 16}}, "ToMe merges at most half"),
         ({"ficoco": {"method": "ficoco-v", "retain": 64, "colour": 1}}, "bad option for method 'ficoco-v'"),
-        ({"model_type": "qwen2_5_vl", "ficoco": {"method": "ficoco-v", "retain": 0.25}}, "serves LLaVA-1.5 only"),
+        ({"model_type": "qwen2_vl", "ficoco": {"method": "ficoco-v", "retain": 0.25}},
+         "serves LLaVA-1.5 and Qwen2.5-VL"),
         ({"ficoco": {"method": "prumerge", "retain": 64}}, "scores with the encoder layer after the feature layer"),
         ({"ficoco": {"method": "prumerge+"}}, "adaptive count per image"),
         ({"ficoco": {"method": "downsample", "retain": 64}}, "resizes the image before the encoder"),
@@ -176,8 +180,8 @@ def test_refusals_beyond_the_registry():
         assert says in str(caught.value), (override, str(caught.value))
     with pytest.raises(ValueError, match="reduces inside the LLM"):
         hf_overrides("pdrop", 72)
-    with pytest.raises(ValueError, match="serves LLaVA-1.5 only"):
-        hf_overrides("ficoco-v", 0.25, model_type="qwen2_5_vl")
+    with pytest.raises(ValueError, match="serves LLaVA-1.5 and Qwen2.5-VL"):
+        hf_overrides("ficoco-v", 0.25, model_type="qwen2_vl")
 
 
 def test_command_line_writes_the_overrides_and_the_padded_checkpoint(tmp_path):
@@ -200,6 +204,10 @@ def test_command_line_writes_the_overrides_and_the_padded_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
+    return find_vllm_python()
+
+
+def find_vllm_python() -> Path:
     """The vLLM environment's interpreter, or a skip (a failure under FICOCO_REQUIRE_VLLM)."""
     python = Path(os.environ.get("FICOCO_VLLM_PYTHON", DEFAULT_ENV / "bin" / "python"))
     if not python.is_file():

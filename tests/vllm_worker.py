@@ -1,4 +1,4 @@
-"""The vLLM side of tests/test_vllm_plugin.py, run by the vLLM environment's interpreter
+"""The vLLM side of tests/test_vllm_plugin.py and tests/test_vllm_qwen.py, run by the vLLM environment's interpreter
 (scripts/vllm-env.sh) as ``python tests/vllm_worker.py JOB.json RESULT.json``.
 
 One process builds every engine of the job in turn (vLLM imported once; with
@@ -9,8 +9,10 @@ refused configuration the error's last line; and checks of the plugin's registra
 reversible attachment.
 
 Job (JSON): ``model`` (a checkpoint folder), ``questions`` (how many of the proxy test split),
-``max_tokens``, ``configs`` / ``refusals`` (``[{"label": ..., "overrides": {...}}]``; a config's
-``questions`` answers only the first that many), and
+``max_tokens``, ``proxy`` (``"llava"``, default, or ``"qwen"``: whose test questions),
+``configs`` / ``refusals`` (``[{"label": ..., "overrides": {...}}]``; a config's ``questions``
+answers only the first that many, its ``positions`` records the positions of the first question's
+decoder calls, its ``detach`` detaches and counts), and
 ``engine`` (extra ``vllm.LLM`` keyword arguments, e.g. ``tensor_parallel_size``).
 """
 
@@ -22,24 +24,48 @@ import sys
 import time
 
 
-def proxy_prompts(model: str, count: int) -> list[dict]:
-    """The first ``count`` proxy test questions as vLLM prompts (chat template, one image each)."""
+def proxy_prompts(model: str, count: int, proxy: str = "llava") -> list[dict]:
+    """The first ``count`` proxy test questions as vLLM prompts (chat template, one image each):
+    the LLaVA proxy's at 336 px, or (``proxy="qwen"``) the Qwen proxy's, each at its own size."""
     from transformers import AutoProcessor
 
     from ficoco.prompts import chat_prompt
+    from ficoco.proxy import qwen
     from ficoco.proxy.recipe import rendered
     from ficoco.proxy.scenes import make_split
 
     processor = AutoProcessor.from_pretrained(model)
-    samples = [rendered(example) for example in make_split("test", count)]
+    samples = qwen.validation_samples(count, "test") if proxy == "qwen" else \
+        [rendered(example) for example in make_split("test", count)]
     return [{"prompt": chat_prompt(processor, s.question), "multi_modal_data": {"image": s.image}} for s in samples]
+
+
+def capture_positions(model) -> None:
+    """Record the positions the first decoder layer gets, call by call (a test probe, run in the
+    worker through ``LLM.apply_model``; :func:`captured_positions` reads and removes it)."""
+    layer = model.language_model.model.layers[0]
+    calls: list = []
+
+    def keep(module, args, kwargs):
+        positions = args[0] if args else kwargs["positions"]
+        calls.append(positions.tolist())
+
+    model.ficoco_probe = (layer.register_forward_pre_hook(keep, with_kwargs=True), calls)
+
+
+def captured_positions(model) -> list:
+    handle, calls = model.ficoco_probe
+    handle.remove()
+    del model.ficoco_probe
+    return calls
 
 
 def detach_and_count(model) -> dict:
     """Detach the model's ficoco reduction; report what was attached and what is left (run in
     the worker through ``LLM.apply_model``)."""
     served = model.ficoco
-    attached = {"hooks": len(served.hooks), "replaced_forwards": len(served.vision.patched) if served.vision else 0}
+    patched = getattr(served.vision, "patched", ()) if served.vision is not None else ()
+    attached = {"hooks": len(served.hooks), "replaced_forwards": len(patched)}
     served.remove()
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     replaced = sum("forward" in vars(m) for m in model.modules())
@@ -52,7 +78,7 @@ def main(job_path: str, result_path: str) -> None:
     from vllm import LLM, ModelRegistry, SamplingParams
     from vllm.plugins import load_general_plugins
 
-    from ficoco.serving import plugin
+    from ficoco.serving import ARCHITECTURES, plugin
 
     result: dict = {"import_s": time.perf_counter() - started, "configs": {}, "refusals": {}}
     # vLLM loads the plugin through its entry point (as every engine does first); a second
@@ -60,10 +86,10 @@ def main(job_path: str, result_path: str) -> None:
     load_general_plugins()
     before = list(ModelRegistry.get_supported_archs())
     plugin.register()
-    result["registered"] = "FicocoLlavaForConditionalGeneration" in before
+    result["registered"] = all(name in before for name in ARCHITECTURES.values())
     result["register_idempotent"] = list(ModelRegistry.get_supported_archs()) == before
 
-    prompts = proxy_prompts(job["model"], job["questions"])
+    prompts = proxy_prompts(job["model"], job["questions"], job.get("proxy", "llava"))
     sampling = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0)
     engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "limit_mm_per_prompt": {"image": 1},
               "kv_cache_memory_bytes": 64 << 20, **job.get("engine", {})}
@@ -79,6 +105,10 @@ def main(job_path: str, result_path: str) -> None:
             "init_s": ready - start,
             "generate_s": time.perf_counter() - ready,
         }
+        if config.get("positions"):  # the first question again, its positions recorded call by call
+            llm.apply_model(capture_positions)
+            llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+            entry["positions"] = llm.apply_model(captured_positions)[0]
         if config.get("detach"):
             entry["detach"] = llm.apply_model(detach_and_count)[0]
         result["configs"][config["label"]] = entry

@@ -713,7 +713,9 @@ def proxy_accuracy(model_path, out_dir, split, size, retains, method_names, devi
 @click.option("--retain", default=None, help="Visual tokens kept per image: a count, or a share (0.25) [the "
               "method's default].")
 @click.option("--option", "options", multiple=True, help="A method option KEY=VALUE (repeatable).")
-def vllm_overrides(method_name, retain, options) -> None:
+@click.option("--model-type", type=click.Choice(["llava", "qwen2_5_vl"]), default="llava", show_default=True,
+              help="The checkpoint's model_type: LLaVA-1.5 or Qwen2.5-VL.")
+def vllm_overrides(method_name, retain, options, model_type) -> None:
     """Print the --hf-overrides JSON that serves METHOD with vLLM (docs/serving.md); 'vanilla' for none."""
     from .methods import parse_option_value
     from .serving import hf_overrides
@@ -727,7 +729,7 @@ def vllm_overrides(method_name, retain, options) -> None:
         if not eq or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
         extra[key.strip()] = parse_option_value(text)
-    click.echo(json.dumps(hf_overrides(method_name, budgets and budgets[0], **extra)))
+    click.echo(json.dumps(hf_overrides(method_name, budgets and budgets[0], model_type=model_type, **extra)))
 
 
 @main.command("vllm-checkpoint")
@@ -736,12 +738,15 @@ def vllm_overrides(method_name, retain, options) -> None:
               help="The folder to write (replaced if it exists).")
 @click.option("--head-dim", type=int, default=None,
               help="The LLM's new head size [the smallest vLLM's CPU attention supports].")
-def vllm_checkpoint(model_path, out_path, head_dim) -> None:
-    """Pad a LLaVA checkpoint's LLM heads for vLLM's CPU attention, exactly [the embedded proxy]."""
+@click.option("--proxy", type=click.Choice(["llava", "qwen"]), default="llava", show_default=True,
+              help="Which embedded proxy to convert when MODEL_PATH is not given.")
+def vllm_checkpoint(model_path, out_path, head_dim, proxy) -> None:
+    """Pad a LLaVA checkpoint's LLM heads (widen a Qwen2.5-VL checkpoint's LLM) for vLLM's CPU
+    attention, exactly [the embedded proxy]."""
     from .assets import embedded_model_dir
     from .serving.checkpoint import pad_attention_heads
 
-    source = embedded_model_dir("llava") if model_path is None else Path(model_path)
+    source = embedded_model_dir(proxy) if model_path is None else Path(model_path)
     target = pad_attention_heads(source, out_path, head_dim)
     click.echo(f"wrote {target}")
 

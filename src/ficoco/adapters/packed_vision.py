@@ -117,18 +117,33 @@ class PackedVisionSide:
                              f"its place on the grid; use alternation='patches'")
         self.tower, self.stage, self.plan_for = tower, stage, plan_for
         self.blocks, self.full_attention, self.record = set(blocks), full_attention, record
-        config = tower.config
-        self.merge = config.spatial_merge_size
+        self.merge, window_size, self.patch_size = self._tower_shape(tower)
         self.group = self.merge ** 2
-        self.window_size = getattr(config, "window_size", None) if full_attention is not None else None
-        self.patch_size = config.patch_size
+        self.window_size = window_size if full_attention is not None else None
         self.signature = inspect.signature(type(tower).forward)
-        attn = tower.blocks[0].attn
-        self.rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
-        if self.rotate is None:
-            raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb_vision next to it: unsupported tower")
+        self.rotate = self._rotary_function(tower)
         self.last: PackedTrace | None = None
         self._reset()
+
+    @staticmethod
+    def _tower_shape(tower: nn.Module) -> tuple[int, int | None, int]:
+        """``(spatial merge size, window size in pixels or None, patch size)`` of the tower."""
+        config = tower.config
+        return config.spatial_merge_size, getattr(config, "window_size", None), config.patch_size
+
+    @staticmethod
+    def _rotary_function(tower: nn.Module) -> Callable:
+        """``rotate(q, k, cos, sin) -> (q, k)``: the tower's own rotary function, for the probe."""
+        attn = tower.blocks[0].attn
+        rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+        if rotate is None:
+            raise TypeError(f"{type(attn).__name__} has no apply_rotary_pos_emb_vision next to it: unsupported tower")
+        return rotate
+
+    @staticmethod
+    def _attention_shape(attn: nn.Module) -> tuple[int, float]:
+        """``(heads, softmax scale)`` of a block's attention."""
+        return attn.num_heads, attn.scaling
 
     def _reset(self) -> None:
         self.grids: list[tuple[int, int, int]] | None = None
@@ -176,6 +191,17 @@ class PackedVisionSide:
         grid_thw = bound.get("grid_thw")
         if grid_thw is None:
             raise ValueError("the vision tower was called without grid_thw: ficoco needs each image's grid")
+        self._start(grid_thw)
+
+    def _window_index(self, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+        """``(window_index [G], cu_windows [W + 1])``: the tower's order of the merge groups (window
+        by window) and the cumulative patch count at each window's end."""
+        from transformers.vision_utils import get_vision_window_index
+
+        return get_vision_window_index(grid_thw, self.merge, self.window_size, self.patch_size)
+
+    def _start(self, grid_thw: Tensor) -> None:
+        """Begin a tower call on items of patch grids ``grid_thw`` ``[I, 3]``."""
         self.grids = [tuple(int(x) for x in row) for row in grid_thw.tolist()]
         self.frames = frame_sizes(self.grids, self.merge)
         self.plans = [self.plan_for(n) for _, _, n in self.frames]
@@ -188,9 +214,7 @@ class PackedVisionSide:
         window = None
         raster_global = seq
         if self.window_size:  # Qwen2.5-VL: groups run window by window, each window a contiguous block
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, cu_windows = get_vision_window_index(grid_thw, self.merge, self.window_size, self.patch_size)
+            window_index, cu_windows = self._window_index(grid_thw)
             raster_global = window_index.to(device)
             cu_groups = (cu_windows.to(device) // self.group).long()
             window = torch.searchsorted(cu_groups[1:], seq, right=True)
@@ -272,9 +296,12 @@ class PackedVisionSide:
             if not any(removals):
                 return
             residual = args[0]  # [S, D]: the residual stream after attention, also the MLP's residual
+            # vLLM's towers carry a batch axis of one ([S, 1, D]): a view, so writes reach the stream
+            residual = residual.view(-1, residual.shape[-1])
             qkv, self.qkv = self.qkv, None
             s, width = residual.shape
-            qkv = qkv.view(s, 3, attn.num_heads, -1)
+            heads, scaling = self._attention_shape(attn)
+            qkv = qkv.view(s, 3, heads, -1)
             q, k = qkv[:, 0], qkv[:, 1]
             groups, device = self.groups, residual.device
             counts = torch.bincount(groups.segment, minlength=len(self.frames)).tolist()
@@ -294,7 +321,7 @@ class PackedVisionSide:
                 rows = (group_index[..., None] * self.group + torch.arange(self.group, device=device)).flatten(1)
                 cos, sin = (x.index_select(0, rows.flatten()).view(n, rows.shape[1], -1) for x in self.block_rope)
                 q_rows, k_rows = q[rows], k[rows]
-                probe = AttentionProbe(q_rows, k_rows, attn.scaling,
+                probe = AttentionProbe(q_rows, k_rows, scaling,
                                        torch.arange(rows.shape[1], device=device).expand(n, -1),
                                        rope=self._rotation(q_rows, k_rows, cos, sin),
                                        compile_backend=getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None))

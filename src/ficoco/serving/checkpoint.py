@@ -18,6 +18,14 @@ model computes the same function, in Hugging Face transformers as in vLLM:
 The vision tower, the projector, the tokenizer and the processor are copied unchanged. Only
 plain RoPE (``rope_type="default"``) and the Llama LLM of LLaVA-1.5 are converted; anything
 else is refused with one line.
+
+Qwen2.5-VL's LLM (Qwen2) takes its head size from ``hidden_size / num_attention_heads`` in both
+libraries, so :func:`widen_qwen_llm` pads the heads by widening the LLM: the residual stream gets
+zero dimensions (embeddings, every projection that writes it, the merger's output), and every
+RMSNorm of the LLM, which now averages its squares over more dimensions, gets its weight
+multiplied by ``sqrt(old width / new width)`` and ``rms_norm_eps`` by ``old width / new width``
+(the text config's; the vision tower's norms keep theirs). M-RoPE's sections keep their
+frequencies; the new ones, rotating only zero dimensions, join the last section.
 """
 
 from __future__ import annotations
@@ -78,7 +86,8 @@ def _spread_heads(weight: torch.Tensor, heads: int, head_dim: int, new_head_dim:
 def pad_attention_heads(source: str | Path, target: str | Path, head_dim: int | None = None) -> Path:
     """Write to ``target`` the LLaVA checkpoint ``source`` with its LLM's attention heads padded
     to ``head_dim`` (default: the smallest size vLLM's CPU attention supports); the padded model
-    computes the same logits (to float rounding). ``target`` is replaced if it exists.
+    computes the same logits (to float rounding). ``target`` is replaced if it exists. A
+    Qwen2.5-VL checkpoint goes to :func:`widen_qwen_llm`.
 
     Returns the target folder."""
     source, target = Path(source), Path(target)
@@ -88,6 +97,8 @@ def pad_attention_heads(source: str | Path, target: str | Path, head_dim: int | 
     if source.resolve() == target.resolve():
         raise ValueError("the converted checkpoint needs a folder of its own")
     config = json.loads(config_path.read_text())
+    if config.get("model_type") == "qwen2_5_vl":
+        return widen_qwen_llm(source, target, head_dim)
     text = config.get("text_config") or {}
     old = text.get("head_dim") or (text.get("hidden_size", 0) // max(1, text.get("num_attention_heads", 1)))
     new = supported_head_dim(old) if head_dim is None else head_dim
@@ -124,5 +135,95 @@ def pad_attention_heads(source: str | Path, target: str | Path, head_dim: int | 
     rope["rope_theta"] = theta ** (new / old)
     text["rope_parameters"] = rope
     text.pop("rope_theta", None)
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target
+
+
+_QWEN_LLM = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(embed_tokens\.weight|norm\.weight|layers\.\d+\."
+                       r"(?:input_layernorm|post_attention_layernorm|self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+                       r"\.(?:weight|bias))$")
+_QWEN_MERGER_OUT = re.compile(r"(?:^|\.)visual\.merger\.mlp\.2\.(weight|bias)$")
+
+
+def _pad_axis(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` with axis ``dim`` zero-padded at its end to ``size``."""
+    shape = list(tensor.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def _widen(name: str, tensor: torch.Tensor, geometry: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """One LLM (or merger-output) tensor of a Qwen2.5-VL checkpoint, widened (see the module's text)."""
+    heads, kv_heads, head_dim, width, new_width = geometry
+    new_head_dim = new_width // heads
+    if name.endswith(("embed_tokens.weight",)):
+        return _pad_axis(tensor, 1, new_width)
+    if name.endswith(("norm.weight", "layernorm.weight")):
+        return _pad_axis(tensor.float() * math.sqrt(width / new_width), 0, new_width)
+    if ".mlp." in name and "visual." not in name:
+        return _pad_axis(tensor, 0 if "down_proj" in name else 1, new_width)
+    if "visual." in name:  # the merger's output: the LLM's input width
+        return _pad_axis(tensor, 0, new_width)
+    proj = name.rsplit(".", 2)[-2][0]
+    if proj == "o":  # reads the heads, writes the residual stream
+        return _pad_axis(_spread_heads(tensor, heads, head_dim, new_head_dim, dim=1), 0, new_width)
+    padded = _spread_heads(tensor, heads if proj == "q" else kv_heads, head_dim, new_head_dim, dim=0)
+    if tensor.dim() == 2:
+        padded = _pad_axis(padded, 1, new_width)
+    return padded.float() * math.sqrt(new_head_dim / head_dim) if proj == "q" else padded
+
+
+def widen_qwen_llm(source: str | Path, target: str | Path, head_dim: int | None = None) -> Path:
+    """Write to ``target`` the Qwen2.5-VL checkpoint ``source`` with its LLM widened so that its
+    heads have ``head_dim`` dimensions (default: the smallest size vLLM's CPU attention supports);
+    the widened model computes the same logits (to float rounding). The vision tower (but the
+    merger's output width), the tokenizer and the processor are copied unchanged.
+
+    Returns the target folder."""
+    source, target = Path(source), Path(target)
+    config = json.loads((source / "config.json").read_text())
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    if text.get("model_type", "qwen2_5_vl_text") not in ("qwen2_5_vl_text", "qwen2_5_vl"):
+        raise ValueError(f"only Qwen2.5-VL's own LLM is converted, got {text.get('model_type')!r}")
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    width = text["hidden_size"]
+    old = width // heads
+    new = supported_head_dim(old) if head_dim is None else head_dim
+    rope = dict(text.get("rope_parameters") or {})
+    section = list(rope.get("mrope_section") or ())
+    if rope.get("rope_type", "default") != "default" or sum(section) != old // 2 or rope.get("mrope_interleaved"):
+        raise ValueError(f"only M-RoPE in contiguous sections over the head's {old // 2} frequencies is converted, "
+                         f"got {rope}")
+    if old % 2 or new % 2 or new < old:
+        raise ValueError(f"cannot pad head_dim {old} to {new}: the new size must be even and larger")
+    if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) is False:
+        raise ValueError("only a Qwen2.5-VL LLM whose output head is its embedding table is converted")
+    weights = sorted(source.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{source} has no *.safetensors weights")
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    geometry = (heads, kv_heads, old, width, heads * new)
+    for path in weights:
+        tensors = load_file(str(path))
+        for name, tensor in tensors.items():
+            if _QWEN_LLM.search(name) or _QWEN_MERGER_OUT.search(name):
+                tensors[name] = _widen(name, tensor, geometry)
+            elif name.endswith("lm_head.weight"):
+                raise ValueError("only a Qwen2.5-VL LLM whose output head is its embedding table is converted")
+        save_file(tensors, str(target / path.name), metadata={"format": "pt"})
+    text["hidden_size"] = vision["out_hidden_size"] = heads * new
+    # mean(x^2) over the wider stream is width / new width of the original: eps follows it
+    text["rms_norm_eps"] = float(text.get("rms_norm_eps", 1e-6)) * width / (heads * new)
+    rope["rope_theta"] = float(rope.get("rope_theta", 10000.0)) ** (new / old)
+    section[-1] += (new - old) // 2  # the new frequencies rotate only zero dimensions
+    rope["mrope_section"] = section
+    text["rope_parameters"] = rope
+    text.pop("rope_theta", None)
+    text.pop("head_dim", None)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return target

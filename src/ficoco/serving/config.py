@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..methods import Method, ModelGeometry, ResolvedPlan, get_method, parse_method_spec
@@ -33,13 +33,14 @@ OVERRIDE_KEY = "ficoco"
 #: for the same checkpoint)
 VANILLA = "vanilla"
 #: the architecture name the plugin registers with vLLM, per model type of the checkpoint
-ARCHITECTURES: Mapping[str, str] = {"llava": "FicocoLlavaForConditionalGeneration"}
+ARCHITECTURES: Mapping[str, str] = MappingProxyType({"llava": "FicocoLlavaForConditionalGeneration",
+                                                     "qwen2_5_vl": "FicocoQwen2_5_VLForConditionalGeneration"})
 #: model types ficoco reduces in transformers but not yet in vLLM, and why (docs/serving.md)
-NOT_YET: Mapping[str, str] = {
-    model_type: "ficoco's vLLM plugin serves LLaVA-1.5 only; Qwen-VL in vLLM needs its packed, windowed tower "
-                "hooked and M-RoPE positions recomputed for the kept tokens (docs/serving.md)"
-    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-}
+NOT_YET: Mapping[str, str] = MappingProxyType({
+    model_type: "ficoco's vLLM plugin serves LLaVA-1.5 and Qwen2.5-VL; Qwen2-VL and Qwen3-VL need their own "
+                "towers hooked in vLLM (Qwen3-VL also its DeepStack features and per-frame timestamps)"
+    for model_type in ("qwen2_vl", "qwen3_vl")
+})
 
 
 #: the shapes of LLaVA-1.5 (7B and 13B alike, as far as a plan is concerned), to check overrides
@@ -49,6 +50,17 @@ _LLAVA_15 = MappingProxyType({
     "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14, "num_hidden_layers": 24},
     "text_config": {"num_hidden_layers": 32},
 })
+
+
+#: the shapes of Qwen2.5-VL-7B, to check overrides before a checkpoint is at hand
+_QWEN_25 = MappingProxyType({
+    "model_type": "qwen2_5_vl",
+    "vision_config": {"depth": 32, "fullatt_block_indexes": [7, 15, 23, 31], "spatial_merge_size": 2},
+    "text_config": {"num_hidden_layers": 28},
+})
+#: the merge groups of the frame a Qwen plan is first checked on (a large one: every layer the
+#: method names gets removals, as the Qwen adapter checks on attaching)
+_NOMINAL_FRAME = 1 << 16
 
 
 class _NeedsInstruction(Exception):
@@ -73,6 +85,42 @@ class ServedReduction:
     grid: tuple[int, int]
     has_cls: bool
     tokens_per_image: int
+
+
+@dataclass(frozen=True)
+class ServedQwenReduction:
+    """A method resolved for one served Qwen2.5-VL model, whose images differ in size: a plan per
+    frame size, as the Qwen-VL adapter makes them (:class:`~ficoco.adapters.qwen_vl.QwenVLHandle`).
+
+    Attributes:
+        method: the ficoco method, with its stand-ins for [CLS] (the tower has none).
+        depth: vision blocks; the merger reads the last one's output.
+        full_attention: the blocks that attend over the whole image (reductions run there).
+        llm_layers: decoder layers.
+        merge: the merger's spatial size (2: every 2x2 patches make one LLM token).
+    """
+
+    method: Method
+    depth: int
+    full_attention: frozenset[int] | None
+    llm_layers: int
+    merge: int
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def plan_for(self, tokens: int) -> ResolvedPlan:
+        """The per-layer schedule for one image (frame) of ``tokens`` merge groups, or one line
+        saying why there is none (e.g. a count ``retain`` above ``tokens``)."""
+        if tokens not in self._plans:
+            geometry = ModelGeometry(self.depth, self.depth - 1, tokens, self.llm_layers, self.full_attention)
+            try:
+                self._plans[tokens] = self.method.plan(geometry)
+            except ValueError as err:
+                raise ValueError(f"ficoco: {self.method.name}: {err}") from None
+        return self._plans[tokens]
+
+    def kept_tokens(self, tokens: int) -> int:
+        """Image placeholders (LLM tokens) of an image of ``tokens`` merge groups."""
+        return self.plan_for(tokens).llm_input_visual
 
 
 def _get(config, key: str, default=None):
@@ -165,10 +213,32 @@ def _dry_run_input(method: Method, plan: ResolvedPlan, grid: tuple[int, int]) ->
                          f"path never sees (its encoder cache shares an image's tokens across prompts)") from None
 
 
-def served_reduction(config) -> ServedReduction | None:
+def _served_qwen(method: Method, config) -> ServedQwenReduction:
+    """The Qwen2.5-VL side of :func:`served_reduction`."""
+    vision, text = _get(config, "vision_config"), _get(config, "text_config")
+    full = _get(vision, "fullatt_block_indexes")
+    served = ServedQwenReduction(method.without_cls(), _get(vision, "depth"), frozenset(full) if full else None,
+                                 _get(text, "num_hidden_layers"), _get(vision, "spatial_merge_size", 2))
+    plan = served.plan_for(_NOMINAL_FRAME)  # impossible layers or options fail here, before any image
+    if plan.llm_input_visual == 0:
+        raise ValueError(f"ficoco: {method.name} keeps no visual token; send the prompt without its image instead")
+    if plan.input_removed:
+        # on the smallest square frame the budget fits (the nominal one would make DivPrune's
+        # pairwise distances of 65536 tokens)
+        for side in (16, 32, 64, 128, 256):
+            try:
+                small = served.plan_for(side * side)
+            except ValueError:
+                continue
+            _dry_run_input(served.method, small, (side, side))
+            break
+    return served
+
+
+def served_reduction(config) -> ServedReduction | ServedQwenReduction | None:
     """The reduction the plugin runs for a model whose HF config (object or dict) is ``config``:
-    ``None`` without the ``ficoco`` override, else the resolved method, or one line saying why
-    it cannot be served."""
+    ``None`` without the ``ficoco`` override, else the resolved method (LLaVA: one plan; Qwen2.5-VL:
+    a plan per image size), or one line saying why it cannot be served."""
     options = options_of(config)
     if options is None or options == {"method": VANILLA}:
         return None
@@ -179,6 +249,8 @@ def served_reduction(config) -> ServedReduction | None:
         raise ValueError(f"ficoco: a {model_type!r} model cannot be served with ficoco; the plugin serves "
                          f"{', '.join(ARCHITECTURES)}")
     method = build_method(options)
+    if model_type == "qwen2_5_vl":
+        return _served_qwen(method, config)
     geometry, grid, has_cls, leading = _llava_geometry(config)
     if not has_cls:
         method = method.without_cls()
@@ -196,7 +268,9 @@ def served_reduction(config) -> ServedReduction | None:
 def hf_overrides(method: str, retain: int | float | None = None, *, model_type: str = "llava", **options) -> dict:
     """The ``hf_overrides`` that serve ``method`` (a ficoco method name, options in brackets
     allowed; ``"vanilla"``: the plugin's class without a reduction) with ``retain`` visual tokens per image (a count or a share; ``None``: the method's
-    default) and keyword ``options``, checked against LLaVA-1.5's geometry::
+    default) and keyword ``options``, checked against the geometry of LLaVA-1.5 or, with
+    ``model_type="qwen2_5_vl"``, Qwen2.5-VL-7B (whose images differ in size: a count above an
+    image's tokens is refused for that image, when it comes)::
 
         LLM(model=path, hf_overrides=hf_overrides("ficoco-v", 64))
         vllm serve PATH --hf-overrides "$(ficoco vllm-overrides ficoco-v --retain 64)"
@@ -204,5 +278,6 @@ def hf_overrides(method: str, retain: int | float | None = None, *, model_type: 
     if method == VANILLA and retain is None and not options:
         return {"architectures": [ARCHITECTURES[model_type]], OVERRIDE_KEY: {"method": VANILLA}}
     settings = {"method": method, **({} if retain is None else {"retain": retain}), **options}
-    served_reduction({**_LLAVA_15, "model_type": model_type, OVERRIDE_KEY: settings})  # refuses in one line
+    nominal = _QWEN_25 if model_type == "qwen2_5_vl" else {**_LLAVA_15, "model_type": model_type}
+    served_reduction({**nominal, OVERRIDE_KEY: settings})  # refuses in one line
     return {"architectures": [ARCHITECTURES[model_type]], OVERRIDE_KEY: settings}

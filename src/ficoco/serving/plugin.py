@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from .config import ARCHITECTURES
 
-_MODULES = {"FicocoLlavaForConditionalGeneration": "ficoco.serving.vllm_llava:FicocoLlavaForConditionalGeneration"}
+_MODULES = {
+    "FicocoLlavaForConditionalGeneration": "ficoco.serving.vllm_llava:FicocoLlavaForConditionalGeneration",
+    "FicocoQwen2_5_VLForConditionalGeneration":
+        "ficoco.serving.vllm_qwen:FicocoQwen2_5_VLForConditionalGeneration",
+}
 
 
 def register() -> None:
