@@ -121,6 +121,59 @@ def tiny_llava_next_processor(image_token_id: int = 95):
                               chat_template=words.chat_template, image_token="<image>")
 
 
+# -- the LLaVA-OneVision family ----------------------------------------------------------------------
+
+#: LLaVA-OneVision's (llava-onevision-qwen2-7b-ov) anyres resolutions: every ``[384 i, 384 j]``, i, j in 1..6
+LLAVA_ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
+
+
+def tiny_llava_onevision_config(*, llm_layers: int = 8, attn_implementation: str = "sdpa", vision_hidden: int = 32,
+                                llm_hidden: int = 64, vocab_size: int = 96, image_token_id: int = 95,
+                                video_token_id: int = 94):
+    """A :class:`transformers.LlavaOnevisionConfig` with LLaVA-OneVision-7B's geometry at tiny widths:
+    a SigLIP-384/14 tower (729 patches, no [CLS]) of 26 layers with features from layer -1 and the
+    ``full`` strategy, :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, the tiny LLaVA's decoder."""
+    from transformers import LlavaOnevisionConfig, SiglipVisionConfig
+
+    text = tiny_llava_config(llm_layers=llm_layers, llm_hidden=llm_hidden, vocab_size=vocab_size,
+                             image_token_id=image_token_id).text_config
+    text.max_position_embeddings = 16384  # an image brings up to 729 + 9 crops' worth of tokens
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=26,
+                                num_attention_heads=4, image_size=384, patch_size=14, vision_use_head=False)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, video_token_id=video_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu", image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_onevision(seed: int = 0, **config_options):
+    """A :class:`transformers.LlavaOnevisionForConditionalGeneration` with random weights, in eval mode."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config(**config_options))
+    with torch.no_grad():  # sharper attention than random init, so that scores are informative
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
+def tiny_llava_onevision_image_processor():
+    """OneVision's anyres image processor (PIL backend) at 384 px with :data:`LLAVA_ONEVISION_PINPOINTS`
+    (``LlavaOnevisionProcessor`` itself also builds a video processor, which needs torchvision; the
+    tiny LLaVA's tokenizer, :func:`tiny_llava_processor`, gives the text side)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                           image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS])
+
+
 # -- the Qwen-VL family -----------------------------------------------------------------------------
 
 #: the three Qwen-VL generations ficoco runs, by ``config.model_type``
