@@ -127,18 +127,20 @@ def tiny_llava_next_processor(image_token_id: int = 95):
 LLAVA_ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
 
 
-def tiny_llava_onevision_config(*, llm_layers: int = 8, attn_implementation: str = "sdpa", vision_hidden: int = 32,
+def tiny_llava_onevision_config(*, llm_layers: int = 8, vision_layers: int = 26, attn_implementation: str = "sdpa",
+                                vision_hidden: int = 32,
                                 llm_hidden: int = 64, vocab_size: int = 96, image_token_id: int = 95,
                                 video_token_id: int = 94):
     """A :class:`transformers.LlavaOnevisionConfig` with LLaVA-OneVision-7B's geometry at tiny widths:
-    a SigLIP-384/14 tower (729 patches, no [CLS]) of 26 layers with features from layer -1 and the
-    ``full`` strategy, :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, the tiny LLaVA's decoder."""
+    a SigLIP-384/14 tower (729 patches, no [CLS]; 26 layers by default, as OneVision keeps of
+    SigLIP-so400m's 27) with features from layer -1 and the ``full`` strategy, :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, the tiny LLaVA's decoder."""
     from transformers import LlavaOnevisionConfig, SiglipVisionConfig
 
     text = tiny_llava_config(llm_layers=llm_layers, llm_hidden=llm_hidden, vocab_size=vocab_size,
                              image_token_id=image_token_id).text_config
     text.max_position_embeddings = 16384  # an image brings up to 729 + 9 crops' worth of tokens
-    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=26,
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=vision_layers,
                                 num_attention_heads=4, image_size=384, patch_size=14, vision_use_head=False)
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id, video_token_id=video_token_id,
