@@ -70,7 +70,16 @@ class LlavaOnevisionHandle(LlavaNextHandle):
         self.hooks.pre(self.llava, self._refuse_unsupported, with_kwargs=True)
         if self.outer is not None:
             self.hooks.pre(self.outer, self._refuse_unsupported, with_kwargs=True)
+        # the encoder itself refuses too, whatever runs before it (decoder-side hooks, generate)
+        self._wrap(self.llava, "get_video_features", self._refuse_videos)
         super()._install()
+
+    def _refuse_videos(self, original):
+        def get_video_features(*args, **kwargs):
+            self._check({"pixel_values_videos": True})
+            return original(*args, **kwargs)
+
+        return get_video_features
 
     def _layout(self, size: tuple[int, int]) -> OnevisionLayout:
         return onevision_layout(size, self.pinpoints, self.crop_size, self.patch_size, self.max_crops)
