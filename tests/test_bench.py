@@ -7,20 +7,20 @@ import json
 import pytest
 import torch
 
-from ficoco.measure import bench, bench_report, budget
+from ficoco.measure import bench, bench_models, bench_report, budget
 from ficoco.measure.flops import LlavaShape, llava_1_5_7b, llava_1_5_13b
 
 
 @pytest.mark.parametrize("preset, reference", [("llava-1.5-7b", llava_1_5_7b()), ("llava-1.5-13b", llava_1_5_13b())])
 def test_benchmark_models_have_llava_shapes(preset, reference):
-    shape = LlavaShape.from_config(bench.llava_config(preset))
+    shape = LlavaShape.from_config(bench.model_config(preset))
     assert shape.language == reference.language
     assert shape.vision.num_patches == 576 and shape.vision.num_layers == 24 and shape.vision.hidden_size == 1024
 
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
-        bench.llava_config("llava-2")
+        bench.model_config("llava-2")
 
 
 def test_variants_pair_decoder_methods_with_their_schedule_oracle():
@@ -35,7 +35,7 @@ def test_variants_pair_decoder_methods_with_their_schedule_oracle():
 def test_inputs_hold_576_placeholders_and_the_text():
     inputs = bench.make_inputs(2, 64, "cpu", torch.float32)
     assert inputs["input_ids"].shape == (2, 35 + 576 + 29)
-    assert int((inputs["input_ids"] == bench.IMAGE_TOKEN).sum()) == 2 * 576
+    assert int((inputs["input_ids"] == bench_models.IMAGE_TOKEN).sum()) == 2 * 576
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
@@ -97,7 +97,7 @@ def test_run_interleaves_variants_and_reports_every_row(monkeypatch):
     timed: list[int] = []
     monkeypatch.setattr(bench, "random_model", lambda preset, device, dtype: model)
     monkeypatch.setattr(bench, "attach", spy_attach)
-    monkeypatch.setattr(bench, "make_inputs", lambda b, t, d, dt: _cpu_inputs(b, t, model.config.image_token_id))
+    monkeypatch.setattr(bench, "make_inputs", lambda b, t, d, dt, **kw: _cpu_inputs(b, t, model.config.image_token_id))
     monkeypatch.setattr(bench, "cuda_times", lambda fn, warmup, repeats: (timed.append(repeats), [1.0] * repeats)[1])
     monkeypatch.setattr(bench, "cuda_time", lambda fn, warmup, repeats: 2.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

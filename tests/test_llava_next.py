@@ -8,7 +8,6 @@ crops' packing, newline tokens kept inside the LLM, and several images per promp
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from PIL import Image
 import ficoco
 from ficoco.adapters.anyres import anyres_layout
 from ficoco.testing import LLAVA_NEXT_PINPOINTS, tiny_llava_next, tiny_llava_next_processor
+from .test_models import _manual_greedy
 
 pytestmark = pytest.mark.xdist_group("llava-next")
 
@@ -236,31 +236,6 @@ def test_eager_equals_sdpa(model, eager_model, samples, key):
     with ficoco.apply(eager_model, build(key)):
         eager = logits(eager_model, inputs)
     torch.testing.assert_close(sdpa[real], eager[real], rtol=1e-4, atol=1e-4)
-
-
-def _cache_of(output):
-    return output.past_key_values if getattr(output, "past_key_values", None) is not None else output.cache
-
-
-def _cache_argument(model) -> str:
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _manual_greedy(model, inputs, steps):
-    """Prefill, then one token at a time with the cache, as generate() does."""
-    mask = inputs["attention_mask"]
-    position = mask.long().cumsum(-1) - 1
-    out = model(**inputs, use_cache=True, position_ids=position.clamp_min(0))
-    tokens, step_logits = [], []
-    for _ in range(steps):
-        step_logits.append(out.logits[:, -1])
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        position = position[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, position_ids=position,
-                    **{_cache_argument(model): _cache_of(out)})
-    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
 
 
 @pytest.mark.parametrize("key", ["vanilla", *METHODS])

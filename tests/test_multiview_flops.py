@@ -159,11 +159,3 @@ def test_bad_shapes_and_calls_are_refused():
     with pytest.raises(ValueError, match="height must be a positive integer"):
         with_image(llava_next_7b(), 672, 0)
     assert isinstance(llava_next_7b(), LlavaShape) and llava_next_7b() is not llava_next_7b()
-
-
-@pytest.mark.parametrize("name", ["llava-next-7b", "video-llava-7b"])
-def test_the_benchmark_refuses_multiview_presets(name):
-    from ficoco.measure.bench import llava_config
-
-    with pytest.raises(ValueError, match=f"{name} is a FLOPs preset only"):
-        llava_config(name)

@@ -319,10 +319,12 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 
 @main.command()
 @click.option("--preset", default="llava-1.5-7b", show_default=True,
-              help="llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, qwen2.5-vl-7b or qwen3-vl-8b shapes.")
-@click.option("--batches", default=None, help="[LLaVA: 1,8,32; Qwen-VL: 1,8]")
+              help="llava-1.5-7b, llava-1.5-13b, llava-next-7b (a 672x672 image: 5 crops), video-llava-7b "
+                   "(8 frames), qwen2-vl-7b, qwen2.5-vl-7b or qwen3-vl-8b shapes.")
+@click.option("--batches", default=None, help="[LLaVA-1.5: 1,8,32; LLaVA-NeXT, Video-LLaVA, Qwen-VL: 1,8]")
 @click.option("--retain", "retains", default=None,
-              help="Budgets [LLaVA: 192,128,64 tokens; Qwen-VL: shares 0.5,0.25,0.125 of each image's tokens].")
+              help="Budgets [LLaVA-1.5: 192,128,64 tokens; LLaVA-NeXT: 128,64,32 per crop; Video-LLaVA: "
+                   "64,32,17 per frame; Qwen-VL: shares 0.5,0.25,0.125 of each image's tokens].")
 @click.option("--image-size", default="1280x720", show_default=True, help="Qwen-VL: the image's WIDTHxHEIGHT.")
 @click.option("--attention", default="sdpa,varlen", show_default=True,
               help="Qwen-VL: the tower's attention paths to time (sdpa: transformers' own; varlen: one call per "
@@ -347,6 +349,7 @@ def bench(preset, batches, retains, image_size, attention, method_names, generat
           warmup, repeats, rounds, with_flops, graph_vision, graph_steps, static_cache, out_path) -> None:
     """GPU speed benchmark on random-weight model shapes (vanilla, oracle, every method)."""
     from .measure import bench as benchmark
+    from .measure.bench_models import layout
     from .measure.bench_qwen import GENERATIONS
     from .methods import get_method, split_methods
 
@@ -366,14 +369,16 @@ def bench(preset, batches, retains, image_size, attention, method_names, generat
         benchmark.save(result, out_path)
         click.echo(f"wrote {out_path}")
         return
-    batches, retains = batches or "1,8,32", retains or "192,128,64"
-    result = benchmark.run(preset, batches=_int_list(batches), retains=_int_list(retains), methods=methods_list,
+    target = layout(preset)
+    batches = _int_list(batches) if batches else list(target.batches)
+    retains = _int_list(retains) if retains else list(target.retains)
+    result = benchmark.run(preset, batches=batches, retains=retains, methods=methods_list,
                            generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=rounds,
                            graph_vision=graph_vision, graph_steps=graph_steps, static_cache=static_cache,
                            log=click.echo)
     if with_flops:
-        result["flops"] = benchmark.measured_flops(preset, retain=_int_list(retains)[0], text_tokens=text_tokens,
+        result["flops"] = benchmark.measured_flops(preset, retain=retains[0], text_tokens=text_tokens,
                                                    methods=methods_list)
         for row in result["flops"]:
             click.echo(f"flops {row['method']:>10}: measured {row['measured_tflops']:.3f} TFLOPs, "

@@ -50,6 +50,22 @@ class ReductionHandle:
         self._signatures = {id(m): inspect.signature(type(m).forward) for m in (core, outer) if m is not None}
         self._instance_wrappers: list[tuple[object, str]] = []
 
+    def _adaptive_counts(self, items: str, model_name: str) -> bool:
+        """Whether the method decides each image's count in the encoder (PruMerge without a
+        budget), refused in one line where that cannot work: with a reduction after the encoder,
+        which would need the count in advance, or on a transformers whose model cannot take the
+        encoded ``items`` in place of the pixels (``mm_encoder_outputs``)."""
+        method = self.method
+        if method.vision is None or not method.vision.adaptive:
+            return False
+        if method.input is not None or method.language is not None:
+            raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
+                             f"reduction after it would need that count in advance")
+        if "mm_encoder_outputs" not in inspect.signature(type(self.core).forward).parameters:
+            raise ValueError(f"{method.name} without a budget gives each {items} its own token count, which needs a "
+                             f"transformers whose {model_name} takes mm_encoder_outputs; give retain=")
+        return True
+
     def _attach(self) -> None:
         """Install the family's hooks (subclasses), removing everything again on failure."""
         try:

@@ -113,3 +113,24 @@ def shrink_placeholders(
     index_in_image = (is_image.cumsum(dim=1) - 1) % full_per_image
     keep = ~is_image | (index_in_image < kept_per_image)
     return cut_tokens(input_ids, per_token, keep, pad_token_id=pad_token_id, default_side=default_side)
+
+
+def resized_tower_call(args: tuple, kwargs: dict, patch: int, grid: tuple[int, int], native: tuple[int, int]):
+    """The arguments of a CLIP or SigLIP tower call (pixels ``[I, C, H, W]`` first or as
+    ``pixel_values``) with the pixels resized to ``grid`` patches of ``patch`` pixels and the
+    position embeddings interpolated to it, as a forward pre-hook returns them; ``None`` (leave
+    the call alone) at the tower's ``native`` grid, so that keeping every token is bit-identical
+    to vanilla, or when the call has no pixels."""
+    from ..stages.resolution import resize_images
+
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    if pixels is None:
+        return None
+    size = (grid[0] * patch, grid[1] * patch)
+    if tuple(pixels.shape[-2:]) == size and tuple(grid) == tuple(native):
+        return None
+    pixels = resize_images(pixels, size)
+    kwargs = {**kwargs, "interpolate_pos_encoding": True}
+    if args:
+        return (pixels, *args[1:]), kwargs
+    return args, {**kwargs, "pixel_values": pixels}

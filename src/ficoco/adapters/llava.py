@@ -21,17 +21,15 @@ instance-level ``get_image_features`` wrapper gives each image only its own rows
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import Tensor, nn
 
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from ..stages import NO_POSITION
-from ..stages.resolution import resize_images
 from .handle import ReductionHandle
 from .input_side import InputSide
-from .inputs import PER_TOKEN_INPUTS, cut_prompt_inputs, run_keep_mask, shrink_placeholders
+from .inputs import PER_TOKEN_INPUTS, cut_prompt_inputs, resized_tower_call, run_keep_mask, shrink_placeholders
 from .language import LanguageSide
 from .vision import VisionSide
 
@@ -105,14 +103,7 @@ class LlavaHandle(ReductionHandle):
         geometry = ModelGeometry(len(layers), feature_layer, grid[0] * grid[1], len(llava.language_model.layers),
                                  grid=grid)
         self.plan: ResolvedPlan = method.plan(geometry)
-        self.adaptive = method.vision is not None and method.vision.adaptive
-        if self.adaptive:
-            if method.input is not None or method.language is not None:
-                raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
-                                 f"reduction after it would need that count in advance")
-            if "mm_encoder_outputs" not in inspect.signature(type(llava).forward).parameters:
-                raise ValueError(f"{method.name} without a budget gives each image its own token count, which needs a "
-                                 f"transformers whose LLaVA takes mm_encoder_outputs; give retain=")
+        self.adaptive = self._adaptive_counts("image", "LLaVA")
         self._attach()
 
     def _install(self) -> None:
@@ -164,19 +155,8 @@ class LlavaHandle(ReductionHandle):
     def _downsample(self, module, args, kwargs):
         """Vision tower pre-hook: pixels ``[I, C, H, W]`` resized to the plan's grid of patches
         (``[I, C, rows x patch, cols x patch]``), the position embeddings interpolated to it."""
-        pixels = args[0] if args else kwargs.get("pixel_values")
-        if pixels is None:
-            return None
-        patch = self.llava.config.vision_config.patch_size
-        rows, cols = self.plan.image_grid
-        size = (rows * patch, cols * patch)
-        if tuple(pixels.shape[-2:]) == size and size == (self.grid[0] * patch, self.grid[1] * patch):
-            return None  # the model's own resolution: nothing to do (and bit-identical to vanilla)
-        pixels = resize_images(pixels, size)
-        kwargs = {**kwargs, "interpolate_pos_encoding": True}
-        if args:
-            return (pixels, *args[1:]), kwargs
-        return args, {**kwargs, "pixel_values": pixels}
+        return resized_tower_call(args, kwargs, self.llava.config.vision_config.patch_size, self.plan.image_grid,
+                                  self.grid)
 
     # -- decoder side: every sample removes per image -----------------------------------------------
 

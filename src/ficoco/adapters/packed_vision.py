@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
+from ..stages.probe import compiled
 from .hooks import HookSet
 from .varlen import STATISTICS_BACKEND_ATTRIBUTE
 
@@ -340,12 +341,16 @@ class PackedVisionSide:
         The function rotates a query and a key tensor in one call, so the probe's queries ``q`` and
         keys ``k`` (all rows) are rotated together, once, when the first of them is asked for."""
         both: list[Tensor] = []
+        backend = getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None)
+        # on compiled blocks the rotation of every query and key is one fused pass too (the same
+        # function the compiled blocks already run), not a dozen float32 passes
+        rotate_all = compiled(self.rotate, backend) if backend is not None and q.is_cuda else self.rotate
 
         def rope(x: Tensor, rows: Tensor | None) -> Tensor:
             if rows is None:
                 if x is q or x is k:
                     if not both:
-                        both.extend(self.rotate(q, k, cos, sin))
+                        both.extend(rotate_all(q, k, cos, sin))
                     return both[0] if x is q else both[1]
                 c, s = cos, sin
             else:

@@ -36,7 +36,6 @@ transformers whose Video-LLaVA takes them (newer than 5.17); it is refused in on
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +43,9 @@ from torch import Tensor, nn
 
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from ..stages import NO_POSITION
-from ..stages.resolution import resize_images
 from .handle import ReductionHandle
 from .input_side import InputSide
-from .inputs import cut_tokens, run_keep_mask
+from .inputs import cut_tokens, resized_tower_call, run_keep_mask
 from .language import LanguageSide
 from .llava import tower_layout
 from .vision import VisionSide
@@ -139,14 +137,7 @@ class VideoLlavaHandle(ReductionHandle):
             "video": _Kind("video", config.video_token_id, core.video_tower, video_layout[0], frame_cls,
                            frame_cls * handed),
         }
-        self.adaptive = method.vision is not None and method.vision.adaptive
-        if self.adaptive:
-            if method.input is not None or method.language is not None:
-                raise ValueError(f"{method.name} decides each image's count in the encoder; an LLM-input or decoder "
-                                 f"reduction after it would need that count in advance")
-            if "mm_encoder_outputs" not in inspect.signature(type(core).forward).parameters:
-                raise ValueError(f"{method.name} without a budget gives each image and frame its own token count, "
-                                 f"which needs a transformers whose Video-LLaVA takes mm_encoder_outputs; give retain=")
+        self.adaptive = self._adaptive_counts("image and frame", "Video-LLaVA")
         self._attach()
 
     def _install(self) -> None:
@@ -245,19 +236,8 @@ class VideoLlavaHandle(ReductionHandle):
     def _downsample(self, module, args, kwargs):
         """Tower pre-hook: pixels ``[I, C, H, W]`` resized to the plan's grid of patches, the position
         embeddings interpolated to it."""
-        pixels = args[0] if args else kwargs.get("pixel_values")
-        if pixels is None:
-            return None
-        patch = self.core.config.vision_config.patch_size
-        rows, cols = self.plan.image_grid
-        size = (rows * patch, cols * patch)
-        if tuple(pixels.shape[-2:]) == size and size == (self.grid[0] * patch, self.grid[1] * patch):
-            return None  # the model's own resolution: nothing to do (and bit-identical to vanilla)
-        pixels = resize_images(pixels, size)
-        kwargs = {**kwargs, "interpolate_pos_encoding": True}
-        if args:
-            return (pixels, *args[1:]), kwargs
-        return args, {**kwargs, "pixel_values": pixels}
+        return resized_tower_call(args, kwargs, self.core.config.vision_config.patch_size, self.plan.image_grid,
+                                  self.grid)
 
     # -- decoder side ------------------------------------------------------------------------------
 

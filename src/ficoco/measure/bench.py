@@ -1,14 +1,15 @@
-"""GPU speed benchmark on LLaVA-1.5-7B / 13B shapes with random weights.
+"""GPU speed benchmark on LLaVA-1.5-7B / 13B, LLaVA-NeXT-7B and Video-LLaVA-7B shapes with random weights.
 
 Timing does not depend on weight values, and no weights can be downloaded, so the models are
-built from their configs (CLIP ViT-L/14-336 + Vicuna) with random bf16 weights on the GPU. All
-variants run in one process on one model, so ratios are taken side by side:
+built from their configs (CLIP ViT-L/14 + Vicuna; :mod:`.bench_models`) with random bf16 weights
+on the GPU. All variants run in one process on one model, so ratios are taken side by side:
 
-- ``vanilla``: no reduction (576 visual tokens);
-- ``oracle``: the LLM is simply fed ``retain`` visual tokens (truncation at the feature layer, no
-  scoring work); for decoder-side methods also ``oracle[method]``: the method's own per-layer
-  schedule with truncation instead of scoring, the floor for that schedule;
-- every method at each retained count.
+- ``vanilla``: no reduction (576 visual tokens per image or crop, 256 patches per frame);
+- ``oracle``: the LLM is simply fed ``retain`` visual tokens per view (truncation at the feature
+  layer, no scoring work); for decoder-side methods also ``oracle[method]``: the method's own
+  per-layer schedule with truncation instead of scoring, the floor for that schedule;
+- every method at each retained count (per image, per crop of LLaVA-NeXT, per frame of
+  Video-LLaVA, whose frames also hand on their [CLS]).
 
 Each measurement: CUDA events, warm-up runs, median over repeats; the repeats are spread over
 interleaved rounds (every variant once per round), so drifts in clocks or host load hit every
@@ -19,7 +20,6 @@ LLM time is their difference.
 
 from __future__ import annotations
 
-
 import json
 import platform
 import statistics
@@ -29,66 +29,39 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import budget
 from ..adapters import attach, graph_language_steps, graph_vision_tower
-from .flops import LlavaShape, preset_names
-from .flops import preset as flops_preset
 from ..methods import Method, get_method
 from ..methods.baselines import oracle
+from . import bench_models, budget
 
-IMAGE_TOKEN = 32000
 
-
-def llava_config(preset: str):
-    """A ``LlavaConfig`` (llava-hf layout) with the exact shapes of a FLOPs preset (``llava-1.5-7b``, ...)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    try:
-        shape = flops_preset(preset)
-    except ValueError:
-        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}") from None
-    if not isinstance(shape, LlavaShape) or shape.num_views != 1:
-        raise ValueError(f"the benchmark builds LLaVA-1.5 and Qwen-VL models; {preset} is a FLOPs preset only "
-                         f"(ficoco flops --model {preset})")
-    v, t = shape.vision, shape.language
-    vision = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                              num_hidden_layers=v.num_layers, num_attention_heads=v.hidden_size // 64,
-                              image_size=v.image_size, patch_size=v.patch_size, projection_dim=768,
-                              hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                       num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, vocab_size=t.vocab_size,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", image_seq_length=576)
+def model_config(preset: str):
+    """The configuration of a preset's model with its exact shapes (:func:`.bench_models.model_config`)."""
+    return bench_models.model_config(preset)
 
 
 def random_model(preset: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """LLaVA with random weights, built directly on ``device`` in ``dtype``, SDPA attention."""
-    from transformers import LlavaForConditionalGeneration
-
-    config = llava_config(preset)
+    """The preset's model (LLaVA, LLaVA-NeXT or Video-LLaVA) with random weights, built directly on
+    ``device`` in ``dtype``, SDPA attention."""
+    config = model_config(preset)
     config._attn_implementation = "sdpa"
+    for sub in (config.vision_config, config.text_config):
+        sub._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+            model = bench_models.model_class(config)(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
 
 
-def make_inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    """``batch`` prompts: 35 system tokens, 576 image placeholders, the rest of ``text_tokens`` after."""
-    gen = torch.Generator().manual_seed(seed)
-    before = 35
-    after = max(text_tokens - before, 1)
-    ids = torch.randint(3, 32000, (batch, before + 576 + after), generator=gen)
-    ids[:, 0] = 1
-    ids[:, before:before + 576] = IMAGE_TOKEN
-    pixels = torch.randn(batch, 3, 336, 336, generator=gen)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": pixels.to(device, dtype)}
+def make_inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype, seed: int = 0,
+                preset: str = "llava-1.5-7b") -> dict:
+    """``batch`` prompts of one sample each for ``preset`` (:func:`.bench_models.make_inputs`):
+    35 system tokens, the visual placeholders (576 for LLaVA-1.5), the rest of ``text_tokens`` after."""
+    return bench_models.make_inputs(preset, batch, text_tokens, device, dtype, seed)
 
 
 def cuda_times(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -141,8 +114,9 @@ def _kv_bytes(cache) -> int:
 
 
 def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[tuple[str, int, Method | None]]:
-    """``(label, retain, method)`` for vanilla, the oracles and every method."""
-    out: list[tuple[str, int, Method | None]] = [("vanilla", 576, None)]
+    """``(label, retain, method)`` for vanilla (``retain``: ``geometry``'s patches per view), the
+    oracles and every method."""
+    out: list[tuple[str, int, Method | None]] = [("vanilla", geometry.num_patches, None)]
     for retain in retains:
         out.append(("oracle", retain, oracle(retain)))
         for name in methods:
@@ -153,11 +127,11 @@ def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[t
     return out
 
 
-def _time_generation(model, label: str, retain: int, generate_tokens: Sequence[int], batch: int, text_tokens: int,
-                     repeats: int, device: str, dtype: torch.dtype, log: Callable[[str], None],
+def _time_generation(model, preset: str, label: str, retain: int, generate_tokens: Sequence[int], batch: int,
+                     text_tokens: int, repeats: int, device: str, dtype: torch.dtype, log: Callable[[str], None],
                      cache_implementation: str | None = None) -> list[dict]:
-    """Images per second of ``generate()`` for each length in ``generate_tokens`` (greedy, forced length)."""
-    inputs = make_inputs(batch, text_tokens, device, dtype)
+    """Samples per second of ``generate()`` for each length in ``generate_tokens`` (greedy, forced length)."""
+    inputs = make_inputs(batch, text_tokens, device, dtype, preset=preset)
     options = {"cache_implementation": cache_implementation} if cache_implementation else {}
     rows = []
     for new in generate_tokens:
@@ -177,8 +151,8 @@ def _time_generation(model, label: str, retain: int, generate_tokens: Sequence[i
 def run(
     preset: str = "llava-1.5-7b",
     *,
-    batches: Sequence[int] = (1, 8, 32),
-    retains: Sequence[int] = (192, 128, 64),
+    batches: Sequence[int] | None = None,
+    retains: Sequence[int] | None = None,
     methods: Sequence[str] = ("ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "random"),
     generate_tokens: Sequence[int] = (1, 32),
     generate_batch: int = 8,
@@ -191,15 +165,23 @@ def run(
     static_cache: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows)."""
+    """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows).
+    ``batches`` and ``retains`` (per view) default to the preset's (:func:`.bench_models.layout`)."""
+    target = bench_models.layout(preset)
+    batches = tuple(batches) if batches is not None else target.batches
+    retains = tuple(retains) if retains is not None else target.retains
+    if graph_vision and target.family == "video-llava":
+        raise ValueError("--graph-vision replays a vision_tower; Video-LLaVA encodes frames in its video_tower")
     if not torch.cuda.is_available():
         raise RuntimeError("the speed benchmark needs a CUDA GPU")
     device, dtype = "cuda", torch.bfloat16
     started = time.time()
     model = random_model(preset, device, dtype)
-    shape = LlavaShape.from_config(model.config)
+    # the preset's shape: its views per sample (crops, frames) for the calculator's figures
+    shape = target.shape
     geometry = budget.geometry(shape)
-    log(f"built {preset} in {time.time() - started:.1f}s")
+    log(f"built {preset} ({type(model).__name__}, {shape.num_views} {shape.view}(s) of {shape.num_patches} "
+        f"patches per sample) in {time.time() - started:.1f}s")
     prefill_rows, generate_rows = [], []
     # every variant is timed in each round, so slow drifts of the GPU (clocks, temperature) and of
     # the host hit all variants alike and the ratios stay side by side
@@ -218,19 +200,17 @@ def run(
             try:
                 for batch in batches:
                     key = (label, retain, batch)
-                    inputs = make_inputs(batch, text_tokens, device, dtype)
+                    inputs = make_inputs(batch, text_tokens, device, dtype, preset=preset)
                     with torch.inference_mode():
                         def prefill():
                             return model(**inputs, use_cache=True, logits_to_keep=1)
 
                         # an LLM-input reduction conditioned on the instruction reads the prompt, which a
                         # bare call of the vision path does not carry: hand it the cut prompt (untimed)
-                        prompt = handle.prepare_inputs(**inputs) if handle is not None and handle.input else None
+                        prompt = handle.prepare_inputs(**inputs) if handle is not None and _reads_prompt(handle) else None
 
                         def vision():
-                            if prompt is not None:
-                                handle.input.remember_prompt(prompt["input_ids"], prompt["attention_mask"])
-                            return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+                            return bench_models.encode_visual(model, inputs, handle, prompt)
 
                         if key not in memory:
                             torch.cuda.synchronize()
@@ -243,11 +223,11 @@ def run(
                         prefill_times.setdefault(key, []).extend(cuda_times(prefill, warmup, round_repeats))
                         vision_times.setdefault(key, []).extend(cuda_times(vision, warmup, round_repeats))
                 if last_round:
-                    generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
+                    generate_rows += _time_generation(model, preset, label, retain, generate_tokens, generate_batch,
                                                       text_tokens, repeats, device, dtype, log)
                     if static_cache and (method is None or method.language is None):
                         # decoder-side reductions keep a different length per layer: dynamic cache only
-                        generate_rows += _time_generation(model, label, retain, generate_tokens, generate_batch,
+                        generate_rows += _time_generation(model, preset, label, retain, generate_tokens, generate_batch,
                                                           text_tokens, repeats, device, dtype, log, "static")
             finally:
                 if step_graphs is not None:
@@ -271,7 +251,9 @@ def run(
     return {
         "preset": preset,
         "environment": environment(),
-        "settings": dict(batches=list(batches), retains=list(retains), methods=list(methods),
+        "settings": dict(model=type(model).__name__, views=shape.num_views, view=shape.view,
+                         visual_placeholders=bench_models.visual_placeholders(preset),
+                         batches=list(batches), retains=list(retains), methods=list(methods),
                          generate_tokens=list(generate_tokens), generate_batch=generate_batch,
                          text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
                          static_cache=static_cache, dtype="bfloat16",
@@ -281,6 +263,11 @@ def run(
     }
 
 
+def _reads_prompt(handle) -> bool:
+    """Whether an attachment reduces the LLM's input (images', or Video-LLaVA's frames')."""
+    return handle.input is not None or getattr(handle, "video_input", None) is not None
+
+
 def measured_flops(preset: str = "llava-1.5-7b", retain: int = 192, text_tokens: int = 64,
                    methods: Sequence[str] = ("ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "random"),
                    model=None) -> list[dict]:
@@ -288,8 +275,8 @@ def measured_flops(preset: str = "llava-1.5-7b", retain: int = 192, text_tokens:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model if model is not None else random_model(preset)
-    shape = LlavaShape.from_config(model.config)
-    inputs = make_inputs(1, text_tokens, "cuda", torch.bfloat16)
+    shape = bench_models.layout(preset).shape
+    inputs = make_inputs(1, text_tokens, "cuda", torch.bfloat16, preset=preset)
     rows = []
     for name in ("vanilla", *methods):
         method = None if name == "vanilla" else get_method(name, retain=retain)
@@ -303,7 +290,7 @@ def measured_flops(preset: str = "llava-1.5-7b", retain: int = 192, text_tokens:
                 handle.remove()
         counted = budget.counted_decoder_flops(counter.get_flop_counts())
         cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
-        rows.append(dict(method=name, retain=retain if method else 576, measured_tflops=counted / 1e12,
+        rows.append(dict(method=name, retain=retain if method else shape.num_patches, measured_tflops=counted / 1e12,
                          calculator_tflops=cost.llm_tflops, ratio=counted / 1e12 / cost.llm_tflops))
     return rows
 

@@ -27,11 +27,17 @@ def head_mean_softmax(logits: Tensor) -> Tensor:
 
 
 @functools.cache
+def compiled(fn: Callable, backend: str) -> Callable:
+    """``fn`` through ``torch.compile(dynamic=True, backend=backend)``, built once per function and
+    backend in a process (the functions are pure, so the cache holds nothing that could go stale).
+    With :func:`head_mean_softmax`: one fused pass over the logits instead of a float32 copy of
+    the probabilities written and read again."""
+    return torch.compile(fn, dynamic=True, backend=backend)
+
+
 def compiled_head_mean_softmax(backend: str) -> Callable[[Tensor], Tensor]:
-    """:func:`head_mean_softmax` through ``torch.compile(dynamic=True)``: one fused pass over the
-    logits instead of a float32 copy of the probabilities written and read again (built once per
-    backend and process; a pure function, so the cache holds no state that could go stale)."""
-    return torch.compile(head_mean_softmax, dynamic=True, backend=backend)
+    """:func:`head_mean_softmax`, compiled (:func:`compiled`)."""
+    return compiled(head_mean_softmax, backend)
 
 
 class AttentionProbe:
