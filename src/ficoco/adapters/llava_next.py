@@ -139,11 +139,15 @@ class LlavaNextHandle(ReductionHandle):
         if method.language is not None and plan.language:
             self.hooks.pre(llava, self._remember_prompted, with_kwargs=True)  # before the language side's own
             self.language = LanguageSide(llava, method.language, self._language_layers(), schedule=self._schedule,
-                                         visual_token_ids=(self.image_token,), grid=LLM_GRID,
+                                         visual_token_ids=self._visual_token_ids(), grid=LLM_GRID,
                                          token_state=self._token_state, record=self.record,
                                          candidates=self._candidates)
             self.language.install(self.hooks)
             self._install_loss_hooks()
+
+    def _visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholders whose tokens a decoder-side method sees as visual."""
+        return (self.image_token,)
 
     # -- geometry and budgets -------------------------------------------------------------------
 
