@@ -133,12 +133,15 @@ def tiny_llava_onevision_config(*, llm_layers: int = 8, vision_layers: int = 26,
                                 video_token_id: int = 94):
     """A :class:`transformers.LlavaOnevisionConfig` with LLaVA-OneVision-7B's geometry at tiny widths:
     a SigLIP-384/14 tower (729 patches, no [CLS]; 26 layers by default, as OneVision keeps of
-    SigLIP-so400m's 27) with features from layer -1 and the ``full`` strategy, :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, the tiny LLaVA's decoder."""
-    from transformers import LlavaOnevisionConfig, SiglipVisionConfig
+    SigLIP-so400m's 27) with features from layer -1 and the ``full`` strategy,
+    :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, a Qwen2 decoder of the tiny LLaVA's widths."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    text = tiny_llava_config(llm_layers=llm_layers, llm_hidden=llm_hidden, vocab_size=vocab_size,
-                             image_token_id=image_token_id).text_config
-    text.max_position_embeddings = 16384  # an image brings up to 729 + 9 crops' worth of tokens
+    # OneVision's LLM is Qwen2 (biased query, key and value projections); the tiny LLaVA's widths
+    text = Qwen2Config(hidden_size=llm_hidden, intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=16384,  # an image brings up to 729 + 9 crops' worth of tokens
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                 num_hidden_layers=vision_layers,
                                 num_attention_heads=4, image_size=384, patch_size=14, vision_use_head=False)

@@ -83,9 +83,9 @@ class LlavaNextHandle(ReductionHandle):
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
         llava, outer = self._parts(model)
         if method.resolution is not None:
-            raise ValueError(f"{method.name} lowers each crop's resolution, which {self.family_name}'s packing (unpadding "
-                             f"and newline tokens on the crops' full grids) does not take; it runs on LLaVA-1.5 and "
-                             f"Qwen-VL")
+            raise ValueError(f"{method.name} lowers each crop's resolution, which {self.family_name}'s packing "
+                             f"(unpadding and newline tokens on the crops' full grids) does not take; it runs on "
+                             f"LLaVA-1.5 and Qwen-VL")
         if method.vision is not None and method.vision.adaptive:
             raise ValueError(f"{method.name} without a budget decides each crop's count in the tower, after "
                              f"{self.family_name}'s prompt must hold every image's count; give retain=")
