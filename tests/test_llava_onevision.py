@@ -40,11 +40,17 @@ pytestmark = pytest.mark.xdist_group("llava-onevision")
 IMAGE_TOKEN, VIDEO_TOKEN = 95, 94
 CROP_PATCHES = 729
 FRAME_TOKENS = 196  # a frame's 27 x 27 patches pooled to 14 x 14
+# the tower's depth is cut to 8 layers (OneVision keeps 26 of SigLIP's 27) to keep the matrix fast on
+# CPU, so the methods that start at encoder layer 12 by default start at layer 4
+VISION_LAYERS, VISION_START = 8, 4
 # per crop (per frame for videos), as on LLaVA-NeXT; pooling takes a 27 x 27 crop to 9 x 9; ToMe
-# merges at most half the tokens per layer from its default start; PruMerge scores with the layer
-# after the feature layer by default, and OneVision's feature layer is the tower's last (the
-# default's refusal is tested)
-METHODS = {**NEXT_METHODS, "pool": dict(retain=81), "tome": dict(retain=400),
+# merges at most half the tokens per layer; PruMerge scores with the layer after the feature layer
+# by default, and OneVision's feature layer is the tower's last (the default's refusal is tested)
+METHODS = {**NEXT_METHODS, "pool": dict(retain=81), "tome": dict(retain=400, start_layer=VISION_START),
+           "evit": dict(retain=100, start_layer=VISION_START),
+           "ficoco-v": dict(retain=100, start_layer=VISION_START),
+           "ficoco-v-share": dict(retain=0.25, start_layer=VISION_START),
+           "ficoco-vl": dict(retain=64, language_start_layer=2, vision_start_layer=VISION_START),
            "prumerge": dict(retain=100, score_with_next_layer=False),
            "prumerge+": dict(retain=100, score_with_next_layer=False)}
 BEFORE_LLM = ("ficoco-v", "tome", "evit", "random", "topk", "visionzip", "prumerge", "prumerge+", "pool", "divprune",
@@ -53,9 +59,6 @@ DECODER = [key for key in METHODS if key not in BEFORE_LLM]
 CAN_KEEP_ALL = [key for key in METHODS if key != "zero"]
 # (height, width): 1x1 tile (rows unpadded: 2 crops, 925 tokens), 2x1 tiles (columns unpadded: 3 crops, 1,269)
 SIZES = [(100, 384), (640, 100)]
-# the tower's depth is cut (OneVision keeps 26 of SigLIP's 27 layers) to keep the matrix fast on CPU;
-# FiCoCo-V reduces from layer 12, the last one here
-VISION_LAYERS = 13
 # 4x3 tiles, 108 x 81 patches > 1.1² x 9 crops: resized to 93 x 70 by anyres_max_9 (7,332 tokens)
 SCALED = (1536, 1152)
 FRAMES = 2
@@ -119,7 +122,7 @@ def encode(processors, sizes, question: str, seed: int = 0, frames: int = 0) -> 
     """One sample: its images (``sizes``), then a video of ``frames`` frames if any, then the
     question, in the chat template; ``<image>`` expanded to the processor's count, the video to
     ``frames x 196`` placeholders and its newline token (the processor's ``num_video_tokens``
-    arithmetic). A little pixel noise breaks the ties of a thin image's padded crops."""
+    arithmetic). Crops get PIXEL_NOISE."""
     images, words = processors
     parts = [{"type": "image"}] * (len(sizes) + bool(frames)) + [{"type": "text", "text": question}]
     text = words.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
@@ -470,7 +473,7 @@ def test_multi_image_samples_are_refused(model, samples, key):
 
 def test_prumerge_scoring_with_the_layer_after_the_last_is_refused(model):
     before = hook_count(model)
-    with pytest.raises(ValueError, match="scores with the encoder layer after layer 12, which is the last one here"):
+    with pytest.raises(ValueError, match="scores with the encoder layer after layer 7, which is the last one here"):
         ficoco.attach(model, "prumerge", retain=100)
     assert hook_count(model) == before
 
@@ -494,6 +497,6 @@ def test_family_from_model_and_checkpoint(model, checkpoint):
 
     assert family_of(model).name == "LLaVA-OneVision" == check_supported(checkpoint_config(checkpoint),
                                                                           checkpoint).name
-    with ficoco.apply(model.model, "ficoco-v", retain=64) as handle:  # the bare LlavaOnevisionModel too
+    with ficoco.apply(model.model, build("ficoco-v", retain=64)) as handle:  # the bare LlavaOnevisionModel too
         assert handle.family == "llava-onevision" and handle.visual_tokens_per_crop == 64
         assert [handle.prompt_tokens(size) for size in (*SIZES, SCALED)] == [128, 192, 13 * 64]
