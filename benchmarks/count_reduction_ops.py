@@ -60,7 +60,7 @@ def main() -> None:
                           ("ficoco-vl", {"language_start_layer": 2}), ("ficoco-v", {}), ("tome", {}),
                           ("evit", {}), ("random", {})]:
         method = ficoco.get_method(name, retain=64, **options)
-        twin = oracle(like=method, geometry=geometry)
+        twin = oracle(like=method)
         ops, base = count(model, method), count(model, twin)
         plan = method.plan(geometry)
         reducing = len(plan.language or {}) + len(plan.vision or {})

@@ -7,7 +7,7 @@ fixed in adapters/qwen_vl.py)."""
 
 import time, torch, contextlib
 from ficoco.proxy import qwen
-from ficoco.proxy.train import collate, word_alignment_loss
+from ficoco.proxy.train import collate
 from ficoco.checkpoint import load_model, load_processor
 from ficoco.adapters import attach
 from ficoco.adapters.varlen import fast_vision_attention

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ficoco
-from ficoco.measure import bench_qwen, budget
+from ficoco.measure import bench_qwen
 from ficoco.measure.flops import preset
 from ficoco.methods.baselines import oracle
 
@@ -33,7 +33,7 @@ def main() -> None:
     inputs = bench_qwen.make_inputs(shape, args.batch, 64, "cuda", torch.bfloat16)
     method = ficoco.get_method(args.method, retain=args.retain) if args.method else None
     if method is not None and args.oracle:
-        method = oracle(like=method, geometry=budget.geometry(shape))
+        method = oracle(like=method)
     handle = ficoco.attach(model, method) if method is not None else None
     with ficoco.fast_vision_attention(model, compile_blocks=args.compile), torch.inference_mode():
         def tower():

@@ -32,6 +32,38 @@ def test_variants_pair_decoder_methods_with_their_schedule_oracle():
     assert methods["oracle[ficoco-l]"].plan(geometry).language == methods["ficoco-l"].plan(geometry).language
 
 
+@pytest.mark.parametrize("name", ["ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "pdrop", "dart",
+                                  "sparsevlm", "visionzip"])
+@pytest.mark.parametrize("patches", [576, 2880, 1196])
+def test_the_oracle_resolves_the_methods_schedule_on_any_geometry(name, patches):
+    """The oracle swaps only the stages, so its plan equals the method's whatever the token count
+    (one crop, a whole LLaVA-NeXT image, a Qwen image), not just on the geometry it was built for."""
+    from dataclasses import replace as replace_field
+
+    from ficoco.methods import get_method
+    from ficoco.methods.baselines import oracle
+
+    geometry = replace_field(budget.geometry(llava_1_5_7b()), num_patches=patches)
+    method = get_method(name, retain=64)
+    twin = oracle(like=method)
+    try:
+        expected = method.plan(geometry)
+    except ValueError:
+        return  # the method cannot run here (ToMe's half limit): neither is its oracle asked to
+    plan = twin.plan(geometry)
+    assert (plan.vision, plan.language, plan.llm_final_visual) == (expected.vision, expected.language,
+                                                                   expected.llm_final_visual)
+    assert twin.name == f"oracle[{name}]"
+
+
+def test_an_adaptive_count_has_no_oracle():
+    from ficoco.methods import get_method
+    from ficoco.methods.baselines import oracle
+
+    with pytest.raises(ValueError, match="decides its count per image at run time"):
+        oracle(like=get_method("prumerge", retain=None))
+
+
 def test_inputs_hold_576_placeholders_and_the_text():
     inputs = bench.make_inputs(2, 64, "cpu", torch.float32)
     assert inputs["input_ids"].shape == (2, 35 + 576 + 29)

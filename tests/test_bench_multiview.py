@@ -83,6 +83,15 @@ def test_variants_count_per_crop_or_frame(preset, patches):
                       ("oracle", 17), ("ficoco-v", 17), ("oracle[fastv]", 17), ("fastv", 17)]
 
 
+def test_variants_skip_a_budget_the_method_cannot_meet():
+    # ToMe halves a layer at most: 32 of a crop's 576 patches is past what its default schedule reaches
+    geometry = budget.geometry(bench_models.layout("llava-next-7b").shape)
+    said = []
+    labels = [(label, retain) for label, retain, _ in bench.variants([128, 32], ["tome", "evit"], geometry, said.append)]
+    assert labels == [("vanilla", 576), ("oracle", 128), ("tome", 128), ("evit", 128), ("oracle", 32), ("evit", 32)]
+    assert len(said) == 1 and said[0].startswith("skipped tome at 32: ToMe merges at most half")
+
+
 def _tiny(preset: str):
     """The tiny model of the preset's geometry (LLM depth too, so the oracles' schedules fit) and
     its token ids."""
@@ -153,6 +162,9 @@ def test_a_whole_run_on_the_tiny_model(monkeypatch, preset, retain, kept, method
         assert rows[(label, 1)]["kv_cache_mb"] == pytest.approx(per_token * (35 + kept + 29))
     for label in ("fastv", "oracle[fastv]"):  # inside the LLM: the first layers keep every token
         assert per_token * (35 + kept + 29) < rows[(label, 1)]["kv_cache_mb"] < rows[("vanilla", 1)]["kv_cache_mb"]
+    # the oracle keeps, layer by layer, what FastV keeps: its schedule is resolved per crop / frame
+    # as the method's is (a copy of one view's counts left 4 in 5 crops' tokens unremoved)
+    assert rows[("oracle[fastv]", 1)]["kv_cache_mb"] == pytest.approx(rows[("fastv", 1)]["kv_cache_mb"])
     shape = bench_models.layout(preset).shape
     assert rows[("vanilla", 1)]["retain"] == shape.num_patches
     assert rows[("vanilla", 1)]["calculator_llm_tflops"] == pytest.approx(budget.vanilla_cost(shape, 64).llm_tflops)
@@ -189,3 +201,19 @@ def test_cli_lists_the_presets_and_passes_their_defaults(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["bench", "--preset", "video-llava-7b", "--retain", "8", "--batches", "4",
                                        "--no-flops", "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 0 and (seen["batches"], seen["retains"]) == ([4], [8])
+
+
+@pytest.mark.parametrize("preset, tflops", [("llava-next-7b", 42.7), ("video-llava-7b", 29.7)])
+def test_a_checkpoint_config_costs_as_its_preset(preset, tflops):
+    """The calculator reading a checkpoint's config (the bench's full-size transformers config of
+    each preset stands in for llava-v1.6-vicuna-7b's and Video-LLaVA-7B's) gives the preset's
+    shape, hence the paper's baseline TFLOPs."""
+    from ficoco.measure import multiview
+
+    from dataclasses import replace
+
+    shape = multiview.shape_from_config(bench_models.model_config(preset))
+    assert replace(shape, image_size=None) == bench_models.layout(preset).shape  # NeXT's records its 672x672
+    assert round(budget.vanilla_cost(shape, 64).llm_tflops, 1) == tflops
+    with pytest.raises(ValueError, match="not a LLaVA-NeXT or Video-LLaVA config"):
+        multiview.shape_from_config(bench.model_config("llava-1.5-7b"))

@@ -100,3 +100,57 @@ def test_graphed_language_steps_match_eager(cuda_model, images, prompts, key):
         torch.testing.assert_close(graphed_logits, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(graphed_single, eager_single, rtol=1e-4, atol=1e-4)
     assert torch.equal(gen, eager_gen)
+
+
+def _greedy_dpp_float64_check(kernel, relevance, floor, chosen, rtol=1e-4):
+    """Replays CDPruner's greedy MAP in float64 along ``chosen`` (one sample) and checks each pick
+    is a best one up to float32 rounding: its gain within ``rtol`` of the largest (or, once the
+    gains run out, its relevance within ``rtol`` of the largest)."""
+    kernel, relevance = kernel.double(), relevance.double()
+    n = kernel.shape[0]
+    gain = kernel.diagonal().clone()
+    factors = kernel.new_zeros(len(chosen), n)
+    taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
+    for step, pick in enumerate(chosen.tolist()):
+        free = gain.masked_fill(taken, float("-inf"))
+        if free.max() > floor * (1 + rtol):
+            assert gain[pick] >= free.max() - rtol * free.max().abs(), "a pick short of the best gain"
+        elif free.max() < floor * (1 - rtol):
+            best = relevance.masked_fill(taken, float("-inf")).max()
+            assert relevance[pick] >= best - rtol * best.abs(), "an exhausted pick not by relevance"
+        assert not taken[pick]
+        taken[pick] = True
+        e = (kernel[pick] - factors[:step, pick] @ factors[:step]) / gain[pick].clamp_min(floor).sqrt()
+        factors[step] = e
+        gain = gain - e.square()
+
+
+@pytest.mark.parametrize("b, n, kept", [(8, 576, 64), (8, 576, 192), (8, 1196, 299), (2, 2880, 640)])
+def test_cuda_greedy_kernels_equal_the_pytorch_loops(b, n, kept):
+    """DivPrune's and CDPruner's Triton kernels (stages/greedy_kernels.py) at the models' sizes:
+    DivPrune keeps exactly the PyTorch loop's tokens (min and argmax are exact); CDPruner's picks
+    are each a best one up to float32 rounding (sums in another order can flip a near-tie)."""
+    pytest.importorskip("triton")
+    from ficoco.stages import FeatureProbe
+    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+    from ficoco.stages.tokens import TokenGroup
+
+    torch.manual_seed(n + kept)
+    x = torch.randn(b, n, 1024, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(b, 12, 1024, device="cuda", dtype=torch.bfloat16)
+    tokens = TokenGroup.fresh(x, (1, n))
+    probe = FeatureProbe(lambda: (text, torch.ones(b, 12, dtype=torch.bool, device="cuda")))
+    slow = MaxMinDiversityFilter(backend="torch").select(tokens, probe, kept)
+    fast = MaxMinDiversityFilter(backend="triton").select(tokens, probe, kept)
+    assert torch.equal(fast, slow)
+    stage = ConditionalDPPFilter(backend="triton")
+    fast = stage.select(tokens, probe, kept)
+    slow = ConditionalDPPFilter(backend="torch").select(tokens, probe, kept)
+    agree = (fast == slow).float().mean().item()
+    r = stage.relevance(tokens, probe)
+    kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
+    floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+    for row in range(b):
+        assert fast[row].unique().numel() == kept
+        _greedy_dpp_float64_check(kernel[row], r[row], floor[row].item(), fast[row])
+    assert agree > 0.5, f"the two backends agree on only {agree:.0%} of the picks"

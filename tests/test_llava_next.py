@@ -8,6 +8,8 @@ crops' packing, newline tokens kept inside the LLM, and several images per promp
 
 from __future__ import annotations
 
+import json
+
 
 import numpy as np
 import pytest
@@ -433,8 +435,8 @@ def test_family_from_model_and_checkpoint(model, checkpoint):
 
 
 def test_command_line_picks_the_family_from_the_checkpoint(checkpoint, tmp_path):
-    """``ficoco run`` answers on a LLaVA-NeXT checkpoint (no TFLOPs line: not costed), and
-    ``ficoco flops`` refuses it in one line."""
+    """``ficoco run`` answers on a LLaVA-NeXT checkpoint (no TFLOPs line: not costed per image), and
+    ``ficoco flops`` costs it at the paper's 672x672 image or another size."""
     from click.testing import CliRunner
 
     from ficoco.cli import main
@@ -446,6 +448,19 @@ def test_command_line_picks_the_family_from_the_checkpoint(checkpoint, tmp_path)
                                "--method", "ficoco-v", "--retain", "64", "--max-new-tokens", "2"])
     assert out.exit_code == 0, out.output
     assert out.stdout.startswith("answer: ") and "method: ficoco-v  time: " in out.stdout and "TFLOPs" not in out.stdout
-    out = runner.invoke(main, ["flops", "--model", str(checkpoint)])
-    assert out.exit_code != 0 and "is a LLaVA-NeXT checkpoint; the FLOPs calculator reads" in out.stderr
-    assert "Traceback" not in out.output
+    # the calculator reads the checkpoint's own tower, decoder and pinpoints: a 672x672 image is
+    # the base crop + 2x2 tiles, a 1008x336 one the base + 3x1
+    from ficoco.measure.multiview import shape_from_config
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    for size, views in ((None, 5), ("1008x336", 4)):
+        out = runner.invoke(main, ["flops", "--model", str(checkpoint), "--json", "--retain", "16",
+                                   *(["--image-size", size] if size else [])])
+        assert out.exit_code == 0, out.output
+        rows = {row["method"]: row for row in json.loads(out.stdout)["rows"]}
+        assert rows["vanilla"]["llm_input_visual"] == views * patches
+        assert rows["ficoco-v"]["llm_input_visual"] == views * 16
+    assert shape_from_config(config).grid_pinpoints == tuple(tuple(p) for p in config.image_grid_pinpoints)

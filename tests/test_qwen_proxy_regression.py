@@ -3,7 +3,7 @@
 The model answers 85.4% of 500 validation questions (docs/proxy-model.md). Measured on these 60
 test questions (10 per family) with torch 2.13.0+cpu and transformers 5.24.0: vanilla 85.0%,
 FiCoCo-V at a quarter of each image's tokens 75.0% (88% of vanilla), FiCoCo-L at a quarter 85.0%
-(100%); on 200 test questions see docs/proxy/qwen/proxy_accuracy.md. The floors sit a few points
+(100%); on 600 test questions see docs/proxy/qwen/proxy_accuracy.md. The floors sit a few points
 below the measured values, so that a change of library version does not trip them, and guard
 the Qwen-VL code paths on a trained checkpoint: varied image sizes, merge groups, window and
 full-attention blocks, M-RoPE positions of kept tokens, the prompt cut.

@@ -86,9 +86,10 @@ def _processor_parts(folder: Path) -> list[str]:
 
 
 def load_processor(path: str | Path):
-    """``AutoProcessor`` of the local folder ``path``, never looked up on a hub. A Qwen-VL
-    checkpoint on a machine without torchvision gets its processor for images only
-    (:mod:`ficoco.qwen_processor`)."""
+    """``AutoProcessor`` of the local folder ``path``, never looked up on a hub. On a machine
+    without torchvision a Qwen-VL checkpoint gets its processor with ficoco's torch-only video
+    preprocessing (:mod:`ficoco.qwen_processor`), and a Video-LLaVA one likewise
+    (:mod:`ficoco.video_llava_processor`)."""
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
@@ -104,6 +105,10 @@ def load_processor(path: str | Path):
     try:
         if model_type in PROCESSOR_CLASSES and not is_torchvision_available():
             return load_image_only_processor(folder, model_type)
+        if model_type == "video_llava" and not is_torchvision_available():
+            from .video_llava_processor import load_torch_video_llava_processor
+
+            return load_torch_video_llava_processor(folder)
         return AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -70,12 +70,17 @@ def _shape(model: str, image_size: str | None = None):
         from .checkpoint import check_supported, checkpoint_config
 
         family = check_supported(checkpoint_config(path), path)
-        if not budget.is_costed(checkpoint_config(path)):
-            raise click.BadParameter(f"{path} is a {family.name} checkpoint; the FLOPs calculator reads LLaVA-1.5 "
-                                     f"and Qwen-VL checkpoints (presets: {', '.join(preset_names())})",
-                                     param_hint="--model")
+        model_type = checkpoint_config(path).get("model_type")
+        if not budget.is_costed(checkpoint_config(path)) and model_type not in multiview.CHECKPOINT_MODEL_TYPES:
+            raise click.BadParameter(f"{path} is a {family.name} checkpoint; the FLOPs calculator reads LLaVA-1.5, "
+                                     f"LLaVA-NeXT, Video-LLaVA and Qwen-VL checkpoints (presets: "
+                                     f"{', '.join(preset_names())})", param_hint="--model")
         config = AutoConfig.from_pretrained(path)
-        shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else QwenVLShape.from_config(config)
+        if model_type in multiview.CHECKPOINT_MODEL_TYPES:
+            shape = multiview.shape_from_config(config)
+        else:
+            shape = LlavaShape.from_config(config) if family.model_types == ("llava",) else \
+                QwenVLShape.from_config(config)
     if image_size is not None:
         if not isinstance(shape, QwenVLShape) and not shape.grid_pinpoints:
             raise click.BadParameter(f"{model} sees every {shape.view} at {shape.vision.image_size} px; "
@@ -376,7 +381,10 @@ def bench(preset, batches, retains, image_size, attention, method_names, generat
                            generate_tokens=_int_list(generate_tokens), generate_batch=generate_batch,
                            text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=rounds,
                            graph_vision=graph_vision, graph_steps=graph_steps, static_cache=static_cache,
-                           log=click.echo)
+                           log=click.echo, on_round=lambda partial: benchmark.save(partial, out_path))
+    if "error" in result:
+        benchmark.save(result, out_path)
+        raise click.ClickException(f"{result['error']} (the rows measured before it are in {out_path})")
     if with_flops:
         result["flops"] = benchmark.measured_flops(preset, retain=retains[0], text_tokens=text_tokens,
                                                    methods=methods_list)

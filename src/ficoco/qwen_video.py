@@ -32,9 +32,10 @@ import math
 from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .video_pixels import as_frames, video_list
 
 #: the defaults of transformers' video processor of each generation (class attributes), used where
 #: a checkpoint's configuration does not set them
@@ -137,7 +138,7 @@ class TorchQwenVideoProcessor:
         if do_sample_frames:
             raise ValueError("frames are sampled before they reach ficoco's video preprocessing: pass do_sample_frames="
                              "False with the frames the model expects (ficoco.evaluation.video_frames)")
-        clips = [self._as_frames(video) for video in _video_list(videos)]
+        clips = [as_frames(video) for video in video_list(videos)]
         if video_metadata is None:
             video_metadata = [None] * len(clips)
         elif isinstance(video_metadata, (dict, VideoMetadata)):
@@ -157,23 +158,6 @@ class TorchQwenVideoProcessor:
             data["video_metadata"] = metadata
         return BatchFeature(data=data, skip_tensor_conversion=["video_metadata"])
 
-    @staticmethod
-    def _as_frames(video) -> torch.Tensor:
-        """``(T, 3, H, W)`` uint8 frames."""
-        if isinstance(video, (list, tuple)):
-            video = np.stack([np.asarray(frame.convert("RGB") if hasattr(frame, "convert") else frame)
-                              for frame in video])
-        frames = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
-        if frames.ndim != 4:
-            raise ValueError(f"a video is (frames, height, width, 3) pixels; got shape {tuple(frames.shape)}")
-        if frames.shape[-1] in (1, 3) and frames.shape[1] not in (1, 3):  # channels last, as decoders give them
-            frames = frames.permute(0, 3, 1, 2)
-        if frames.shape[1] == 1:
-            frames = frames.expand(-1, 3, -1, -1)
-        if frames.dtype != torch.uint8:
-            frames = frames.float().round().clamp(0, 255).to(torch.uint8)
-        return frames.contiguous()
-
     def _patches(self, frames: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         count, channels, height, width = frames.shape
         p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
@@ -191,12 +175,3 @@ class TorchQwenVideoProcessor:
         blocks = frames.view(t, tp, channels, gh // m, m, p, gw // m, m, p)
         blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, tp, p, p): merge-group order
         return blocks.reshape(t * gh * gw, channels * tp * p * p), [t, gh, gw]
-
-
-def _video_list(videos) -> list:
-    """``videos`` as a list of videos: one video (a 4-D array or tensor, or a list of frames) or several."""
-    if isinstance(videos, (np.ndarray, torch.Tensor)):
-        return [videos] if videos.ndim == 4 else list(videos)
-    if isinstance(videos, (list, tuple)) and videos and hasattr(videos[0], "convert"):
-        return [videos]  # one video as a list of PIL frames
-    return list(videos)

@@ -20,6 +20,7 @@ LLM time is their difference.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -113,16 +114,23 @@ def _kv_bytes(cache) -> int:
     return total
 
 
-def variants(retains: Sequence[int], methods: Sequence[str], geometry) -> list[tuple[str, int, Method | None]]:
+def variants(retains: Sequence[int], methods: Sequence[str], geometry,
+             log: Callable[[str], None] = print) -> list[tuple[str, int, Method | None]]:
     """``(label, retain, method)`` for vanilla (``retain``: ``geometry``'s patches per view), the
-    oracles and every method."""
+    oracles and every method. A method that cannot run at a budget on this geometry (ToMe past half
+    the tokens of a layer, say) is skipped and said, so one refusal does not lose the whole run."""
     out: list[tuple[str, int, Method | None]] = [("vanilla", geometry.num_patches, None)]
     for retain in retains:
         out.append(("oracle", retain, oracle(retain)))
         for name in methods:
             method = get_method(name, retain=retain)
+            try:
+                method.plan(geometry)
+            except ValueError as err:
+                log(f"skipped {name} at {retain}: {err}")
+                continue
             if method.language is not None:
-                out.append((f"oracle[{name}]", retain, oracle(like=method, geometry=geometry)))
+                out.append((f"oracle[{name}]", retain, oracle(like=method)))
             out.append((name, retain, method))
     return out
 
@@ -164,9 +172,12 @@ def run(
     graph_steps: bool = False,
     static_cache: bool = False,
     log: Callable[[str], None] = print,
+    on_round: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the benchmark; returns a JSON-ready dict (environment, prefill rows, generation rows).
-    ``batches`` and ``retains`` (per view) default to the preset's (:func:`.bench_models.layout`)."""
+    ``batches`` and ``retains`` (per view) default to the preset's (:func:`.bench_models.layout`).
+    ``on_round`` receives the result so far after every round (to save it); if the GPU runs out of
+    memory the run stops there and returns the rows measured so far, with an ``"error"`` entry."""
     target = bench_models.layout(preset)
     batches = tuple(batches) if batches is not None else target.batches
     retains = tuple(retains) if retains is not None else target.retains
@@ -182,85 +193,109 @@ def run(
     geometry = budget.geometry(shape)
     log(f"built {preset} ({type(model).__name__}, {shape.num_views} {shape.view}(s) of {shape.num_patches} "
         f"patches per sample) in {time.time() - started:.1f}s")
-    prefill_rows, generate_rows = [], []
+    generate_rows: list[dict] = []
     # every variant is timed in each round, so slow drifts of the GPU (clocks, temperature) and of
     # the host hit all variants alike and the ratios stay side by side
-    variant_list = variants(retains, methods, geometry)
+    variant_list = variants(retains, methods, geometry, log)
     per_round = split_repeats(repeats, rounds)
     prefill_times: dict[tuple, list[float]] = {}
     vision_times: dict[tuple, list[float]] = {}
     memory: dict[tuple, tuple[float, float]] = {}
-    for round_index, round_repeats in enumerate(per_round):
-        last_round = round_index == len(per_round) - 1
+    settings = dict(batches=list(batches), retains=list(retains), methods=list(methods),
+                    generate_tokens=list(generate_tokens), generate_batch=generate_batch, text_tokens=text_tokens,
+                    warmup=warmup, repeats=repeats, rounds=len(per_round), static_cache=static_cache,
+                    dtype="bfloat16", attention="sdpa", graph_vision=graph_vision, graph_steps=graph_steps)
+
+    def prefill_rows_of(say: Callable[[str], None] | None = None) -> list[dict]:
+        """Median rows of every (variant, batch) timed so far."""
+        rows = []
         for label, retain, method in variant_list:
-            handle = attach(model, method) if method is not None else None
-            graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
-            step_graphs = (graph_language_steps(handle)
-                           if graph_steps and handle is not None and handle.language is not None else None)
-            try:
-                for batch in batches:
-                    key = (label, retain, batch)
-                    inputs = make_inputs(batch, text_tokens, device, dtype, preset=preset)
-                    with torch.inference_mode():
-                        def prefill():
-                            return model(**inputs, use_cache=True, logits_to_keep=1)
+            cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
+            for batch in batches:
+                key = (label, retain, batch)
+                if key not in prefill_times or key not in vision_times:
+                    continue
+                total_ms, vision_ms = statistics.median(prefill_times[key]), statistics.median(vision_times[key])
+                peak, kv = memory[key]
+                rows.append(asdict(Measurement(label, method.name if method else "vanilla", retain, batch, total_ms,
+                                               vision_ms, total_ms - vision_ms, peak, kv, cost.llm_tflops)))
+                if say is not None:
+                    say(f"{label:>18} retain={retain:<3} batch={batch:<2} prefill {total_ms:8.2f} ms (vision "
+                        f"{vision_ms:7.2f}, llm {total_ms - vision_ms:8.2f})  peak {peak:5.1f} GB  kv {kv:6.1f} MB/img")
+        return rows
 
-                        # an LLM-input reduction conditioned on the instruction reads the prompt, which a
-                        # bare call of the vision path does not carry: hand it the cut prompt (untimed)
-                        prompt = handle.prepare_inputs(**inputs) if handle is not None and _reads_prompt(handle) else None
+    error = None
+    try:
+        for round_index, round_repeats in enumerate(per_round):
+            last_round = round_index == len(per_round) - 1
+            for label, retain, method in variant_list:
+                handle = attach(model, method) if method is not None else None
+                graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
+                step_graphs = (graph_language_steps(handle)
+                               if graph_steps and handle is not None and handle.language is not None else None)
+                try:
+                    for batch in batches:
+                        key = (label, retain, batch)
+                        inputs = make_inputs(batch, text_tokens, device, dtype, preset=preset)
+                        with torch.inference_mode():
+                            def prefill():
+                                return model(**inputs, use_cache=True, logits_to_keep=1)
 
-                        def vision():
-                            return bench_models.encode_visual(model, inputs, handle, prompt)
+                            # an LLM-input reduction conditioned on the instruction reads the prompt, which a
+                            # bare call of the vision path does not carry: hand it the cut prompt (untimed)
+                            prompt = handle.prepare_inputs(**inputs) if handle is not None and _reads_prompt(handle) else None
 
-                        if key not in memory:
-                            torch.cuda.synchronize()
-                            torch.cuda.reset_peak_memory_stats()
-                            out = prefill()
-                            peak = torch.cuda.max_memory_allocated() / 1e9
-                            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-                            memory[key] = (peak, _kv_bytes(cache) / batch / 1e6)
-                            del out
-                        prefill_times.setdefault(key, []).extend(cuda_times(prefill, warmup, round_repeats))
-                        vision_times.setdefault(key, []).extend(cuda_times(vision, warmup, round_repeats))
-                if last_round:
-                    generate_rows += _time_generation(model, preset, label, retain, generate_tokens, generate_batch,
-                                                      text_tokens, repeats, device, dtype, log)
-                    if static_cache and (method is None or method.language is None):
-                        # decoder-side reductions keep a different length per layer: dynamic cache only
+                            def vision():
+                                return bench_models.encode_visual(model, inputs, handle, prompt)
+
+                            if key not in memory:
+                                torch.cuda.synchronize()
+                                torch.cuda.reset_peak_memory_stats()
+                                out = prefill()
+                                peak = torch.cuda.max_memory_allocated() / 1e9
+                                cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+                                memory[key] = (peak, _kv_bytes(cache) / batch / 1e6)
+                                del out
+                            prefill_times.setdefault(key, []).extend(cuda_times(prefill, warmup, round_repeats))
+                            vision_times.setdefault(key, []).extend(cuda_times(vision, warmup, round_repeats))
+                    if last_round:
                         generate_rows += _time_generation(model, preset, label, retain, generate_tokens, generate_batch,
-                                                          text_tokens, repeats, device, dtype, log, "static")
-            finally:
-                if step_graphs is not None:
-                    step_graphs.remove()
-                if graphed is not None:
-                    graphed.remove()
-                if handle is not None:
-                    handle.remove()
-        log(f"round {round_index + 1}/{len(per_round)} done ({round_repeats} timed runs per variant and batch)")
-    for label, retain, method in variant_list:
-        cost = budget.method_cost(shape, method, text_tokens) if method else budget.vanilla_cost(shape, text_tokens)
-        for batch in batches:
-            key = (label, retain, batch)
-            total_ms, vision_ms = statistics.median(prefill_times[key]), statistics.median(vision_times[key])
-            peak, kv = memory[key]
-            row = Measurement(label, method.name if method else "vanilla", retain, batch, total_ms, vision_ms,
-                              total_ms - vision_ms, peak, kv, cost.llm_tflops)
-            prefill_rows.append(asdict(row))
-            log(f"{label:>18} retain={retain:<3} batch={batch:<2} prefill {total_ms:8.2f} ms "
-                f"(vision {vision_ms:7.2f}, llm {total_ms - vision_ms:8.2f})  peak {peak:5.1f} GB  kv {kv:6.1f} MB/img")
-    return {
-        "preset": preset,
-        "environment": environment(),
-        "settings": dict(model=type(model).__name__, views=shape.num_views, view=shape.view,
-                         visual_placeholders=bench_models.visual_placeholders(preset),
-                         batches=list(batches), retains=list(retains), methods=list(methods),
-                         generate_tokens=list(generate_tokens), generate_batch=generate_batch,
-                         text_tokens=text_tokens, warmup=warmup, repeats=repeats, rounds=len(per_round),
-                         static_cache=static_cache, dtype="bfloat16",
-                         attention="sdpa", graph_vision=graph_vision, graph_steps=graph_steps),
-        "prefill": prefill_rows,
-        "generate": generate_rows,
-    }
+                                                          text_tokens, repeats, device, dtype, log)
+                        if static_cache and (method is None or method.language is None):
+                            # decoder-side reductions keep a different length per layer: dynamic cache only
+                            generate_rows += _time_generation(model, preset, label, retain, generate_tokens, generate_batch,
+                                                              text_tokens, repeats, device, dtype, log, "static")
+                finally:
+                    if step_graphs is not None:
+                        step_graphs.remove()
+                    if graphed is not None:
+                        graphed.remove()
+                    if handle is not None:
+                        handle.remove()
+                    # a graphed variant's private pools go back now, not at the end of the run
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            log(f"round {round_index + 1}/{len(per_round)} done ({round_repeats} timed runs per variant and batch; "
+                f"{torch.cuda.memory_allocated() / 1e9:.1f} GB allocated, {torch.cuda.memory_reserved() / 1e9:.1f} GB reserved)")
+            if on_round is not None:
+                on_round(_result(preset, model, shape, prefill_rows_of(), generate_rows,
+                                 dict(settings, rounds_done=round_index + 1)))
+    except torch.OutOfMemoryError as err:
+        # keep what was measured: the rows of every (variant, batch) timed so far are still reported
+        error = f"stopped early: {type(err).__name__}: {str(err).splitlines()[0]}"
+        log(error)
+    done = len(per_round) if error is None else round_index
+    result = _result(preset, model, shape, prefill_rows_of(log), generate_rows, dict(settings, rounds_done=done))
+    if error is not None:
+        result["error"] = error
+    return result
+
+
+def _result(preset: str, model, shape, prefill_rows: list[dict], generate_rows: list[dict], settings: dict) -> dict:
+    return {"preset": preset, "environment": environment(),
+            "settings": dict(model=type(model).__name__, views=shape.num_views, view=shape.view,
+                             visual_placeholders=bench_models.visual_placeholders(preset), **settings),
+            "prefill": prefill_rows, "generate": list(generate_rows)}
 
 
 def _reads_prompt(handle) -> bool:

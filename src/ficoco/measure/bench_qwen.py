@@ -150,7 +150,7 @@ def variants(shares: Sequence[float], methods: Sequence[str], geometry, log: Cal
                 log(f"skipped {name} at {share:g}: {err}")
                 continue
             if method.vision is not None or method.language is not None:
-                out.append((f"oracle[{name}]", share, oracle(like=method, geometry=geometry)))
+                out.append((f"oracle[{name}]", share, oracle(like=method)))
             # methods that reduce only the LLM's input or the image's resolution compare with the
             # plain oracle: the LLM fed the same count of tokens
             out.append((name, share, method))

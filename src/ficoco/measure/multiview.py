@@ -71,6 +71,32 @@ def video_llava_7b() -> LlavaShape:
     return replace(base, vision=tower, num_views=8, view="frame")
 
 
+#: the ``model_type`` of the checkpoints :func:`shape_from_config` reads
+CHECKPOINT_MODEL_TYPES = ("llava_next", "video_llava")
+#: frames Video-LLaVA samples per video
+VIDEO_LLAVA_FRAMES = 8
+
+
+def shape_from_config(config) -> LlavaShape:
+    """The FLOPs shape of a LLaVA-NeXT or Video-LLaVA checkpoint's config (a transformers
+    ``LlavaNextConfig`` / ``VideoLlavaConfig``): LLaVA-NeXT with its own ``image_grid_pinpoints`` at
+    a 672x672 image (the paper's setting; :func:`with_image` for another size), Video-LLaVA at its
+    8 frames (as many as ``video_seq_length`` holds frames of patches + [CLS], where it says)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in CHECKPOINT_MODEL_TYPES:
+        raise ValueError(f"not a LLaVA-NeXT or Video-LLaVA config: model_type {model_type!r}")
+    base = LlavaShape.from_config(config)
+    if model_type == "llava_next":
+        pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+        return with_image(replace(base, view="crop", grid_pinpoints=pinpoints), 672, 672)
+    frames = VIDEO_LLAVA_FRAMES
+    per_frame = base.num_patches + 1
+    length = getattr(config, "video_seq_length", None)
+    if isinstance(length, int) and length > 0 and length % per_frame == 0:
+        frames = length // per_frame
+    return replace(base, num_views=frames, view="frame")
+
+
 PRESETS: tuple[tuple[str, Callable[[], LlavaShape]], ...] = (
     ("llava-next-7b", llava_next_7b),
     ("video-llava-7b", video_llava_7b),

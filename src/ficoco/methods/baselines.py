@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Literal
 
@@ -105,20 +105,23 @@ def random_drop(
     raise ValueError(f"side must be 'vision' or 'language', got {side!r}")
 
 
-def oracle(retain: int | None = 192, *, like: Method | None = None, geometry=None) -> Method:
+def oracle(retain: int | None = 192, *, like: Method | None = None) -> Method:
     """The speed oracle: the same schedule as ``like`` (default: all removals at the encoder layer
     the LLM reads, so the LLM simply gets ``retain`` visual tokens), but no scoring, correlation
-    or merging: the last tokens are truncated. Needs ``geometry`` (a ``ModelGeometry``) to copy a
-    method's resolved schedule."""
+    or merging: the last tokens are truncated.
+
+    ``like``'s budgets, layers and split are kept and only its stages are swapped, so every family
+    resolves the oracle's schedule exactly as it resolves the method's (per crop, per frame, per
+    image size), rather than copying one geometry's resolved counts."""
     trivial = TokenReduction(TruncateFilter(), NoCorrelate(), DropCompress())
     if like is None:
         return Method("oracle", vision=VisionReduction(trivial, retain, -1, -1), description="truncation oracle")
-    if geometry is None:
-        raise ValueError("oracle(like=...) needs the model geometry to copy the schedule")
-    plan = like.plan(geometry)
-    vision = VisionReduction(trivial, schedule=plan.vision) if plan.vision else None
-    language = LanguageReduction(trivial, schedule=plan.language) if plan.language else None
-    return Method(f"oracle[{like.name}]", vision=vision, language=language, description="truncation oracle")
+    if any(r is not None and r.adaptive for r in (like.vision, like.language)):
+        raise ValueError(f"{like.name} decides its count per image at run time: there is no fixed schedule to copy")
+    vision = replace(like.vision, reduction=trivial, proportional_attention=False) if like.vision else None
+    language = replace(like.language, reduction=trivial, raters=None) if like.language else None
+    return Method(f"oracle[{like.name}]", vision=vision, language=language, vision_fraction=like.vision_fraction,
+                  description="truncation oracle")
 
 
 def topk(retain: int | None = 192, *, layer: int = -1) -> Method:

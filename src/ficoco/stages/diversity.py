@@ -8,12 +8,17 @@
 
 Both choose the kept set as a whole and run per sample on the whole batch at once (the official
 code selects for sample 0, resp. flattens the batch into one sample). docs/methods.md lists what
-else differs from the official code.
+else differs from the official code. Their greedy loops run as one Triton kernel per call on a
+GPU with ``backend="auto"`` (:mod:`.greedy_kernels`), as a PyTorch loop otherwise. The default
+stays ``"torch"`` until the kernels have been run and timed on a GPU (they are checked in Triton's
+interpreter on the CPU only so far).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,26 @@ from torch import Tensor
 
 from .filters import SetSelectionFilter
 from .tokens import TokenGroup
+
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+def _use_triton(backend: Backend, device: torch.device, n: int) -> bool:
+    """Whether a greedy loop runs as the Triton kernel: ``"auto"`` on a CUDA device with Triton
+    installed and at most ``greedy_kernels.MAX_TOKENS`` tokens; ``"triton"`` always (on the CPU
+    only under ``TRITON_INTERPRET=1``); ``"torch"`` never."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        return True
+    if backend == "torch" or device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    from . import greedy_kernels
+
+    return n <= greedy_kernels.MAX_TOKENS
 
 
 def cosine_similarity_matrix(x: Tensor) -> Tensor:
@@ -34,7 +59,14 @@ class MaxMinDiversityFilter(SetSelectionFilter):
     """DivPrune: keep the set whose smallest pairwise cosine distance ``1 - cos`` is largest,
     greedily. The first token kept is the one whose nearest other token is farthest; each next one
     is the token farthest from everything kept so far (its smallest distance to the kept set is
-    the largest). Ties go to the lowest index, as ``argmax`` gives them."""
+    the largest). Ties go to the lowest index, as ``argmax`` gives them.
+
+    Attributes:
+        backend: the greedy loop's implementation (see :func:`_use_triton`); both keep the same
+            tokens up to float rounding of near-ties.
+    """
+
+    backend: Backend = "torch"
 
     def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
         b, n = tokens.batch_size, tokens.num_tokens
@@ -45,6 +77,10 @@ class MaxMinDiversityFilter(SetSelectionFilter):
         rows = torch.arange(b, device=distance.device)
         eye = torch.eye(n, dtype=torch.bool, device=distance.device)
         chosen[:, 0] = distance.masked_fill(eye, float("inf")).amin(dim=1).argmax(dim=1)
+        if _use_triton(self.backend, distance.device, n):
+            from .greedy_kernels import farthest_points
+
+            return farthest_points(distance, chosen[:, 0], kept)
         # [B, N]: each token's distance to the kept set, -inf for the kept ones (a minimum keeps it)
         nearest = distance[rows, chosen[:, 0]].clone()
         nearest[rows, chosen[:, 0]] = float("-inf")
@@ -76,10 +112,13 @@ class ConditionalDPPFilter(SetSelectionFilter):
             near-duplicates) every remaining gain is rounding noise, and the official code then
             picks by that noise (or divides by the root of a negative number). Here the rest are
             kept in order of relevance instead, which is deterministic.
+        backend: the greedy loop's implementation (see :func:`_use_triton`); both keep the same
+            tokens up to float rounding of near-ties.
     """
 
     theta: float | None = None
     eps: float = 1e-4
+    backend: Backend = "torch"
 
     def __post_init__(self) -> None:
         if self.theta is not None and not 0.0 < self.theta < 1.0:
@@ -115,6 +154,10 @@ class ConditionalDPPFilter(SetSelectionFilter):
         chosen = torch.zeros(b, kept, dtype=torch.long, device=kernel.device)
         taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
         floor = self.eps * gain.amax(dim=1)  # [B]
+        if _use_triton(self.backend, kernel.device, n):
+            from .greedy_kernels import greedy_dpp
+
+            return greedy_dpp(kernel, r, floor, kept)
         for step in range(kept):
             best = gain.masked_fill(taken, float("-inf")).amax(dim=1)
             exhausted = (best <= floor)[:, None]

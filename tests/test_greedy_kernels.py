@@ -1,0 +1,87 @@
+"""The Triton greedy kernels (stages/greedy_kernels.py) against the PyTorch loops of DivPrune and
+CDPruner, in Triton's interpreter on the CPU (a subprocess: ``TRITON_INTERPRET`` must be set
+before Triton is imported). tests/test_cuda.py repeats this on a GPU at the models' sizes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+CHECK = textwrap.dedent('''
+    import json, sys
+    import torch
+    from ficoco.stages import FeatureProbe
+    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+    from ficoco.stages.tokens import TokenGroup
+
+    out = []
+    for seed, (b, n, d, kept, duplicates, theta) in enumerate(json.loads(sys.argv[1])):
+        torch.manual_seed(seed)
+        x = torch.randn(b, n, d)
+        if duplicates:  # exact copies: ties that the lowest index must win in both backends
+            x[:, 1::3] = x[:, 0:1]
+        tokens = TokenGroup.fresh(x, (1, n))
+        text, valid = torch.randn(b, 5, d), torch.ones(b, 5, dtype=torch.bool)
+        valid[-1, 3:] = False  # a shorter instruction in the last sample
+        probe = FeatureProbe(lambda: (text, valid))
+        row = {}
+        for name, make in (("divprune", lambda bk: MaxMinDiversityFilter(backend=bk)),
+                           ("cdpruner", lambda bk: ConditionalDPPFilter(theta=theta, backend=bk))):
+            slow = make("torch").select(tokens, probe, kept)
+            fast = make("triton").select(tokens, probe, kept)
+            row[name] = [slow.tolist(), fast.tolist()]
+        out.append(row)
+    print(json.dumps(out))
+''')
+
+CASES = [
+    (3, 37, 16, 10, False, None),  # N not a power of two, several samples
+    (2, 50, 4, 20, False, 0.5),  # rank 4 < kept: CDPruner's gains run out, relevance order takes over
+    (1, 20, 8, 20, False, None),  # every token kept
+    (2, 31, 8, 12, True, None),  # duplicates
+    (2, 9, 6, 1, False, None),  # one token
+]
+
+
+@needs_triton
+def test_triton_kernels_keep_what_the_pytorch_loops_keep():
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(CASES)
+    for case, row in zip(CASES, rows):
+        for name, (slow, fast) in row.items():
+            assert fast == slow, f"{name} {case}"
+            assert all(len(set(sample)) == case[3] for sample in fast)  # distinct tokens, exactly kept
+
+
+def test_auto_uses_pytorch_off_the_gpu_and_unknown_backends_are_refused():
+    from ficoco.stages.diversity import _use_triton
+
+    assert not _use_triton("auto", torch.device("cpu"), 576)
+    assert not _use_triton("torch", torch.device("cpu"), 576)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton', got 'cuda'"):
+        MaxMinDiversityFilter(backend="cuda").select(_tokens(), None, 2)
+    with pytest.raises(ValueError, match="backend must be"):
+        _use_triton("fast", torch.device("cpu"), 4)
+    assert ConditionalDPPFilter().backend == MaxMinDiversityFilter().backend == "torch"  # until timed on a GPU
+
+
+def _tokens():
+    from ficoco.stages.tokens import TokenGroup
+
+    return TokenGroup.fresh(torch.randn(1, 6, 4), (2, 3))
