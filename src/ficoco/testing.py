@@ -121,6 +121,68 @@ def tiny_llava_next_processor(image_token_id: int = 95):
                               chat_template=words.chat_template, image_token="<image>")
 
 
+# -- the LLaVA-OneVision family ----------------------------------------------------------------------
+
+#: LLaVA-OneVision's (llava-onevision-qwen2-7b-ov) anyres resolutions: every ``[384 i, 384 j]``, i, j in 1..6
+LLAVA_ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
+
+
+def tiny_llava_onevision_config(*, llm_layers: int = 8, vision_layers: int = 26, attn_implementation: str = "sdpa",
+                                vision_hidden: int = 32,
+                                llm_hidden: int = 64, vocab_size: int = 96, image_token_id: int = 95,
+                                video_token_id: int = 94):
+    """A :class:`transformers.LlavaOnevisionConfig` with LLaVA-OneVision-7B's geometry at tiny widths:
+    a SigLIP-384/14 tower (729 patches, no [CLS]; 26 layers by default, as OneVision keeps of
+    SigLIP-so400m's 27) with features from layer -1 and the ``full`` strategy,
+    :data:`LLAVA_ONEVISION_PINPOINTS`, ``anyres_max_9``, a Qwen2 decoder of the tiny LLaVA's widths."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    # OneVision's LLM is Qwen2 (biased query, key and value projections); the tiny LLaVA's widths
+    text = Qwen2Config(hidden_size=llm_hidden, intermediate_size=2 * llm_hidden, num_hidden_layers=llm_layers,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                       max_position_embeddings=16384,  # an image brings up to 729 + 9 crops' worth of tokens
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=vision_layers,
+                                num_attention_heads=4, image_size=384, patch_size=14, vision_use_head=False)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, video_token_id=video_token_id,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        projector_hidden_act="gelu", image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS],
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_onevision(seed: int = 0, **config_options):
+    """A :class:`transformers.LlavaOnevisionForConditionalGeneration` with random weights, in eval mode."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config(**config_options))
+    # sharper attention than random init in the decoder, so that scores are informative. Not in the
+    # tower: SigLIP's own (xavier) init is ~7x CLIP's, its attention logits already have a spread of
+    # ~1; 4x sharper they reach ~16 (near-argmax attention), where float32 rounding differences
+    # between eager and SDPA grow ~5x per layer (7e-3 after 16 layers, against 3e-6 unsharpened).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and "vision_tower" not in name:
+                param.mul_(4.0)
+    return model.eval()
+
+
+def tiny_llava_onevision_image_processor():
+    """OneVision's anyres image processor (PIL backend) at 384 px with :data:`LLAVA_ONEVISION_PINPOINTS`
+    (``LlavaOnevisionProcessor`` itself also builds a video processor, which needs torchvision; the
+    tiny LLaVA's tokenizer, :func:`tiny_llava_processor`, gives the text side)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    return LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                           image_grid_pinpoints=[list(p) for p in LLAVA_ONEVISION_PINPOINTS])
+
+
 # -- the Qwen-VL family -----------------------------------------------------------------------------
 
 #: the three Qwen-VL generations ficoco runs, by ``config.model_type``

@@ -1,7 +1,7 @@
 """Model adapters: run methods inside Hugging Face multimodal models (:func:`apply`, :func:`attach`).
 
 One module per model family (``llava.py``, ``llava_next.py`` with its anyres layout in
-``anyres.py``, ``qwen_vl.py``) behind :class:`ReductionHandle` (``handle.py``); ``families.py``
+``anyres.py``, ``llava_onevision.py`` on top of it, ``video_llava.py``, ``qwen_vl.py``) behind :class:`ReductionHandle` (``handle.py``); ``families.py``
 picks the family; ``vision.py`` / ``packed_vision.py`` run
 encoder-side reductions, ``language.py`` decoder-side ones.
 """

@@ -18,6 +18,7 @@ formulas are those of transformers' ``get_anyres_image_grid_shape`` and ``unpad_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +146,55 @@ def anyres_layout(image_size: tuple[int, int], pinpoints: list, crop_size: int, 
         left = (grid_width - new_width) // 2
         cols = grid_width - 2 * left
     return AnyresLayout(side, tile_rows, tile_cols, rows, cols, top, left)
+
+
+@dataclass(frozen=True)
+class OnevisionLayout(AnyresLayout):
+    """LLaVA-OneVision's variant (``anyres_max_N``): after unpadding, a tiles' grid of more than
+    ``1.1² x N`` crops' worth of patches is resized (bilinear) to ``out_rows x out_cols`` before the
+    newline tokens are added; otherwise ``out_rows, out_cols == rows, cols``.
+
+    Attributes:
+        out_rows / out_cols: the tiles' token grid the LLM receives (newline after each of its rows).
+    """
+
+    out_rows: int
+    out_cols: int
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the unpadded tiles' grid was resized (its tokens are no longer patches of it)."""
+        return (self.out_rows, self.out_cols) != (self.rows, self.cols)
+
+    @property
+    def full_tokens(self) -> int:
+        return self.side * self.side + self.out_rows * (self.out_cols + 1)
+
+    @property
+    def patch_tokens(self) -> int:
+        return self.side * self.side + self.out_rows * self.out_cols
+
+    def newlines(self) -> Tensor:
+        flags = torch.zeros(self.full_tokens, dtype=torch.bool)
+        flags[self.side * self.side + self.out_cols::self.out_cols + 1] = True
+        return flags
+
+    def patch_positions(self) -> Tensor:
+        """As :meth:`AnyresLayout.patch_positions`; a resized grid's token at row ``r``, column
+        ``c`` gets ``side² + r x out_cols + c`` (unique, but not a place on the tiles' full grid)."""
+        if not self.scaled:
+            return super().patch_positions()
+        return torch.arange(self.patch_tokens)
+
+
+def onevision_layout(image_size: tuple[int, int], pinpoints: list, crop_size: int, patch_size: int,
+                     max_crops: int) -> OnevisionLayout:
+    """:func:`anyres_layout` then ``anyres_max_{max_crops}``'s resize, with the arithmetic of
+    transformers' ``LlavaOnevisionModel.pack_image_features`` (and its processor's count)."""
+    base = anyres_layout(image_size, pinpoints, crop_size, patch_size)
+    out_rows, out_cols = base.rows, base.cols
+    ratio = math.sqrt(base.rows * base.cols / (max_crops * base.side ** 2))
+    if ratio > 1.1:
+        out_rows, out_cols = int(base.rows // ratio), int(base.cols // ratio)
+    return OnevisionLayout(base.side, base.tile_rows, base.tile_cols, base.rows, base.cols, base.top, base.left,
+                           out_rows, out_cols)

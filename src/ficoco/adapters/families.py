@@ -51,6 +51,12 @@ def _llava_next() -> type[ReductionHandle]:
     return LlavaNextHandle
 
 
+def _llava_onevision() -> type[ReductionHandle]:
+    from .llava_onevision import LlavaOnevisionHandle
+
+    return LlavaOnevisionHandle
+
+
 def _video_llava() -> type[ReductionHandle]:
     from .video_llava import VideoLlavaHandle
 
@@ -75,6 +81,8 @@ QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), ("LlavaForConditionalGeneration", "LlavaModel"), _llava),
     Family("LLaVA-NeXT", ("llava_next",), ("LlavaNextForConditionalGeneration", "LlavaNextModel"), _llava_next),
+    Family("LLaVA-OneVision", ("llava_onevision",),
+           ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"), _llava_onevision),
     Family("Video-LLaVA", ("video_llava",), ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), _video_llava),
     Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", QWEN_MODEL_TYPES,
            ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",

@@ -66,9 +66,9 @@ def tower_layout(config, tower: nn.Module) -> tuple[nn.ModuleList, bool, tuple[i
     layers = encoder.layers
     image_size, patch = vcfg.image_size, vcfg.patch_size
     sizes = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-    if sizes[0] != sizes[1] or sizes[0] % patch:
+    if sizes[0] != sizes[1]:
         raise ValueError(f"non-square patch grid: image size {image_size} with patch {patch}")
-    side = sizes[0] // patch
+    side = sizes[0] // patch  # the patch convolution drops a remainder (SigLIP-384/14: 27 x 27)
     feature_layer = config.vision_feature_layer
     if not isinstance(feature_layer, int):
         raise ValueError(f"ficoco needs one vision_feature_layer, got {feature_layer!r}")

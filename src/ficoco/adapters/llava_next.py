@@ -73,16 +73,22 @@ class LlavaNextHandle(ReductionHandle):
     """
 
     family = "llava-next"
+    #: the family's name in messages
+    family_name = "LLaVA-NeXT"
+
+    @staticmethod
+    def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        return _parts(model)
 
     def __init__(self, model: nn.Module, method: Method, *, record: bool = False) -> None:
-        llava, outer = _parts(model)
+        llava, outer = self._parts(model)
         if method.resolution is not None:
-            raise ValueError(f"{method.name} lowers each crop's resolution, which LLaVA-NeXT's packing (unpadding "
-                             f"and newline tokens on the crops' full grids) does not take; it runs on LLaVA-1.5 and "
-                             f"Qwen-VL")
+            raise ValueError(f"{method.name} lowers each crop's resolution, which {self.family_name}'s packing "
+                             f"(unpadding and newline tokens on the crops' full grids) does not take; it runs on "
+                             f"LLaVA-1.5 and Qwen-VL")
         if method.vision is not None and method.vision.adaptive:
             raise ValueError(f"{method.name} without a budget decides each crop's count in the tower, after "
-                             f"LLaVA-NeXT's prompt must hold every image's count; give retain=")
+                             f"{self.family_name}'s prompt must hold every image's count; give retain=")
         super().__init__(model, llava, outer, method, record=record)
         self.llava, config = llava, llava.config
         layers, has_cls, grid, feature_layer = vision_layout(llava)
@@ -92,7 +98,11 @@ class LlavaNextHandle(ReductionHandle):
         strategy = getattr(config, "vision_feature_select_strategy", "default")
         if has_cls and strategy != "default":
             raise ValueError(f"vision_feature_select_strategy={strategy!r} hands the LLM each crop's [CLS] too, "
-                             f"which LLaVA-NeXT's packing into patch grids does not take; use 'default'")
+                             f"which {self.family_name}'s packing into patch grids does not take; use 'default'")
+        if not has_cls and strategy == "default":
+            raise ValueError(f"vision_feature_select_strategy='default' drops the first of each crop's patches (a "
+                             f"SigLIP tower has no [CLS] to drop), which {self.family_name}'s packing into patch grids "
+                             f"does not take; use 'full'")
         self.image_token = config.image_token_id
         self.pinpoints = [list(p) for p in config.image_grid_pinpoints]
         self.crop_size, self.patch_size = config.vision_config.image_size, config.vision_config.patch_size
@@ -129,11 +139,15 @@ class LlavaNextHandle(ReductionHandle):
         if method.language is not None and plan.language:
             self.hooks.pre(llava, self._remember_prompted, with_kwargs=True)  # before the language side's own
             self.language = LanguageSide(llava, method.language, self._language_layers(), schedule=self._schedule,
-                                         visual_token_ids=(self.image_token,), grid=LLM_GRID,
+                                         visual_token_ids=self._visual_token_ids(), grid=LLM_GRID,
                                          token_state=self._token_state, record=self.record,
                                          candidates=self._candidates)
             self.language.install(self.hooks)
             self._install_loss_hooks()
+
+    def _visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholders whose tokens a decoder-side method sees as visual."""
+        return (self.image_token,)
 
     # -- geometry and budgets -------------------------------------------------------------------
 
@@ -203,7 +217,7 @@ class LlavaNextHandle(ReductionHandle):
 
     def _image_layouts(self, sizes) -> list[AnyresLayout]:
         if sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes (height, width of each image) with pixel_values")
+            raise ValueError(f"{self.family_name} needs image_sizes (height, width of each image) with pixel_values")
         return [self.layout(size) for size in _sizes_of(sizes)]
 
     # -- before the LLM: the prompt and the packing ---------------------------------------------
@@ -220,7 +234,7 @@ class LlavaNextHandle(ReductionHandle):
             return inputs  # already cut (generate's own forward calls)
         if total != sum(full):
             raise ValueError(f"the prompt has {total} image placeholders for {len(layouts)} image(s) of sizes "
-                             f"{_sizes_of(inputs['image_sizes'])}; LLaVA-NeXT expects {sum(full)} ({full})")
+                             f"{_sizes_of(inputs['image_sizes'])}; {self.family_name} expects {sum(full)} ({full})")
         keep = run_keep_mask(input_ids, self.image_token, full, kept)
         pad = self.llava.config.text_config.pad_token_id
         inputs = cut_prompt_inputs(inputs, keep, pad_token_id=self.image_token if pad is None else pad,
@@ -289,7 +303,7 @@ class LlavaNextHandle(ReductionHandle):
         per_row = placeholders.sum(dim=1).tolist()
         if sum(per_row) != sum(counts):
             raise ValueError(f"the prompt has {sum(per_row)} image placeholders but its {len(layouts)} image(s) "
-                             f"need {sum(counts)} ({counts}); decoder-side reduction on LLaVA-NeXT needs the "
+                             f"need {sum(counts)} ({counts}); decoder-side reduction on {self.family_name} needs the "
                              f"image_sizes of the images in this prompt")
         self._rows, image = [], 0
         for count in per_row:
