@@ -143,6 +143,7 @@ def test_checkpoint_problems_are_named(tmp_path, checkpoint, checkpoint_with_pro
     assert check_supported({"model_type": "llava_next"}, "x").name == "LLaVA-NeXT"
     with pytest.raises(ValueError, match=r"'idefics3' checkpoint \(Idefics3ForConditionalGeneration\); ficoco "
                                          r"runs LLaVA-1.5 \(llava\); LLaVA-NeXT \(llava_next\); "
+                                         r"LLaVA-NeXT-Video \(llava_next_video\); "
                                          r"LLaVA-OneVision \(llava_onevision\); Video-LLaVA \(video_llava\); "
                                          r"Qwen2-VL / Qwen2.5-VL"):
         check_supported({"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]}, "x")

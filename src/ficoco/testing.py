@@ -121,6 +121,40 @@ def tiny_llava_next_processor(image_token_id: int = 95):
                               chat_template=words.chat_template, image_token="<image>")
 
 
+# -- the LLaVA-NeXT-Video family ---------------------------------------------------------------------
+
+
+def tiny_llava_next_video_config(*, llm_layers: int = 8, vision_layers: int = 24, attn_implementation: str = "sdpa",
+                                 video_token_id: int = 94):
+    """A :class:`transformers.LlavaNextVideoConfig` with LLaVA-NeXT-Video-7B's geometry at tiny widths:
+    :func:`tiny_llava_next_config`'s tower (CLIP-336/14, features from layer -2, ``default``
+    strategy), decoder and pinpoints, and videos average-pooled 2x2 to 12 x 12 tokens per frame."""
+    from transformers import LlavaNextVideoConfig
+
+    base = tiny_llava_next_config(llm_layers=llm_layers, attn_implementation=attn_implementation)
+    base.vision_config.num_hidden_layers = vision_layers
+    config = LlavaNextVideoConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_index=base.image_token_id,
+        video_token_index=video_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+        spatial_pool_mode="average", spatial_pool_stride=2)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_llava_next_video(seed: int = 0, **config_options):
+    """A :class:`transformers.LlavaNextVideoForConditionalGeneration` with random weights, in eval mode."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config(**config_options))
+    with torch.no_grad():  # sharper attention than random init, as the tiny LLaVA-NeXT's
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(4.0)
+    return model.eval()
+
+
 # -- the LLaVA-OneVision family ----------------------------------------------------------------------
 
 #: LLaVA-OneVision's (llava-onevision-qwen2-7b-ov) anyres resolutions: every ``[384 i, 384 j]``, i, j in 1..6

@@ -1,8 +1,9 @@
 """Model adapters: run methods inside Hugging Face multimodal models (:func:`apply`, :func:`attach`).
 
 One module per model family (``llava.py``, ``llava_next.py`` with its anyres layout in
-``anyres.py``, ``llava_onevision.py`` on top of it, ``video_llava.py``, ``qwen_vl.py``) behind :class:`ReductionHandle` (``handle.py``); ``families.py``
-picks the family; ``vision.py`` / ``packed_vision.py`` run
+``anyres.py``, ``llava_onevision.py`` and ``llava_next_video.py`` on top of it with their pooled
+videos in ``pooled_video.py``, ``video_llava.py``, ``qwen_vl.py``) behind :class:`ReductionHandle`
+(``handle.py``); ``families.py`` picks the family; ``vision.py`` / ``packed_vision.py`` run
 encoder-side reductions, ``language.py`` decoder-side ones.
 """
 

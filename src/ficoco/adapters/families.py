@@ -51,6 +51,12 @@ def _llava_next() -> type[ReductionHandle]:
     return LlavaNextHandle
 
 
+def _llava_next_video() -> type[ReductionHandle]:
+    from .llava_next_video import LlavaNextVideoHandle
+
+    return LlavaNextVideoHandle
+
+
 def _llava_onevision() -> type[ReductionHandle]:
     from .llava_onevision import LlavaOnevisionHandle
 
@@ -81,6 +87,8 @@ QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-1.5", ("llava",), ("LlavaForConditionalGeneration", "LlavaModel"), _llava),
     Family("LLaVA-NeXT", ("llava_next",), ("LlavaNextForConditionalGeneration", "LlavaNextModel"), _llava_next),
+    Family("LLaVA-NeXT-Video", ("llava_next_video",),
+           ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel"), _llava_next_video),
     Family("LLaVA-OneVision", ("llava_onevision",),
            ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel"), _llava_onevision),
     Family("Video-LLaVA", ("video_llava",), ("VideoLlavaForConditionalGeneration", "VideoLlavaModel"), _video_llava),
