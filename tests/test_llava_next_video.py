@@ -18,9 +18,9 @@ import torch
 import ficoco
 from ficoco.adapters.anyres import anyres_layout
 from ficoco.testing import LLAVA_NEXT_PINPOINTS, tiny_llava_next_processor, tiny_llava_next_video
+from tests.anyres_matrix import kept, matrix
 from tests.test_llava_next import METHODS as NEXT_METHODS
-from tests.test_llava_next import REFUSED, _manual_greedy, _valid_rows, hook_count, image, logits
-from tests.test_models import _cache_argument, _cache_of
+from tests.test_llava_next import REFUSED, _manual_greedy, hook_count, image, logits
 
 pytestmark = pytest.mark.xdist_group("llava-next-video")
 
@@ -189,12 +189,6 @@ def test_video_placeholders_match_the_model(model, video_samples):
 # -- the matrix ------------------------------------------------------------------------------------
 
 
-def _kept(handle, ids, tokens) -> list[int]:
-    kept = ids.gather(1, handle.kept_index)
-    hit = torch.isin(kept, torch.tensor(tokens))
-    return (hit & handle.kept_valid).sum(1).tolist()
-
-
 def _image_counts(key, method):
     """Before the LLM: crops x k placeholders per image, exactly; inside it: min(crops x k, its
     patches) of each image's patch tokens, and every newline token."""
@@ -215,7 +209,7 @@ def _image_counts(key, method):
             assert key == "sparsevlm" or expected == [min(x.patch_tokens, x.crops * 100) for x in layouts]
             expected = [e + x.rows for e, x in zip(expected, layouts)]  # every newline token stays
         ids = (prepared if key in BEFORE_LLM else inputs)["input_ids"]
-        assert _kept(handle, ids, (IMAGE_TOKEN,)) == expected
+        assert kept(handle, ids, (IMAGE_TOKEN,)) == expected
 
     return check
 
@@ -228,81 +222,22 @@ def _video_counts(key):
         assert key == "sparsevlm" or video == FRAMES * 100
         picture = handle.kept_tokens(SIZES[0])
         newlines = layout_of(SIZES[0]).rows
-        assert _kept(handle, inputs["input_ids"], (IMAGE_TOKEN, VIDEO_TOKEN)) == [video, picture + newlines + video]
+        assert kept(handle, inputs["input_ids"], (IMAGE_TOKEN, VIDEO_TOKEN)) == [video, picture + newlines + video]
 
     return check
-
-
-def _greedy(model, handle, inputs, steps):
-    prepared = handle.prepare_inputs(**inputs)
-    mask = prepared["attention_mask"]
-    position = mask.long().cumsum(-1) - 1
-    out = model(**prepared, use_cache=True, position_ids=position.clamp_min(0))
-    prefill, valid = out.logits, handle.kept_valid
-    valid = None if valid is None else valid.clone()
-    tokens, step_logits = [], []
-    for _ in range(steps):
-        step_logits.append(out.logits[:, -1])
-        # generate(min_new_tokens=steps) forbids the end of sequence (id 2) for every step here
-        nxt = out.logits[:, -1].clone().index_fill_(-1, torch.tensor([2]), float("-inf")).argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        position = position[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, position_ids=position,
-                    **{_cache_argument(model): _cache_of(out)})
-    return prefill, valid, torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-
-
-def output_mask(handle, inputs):
-    if handle.kept_index is not None:
-        return inputs["attention_mask"].gather(1, handle.kept_index).bool() & handle.kept_valid
-    return handle.prepare_inputs(**inputs)["attention_mask"].bool()
-
-
-def _matrix(model, eager_model, samples, vanilla, key, counts):
-    method = build(key)
-    right, left = batch(samples, "right"), batch(samples, "left")
-    before, steps = hook_count(model), 3
-    handle = ficoco.attach(model, method)
-    try:
-        assert handle.family == "llava-next-video" and hook_count(model) > before
-        with torch.inference_mode():
-            batched, valid = {"right": model(**right).logits}, {}
-            counts(handle, right, handle.prepare_inputs(**right), batched["right"])
-            real = output_mask(handle, right)
-            valid["right"] = None if handle.kept_valid is None else handle.kept_valid.clone()
-            singles = [model(**batch([sample])).logits[0] for sample in samples]
-            gen = model.generate(**left, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-            batched["left"], valid["left"], tokens, step_logits = _greedy(model, handle, left, steps)
-    finally:
-        handle.remove()
-    for side, out in batched.items():
-        for row, single in enumerate(singles):
-            got = out[row][valid[side][row]] if valid[side] is not None else \
-                _valid_rows(out[row], single.shape[0], side)
-            torch.testing.assert_close(got, single, rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, : left["input_ids"].shape[1]], left["input_ids"])
-    torch.testing.assert_close(torch.stack(gen.logits, dim=1), step_logits, rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, -steps:], tokens)
-    assert batched["right"].shape[1] < vanilla[0].shape[1]
-    assert hook_count(model) == before and "generate" not in model.__dict__
-    assert not {"get_image_features", "pack_image_features", "get_video_features"} & set(model.model.__dict__)
-    torch.testing.assert_close(logits(model, batch(samples[:1])), vanilla[1], rtol=0, atol=0)
-    with ficoco.apply(eager_model, method):
-        eager = logits(eager_model, right)
-    torch.testing.assert_close(batched["right"][real], eager[real], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("key", list(METHODS))
 def test_matrix_images(model, eager_model, samples, tome_samples, vanilla, key):
     chosen, reference = tome_samples if key == "tome" else (samples, (vanilla["images"], vanilla["images0"]))
-    _matrix(model, eager_model, chosen, reference, key, _image_counts(key, build(key)))
+    matrix(model, eager_model, chosen, reference, build(key), _image_counts(key, build(key)), family="llava-next-video",
+           batch=batch)
 
 
 @pytest.mark.parametrize("key", DECODER)
 def test_matrix_videos_and_images(model, eager_model, video_samples, vanilla, key):
-    _matrix(model, eager_model, video_samples, (vanilla["videos"], vanilla["videos0"]), key, _video_counts(key))
+    matrix(model, eager_model, video_samples, (vanilla["videos"], vanilla["videos0"]), build(key), _video_counts(key),
+           family="llava-next-video", batch=batch)
 
 
 def test_vanilla_generate_equals_manual_decoding(model, video_samples):
@@ -330,7 +265,7 @@ def test_video_budget_share_counts_a_frames_pooled_tokens(model, video_samples):
     with ficoco.apply(model, "fastv", retain=0.25) as handle:
         logits(model, batch(video_samples[:1]))
         assert handle.kept_video_tokens(FRAMES) == FRAMES * 36
-        assert _kept(handle, video_samples[0]["input_ids"], (VIDEO_TOKEN,)) == [FRAMES * 36]
+        assert kept(handle, video_samples[0]["input_ids"], (VIDEO_TOKEN,)) == [FRAMES * 36]
 
 
 # -- refusals and the family ----------------------------------------------------------------------

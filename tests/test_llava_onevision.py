@@ -24,16 +24,15 @@ from ficoco.testing import (
     tiny_llava_onevision_image_processor,
     tiny_llava_processor,
 )
+from tests.anyres_matrix import kept, matrix
 from tests.test_llava_next import METHODS as NEXT_METHODS
 from tests.test_llava_next import (
     REFUSED,
     _manual_greedy,
-    _valid_rows,
     hook_count,
     image,
     logits,
 )
-from tests.test_models import _cache_argument, _cache_of
 
 pytestmark = pytest.mark.xdist_group("llava-onevision")
 
@@ -251,13 +250,6 @@ def test_vanilla_eager_and_sdpa_agree(model, eager_model, samples, vanilla):
 # -- the matrix ------------------------------------------------------------------------------------
 
 
-def _kept(handle, ids, tokens) -> list[int]:
-    """Per row, the real tokens among the last prefill's survivors whose prompt id is in ``tokens``."""
-    kept = ids.gather(1, handle.kept_index)
-    hit = torch.isin(kept, torch.tensor(tokens))
-    return (hit & handle.kept_valid).sum(1).tolist()
-
-
 def _image_counts(key, method):
     """Before the LLM: crops x k placeholders per image, exactly; inside it: min(crops x k, its
     patches) of each image's patch tokens, and every newline token."""
@@ -282,7 +274,7 @@ def _image_counts(key, method):
             assert key == "sparsevlm" or expected == [min(x.patch_tokens, x.crops * 100) for x in layouts]
             expected = [e + x.out_rows for e, x in zip(expected, layouts)]  # every newline token stays
         ids = (prepared if key in BEFORE_LLM else inputs)["input_ids"]
-        assert _kept(handle, ids, (IMAGE_TOKEN,)) == expected
+        assert kept(handle, ids, (IMAGE_TOKEN,)) == expected
 
     return check
 
@@ -295,7 +287,7 @@ def _video_counts(key):
         assert key == "sparsevlm" or video == FRAMES * 100
         image = handle.kept_tokens(SIZES[0])
         newlines = layout_of(SIZES[0]).out_rows
-        assert _kept(handle, inputs["input_ids"], (IMAGE_TOKEN, VIDEO_TOKEN)) == [
+        assert kept(handle, inputs["input_ids"], (IMAGE_TOKEN, VIDEO_TOKEN)) == [
             video + 1, image + newlines + video + 1]
         ids = inputs["input_ids"]
         for row in (0, 1):  # the video's newline token (its last placeholder) survives
@@ -305,85 +297,16 @@ def _video_counts(key):
     return check
 
 
-def _matrix(model, eager_model, samples, vanilla, key, counts):
-    """One method on one batch (padded right and left): exact counts, batched == one by one,
-    generate() == manual decoding, detach restores the model, eager == SDPA. ``vanilla``: the
-    model's own logits of the batch padded right and of its first sample alone."""
-    method = build(key)
-    right, left = batch(samples, "right"), batch(samples, "left")
-    before, steps = hook_count(model), 3
-    handle = ficoco.attach(model, method)
-    try:
-        assert handle.family == "llava-onevision" and hook_count(model) > before
-        with torch.inference_mode():
-            batched, valid = {"right": model(**right).logits}, {}
-            counts(handle, right, handle.prepare_inputs(**right), batched["right"])
-            real = output_mask(handle, right)
-            valid["right"] = None if handle.kept_valid is None else handle.kept_valid.clone()
-            singles = [model(**batch([sample])).logits[0] for sample in samples]
-            gen = model.generate(**left, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-            # the manual decoding's prefill is the batch padded left
-            batched["left"], valid["left"], tokens, step_logits = _greedy(model, handle, left, steps)
-    finally:
-        handle.remove()
-    for side, out in batched.items():
-        for row, single in enumerate(singles):
-            # real tokens: neither padding nor (decoder side) the dead rows that keep the batch rectangular
-            got = out[row][valid[side][row]] if valid[side] is not None else \
-                _valid_rows(out[row], single.shape[0], side)
-            torch.testing.assert_close(got, single, rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, : left["input_ids"].shape[1]], left["input_ids"])
-    torch.testing.assert_close(torch.stack(gen.logits, dim=1), step_logits, rtol=1e-4, atol=1e-4)
-    assert torch.equal(gen.sequences[:, -steps:], tokens)
-    # detached: no hook, no instance wrapper, the vanilla logits exactly
-    assert batched["right"].shape[1] < vanilla[0].shape[1]
-    assert hook_count(model) == before and "generate" not in model.__dict__
-    assert not {"get_image_features", "pack_image_features", "get_video_features"} & set(model.model.__dict__)
-    torch.testing.assert_close(logits(model, batch(samples[:1])), vanilla[1], rtol=0, atol=0)
-    with ficoco.apply(eager_model, method):
-        eager = logits(eager_model, right)
-    torch.testing.assert_close(batched["right"][real], eager[real], rtol=1e-4, atol=1e-4)
-
-
-def _greedy(model, handle, inputs, steps):
-    """Prefill (its logits and real output positions) then ``steps`` cached decoding steps as
-    generate() takes them (tests/test_models.py's manual loop)."""
-    prepared = handle.prepare_inputs(**inputs)
-    mask = prepared["attention_mask"]
-    finished = torch.zeros(mask.shape[0], 1, dtype=torch.bool)
-    position = mask.long().cumsum(-1) - 1
-    out = model(**prepared, use_cache=True, position_ids=position.clamp_min(0))
-    prefill, valid = out.logits, handle.kept_valid
-    valid = None if valid is None else valid.clone()
-    tokens, step_logits = [], []
-    for _ in range(steps):
-        step_logits.append(out.logits[:, -1])
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True).masked_fill(finished, 0)
-        finished |= nxt == 2  # rows that emitted EOS go on with padding, as in generate()
-        tokens.append(nxt)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        position = position[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, position_ids=position,
-                    **{_cache_argument(model): _cache_of(out)})
-    return prefill, valid, torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-
-
-def output_mask(handle, inputs):
-    """``[B, L']`` which output positions are real tokens."""
-    if handle.kept_index is not None:
-        return inputs["attention_mask"].gather(1, handle.kept_index).bool() & handle.kept_valid
-    return handle.prepare_inputs(**inputs)["attention_mask"].bool()
-
-
 @pytest.mark.parametrize("key", list(METHODS))
 def test_matrix_images(model, eager_model, samples, vanilla, key):
-    _matrix(model, eager_model, samples, (vanilla["images"], vanilla["images0"]), key, _image_counts(key, build(key)))
+    matrix(model, eager_model, samples, (vanilla["images"], vanilla["images0"]), build(key), _image_counts(key, build(key)),
+           family="llava-onevision", batch=batch)
 
 
 @pytest.mark.parametrize("key", DECODER)
 def test_matrix_videos_and_images(model, eager_model, video_samples, vanilla, key):
-    _matrix(model, eager_model, video_samples, (vanilla["videos"], vanilla["videos0"]), key, _video_counts(key))
+    matrix(model, eager_model, video_samples, (vanilla["videos"], vanilla["videos0"]), build(key), _video_counts(key),
+           family="llava-onevision", batch=batch)
 
 
 def test_vanilla_generate_equals_manual_decoding(model, video_samples):
@@ -411,7 +334,7 @@ def test_video_budget_share_counts_a_frames_pooled_tokens(model, video_samples):
     with ficoco.apply(model, "fastv", retain=0.25) as handle:
         logits(model, batch(video_samples[:1]))
         assert handle.kept_video_tokens(FRAMES) == FRAMES * 49
-        assert _kept(handle, video_samples[0]["input_ids"], (VIDEO_TOKEN,)) == [FRAMES * 49 + 1]
+        assert kept(handle, video_samples[0]["input_ids"], (VIDEO_TOKEN,)) == [FRAMES * 49 + 1]
 
 
 @pytest.mark.parametrize("key", ["fastv", "ficoco-v"])
@@ -428,7 +351,7 @@ def test_resized_image_budget_and_newlines(model, processors, key):
             assert out.logits.shape[1] == prepared["input_ids"].shape[1]
             assert int((prepared["input_ids"] == IMAGE_TOKEN).sum()) == 13 * 16
             return
-        assert _kept(handle, sample["input_ids"], (IMAGE_TOKEN,)) == [13 * 16 + 93]
+        assert kept(handle, sample["input_ids"], (IMAGE_TOKEN,)) == [13 * 16 + 93]
         columns = (sample["input_ids"][0] == IMAGE_TOKEN).nonzero().flatten()
         assert set(columns[layout.newlines()].tolist()) <= set(handle.kept_index[0].tolist())
 

@@ -52,16 +52,21 @@ def _sizes_of(image_sizes) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in size) for size in rows]
 
 
+def split_model(model: nn.Module, outer: str, inner: str, family: str) -> tuple[nn.Module, nn.Module | None]:
+    """``(inner model, outer model or None)`` of a LLaVA-NeXT-layout family whose transformers
+    classes are named ``outer`` (``...ForConditionalGeneration``) and ``inner``, or a clear error."""
+    import transformers
+
+    if isinstance(model, getattr(transformers, outer)):
+        return model.model, model
+    if isinstance(model, getattr(transformers, inner)):
+        return model, None
+    raise TypeError(f"ficoco's {family} family takes {outer} and {inner}; got {type(model).__name__}")
+
+
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """``(LlavaNextModel, LlavaNextForConditionalGeneration or None)`` or a clear error."""
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
-
-    if isinstance(model, LlavaNextForConditionalGeneration):
-        return model.model, model
-    if isinstance(model, LlavaNextModel):
-        return model, None
-    raise TypeError(f"ficoco's LLaVA-NeXT family takes LlavaNextForConditionalGeneration and LlavaNextModel; "
-                    f"got {type(model).__name__}")
+    return split_model(model, "LlavaNextForConditionalGeneration", "LlavaNextModel", "LLaVA-NeXT")
 
 
 class LlavaNextHandle(ReductionHandle):

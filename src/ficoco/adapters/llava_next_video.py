@@ -21,20 +21,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..methods import Method
-from .llava_next import LlavaNextHandle
+from .llava_next import LlavaNextHandle, split_model
 from .pooled_video import PooledVideos
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """``(LlavaNextVideoModel, LlavaNextVideoForConditionalGeneration or None)`` or a clear error."""
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoModel
-
-    if isinstance(model, LlavaNextVideoForConditionalGeneration):
-        return model.model, model
-    if isinstance(model, LlavaNextVideoModel):
-        return model, None
-    raise TypeError(f"ficoco's LLaVA-NeXT-Video family takes LlavaNextVideoForConditionalGeneration and "
-                    f"LlavaNextVideoModel; got {type(model).__name__}")
+    return split_model(model, "LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel", "LLaVA-NeXT-Video")
 
 
 class LlavaNextVideoHandle(PooledVideos, LlavaNextHandle):

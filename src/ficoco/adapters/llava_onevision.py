@@ -32,20 +32,13 @@ from torch import Tensor, nn
 
 from ..methods import Method
 from .anyres import OnevisionLayout, onevision_layout
-from .llava_next import LlavaNextHandle
+from .llava_next import LlavaNextHandle, split_model
 from .pooled_video import PooledVideos
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     """``(LlavaOnevisionModel, LlavaOnevisionForConditionalGeneration or None)`` or a clear error."""
-    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
-
-    if isinstance(model, LlavaOnevisionForConditionalGeneration):
-        return model.model, model
-    if isinstance(model, LlavaOnevisionModel):
-        return model, None
-    raise TypeError(f"ficoco's LLaVA-OneVision family takes LlavaOnevisionForConditionalGeneration and "
-                    f"LlavaOnevisionModel; got {type(model).__name__}")
+    return split_model(model, "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel", "LLaVA-OneVision")
 
 
 def max_crops(vision_aspect_ratio: str) -> int:
