@@ -343,15 +343,20 @@ def test_unsupported_model_class():
         ficoco.attach(llm, "ficoco-v")
 
 
-def test_non_square_patch_grid():
+def test_patch_grid_follows_the_patch_convolution():
+    """An image size that is not a multiple of the patch gives the floor grid, as the patch
+    convolution does (SigLIP-384/14: 27 x 27); a rectangular image size is refused in one line."""
     from transformers import LlavaForConditionalGeneration
 
     from ficoco.testing import tiny_llava_config
 
-    config = tiny_llava_config(vision_layers=14)
-    config.vision_config.image_size = 340  # 340 / 14 is not a whole number of patches
-    with pytest.raises(ValueError, match="non-square patch grid"):
-        ficoco.attach(LlavaForConditionalGeneration(config), "ficoco-v")
+    model = LlavaForConditionalGeneration(tiny_llava_config(vision_layers=14))
+    model.config.vision_config.image_size = 340  # 340 / 14 = 24.3: 24 x 24 patches
+    with ficoco.apply(model, "ficoco-v") as handle:
+        assert tuple(handle.grid) == (24, 24)
+    model.config.vision_config.image_size = (336, 280)
+    with pytest.raises(ValueError, match="non-square patch grid: image size \\(336, 280\\) with patch 14"):
+        ficoco.attach(model, "ficoco-v")
 
 
 def test_resized_image_rejected(model, prompts):

@@ -409,18 +409,3 @@ def test_decoder_side_refuses_a_static_cache(model, samples, pixels):
     inputs = batch(samples, pixels, (2,))
     with ficoco.apply(model, build("fastv")), pytest.raises(ValueError, match="needs a dynamic KV cache"):
         model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-
-
-def test_llava_next_video_is_not_taken():
-    """LLaVA-NeXT-Video (anyres images, pooled frames) is not a family ficoco runs yet: one line."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
-
-    config = LlavaNextVideoConfig(
-        vision_config=CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
-                                       image_size=28, patch_size=14).to_dict(),
-        text_config=LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
-                                num_key_value_heads=1, vocab_size=40).to_dict(), image_token_index=38,
-        video_token_index=39)
-    with pytest.raises(TypeError, match=r"ficoco supports .*Video-LLaVA \(video_llava\).*; got "
-                                        r"LlavaNextVideoForConditionalGeneration \(llava_next_video\)"):
-        ficoco.attach(LlavaNextVideoForConditionalGeneration(config), "ficoco-v", retain=17)
