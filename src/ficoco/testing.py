@@ -10,6 +10,17 @@ from __future__ import annotations
 import torch
 
 
+def _sharpened(model, suffixes: tuple[str, ...] = ("q_proj.weight", "k_proj.weight"), *, skip: str | None = None):
+    """``model`` in eval mode with its query/key weights (names ending in ``suffixes``, not
+    containing ``skip``) scaled by 4: random init leaves attention nearly uniform, sharper weights
+    make the scores methods read informative."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(suffixes) and (skip is None or skip not in name):
+                param.mul_(4.0)
+    return model.eval()
+
+
 def tiny_llava_config(
     *,
     vision_layers: int = 24,
@@ -47,12 +58,7 @@ def tiny_llava(seed: int = 0, **config_options):
     torch.manual_seed(seed)
     config = tiny_llava_config(**config_options)
     model = LlavaForConditionalGeneration(config)
-    # random init leaves attention nearly uniform; sharper weights make scores informative
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-    return model.eval()
+    return _sharpened(model)
 
 
 def tiny_llava_processor(image_token_id: int = 95):
@@ -99,11 +105,7 @@ def tiny_llava_next(seed: int = 0, **config_options):
 
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(tiny_llava_next_config(**config_options))
-    with torch.no_grad():  # sharper attention than random init, so that scores are informative
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-    return model.eval()
+    return _sharpened(model)
 
 
 def tiny_llava_next_processor(image_token_id: int = 95):
@@ -148,11 +150,7 @@ def tiny_llava_next_video(seed: int = 0, **config_options):
 
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(tiny_llava_next_video_config(**config_options))
-    with torch.no_grad():  # sharper attention than random init, as the tiny LLaVA-NeXT's
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-    return model.eval()
+    return _sharpened(model)
 
 
 # -- the LLaVA-OneVision family ----------------------------------------------------------------------
@@ -194,15 +192,11 @@ def tiny_llava_onevision(seed: int = 0, **config_options):
 
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(tiny_llava_onevision_config(**config_options))
-    # sharper attention than random init in the decoder, so that scores are informative. Not in the
-    # tower: SigLIP's own (xavier) init is ~7x CLIP's, its attention logits already have a spread of
-    # ~1; 4x sharper they reach ~16 (near-argmax attention), where float32 rounding differences
-    # between eager and SDPA grow ~5x per layer (7e-3 after 16 layers, against 3e-6 unsharpened).
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")) and "vision_tower" not in name:
-                param.mul_(4.0)
-    return model.eval()
+    # the decoder only. Not the tower: SigLIP's own (xavier) init is ~7x CLIP's, its attention logits
+    # already have a spread of ~1; 4x sharper they reach ~16 (near-argmax attention), where float32
+    # rounding differences between eager and SDPA grow ~5x per layer (7e-3 after 16 layers, against
+    # 3e-6 unsharpened).
+    return _sharpened(model, skip="vision_tower")
 
 
 def tiny_llava_onevision_image_processor():
@@ -289,11 +283,7 @@ def tiny_qwen_vl(generation: str, seed: int = 0, **config_options):
     name = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
             "qwen3_vl": "Qwen3VLForConditionalGeneration"}[generation]
     model = getattr(transformers, name)(config)
-    with torch.no_grad():  # sharper attention than random init, so that scores are informative
-        for param_name, param in model.named_parameters():
-            if param_name.endswith(("q_proj.weight", "k_proj.weight", "attn.qkv.weight")):
-                param.mul_(4.0)
-    return model.eval()
+    return _sharpened(model, ("q_proj.weight", "k_proj.weight", "attn.qkv.weight"))
 
 
 def qwen_image_processor(generation: str):
@@ -356,9 +346,5 @@ def tiny_video_llava(seed: int = 0, **config_options):
 
     torch.manual_seed(seed)
     model = VideoLlavaForConditionalGeneration(tiny_video_llava_config(**config_options))
-    with torch.no_grad():  # sharper attention than random init, so that scores are informative
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-    return model.eval()
+    return _sharpened(model)
 

@@ -114,12 +114,18 @@ def _kv_bytes(cache) -> int:
     return total
 
 
-def variants(retains: Sequence[int], methods: Sequence[str], geometry,
-             log: Callable[[str], None] = print) -> list[tuple[str, int, Method | None]]:
-    """``(label, retain, method)`` for vanilla (``retain``: ``geometry``'s patches per view), the
-    oracles and every method. A method that cannot run at a budget on this geometry (ToMe past half
-    the tokens of a layer, say) is skipped and said, so one refusal does not lose the whole run."""
-    out: list[tuple[str, int, Method | None]] = [("vanilla", geometry.num_patches, None)]
+def variants(retains: Sequence[int | float], methods: Sequence[str], geometry, log: Callable[[str], None] = print,
+             *, vanilla_retain: int | float | None = None,
+             own_oracle: Callable[[Method], bool] = lambda method: method.language is not None,
+             ) -> list[tuple[str, int | float, Method | None]]:
+    """``(label, retain, method)`` for vanilla (``retain``: ``vanilla_retain``, default
+    ``geometry``'s patches per view), the oracles and every method; a method for which
+    ``own_oracle`` holds (default: it reduces inside the LLM) gets ``oracle[name]``, its own
+    per-layer schedule with truncation. A method that cannot run at a budget on this geometry
+    (ToMe past half the tokens of a layer, say) is skipped and said, so one refusal does not lose
+    the whole run."""
+    out: list[tuple[str, int | float, Method | None]] = [
+        ("vanilla", geometry.num_patches if vanilla_retain is None else vanilla_retain, None)]
     for retain in retains:
         out.append(("oracle", retain, oracle(retain)))
         for name in methods:
@@ -127,9 +133,9 @@ def variants(retains: Sequence[int], methods: Sequence[str], geometry,
             try:
                 method.plan(geometry)
             except ValueError as err:
-                log(f"skipped {name} at {retain}: {err}")
+                log(f"skipped {name} at {retain:g}: {err}")
                 continue
-            if method.language is not None:
+            if own_oracle(method):
                 out.append((f"oracle[{name}]", retain, oracle(like=method)))
             out.append((name, retain, method))
     return out

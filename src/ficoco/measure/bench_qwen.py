@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..adapters import attach, fast_vision_attention
-from ..methods import Method, get_method
-from ..methods.baselines import oracle
+from ..methods import Method
 from . import budget
 from .bench import cuda_times, environment, split_repeats
+from .bench import variants as bench_variants
 from .flops import preset as flops_preset
 from .qwen import QwenVLShape
 
@@ -136,25 +136,12 @@ class QwenMeasurement:
 
 def variants(shares: Sequence[float], methods: Sequence[str], geometry, log: Callable[[str], None]
              ) -> list[tuple[str, float, Method | None]]:
-    """``(label, share, method)`` for vanilla, the oracles and every method (one that cannot run at
-    a share, such as ToMe past half the tokens of a layer, is skipped and said). A method reducing in
-    the tower or the LLM gets ``oracle[name]``, its own per-layer schedule with truncation."""
-    out: list[tuple[str, float, Method | None]] = [("vanilla", 1.0, None)]
-    for share in shares:
-        out.append(("oracle", share, oracle(share)))
-        for name in methods:
-            method = get_method(name, retain=share)
-            try:
-                method.plan(geometry)
-            except ValueError as err:
-                log(f"skipped {name} at {share:g}: {err}")
-                continue
-            if method.vision is not None or method.language is not None:
-                out.append((f"oracle[{name}]", share, oracle(like=method)))
-            # methods that reduce only the LLM's input or the image's resolution compare with the
-            # plain oracle: the LLM fed the same count of tokens
-            out.append((name, share, method))
-    return out
+    """``(label, share, method)`` for vanilla, the oracles and every method (:func:`.bench.variants`).
+    A method reducing in the tower or the LLM gets ``oracle[name]``; methods that reduce only the
+    LLM's input or the image's resolution compare with the plain oracle, the LLM fed the same
+    count of tokens."""
+    return bench_variants(shares, methods, geometry, log, vanilla_retain=1.0,
+                          own_oracle=lambda method: method.vision is not None or method.language is not None)
 
 
 def run(
