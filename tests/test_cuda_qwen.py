@@ -90,6 +90,38 @@ def test_cuda_compiled_head_mean_softmax_equals_eager():
     assert bool((eager[0, 5] == 0).all())
 
 
+def test_cuda_triton_softmax_rows_at_the_tower_size():
+    """The Triton head-averaged softmax rows (the fast statistics path) against float32 PyTorch at
+    Qwen2.5-VL-7B's tower size, in bf16, and through the probe against its eager rows (which round
+    the logits to bf16 first: the kernel's error must be the smaller one)."""
+    from ficoco.stages import AttentionProbe
+    from ficoco.stages.attention_kernels import head_mean_softmax_rows
+    from ficoco.stages.probe import head_mean_softmax
+    from ficoco.stages.tokens import gather_rows
+
+    torch.manual_seed(0)
+    b, l, h, d = 2, 4784, 16, 80
+    q = torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16)
+    valid = torch.ones(b, l, dtype=torch.bool, device="cuda")
+    valid[1, 4000:] = False
+    bias = torch.rand(b, l, device="cuda").log()
+    rows = torch.randint(0, l, (b, 300), device="cuda")
+    scale = d ** -0.5
+    exact_logits = torch.einsum("brhd,blhd->bhrl", gather_rows(q.float(), rows) * scale, k.float())
+    exact_logits = (exact_logits + bias[:, None, None]).masked_fill(~valid[:, None, None], float("-inf"))
+    exact = head_mean_softmax(exact_logits[:, :, None])
+    direct = head_mean_softmax_rows((gather_rows(q, rows) * scale).transpose(1, 2),
+                                    k.transpose(1, 2), bias, valid)
+    assert (direct - exact).abs().max().item() < 1e-4
+    candidates = torch.arange(l, device="cuda").expand(b, -1)
+    fused = AttentionProbe(q, k, scale, candidates, key_bias=bias, key_valid=valid, compile_backend="inductor")
+    eager = AttentionProbe(q, k, scale, candidates, key_bias=bias, key_valid=valid)
+    fast, slow = fused.softmax_rows(rows), eager.softmax_rows(rows)
+    assert (fast - exact).abs().max() <= (slow - exact).abs().max()
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])
 def test_cuda_compiled_blocks_with_reductions(cuda_model, key):
     """Compiled blocks (and the reductions' compiled statistics) give what the eager one-call path gives."""

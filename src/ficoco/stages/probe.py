@@ -10,6 +10,7 @@ caches each statistic so that filter and correlate can share it.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from functools import cached_property
 from typing import Literal
@@ -69,9 +70,11 @@ class AttentionProbe:
             (SparseVLM's raters, :class:`~ficoco.stages.TextRaters`).
         rater_valid: ``[B, R]`` bool, which of ``rater_rows`` are real (samples have different
             numbers of raters); a sample with none is rated by its ``last_row``.
-        compile_backend: on CUDA, form head-averaged softmax rows with
-            :func:`compiled_head_mean_softmax` of this ``torch.compile`` backend (``None``: eagerly).
-            The adapters pass it where the user compiled the model's blocks
+        compile_backend: the fast statistics path, on CUDA: head-averaged softmax rows of
+            non-causal attention as the Triton kernels of :mod:`.attention_kernels` (the logits
+            never in memory; where Triton is installed), else as
+            :func:`compiled_head_mean_softmax` of this ``torch.compile`` backend (``None``: eagerly,
+            the reference). The adapters pass it where the user compiled the model's blocks
             (``fast_vision_attention(..., compile_blocks=True)``).
     """
 
@@ -200,12 +203,30 @@ class AttentionProbe:
         """
         if average not in ("probs", "logits"):
             raise ValueError(f"average must be 'probs' or 'logits', got {average!r}")
+        if average == "probs" and self._fused_rows(rows):
+            return self._fused_softmax_rows(rows)
         logits = self._row_logits(rows)  # [B, Hk, G, R, L]
         if average == "logits":
             return self._masked_softmax(logits.mean(dim=(1, 2), dtype=torch.float32), rows)
         if self.compile_backend is not None and logits.is_cuda:
             return compiled_head_mean_softmax(self.compile_backend)(self._masked_logits(logits, rows)[0])
         return self._masked_softmax(logits, rows).mean(dim=(1, 2))
+
+    def _fused_rows(self, rows: Tensor) -> bool:
+        """Whether :meth:`softmax_rows` runs as the Triton kernels of :mod:`.attention_kernels`: on
+        the fast statistics path (``compile_backend`` set), for CUDA tensors, non-causal attention
+        (the encoders), with Triton installed."""
+        return (self.compile_backend is not None and rows.is_cuda and not self.causal
+                and importlib.util.find_spec("triton") is not None)
+
+    def _fused_softmax_rows(self, rows: Tensor) -> Tensor:
+        """:meth:`softmax_rows` (``"probs"``) with the logits kept in registers
+        (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_rows`)."""
+        from .attention_kernels import head_mean_softmax_rows
+
+        # the scale goes into the query rows, as in _row_logits; heads ordered key head by key head
+        q = (self.query_rows(rows) * self.scale).transpose(1, 2)  # [B, H, R, d]
+        return head_mean_softmax_rows(q, self.head_major_keys, self.key_bias, self.key_valid)
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
         """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
@@ -251,9 +272,11 @@ class AttentionProbe:
         member.scatter_(3, self.candidates[:, None, None, :], 1.0 / self.num_candidates)
         k_mean = torch.matmul(member, keys)[:, :, 0].float() * (self.scale / h)  # [B, Hk, d]
         k_mean = k_mean.repeat_interleave(h // hk, dim=1)  # [B, H, d]
-        q = self.query_rows(self.candidates)  # [B, N, H, d]
-        v = torch.matmul(q.reshape(b, -1, h * d), k_mean.reshape(b, h * d, 1).to(q.dtype))
-        return v[..., 0].float()
+        # every row's product, then the candidates' entries: a [B, L] gather instead of a gathered
+        # copy of the candidates' queries (L is at most a few text tokens more than N)
+        q = self.rotated_queries  # [B, L, H, d]
+        v = torch.matmul(q.reshape(b, l, h * d), k_mean.reshape(b, h * d, 1).to(q.dtype))[..., 0]
+        return v.gather(1, self.candidates).float()
 
     def attention_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """``[B, r, N]``: attention of candidates ``rows`` (``[B, r]`` candidate indices) to every
@@ -341,7 +364,8 @@ class AttentionProbe:
     @cached_property
     def mean_keys(self) -> Tensor:
         """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
-        return gather_rows(self.rotated_keys, self.candidates).float().mean(dim=2)
+        # averaged over heads first, then gathered: one read of the keys, no float copy of them
+        return gather_rows(self.head_major_keys.mean(dim=1, dtype=torch.float32), self.candidates)
 
     @cached_property
     def fused_heads(self) -> "AttentionProbe":

@@ -1,0 +1,136 @@
+"""Head-averaged softmax rows without the per-head logits in memory: two Triton kernels.
+
+Why: the probe's most common statistic, ``mean_h softmax(q_h K_h^T)`` for some query rows
+(FiCoCo-V's correlation of the discarded tokens, EViT's received attention), formed in PyTorch
+writes the ``[B, H, R, L]`` logits and reads them twice more (row maxima and sums, then the
+probabilities). At Qwen2.5-VL-7B's tower, batch 8, a quarter of 4,784 patches discarded in a block,
+that tensor is 1.5 GB in bf16 and those passes cost ~4.8 ms per reducing block, against ~0.2 ms
+of matmul work. Here, as flash attention does, the logits live only in registers:
+
+1. :func:`_row_logsumexp`: one program per (sample, head, block of rows) streams the keys and
+   keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32;
+2. :func:`_head_mean_probs`: one program per (sample, block of rows, block of keys) recomputes the
+   logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written.
+
+The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, and
+are not rounded to half precision before the softmax (the PyTorch path rounds them, as a matmul
+in the model's dtype returns them), so the two agree to that rounding. Rows that see no key (all
+masked) are zero, as in :meth:`~ficoco.stages.AttentionProbe.softmax_rows`.
+
+This module imports Triton; :mod:`.probe` imports it only for CUDA tensors on the fast statistics
+path (or the interpreter in tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+BLOCK_ROWS = 64
+BLOCK_KEYS = 64
+
+
+@triton.jit
+def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, d_offs, n_rows, n_keys, head_dim,
+                 HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr):
+    """``[BLOCK_ROWS, BLOCK_KEYS]`` float32 logits in base 2 (``q . k * log2(e)`` + bias), masked
+    keys and keys past the end at ``-inf``. ``q_ptr`` / ``k_ptr`` point at this sample's head."""
+    q = tl.load(q_ptr + rows[:, None] * head_dim + d_offs[None, :],
+                mask=(rows[:, None] < n_rows) & (d_offs[None, :] < head_dim), other=0.0)
+    k = tl.load(k_ptr + keys[:, None] * head_dim + d_offs[None, :],
+                mask=(keys[:, None] < n_keys) & (d_offs[None, :] < head_dim), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634  # no TF32 for float32 input
+    inside = keys < n_keys
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + keys, mask=inside, other=0.0)[None, :] * 1.4426950408889634
+    if HAS_VALID:
+        inside = inside & (tl.load(valid_ptr + keys, mask=inside, other=0) != 0)
+    return tl.where(inside[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, head_dim, heads, key_heads,
+                   HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``lse[b, h, r] = log2 sum_l exp2(s[b, h, r, l])``; ``+inf`` for a row that sees no key (so
+    that its probabilities come out zero)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    d_offs = tl.arange(0, BLOCK_D)
+    q_head = q_ptr + bh * n_rows * head_dim
+    k_head = k_ptr + (b * key_heads + h // (heads // key_heads)) * n_keys * head_dim
+    bias_row, valid_row = bias_ptr + b * n_keys, valid_ptr + b * n_keys
+    m = tl.full([BLOCK_ROWS], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for start in range(0, n_keys, BLOCK_KEYS):
+        keys = start + tl.arange(0, BLOCK_KEYS)
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, d_offs, n_rows, n_keys, head_dim,
+                         HAS_BIAS, HAS_VALID)
+        new_m = tl.maximum(m, tl.max(s, 1))
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # no key seen yet: nothing to rescale
+        total = total * tl.exp2(m - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+        m = new_m
+    lse = tl.where(m == float("-inf"), float("inf"), m + tl.log2(total))
+    tl.store(lse_ptr + bh * n_rows + rows, lse, mask=rows < n_rows)
+
+
+@triton.jit
+def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
+                     key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    keys = tl.program_id(2) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+    d_offs = tl.arange(0, BLOCK_D)
+    group = heads // key_heads
+    bias_row, valid_row = bias_ptr + b * n_keys, valid_ptr + b * n_keys
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_KEYS], dtype=tl.float32)
+    for h in range(0, heads):
+        q_head = q_ptr + (b * heads + h) * n_rows * head_dim
+        k_head = k_ptr + (b * key_heads + h // group) * n_keys * head_dim
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, d_offs, n_rows, n_keys, head_dim,
+                         HAS_BIAS, HAS_VALID)
+        lse = tl.load(lse_ptr + (b * heads + h) * n_rows + rows, mask=rows < n_rows, other=float("inf"))
+        acc += tl.exp2(s - lse[:, None])
+    tl.store(out_ptr + b * n_rows * n_keys + rows[:, None] * n_keys + keys[None, :], acc / heads,
+             mask=(rows[:, None] < n_rows) & (keys[None, :] < n_keys))
+
+
+def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
+                           key_valid: Tensor | None = None) -> Tensor:
+    """The mean over heads of each head's softmax row, without the logits in memory.
+
+    Args:
+        queries: ``[B, H, R, d]`` query rows, already multiplied by the softmax scale.
+        keys: ``[B, Hk, L, d]`` keys (``H`` a multiple of ``Hk``: grouped-query attention).
+        key_bias: ``[B, L]`` added to every logit of a key (proportional attention's ``log size``).
+        key_valid: ``[B, L]`` bool, ``False`` for keys no query may see.
+    Returns:
+        ``[B, R, L]`` float32; rows that see no key are zero.
+    """
+    b, h, r, d = queries.shape
+    hk, n_keys = keys.shape[1], keys.shape[2]
+    if h % hk or keys.shape[0] != b or keys.shape[3] != d:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match")
+    if queries.dtype != keys.dtype:
+        keys = keys.to(queries.dtype)
+    queries, keys = queries.contiguous(), keys.contiguous()
+    out = torch.empty(b, r, n_keys, dtype=torch.float32, device=queries.device)
+    if r == 0 or n_keys == 0 or b == 0:
+        return out.zero_()
+    dummy = torch.empty(1, device=queries.device)
+    bias = dummy if key_bias is None else key_bias.float().contiguous()
+    valid = dummy if key_valid is None else key_valid.to(torch.int8).contiguous()
+    lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
+    options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
+                   BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    row_blocks = triton.cdiv(r, BLOCK_ROWS)
+    _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
+    _head_mean_probs[(b, row_blocks, triton.cdiv(n_keys, BLOCK_KEYS))](
+        queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, **options)
+    return out

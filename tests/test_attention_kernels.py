@@ -1,0 +1,72 @@
+"""The Triton head-averaged softmax rows (stages/attention_kernels.py) against PyTorch's softmax of
+the full logits, in Triton's interpreter on the CPU (a subprocess: ``TRITON_INTERPRET`` must be set
+before Triton is imported). tests/test_cuda_qwen.py repeats the check on a GPU in bf16 at the
+Qwen2.5-VL tower's sizes and through the probe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+CHECK = textwrap.dedent('''
+    import json, sys
+    import torch
+    from ficoco.stages.attention_kernels import head_mean_softmax_rows
+    from ficoco.stages.probe import head_mean_softmax
+
+    out = []
+    for seed, (b, h, hk, r, l, d, dtype, bias, valid) in enumerate(json.loads(sys.argv[1])):
+        torch.manual_seed(seed)
+        dtype = getattr(torch, dtype)
+        q = (torch.randn(b, h, r, d) * 0.6).to(dtype)
+        k = (torch.randn(b, hk, l, d) * 0.6).to(dtype)
+        key_bias = torch.rand(b, l).log() if bias else None
+        key_valid = None
+        if valid:
+            key_valid = torch.rand(b, l) > 0.3
+            key_valid[-1] = False  # a sample whose rows see no key: zero rows
+        fast = head_mean_softmax_rows(q, k, key_bias, key_valid)
+        logits = torch.matmul(q.float().view(b, hk, h // hk * r, d), k.float().transpose(-1, -2)).view(b, hk, h // hk, r, l)
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, None, :]
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
+        slow = head_mean_softmax(logits)
+        out.append({"shape": list(fast.shape), "dtype": str(fast.dtype), "error": (fast - slow).abs().max().item(),
+                    "row_sums": fast.sum(-1).flatten().tolist(), "finite": bool(fast.isfinite().all())})
+    print(json.dumps(out))
+''')
+
+# (B, H, Hk, R, L, d, dtype, key bias, key mask)
+CASES = [
+    (2, 4, 4, 70, 130, 80, "float32", False, False),  # rows and keys past one block, d not a power of two
+    (1, 6, 2, 5, 40, 16, "float32", True, False),  # grouped-query heads, proportional attention's bias
+    (3, 2, 2, 64, 64, 64, "float32", False, True),  # masked keys; the last sample sees none
+    (2, 2, 1, 33, 100, 72, "float16", True, True),  # half precision in, float32 out
+]
+
+
+@needs_triton
+def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(CASES)
+    for (b, h, hk, r, l, d, dtype, bias, valid), row in zip(CASES, rows):
+        assert row["shape"] == [b, r, l] and row["dtype"] == "torch.float32" and row["finite"]
+        assert row["error"] < (1e-6 if dtype == "float32" else 1e-3), (dtype, row["error"])
+        sums = row["row_sums"]
+        if valid:  # the last sample's rows see no key: zero, the others sum to one
+            assert all(abs(x) < 1e-6 for x in sums[-r:]) and all(abs(x - 1) < 1e-4 for x in sums[:-r])
+        else:
+            assert all(abs(x - 1) < 1e-4 for x in sums)
