@@ -439,6 +439,34 @@ def test_one_call_vision_attention_equals_the_stock_path(models, generation, key
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("key", ["ficoco-v", "evit"])
+def test_one_call_attention_with_windows_emptied_by_a_reduction(models, key):
+    """Everything removed in Qwen2.5-VL's first full-attention block (7) leaves whole windows empty
+    in the window blocks after it: the one-call path gets them as empty segments computed on the
+    device (no wait for the host), the stock path without them, and the two agree."""
+    from ficoco.adapters.packed_vision import PackedVisionSide
+    from ficoco.adapters.varlen import fast_vision_attention
+
+    model, inputs = models["qwen2_5_vl"], image_batch("qwen2_5_vl")
+    method = ficoco.get_method(key, retain=2, start_layer=7, end_layer=8)
+    windows = []
+    original = PackedVisionSide._current_inputs
+
+    def spy(self, full):
+        out = original(self, full)
+        if not full and self._one_call_attention():
+            windows.append((out[0][1:] - out[0][:-1]).tolist())
+        return out
+
+    with ficoco.apply(model, method), torch.inference_mode():
+        stock = model(**inputs).logits
+        with fast_vision_attention(model), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(PackedVisionSide, "_current_inputs", spy)
+            fast = model(**inputs).logits
+    assert windows and 0 in windows[0]
+    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+
+
 def test_segment_layout():
     from ficoco.adapters.varlen import segment_layout
 

@@ -47,6 +47,16 @@ from .varlen import STATISTICS_BACKEND_ATTRIBUTE
 _SENTINEL = object()
 
 
+def host_to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """``values`` as a tensor on ``device`` without waiting for the device: a CUDA copy from
+    pageable memory makes PyTorch synchronise the stream, a pinned non-blocking one does not. In the
+    middle of the tower that wait would let the GPU run dry while Python prepares the next kernels."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class PackedTrace:
     """What the encoder did to the visual items (images or videos) of one tower call.
@@ -65,14 +75,16 @@ class PackedTrace:
     sizes: list[Tensor]
     steps: list[tuple[int, list[ReductionResult]]] = field(default_factory=list)
 
-    def kept_mask(self, merge: int) -> Tensor:
-        """``[sum of tokens]`` bool over every item's full grid of tokens (raster order, items in
-        order): which positions hold a real token."""
-        parts = []
+    def kept_index(self, merge: int) -> Tensor:
+        """``[kept tokens]`` long: the positions of the real tokens among every item's full grid of
+        tokens (raster order, items in order), ascending; an index rather than a mask, as boolean
+        indexing would wait for the device."""
+        parts, offset = [], 0
         for (t, h, w), kept in zip(self.grids, self.kept):
-            mask = torch.zeros(t * (h // merge) * (w // merge), dtype=torch.bool, device=kept.device)
-            parts.append(mask.index_fill_(0, kept, True))
+            parts.append(kept + offset)
+            offset += t * (h // merge) * (w // merge)
         return torch.cat(parts)
+
 
 
 def frame_sizes(grids: list[tuple[int, int, int]], merge: int) -> list[tuple[int, int, int]]:
@@ -151,6 +163,9 @@ class PackedVisionSide:
         self.plans: list[dict[int, int]] = []
         self.groups: _Groups | None = None
         self.total = 0
+        self.frame_counts: list[int] = []  # merge groups left in each frame (host-side: no sync to read)
+        self.windows = 0  # windows of the call (windowed towers), and the longest one in patches
+        self.longest_window = 0
         self.rope: tuple[Tensor, Tensor] | None = None  # the tower's rotary tables, original order
         self.block_rope: tuple[Tensor, Tensor] | None = None
         self.qkv: Tensor | None = None
@@ -206,8 +221,9 @@ class PackedVisionSide:
         self.frames = frame_sizes(self.grids, self.merge)
         self.plans = [self.plan_for(n) for _, _, n in self.frames]
         device = grid_thw.device
-        counts = torch.tensor([n for _, _, n in self.frames], device=device)
-        self.total = int(counts.sum())
+        self.frame_counts = [n for _, _, n in self.frames]
+        counts = host_to_device(self.frame_counts, device)
+        self.total = sum(self.frame_counts)
         frame_of = torch.repeat_interleave(torch.arange(len(self.frames), device=device), counts)
         frame_start = torch.nn.functional.pad(counts.cumsum(0), (1, 0))[:-1]
         seq = torch.arange(self.total, device=device)
@@ -216,11 +232,13 @@ class PackedVisionSide:
         if self.window_size:  # Qwen2.5-VL: groups run window by window, each window a contiguous block
             window_index, cu_windows = self._window_index(grid_thw)
             raster_global = window_index.to(device)
+            self.windows = cu_windows.shape[0] - 1
+            self.longest_window = int((cu_windows[1:] - cu_windows[:-1]).max()) if self.windows else 0
             cu_groups = (cu_windows.to(device) // self.group).long()
             window = torch.searchsorted(cu_groups[1:], seq, right=True)
         segment = frame_of[raster_global]  # windows never span frames: frames stay contiguous
         within = raster_global - frame_start[segment]
-        frame_index = torch.tensor([frame for _, frame, _ in self.frames], device=device)
+        frame_index = host_to_device([frame for _, frame, _ in self.frames], device)
         raster = frame_index[segment] * counts[segment] + within
         self.groups = _Groups(segment, seq, raster, within, torch.ones(self.total, device=device), window)
 
@@ -228,13 +246,15 @@ class PackedVisionSide:
         if self.groups is None:
             return None
         groups = self.groups
-        items = torch.tensor([item for item, _, _ in self.frames], device=groups.segment.device)[groups.segment]
-        kept, sizes = [], []
-        for index in range(len(self.grids)):
-            mine = items == index
-            order = groups.raster[mine].argsort()
-            kept.append(groups.raster[mine][order])
-            sizes.append(groups.size[mine][order])
+        items = host_to_device([item for item, _, _ in self.frames], groups.segment.device)[groups.segment]
+        # one sort by (item, raster index) and a split by the host-side counts: no per-item masks,
+        # whose boolean indexing would wait for the device once per item
+        order = (items * self.total + groups.raster).argsort()
+        per_item = [0] * len(self.grids)
+        for (item, _, _), count in zip(self.frames, self.frame_counts):
+            per_item[item] += count
+        kept = list(groups.raster[order].split(per_item))
+        sizes = list(groups.size[order].split(per_item))
         self.last = PackedTrace(list(self.grids), kept, sizes, list(self.steps))
         features = getattr(output, "deepstack_features", None)
         if features is None and isinstance(output, tuple) and len(output) > 2 and isinstance(output[2], list):
@@ -276,13 +296,33 @@ class PackedVisionSide:
     def _current_inputs(self, full: bool) -> tuple:
         """``cu_seqlens`` (per frame, or per window), ``max_seqlen`` and the rotary tables of the
         current rows."""
-        segments = self.groups.segment if full or self.groups.window is None else self.groups.window
-        _, counts = torch.unique_consecutive(segments, return_counts=True)
+        device = self.groups.seq.device
+        rows = (self.groups.seq[:, None] * self.group + torch.arange(self.group, device=device)).flatten()
+        rope = tuple(x.index_select(0, rows) for x in self.rope)
+        if full or self.groups.window is None:  # per frame: the counts are known on the host
+            lengths = [count * self.group for count in self.frame_counts]
+            cu = [0]
+            for length in lengths:
+                cu.append(cu[-1] + length)
+            return host_to_device(cu, device, torch.int32), max(lengths), rope
+        if self._one_call_attention():
+            # per window, computed on the device: windows left empty stay as empty segments (the
+            # one-call attention skips them) and the longest window before any reduction bounds them
+            counts = torch.bincount(self.groups.window, minlength=self.windows) * self.group
+            cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+            return cu, self.longest_window, rope
+        # the stock attention splits the sequence on the host anyway: exact segments, no empty ones
+        _, counts = torch.unique_consecutive(self.groups.window, return_counts=True)
         lengths = counts * self.group
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        rows = (self.groups.seq[:, None] * self.group + torch.arange(self.group, device=cu.device)).flatten()
-        rope = tuple(x.index_select(0, rows) for x in self.rope)
         return cu, int(lengths.max()), rope
+
+    def _one_call_attention(self) -> bool:
+        """Whether the tower's attention is ficoco's one-call attention (:mod:`.varlen`), which takes
+        empty segments and an upper bound of the longest one."""
+        from .varlen import KERNELS
+
+        return getattr(self.tower.config, "_attn_implementation", None) in KERNELS.values()
 
     def _keep_qkv(self, module, args, output) -> None:
         if self.groups is not None:
@@ -304,7 +344,7 @@ class PackedVisionSide:
             qkv = qkv.view(s, 3, heads, -1)
             q, k = qkv[:, 0], qkv[:, 1]
             groups, device = self.groups, residual.device
-            counts = torch.bincount(groups.segment, minlength=len(self.frames)).tolist()
+            counts = list(self.frame_counts)
             starts = [0]
             for count in counts[:-1]:
                 starts.append(starts[-1] + count)
@@ -316,7 +356,7 @@ class PackedVisionSide:
             survivors, results = {}, []
             for (count, removed, side), frames in buckets.items():
                 n = len(frames)
-                group_index = torch.tensor([starts[f] for f in frames], device=device)[:, None] \
+                group_index = host_to_device([starts[f] for f in frames], device)[:, None] \
                     + torch.arange(count, device=device)  # [n, G]
                 rows = (group_index[..., None] * self.group + torch.arange(self.group, device=device)).flatten(1)
                 cos, sin = (x.index_select(0, rows.flatten()).view(n, rows.shape[1], -1) for x in self.block_rope)
@@ -340,6 +380,7 @@ class PackedVisionSide:
                 sizes, positions = result.tokens.sizes.gather(1, order), result.tokens.positions.gather(1, order)
                 for row, frame in enumerate(frames):
                     survivors[frame] = (chosen[row], sizes[row], positions[row])
+                    self.frame_counts[frame] = slots.shape[1]
                 self._replay_deepstack(result, group_index, chosen, order)
             parts = []
             for frame in range(len(self.frames)):

@@ -310,14 +310,14 @@ class QwenVLHandle(ReductionHandle):
         trace = self.vision.last
         if trace is None:
             return out
-        mask = trace.kept_mask(self.merge)
+        index = trace.kept_index(self.merge)
         counts = [int(k.numel()) for k in trace.kept]
 
         def kept(x):  # one tensor over every item's grid, or one per item (split by the model)
             if isinstance(x, (tuple, list)):
                 whole = torch.cat(list(x))
-                return tuple(torch.split(whole[mask.to(whole.device)], counts))
-            return x[mask.to(x.device)]
+                return tuple(torch.split(whole.index_select(0, index.to(whole.device)), counts))
+            return x.index_select(0, index.to(x.device))
 
         pooled = kept(out.pooler_output if hasattr(out, "pooler_output") else out[1])
         stack = getattr(out, "deepstack_features", None)

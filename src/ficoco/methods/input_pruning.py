@@ -27,16 +27,16 @@ def pool(retain: int | float = 144) -> Method:
                   description="spatial average pooling of the projected visual tokens")
 
 
-def divprune(retain: int | float = 192, *, greedy_backend: str = "torch") -> Method:
+def divprune(retain: int | float = 192, *, greedy_backend: str = "auto") -> Method:
     """DivPrune: keep the max-min diverse set of the projected tokens (cosine distance, greedy).
-    ``greedy_backend``: ``"torch"`` (a PyTorch loop), ``"auto"`` (one Triton kernel on a GPU; not
-    yet measured on one) or ``"triton"``."""
+    ``greedy_backend``: ``"auto"`` (one Triton kernel on a GPU where Triton is installed, the
+    PyTorch loop otherwise; the same tokens), ``"torch"`` (always the loop) or ``"triton"``."""
     reduction = TokenReduction(MaxMinDiversityFilter(backend=greedy_backend), NoCorrelate(), DropCompress())
     return Method("divprune", input=InputReduction(reduction, _retain(retain, "divprune")),
                   description="DivPrune: max-min diverse subset of the projected visual tokens")
 
 
-def cdpruner(retain: int | float = 192, *, theta: float | None = None, greedy_backend: str = "torch") -> Method:
+def cdpruner(retain: int | float = 192, *, theta: float | None = None, greedy_backend: str = "auto") -> Method:
     """CDPruner: the greedy MAP of a DPP over the projected tokens, its kernel weighted by each
     token's relevance to the instruction (here the instruction's LLM input embeddings stand in for
     CLIP's text tower, which LLaVA checkpoints do not carry; docs/methods.md). ``greedy_backend``:
