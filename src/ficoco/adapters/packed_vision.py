@@ -224,7 +224,8 @@ class PackedVisionSide:
         self.frame_counts = [n for _, _, n in self.frames]
         counts = host_to_device(self.frame_counts, device)
         self.total = sum(self.frame_counts)
-        frame_of = torch.repeat_interleave(torch.arange(len(self.frames), device=device), counts)
+        frame_of = torch.repeat_interleave(torch.arange(len(self.frames), device=device), counts,
+                                           output_size=self.total)
         frame_start = torch.nn.functional.pad(counts.cumsum(0), (1, 0))[:-1]
         seq = torch.arange(self.total, device=device)
         window = None
@@ -308,7 +309,10 @@ class PackedVisionSide:
         if self._one_call_attention():
             # per window, computed on the device: windows left empty stay as empty segments (the
             # one-call attention skips them) and the longest window before any reduction bounds them
-            counts = torch.bincount(self.groups.window, minlength=self.windows) * self.group
+            window = self.groups.window
+            # a scatter, not bincount: bincount on CUDA reads the largest id back to size its output
+            counts = torch.zeros(self.windows, dtype=torch.long, device=device).index_add_(
+                0, window, torch.ones_like(window)) * self.group
             cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
             return cu, self.longest_window, rope
         # the stock attention splits the sequence on the host anyway: exact segments, no empty ones
