@@ -6,13 +6,11 @@ Qwen2.5-VL tower's sizes and through the probe."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from .triton_interpreter import run_interpreted
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -56,12 +54,7 @@ CASES = [
 
 @needs_triton
 def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == len(CASES)
+    rows = run_interpreted(CHECK, CASES)
     for (b, h, hk, r, l, d, dtype, bias, valid), row in zip(CASES, rows):
         assert row["shape"] == [b, r, l] and row["dtype"] == "torch.float32" and row["finite"]
         assert row["error"] < (1e-6 if dtype == "float32" else 1e-3), (dtype, row["error"])

@@ -5,15 +5,14 @@ before Triton is imported). tests/test_cuda.py repeats this on a GPU at the mode
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+
+from .triton_interpreter import run_interpreted
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 
@@ -55,14 +54,7 @@ CASES = [
 
 @needs_triton
 def test_triton_kernels_keep_what_the_pytorch_loops_keep():
-    import json
-
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == len(CASES)
+    rows = run_interpreted(CHECK, CASES)
     for case, row in zip(CASES, rows):
         for name, (slow, fast) in row.items():
             assert fast == slow, f"{name} {case}"
