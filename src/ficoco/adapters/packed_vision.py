@@ -34,6 +34,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,6 @@ class PackedTrace:
             parts.append(kept + offset)
             offset += t * (h // merge) * (w // merge)
         return torch.cat(parts)
-
 
 
 def frame_sizes(grids: list[tuple[int, int, int]], merge: int) -> list[tuple[int, int, int]]:
@@ -302,10 +302,7 @@ class PackedVisionSide:
         rope = tuple(x.index_select(0, rows) for x in self.rope)
         if full or self.groups.window is None:  # per frame: the counts are known on the host
             lengths = [count * self.group for count in self.frame_counts]
-            cu = [0]
-            for length in lengths:
-                cu.append(cu[-1] + length)
-            return host_to_device(cu, device, torch.int32), max(lengths), rope
+            return host_to_device([0, *accumulate(lengths)], device, torch.int32), max(lengths), rope
         if self._one_call_attention():
             # per window, computed on the device: windows left empty stay as empty segments (the
             # one-call attention skips them) and the longest window before any reduction bounds them
@@ -349,9 +346,7 @@ class PackedVisionSide:
             q, k = qkv[:, 0], qkv[:, 1]
             groups, device = self.groups, residual.device
             counts = list(self.frame_counts)
-            starts = [0]
-            for count in counts[:-1]:
-                starts.append(starts[-1] + count)
+            starts = [0, *accumulate(counts[:-1])]
             buckets: dict[tuple, list[int]] = {}
             for frame, removed in enumerate(removals):
                 if removed:

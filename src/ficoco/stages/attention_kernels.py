@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
 BLOCK_ROWS = 64
 BLOCK_KEYS = 64
 
@@ -42,7 +41,8 @@ def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, d_offs, n_rows, 
                 mask=(rows[:, None] < n_rows) & (d_offs[None, :] < head_dim), other=0.0)
     k = tl.load(k_ptr + keys[:, None] * head_dim + d_offs[None, :],
                 mask=(keys[:, None] < n_keys) & (d_offs[None, :] < head_dim), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634  # no TF32 for float32 input
+    # 1.4426950408889634 = log2(e): the softmax runs in base 2; "ieee": no TF32 for float32 input
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634
     inside = keys < n_keys
     if HAS_BIAS:
         s += tl.load(bias_ptr + keys, mask=inside, other=0.0)[None, :] * 1.4426950408889634

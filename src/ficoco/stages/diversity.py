@@ -16,7 +16,6 @@ otherwise.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .filters import SetSelectionFilter
+from .probe import triton_installed
 from .tokens import TokenGroup
-
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -38,10 +37,10 @@ def _use_triton(backend: Backend, device: torch.device, n: int) -> bool:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not triton_installed():
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
         return True
-    if backend == "torch" or device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    if backend == "torch" or device.type != "cuda" or not triton_installed():
         return False
     from . import greedy_kernels
 

@@ -36,6 +36,12 @@ def compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, dynamic=True, backend=backend)
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the triton package can be imported (looked up once: the statistics ask per call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def compiled_head_mean_softmax(backend: str) -> Callable[[Tensor], Tensor]:
     """:func:`head_mean_softmax`, compiled (:func:`compiled`)."""
     return compiled(head_mean_softmax, backend)
@@ -216,8 +222,7 @@ class AttentionProbe:
         """Whether :meth:`softmax_rows` runs as the Triton kernels of :mod:`.attention_kernels`: on
         the fast statistics path (``compile_backend`` set), for CUDA tensors, non-causal attention
         (the encoders), with Triton installed."""
-        return (self.compile_backend is not None and rows.is_cuda and not self.causal
-                and importlib.util.find_spec("triton") is not None)
+        return self.compile_backend is not None and rows.is_cuda and not self.causal and triton_installed()
 
     def _fused_softmax_rows(self, rows: Tensor) -> Tensor:
         """:meth:`softmax_rows` (``"probs"``) with the logits kept in registers
