@@ -23,7 +23,12 @@ def _to(inputs, device, dtype=None):
 
 @pytest.fixture(scope="module", params=QWEN_GENERATIONS)
 def cuda_model(request):
-    return request.param, tiny_qwen_vl(request.param).cuda()
+    # Two key/value heads shared by four query heads, as in the released checkpoints (28/4, 16/8...).
+    # With one key/value head, transformers' repeat_kv hands SDPA a stride-0 head axis, and torch's
+    # memory-efficient kernel (2.11 at least) returns wrong rows for such keys whenever the key
+    # length is 1 mod 32 under a mask: pytorch/pytorch#191937, fixed by #191984. The vanilla model
+    # hits it too (benchmarks/sdpa_stride0_check.py); it is not a reduction's doing.
+    return request.param, tiny_qwen_vl(request.param, llm_heads=(4, 2)).cuda()
 
 
 @pytest.mark.parametrize("key", list(METHODS))

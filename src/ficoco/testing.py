@@ -226,22 +226,24 @@ def qwen_patch_size(generation: str) -> int:
 
 
 def tiny_qwen_config(generation: str, *, llm_layers: int = 8, vision_width: int = 32,
-                     attn_implementation: str = "sdpa"):
+                     attn_implementation: str = "sdpa", llm_heads: tuple[int, int] = (2, 1)):
     """A Qwen-VL config with the family's real geometry at tiny widths.
 
     Real: patch size (14, or 16 for Qwen3-VL), temporal patch 2, 2x2 merge, tower depth (32, or 27),
     Qwen2.5-VL's 112-pixel windows and full-attention blocks 7/15/23/31, Qwen3-VL's DeepStack
     blocks 8/16/24 and learned 48x48 position grid, the LLM's M-RoPE sections (16/24/24, or
-    interleaved 24/20/20) on 128-wide heads. Tiny: a 32-wide tower with 2 heads, a 256-wide LLM of
-    ``llm_layers`` layers with 2 query heads and 1 key/value head (grouped-query attention).
+    interleaved 24/20/20) on 128-wide heads. Tiny: a 32-wide tower with 2 heads, an LLM of
+    ``llm_layers`` layers with ``llm_heads`` = (query heads, key/value heads), 128 wide each
+    (default 2 and 1: grouped-query attention, 256 wide).
     """
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig, Qwen2VLConfig,
                               Qwen2VLTextConfig, Qwen2VLVisionConfig, Qwen3VLConfig, Qwen3VLTextConfig,
                               Qwen3VLVisionConfig)
 
-    hidden, tokens = 256, QWEN_TOKENS
-    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=llm_layers, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=QWEN_VOCAB, max_position_embeddings=4096,
+    query_heads, kv_heads = llm_heads
+    hidden, tokens = 128 * query_heads, QWEN_TOKENS
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=llm_layers,
+                num_attention_heads=query_heads, num_key_value_heads=kv_heads, vocab_size=QWEN_VOCAB, max_position_embeddings=4096,
                 pad_token_id=tokens["pad"], bos_token_id=tokens["bos"], eos_token_id=tokens["eos"])
     ids = dict(image_token_id=tokens["image"], video_token_id=tokens["video"],
                vision_start_token_id=tokens["vision_start"], vision_end_token_id=tokens["vision_end"])
