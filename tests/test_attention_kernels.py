@@ -49,6 +49,7 @@ CASES = [
     (1, 6, 2, 5, 40, 16, "float32", True, False),  # grouped-query heads, proportional attention's bias
     (3, 2, 2, 64, 64, 64, "float32", False, True),  # masked keys; the last sample sees none
     (2, 2, 1, 33, 100, 72, "float16", True, True),  # half precision in, float32 out
+    (1, 2, 2, 20, 70, 96, "float32", False, False),  # channels in two products: 64 + 32
 ]
 
 

@@ -125,6 +125,24 @@ def _greedy_dpp_float64_check(kernel, relevance, floor, chosen, rtol=1e-4):
         gain = gain - e.square()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_cosine_similarity_of_half_rows_is_the_float32_one(dtype):
+    """DivPrune's and CDPruner's similarity of half-precision tokens on the GPU (one tensor-core
+    product, float32 output) equals the float32 path's (rows upcast, normalised, multiplied) to
+    float32 rounding."""
+    import torch.nn.functional as F
+
+    from ficoco.stages.diversity import cosine_similarity_matrix
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 576, 4096, device="cuda") * torch.rand(4, 576, 1, device="cuda") * 3).to(dtype)
+    x[0, 5] = 0  # a zero row: zero similarity, as F.normalize gives it
+    fast = cosine_similarity_matrix(x)
+    y = F.normalize(x.float(), dim=-1)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, y @ y.transpose(1, 2), rtol=0, atol=1e-5)  # bf16 outputs: ~4e-3
+
+
 @pytest.mark.parametrize("b, n, kept", [(8, 576, 64), (8, 576, 192), (8, 1196, 299), (2, 2880, 640)])
 def test_cuda_greedy_kernels_equal_the_pytorch_loops(b, n, kept):
     """DivPrune's and CDPruner's Triton kernels (stages/greedy_kernels.py) at the models' sizes:

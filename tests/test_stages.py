@@ -843,6 +843,21 @@ def test_merging_compressors(seed, mode, compress):
     close(out.sizes.sum(1), targets.sizes.double().sum(1) + sources.sizes.double().sum(1))  # size conserved
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,compress", [("self", SelfPreservingCompress()), ("size", SizeWeightedCompress())])
+def test_merging_half_precision_features_to_their_rounding(mode, compress, dtype):
+    """Half-precision features are summed in their own precision (float32 accumulation): the result
+    stays within a few of their rounding steps of the exact merge, and the targets are untouched."""
+    targets, sources, w = random_groups(3)
+    half = [TokenGroup(g.features.to(dtype), g.sizes, g.positions, g.grid) for g in (targets, sources)]
+    before = half[0].features.clone()
+    out = compress(*half, Correlation(w))
+    feats, _ = ref_merge(*half, w, mode)
+    step = torch.finfo(dtype).eps  # one rounding step, relative
+    assert out.features.dtype == dtype and torch.equal(half[0].features, before)
+    assert ((out.features.double() - feats).abs() <= 4 * step * feats.abs().clamp_min(1.0)).all()
+
+
 def test_size_weighted_compress_one_hot_is_tome():
     targets, sources, w = random_groups(7)
     one_hot = torch.zeros_like(w).scatter_(-1, w.argmax(-1, keepdim=True), 1.0)

@@ -360,8 +360,7 @@ class PackedVisionSide:
                 rows = (group_index[..., None] * self.group + torch.arange(self.group, device=device)).flatten(1)
                 cos, sin = (x.index_select(0, rows.flatten()).view(n, rows.shape[1], -1) for x in self.block_rope)
                 q_rows, k_rows = q[rows], k[rows]
-                probe = AttentionProbe(q_rows, k_rows, scaling,
-                                       torch.arange(rows.shape[1], device=device).expand(n, -1),
+                probe = AttentionProbe(q_rows, k_rows, scaling, None,  # every row a candidate
                                        rope=self._rotation(q_rows, k_rows, cos, sin),
                                        compile_backend=getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None))
                 tokens = TokenGroup(residual[rows].reshape(n, count, self.group * width), groups.size[group_index],

@@ -33,16 +33,27 @@ BLOCK_KEYS = 64
 
 
 @triton.jit
-def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, d_offs, n_rows, n_keys, head_dim,
-                 HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr):
-    """``[BLOCK_ROWS, BLOCK_KEYS]`` float32 logits in base 2 (``q . k * log2(e)`` + bias), masked
-    keys and keys past the end at ``-inf``. ``q_ptr`` / ``k_ptr`` point at this sample's head."""
+def _partial_dot(q_ptr, k_ptr, rows, keys, d_offs, n_rows, n_keys, head_dim):
+    """``q . k`` over the channels ``d_offs`` (those past ``head_dim`` read as zero)."""
     q = tl.load(q_ptr + rows[:, None] * head_dim + d_offs[None, :],
                 mask=(rows[:, None] < n_rows) & (d_offs[None, :] < head_dim), other=0.0)
     k = tl.load(k_ptr + keys[:, None] * head_dim + d_offs[None, :],
                 mask=(keys[:, None] < n_keys) & (d_offs[None, :] < head_dim), other=0.0)
-    # 1.4426950408889634 = log2(e): the softmax runs in base 2; "ieee": no TF32 for float32 input
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * 1.4426950408889634
+    # "ieee": no TF32 for float32 input
+    return tl.dot(q, tl.trans(k), input_precision="ieee")
+
+
+@triton.jit
+def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, n_rows, n_keys, head_dim,
+                 HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """``[BLOCK_ROWS, BLOCK_KEYS]`` float32 logits in base 2 (``q . k * log2(e)`` + bias), masked
+    keys and keys past the end at ``-inf``. ``q_ptr`` / ``k_ptr`` point at this sample's head.
+    The channels go in two products, ``BLOCK_D`` then ``BLOCK_REST`` (powers of two; 64 + 16 for
+    Qwen's 80-wide heads), rather than one padded to the next power of two (128: 60% more work)."""
+    s = _partial_dot(q_ptr, k_ptr, rows, keys, tl.arange(0, BLOCK_D), n_rows, n_keys, head_dim)
+    if BLOCK_REST > 0:
+        s += _partial_dot(q_ptr, k_ptr, rows, keys, BLOCK_D + tl.arange(0, BLOCK_REST), n_rows, n_keys, head_dim)
+    s = s * 1.4426950408889634  # log2(e): the softmax runs in base 2
     inside = keys < n_keys
     if HAS_BIAS:
         s += tl.load(bias_ptr + keys, mask=inside, other=0.0)[None, :] * 1.4426950408889634
@@ -53,14 +64,13 @@ def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, d_offs, n_rows, 
 
 @triton.jit
 def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, head_dim, heads, key_heads,
-                   HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
-                   BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
     """``lse[b, h, r] = log2 sum_l exp2(s[b, h, r, l])``; ``+inf`` for a row that sees no key (so
     that its probabilities come out zero)."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // heads, bh % heads
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    d_offs = tl.arange(0, BLOCK_D)
     q_head = q_ptr + bh * n_rows * head_dim
     k_head = k_ptr + (b * key_heads + h // (heads // key_heads)) * n_keys * head_dim
     bias_row, valid_row = bias_ptr + b * n_keys, valid_ptr + b * n_keys
@@ -68,8 +78,8 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
     total = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for start in range(0, n_keys, BLOCK_KEYS):
         keys = start + tl.arange(0, BLOCK_KEYS)
-        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, d_offs, n_rows, n_keys, head_dim,
-                         HAS_BIAS, HAS_VALID)
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim,
+                         HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         new_m = tl.maximum(m, tl.max(s, 1))
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # no key seen yet: nothing to rescale
         total = total * tl.exp2(m - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
@@ -80,25 +90,35 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 
 @triton.jit
 def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
-                     key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
-                     BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr):
+                     key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
     """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     keys = tl.program_id(2) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-    d_offs = tl.arange(0, BLOCK_D)
     group = heads // key_heads
     bias_row, valid_row = bias_ptr + b * n_keys, valid_ptr + b * n_keys
     acc = tl.zeros([BLOCK_ROWS, BLOCK_KEYS], dtype=tl.float32)
     for h in range(0, heads):
         q_head = q_ptr + (b * heads + h) * n_rows * head_dim
         k_head = k_ptr + (b * key_heads + h // group) * n_keys * head_dim
-        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, d_offs, n_rows, n_keys, head_dim,
-                         HAS_BIAS, HAS_VALID)
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim,
+                         HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         lse = tl.load(lse_ptr + (b * heads + h) * n_rows + rows, mask=rows < n_rows, other=float("inf"))
         acc += tl.exp2(s - lse[:, None])
     tl.store(out_ptr + b * n_rows * n_keys + rows[:, None] * n_keys + keys[None, :], acc / heads,
              mask=(rows[:, None] < n_rows) & (keys[None, :] < n_keys))
+
+
+def channel_blocks(d: int) -> tuple[int, int]:
+    """``(main, rest)``: a head's ``d`` channels as two products of power-of-two widths (at least
+    16, as ``tl.dot`` needs), ``main <= d`` and ``rest`` covering what is left (0 if nothing):
+    80 -> (64, 16), 64 -> (64, 0), 72 -> (64, 16), 8 -> (16, 0)."""
+    if d <= 16:
+        return 16, 0
+    main = 1 << (d.bit_length() - 1)  # the largest power of two <= d
+    left = d - main
+    return main, (0 if left == 0 else max(16, triton.next_power_of_2(left)))
 
 
 def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
@@ -127,8 +147,9 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     bias = dummy if key_bias is None else key_bias.float().contiguous()
     valid = dummy if key_valid is None else key_valid.to(torch.int8).contiguous()
     lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
+    main, rest = channel_blocks(d)
     options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
-                   BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=max(16, triton.next_power_of_2(d)))
+                   BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
     row_blocks = triton.cdiv(r, BLOCK_ROWS)
     _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
     _head_mean_probs[(b, row_blocks, triton.cdiv(n_keys, BLOCK_KEYS))](

@@ -2,7 +2,8 @@
 
 A compressor maps ``(targets, sources, correlation)`` (each a :class:`TokenGroup`) to the surviving
 tokens: the targets, updated in place of order, plus a new fused token when the correlation made one.
-Arithmetic runs in float32 and is cast back to the features' dtype.
+Arithmetic runs in float32 and is cast back to the features' dtype; only the weighted sum of the
+sources in a merge takes half-precision features as they are (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -44,10 +45,18 @@ def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weigh
         share: ``[B, r, T]`` fraction of source ``i`` that target ``j`` absorbs (rows sum to 1);
             sizes grow by ``sum_i share_ij * size_i``.
     """
-    x_t, x_s = targets.features.float(), sources.features.float()
-    incoming = weights.transpose(1, 2) @ x_s  # [B, T, D]
+    x_s = sources.features
+    if x_s.dtype in (torch.float16, torch.bfloat16):
+        # the product in the features' own precision with float32 accumulation, as the model's
+        # matmuls run (float32 operands would make it a float32 GEMM over every target and source,
+        # although each source reaches only a few targets); its one rounding is the features' own
+        incoming = (weights.transpose(1, 2).to(x_s.dtype) @ x_s).float()  # [B, T, D]
+    else:
+        incoming = weights.transpose(1, 2).float() @ x_s.float()
     mass = weights.sum(dim=1)  # [B, T]
-    merged = (self_weight[..., None] * x_t + incoming) / (self_weight + mass)[..., None]
+    # a float32 copy of the targets, updated in place (no further [B, T, D] temporaries)
+    merged = targets.features.to(torch.float32, copy=True).mul_(self_weight[..., None])
+    merged = merged.add_(incoming).div_((self_weight + mass)[..., None])
     sizes = targets.sizes + (share.transpose(1, 2) @ sources.sizes[..., None].float())[..., 0]
     return TokenGroup(merged.to(targets.features.dtype), sizes, targets.positions, targets.grid)
 

@@ -29,6 +29,12 @@ def block_size(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def factor_rows_per_load(block: int) -> int:
+    """Cholesky rows the DPP kernel reads per load: 8, fewer for wide rows (a ``[rows, block]``
+    float32 tile held in registers, at most 16K values)."""
+    return max(1, min(8, 16384 // block))
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -54,10 +60,12 @@ def _farthest_points(distance_ptr, first_ptr, chosen_ptr, n, kept, BLOCK: tl.con
 
 
 @triton.jit
-def _greedy_dpp(kernel_ptr, relevance_ptr, floor_ptr, factors_ptr, chosen_ptr, n, kept, BLOCK: tl.constexpr):
+def _greedy_dpp(kernel_ptr, relevance_ptr, floor_ptr, factors_ptr, chosen_ptr, n, kept, BLOCK: tl.constexpr,
+                ROWS: tl.constexpr):
     """Per sample (program): Chen et al.'s incremental-Cholesky greedy MAP of ``kernel``
     (``[B, n, n]`` float32), gains at most ``floor`` falling back to ``relevance`` order.
-    ``factors``: ``[B, kept, n]`` float32 scratch for the Cholesky rows."""
+    ``factors``: ``[B, kept, n]`` float32 scratch for the Cholesky rows, read ``ROWS`` at a time
+    (independent loads in flight rather than one dependent load per earlier step)."""
     sample = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < n
@@ -75,9 +83,13 @@ def _greedy_dpp(kernel_ptr, relevance_ptr, floor_ptr, factors_ptr, chosen_ptr, n
         tl.store(chosen_ptr + sample * kept + step, pick)
         taken = taken | (offs == pick)
         projection = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, step):
-            at_pick = tl.load(rows + k * n + pick)
-            projection += at_pick * tl.load(rows + k * n + offs, mask=inside, other=0.0)
+        for first in range(0, step, ROWS):
+            ks = first + tl.arange(0, ROWS)
+            earlier = ks < step
+            at_pick = tl.load(rows + ks * n + pick, mask=earlier, other=0.0)  # [ROWS]
+            factor_rows = tl.load(rows + ks[:, None] * n + offs[None, :], mask=earlier[:, None] & inside[None, :],
+                                  other=0.0)  # [ROWS, BLOCK]
+            projection += tl.sum(at_pick[:, None] * factor_rows, 0)
         pick_gain = tl.sum(tl.where(offs == pick, gain, 0.0), 0)
         e = (tl.load(base + pick * n + offs, mask=inside, other=0.0) - projection) / tl.sqrt(
             tl.maximum(pick_gain, floor))
@@ -108,5 +120,5 @@ def greedy_dpp(kernel: Tensor, relevance: Tensor, floor: Tensor, kept: int) -> T
     factors = torch.empty(b, max(kept, 1), n, dtype=torch.float32, device=kernel.device)
     block = block_size(n)
     _greedy_dpp[(b,)](kernel, relevance.float().contiguous(), floor.float().contiguous(), factors, chosen, n,
-                      kept, BLOCK=block, num_warps=_warps(block))
+                      kept, BLOCK=block, ROWS=factor_rows_per_load(block), num_warps=_warps(block))
     return chosen

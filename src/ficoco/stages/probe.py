@@ -54,7 +54,9 @@ class AttentionProbe:
         queries: ``[B, L, H, d]`` queries of the whole current sequence (RoPE applied if any).
         keys: ``[B, L, Hk, d]`` keys (``H`` a multiple of ``Hk``: grouped-query attention).
         scale: softmax scale of the layer (``d ** -0.5`` for CLIP and Llama).
-        candidates: ``[B, N]`` sequence indices of the candidate (visual) tokens.
+        candidates: ``[B, N]`` sequence indices of the candidate (visual) tokens; ``None``: every
+            key is a candidate, in sequence order (an encoder's tokens), so that statistics over
+            the candidates need no gathered copy of their columns.
         cls_index: sequence index of [CLS] if the encoder has one.
         key_bias: ``[B, L]`` added to every query's logits before softmax (proportional attention's
             ``log(size)``), as the layer's attention did.
@@ -89,7 +91,7 @@ class AttentionProbe:
         queries: Tensor,
         keys: Tensor,
         scale: float,
-        candidates: Tensor,
+        candidates: Tensor | None,
         *,
         cls_index: int | None = None,
         key_bias: Tensor | None = None,
@@ -111,6 +113,9 @@ class AttentionProbe:
         if h % hk:
             raise ValueError(f"{h} query heads cannot share {hk} key heads")
         self.queries, self.keys, self.scale = queries, keys, scale
+        self.every_key = candidates is None
+        if candidates is None:
+            candidates = torch.arange(l, device=queries.device).expand(b, l)
         self.candidates = candidates
         self.cls_index, self.key_bias, self.key_valid, self.causal = cls_index, key_bias, key_valid, causal
         self.text_rows, self.text_valid, self.last_row = text_rows, text_valid, last_row
@@ -235,6 +240,8 @@ class AttentionProbe:
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
         """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
+        if self.every_key:
+            return rows_probs
         idx = self.candidates[:, None, :].expand(-1, rows_probs.shape[1], -1)
         return rows_probs.gather(2, idx)
 
@@ -281,12 +288,13 @@ class AttentionProbe:
         # copy of the candidates' queries (L is at most a few text tokens more than N)
         q = self.rotated_queries  # [B, L, H, d]
         v = torch.matmul(q.reshape(b, l, h * d), k_mean.reshape(b, h * d, 1).to(q.dtype))[..., 0]
-        return v.gather(1, self.candidates).float()
+        return (v if self.every_key else v.gather(1, self.candidates)).float()
 
     def attention_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """``[B, r, N]``: attention of candidates ``rows`` (``[B, r]`` candidate indices) to every
         candidate, softmax taken over all keys of the layer; ``average`` as in :meth:`softmax_rows`."""
-        return self._candidate_columns(self.softmax_rows(self.candidates.gather(1, rows), average))
+        return self._candidate_columns(self.softmax_rows(rows if self.every_key else self.candidates.gather(1, rows),
+                                                         average))
 
     @cached_property
     def received_attention(self) -> Tensor:
@@ -300,7 +308,7 @@ class AttentionProbe:
         for chunk in self.candidates.split(rows_per_chunk, dim=1):
             part = self.softmax_rows(chunk).sum(dim=1)  # [B, L]
             total = part if total is None else total + part
-        return total.gather(1, self.candidates) / self.num_candidates
+        return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
 
     @cached_property
     def text_attention(self) -> Tensor:
@@ -370,7 +378,8 @@ class AttentionProbe:
     def mean_keys(self) -> Tensor:
         """``[B, N, d]``: candidate keys averaged over heads (ToMe's similarity metric)."""
         # averaged over heads first, then gathered: one read of the keys, no float copy of them
-        return gather_rows(self.head_major_keys.mean(dim=1, dtype=torch.float32), self.candidates)
+        keys = self.head_major_keys.mean(dim=1, dtype=torch.float32)
+        return keys if self.every_key else gather_rows(keys, self.candidates)
 
     @cached_property
     def fused_heads(self) -> "AttentionProbe":
@@ -387,8 +396,8 @@ class AttentionProbe:
         if keys.shape[2] != h:  # grouped-query attention: each query head's own key
             keys = keys.repeat_interleave(h // keys.shape[2], dim=2)
         return AttentionProbe(
-            self.queries.reshape(b, l, 1, h * d), keys.reshape(b, l, 1, h * d), (h * d) ** -0.5, self.candidates,
-            cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
+            self.queries.reshape(b, l, 1, h * d), keys.reshape(b, l, 1, h * d), (h * d) ** -0.5,
+            None if self.every_key else self.candidates, cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
             text_rows=self.text_rows, text_valid=self.text_valid, last_row=self.last_row,
             compile_backend=self.compile_backend,
         )
