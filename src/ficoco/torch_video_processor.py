@@ -96,7 +96,7 @@ class TorchVideoProcessor:
                              f"and width")
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "TorchVideoProcessor":
+    def from_folder(cls, folder: str | Path) -> TorchVideoProcessor:
         """The video preprocessing saved in ``folder``, found where transformers looks for it: the
         ``video_processor`` entry of ``processor_config.json``, else ``video_preprocessor_config.json``,
         else ``preprocessor_config.json`` (the image processor's); the class defaults otherwise."""

@@ -23,8 +23,14 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
-from .torch_video_processor import (CLIP_MEAN, CLIP_STD, TorchVideoProcessor, load_torch_processor,
-                                    save_torch_processor, torch_processor)
+from .torch_video_processor import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TorchVideoProcessor,
+    load_torch_processor,
+    save_torch_processor,
+    torch_processor,
+)
 
 
 class TorchVideoLlavaVideoProcessor(TorchVideoProcessor):

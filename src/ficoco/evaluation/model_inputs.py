@@ -8,7 +8,9 @@ lmms-eval plugin alike, so that both show a model the same pixels.
 * **Videos** (families in :func:`~ficoco.evaluation.video_frames.video_model_types`): the frames
   the family's processor convention picks (:mod:`.video_frames`), decoded with PyAV, placed before
   the question as one video placeholder; Qwen-VL processors get the frames' metadata and
-  ``do_sample_frames=False``. Any other family is refused in one line.
+  ``do_sample_frames=False``. The LLaVA video families' processors take one frame count per call
+  (:func:`~ficoco.evaluation.video_frames.frame_groups` splits a batch). Any other family is
+  refused in one line.
 """
 
 from __future__ import annotations
