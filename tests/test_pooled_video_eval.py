@@ -283,7 +283,7 @@ FAMILIES = {"onevision": ("onevision", TorchLlavaOnevisionVideoProcessor, 384, l
 def test_saved_processor_loads_and_counts_every_frame(family, request):
     """``load_processor`` on the saved folder: the torch-only video processor without torchvision,
     the checkpoint's settings, and transformers' own placeholder counts (OneVision: 196 a frame and
-    one newline; NeXT-Video: 144 a frame), which match the model's own video features."""
+    one newline; NeXT-Video: 144 a frame), which the model's video features fill."""
     from ficoco.checkpoint import load_model, load_processor
     from ficoco.prompts import video_chat_prompt
 
@@ -294,7 +294,9 @@ def test_saved_processor_loads_and_counts_every_frame(family, request):
         import torchvision  # noqa: F401
     except ImportError:
         assert type(processor.video_processor) is video_class
-        assert processor.video_processor.to_dict() == video_class.from_folder(folder).to_dict()
+        saved = processor.video_processor.to_dict()
+        assert saved["size"] == ({"height": 384, "width": 384} if family == "onevision" else {"shortest_edge": 336})
+        assert saved["image_mean"] == ([0.5] * 3 if family == "onevision" else [0.48145466, 0.4578275, 0.40821073])
     prompt = video_chat_prompt(processor, "what color is it")
     assert prompt.startswith("USER: <video>\n")
     video = np.random.default_rng(0).integers(0, 256, (3, 96, 128, 3), dtype=np.uint8)
@@ -303,11 +305,9 @@ def test_saved_processor_loads_and_counts_every_frame(family, request):
     counts = (batch["input_ids"] == processor.video_token_id).sum(dim=1).tolist()
     assert counts == [placeholders(3)] * 2
     model = load_model(folder)
-    with torch.inference_mode():
-        features = model.model.get_video_features(pixel_values_videos=batch["pixel_values_videos"])
-    features = getattr(features, "pooler_output", features)
-    flat = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
-    assert flat.shape[0] == sum(counts)  # (OneVision's features end with the video's newline)
+    with torch.inference_mode():  # transformers checks that the features fill the placeholders exactly
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
 
 
 FULL_COMPARE = textwrap.dedent('''
