@@ -74,7 +74,8 @@ class TorchVideoProcessor:
     def __init__(self, **settings) -> None:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
-            raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}; it takes {', '.join(SETTINGS)}")
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}; it takes "
+                            f"{', '.join(SETTINGS)}")
         values = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
         self.size = {k: int(v) for k, v in dict(values["size"] or {}).items() if v is not None}
         self.crop_size = ({k: int(v) for k, v in dict(values["crop_size"]).items() if v is not None}
