@@ -315,13 +315,13 @@ FULL_COMPARE = textwrap.dedent('''
     import json, sys
     import numpy as np, torch
     from transformers import AutoProcessor
-    from ficoco.checkpoint import _load_torch_video_processor
+    from ficoco.checkpoint import load_processor_without_torchvision
     from ficoco.prompts import video_chat_prompt
 
     out = {}
     for model_type, folder in json.loads(sys.argv[1]).items():
         reference = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        mine = _load_torch_video_processor(folder, model_type)
+        mine = load_processor_without_torchvision(folder, model_type)
         rng = np.random.default_rng(0)
         videos = [rng.integers(0, 256, (3, 90, 120, 3), dtype=np.uint8) for _ in range(2)]
         prompts = [video_chat_prompt(reference, "what is it"), video_chat_prompt(reference, "is it red")]

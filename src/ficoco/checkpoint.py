@@ -89,7 +89,9 @@ def _processor_parts(folder: Path) -> list[str]:
 TORCH_VIDEO_TYPES = ("video_llava", "llava_onevision", "llava_next_video")
 
 
-def _load_torch_video_processor(folder: Path, model_type: str):
+def load_processor_without_torchvision(folder: str | Path, model_type: str):
+    """The processor saved in ``folder`` for a ``model_type`` in :data:`TORCH_VIDEO_TYPES`, built
+    with ficoco's torch-only video preprocessing (whether or not torchvision is installed)."""
     if model_type == "video_llava":
         from .video_llava_processor import load_torch_video_llava_processor as load
     elif model_type == "llava_onevision":
@@ -121,7 +123,7 @@ def load_processor(path: str | Path):
         if model_type in PROCESSOR_CLASSES and not is_torchvision_available():
             return load_image_only_processor(folder, model_type)
         if model_type in TORCH_VIDEO_TYPES and not is_torchvision_available():
-            return _load_torch_video_processor(folder, model_type)
+            return load_processor_without_torchvision(folder, model_type)
         return AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
