@@ -85,11 +85,28 @@ def _processor_parts(folder: Path) -> list[str]:
     return missing
 
 
+#: families whose transformers video processor needs torchvision, loaded with ficoco's torch-only one without it
+TORCH_VIDEO_TYPES = ("video_llava", "llava_onevision", "llava_next_video")
+
+
+def load_processor_without_torchvision(folder: str | Path, model_type: str):
+    """The processor saved in ``folder`` for a ``model_type`` in :data:`TORCH_VIDEO_TYPES`, built
+    with ficoco's torch-only video preprocessing (whether or not torchvision is installed)."""
+    if model_type == "video_llava":
+        from .video_llava_processor import load_torch_video_llava_processor as load
+    elif model_type == "llava_onevision":
+        from .pooled_video_processor import load_torch_llava_onevision_processor as load
+    else:
+        from .pooled_video_processor import load_torch_llava_next_video_processor as load
+    return load(folder)
+
+
 def load_processor(path: str | Path):
     """``AutoProcessor`` of the local folder ``path``, never looked up on a hub. On a machine
     without torchvision a Qwen-VL checkpoint gets its processor with ficoco's torch-only video
-    preprocessing (:mod:`ficoco.qwen_processor`), and a Video-LLaVA one likewise
-    (:mod:`ficoco.video_llava_processor`)."""
+    preprocessing (:mod:`ficoco.qwen_processor`), and a Video-LLaVA, LLaVA-OneVision or
+    LLaVA-NeXT-Video one likewise (:mod:`ficoco.video_llava_processor`,
+    :mod:`ficoco.pooled_video_processor`)."""
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
@@ -105,10 +122,8 @@ def load_processor(path: str | Path):
     try:
         if model_type in PROCESSOR_CLASSES and not is_torchvision_available():
             return load_image_only_processor(folder, model_type)
-        if model_type == "video_llava" and not is_torchvision_available():
-            from .video_llava_processor import load_torch_video_llava_processor
-
-            return load_torch_video_llava_processor(folder)
+        if model_type in TORCH_VIDEO_TYPES and not is_torchvision_available():
+            return load_processor_without_torchvision(folder, model_type)
         return AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

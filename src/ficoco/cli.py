@@ -496,7 +496,8 @@ def demo(model_path, image_path, questions, retain, picture, device) -> None:
               help="Where a video benchmark's extracted videos are [its folders beside the data: all_test/, "
                    "videos/, mp4/, ...] (repeat per benchmark).")
 @click.option("--frames", "max_frames", type=click.IntRange(min=1), default=None,
-              help="Most frames shown of a video [Qwen-VL: 2 per second, at most 32; Video-LLaVA: 8].")
+              help="Most frames shown of a video [Qwen-VL: 2 per second, at most 32; Video-LLaVA: 8; "
+                   "LLaVA-OneVision: 32; LLaVA-NeXT-Video: 1 per second, at most 32].")
 @click.option("--judge", "judge_spec", default="none", show_default=True,
               help="Judge of the video QA benchmarks (Video-LLaVA's GPT protocol): none (predictions kept, not "
                    "scored), openai (an OpenAI-compatible endpoint: OPENAI_API_KEY, OPENAI_BASE_URL), or "
@@ -511,7 +512,8 @@ def eval_command(model_path, data, method_names, retains, batch_size, limit, out
     MODEL_PATH is a local checkpoint folder with its processor [the embedded proxy model]. Under
     'accelerate launch --num_processes N -m ficoco.cli eval ...' the samples are sharded across the
     processes and the main process merges and scores them. Video benchmarks (tgif_qa, msvd_qa,
-    msrvtt_qa, activitynetqa) need a model that takes videos (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)."""
+    msrvtt_qa, activitynetqa) need a model that takes videos (Qwen2-VL / Qwen2.5-VL / Qwen3-VL,
+    Video-LLaVA, LLaVA-OneVision, LLaVA-NeXT-Video)."""
     from .assets import embedded_model_dir
     from .checkpoint import checkpoint_config, check_supported, load_model, load_processor, resolve_device
     from .evaluation.prompt_format import in_prompt_format, resolve_prompt_format

@@ -83,6 +83,12 @@ class PooledVideos:
                              f"take: each frame is {self.pooling} on its full {self.grid[0]}x{self.grid[1]} grid, "
                              f"which a reduced frame no longer has; on videos use a decoder-side method")
 
+    def check_videos(self) -> None:
+        """``ValueError`` in one line when this handle's method cannot run on the family's videos:
+        what a call with videos would raise, asked before one is made (``ficoco eval`` asks before
+        it answers a video benchmark)."""
+        self._check({"pixel_values_videos": True})
+
     def _rewrite(self, inputs: dict, default_side: str = "right") -> dict:
         self._check(inputs)
         return super()._rewrite(inputs, default_side)

@@ -25,8 +25,10 @@ The method is attached once, with :func:`ficoco.attach`, when the model is built
 Prompts use the processor's chat template with one image, exactly as ``ficoco eval``
 (:func:`ficoco.prompts.chat_prompt`), so both give the same answers. A task whose visuals are video
 files (lmms-eval's ``activitynetqa``, ...) runs on a model that takes videos (Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL): its frames are sampled and decoded as ``ficoco eval`` does
-(:mod:`ficoco.evaluation.model_inputs`); any other model refuses it in one line.
+Qwen3-VL, Video-LLaVA, LLaVA-OneVision, LLaVA-NeXT-Video): its frames are sampled and decoded as
+``ficoco eval`` does (:mod:`ficoco.evaluation.model_inputs`), videos of different frame counts
+answered in separate calls where the family needs one count per call; any other model refuses it
+in one line.
 
 Honest output: before answering, each task's prompts are checked against the tokenizer (mostly
 unknown words: ``ValueError``; some: a warning). After answering, the share of answers each task's
@@ -57,6 +59,7 @@ from .model_inputs import read_frames, to_model, video_inputs
 from .prompt_format import bare_question, check_task_prompts, resolve_prompt_format
 from .report import UNPARSED_WARN_SHARE
 from .tasks import answer_format, is_unparsed
+from .video_frames import frame_groups
 
 INSTALL_HINT = ("pip install --no-deps lmms-eval==0.7.3, then ficoco's 'lmms' extra "
                 "(pip install -e '.[lmms]' in a ficoco checkout)")
@@ -240,14 +243,17 @@ class FicocoLlava(lmms):
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return "USER: " + ("" if in_text else f"{token}\n" * images) + f"{context} ASSISTANT:"
 
-    def _video_batch(self, contexts: Sequence[str], videos: Sequence[VideoFile], tasks: Sequence[str],
-                     doc_ids: Sequence[int]) -> dict:
-        """The inputs of one question per video, the frames read as ``ficoco eval`` reads them."""
+    def _video_batches(self, contexts: Sequence[str], videos: Sequence[VideoFile], tasks: Sequence[str],
+                       doc_ids: Sequence[int]) -> list[tuple[list[int], dict]]:
+        """The inputs of one question per video, the frames read as ``ficoco eval`` reads them:
+        ``(positions, inputs)`` per processor call (one per frame count where the family needs it)."""
         model_type = getattr(self._model.config, "model_type", None)
         frames = [read_frames(video, model_type, task, str(doc_id), self.max_frames)
                   for video, task, doc_id in zip(videos, tasks, doc_ids)]
         questions = [bare_question(c) if self.prompt_format == "model" else c for c in contexts]
-        return to_model(video_inputs(self.processor, model_type, questions, frames), self._model)
+        return [(group, to_model(video_inputs(self.processor, model_type, [questions[i] for i in group],
+                                              [frames[i] for i in group]), self._model))
+                for group in frame_groups(model_type, [len(f.indices) for f in frames])]
 
     def _inputs(self, prompts: Sequence[str], images: list) -> dict:
         batch = self.processor(images=images or None, text=list(prompts), return_tensors="pt", padding=True)
@@ -281,15 +287,20 @@ class FicocoLlava(lmms):
             for i in chunk:  # decoder-side reductions need the same number of images in every row
                 kind = "video" if any(isinstance(v, VideoFile) for v in visuals[i]) else len(visuals[i])
                 by_count.setdefault(kind, []).append(i)
+            answered: list[tuple[list[int], list[str]]] = []
             for kind, rows in by_count.items():
                 if kind == "video":
                     if any(len(visuals[i]) != 1 for i in rows):
                         raise NotImplementedError("the ficoco model takes one video per question, without images")
-                    batch = self._video_batch([args[i][0] for i in rows], [visuals[i][0] for i in rows],
-                                              [args[i][4] for i in rows], [args[i][3] for i in rows])
-                    texts = self._generate([args[i][0] for i in rows], [], args[rows[0]][1], batch=batch)
+                    for group, batch in self._video_batches([args[i][0] for i in rows], [visuals[i][0] for i in rows],
+                                                            [args[i][4] for i in rows], [args[i][3] for i in rows]):
+                        part = [rows[g] for g in group]
+                        answered.append((part, self._generate([args[i][0] for i in part], [], args[part[0]][1],
+                                                              batch=batch)))
                 else:
-                    texts = self._generate([args[i][0] for i in rows], [visuals[i] for i in rows], args[rows[0]][1])
+                    answered.append((rows, self._generate([args[i][0] for i in rows], [visuals[i] for i in rows],
+                                                          args[rows[0]][1])))
+            for rows, texts in answered:
                 for i, text in zip(rows, texts):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)

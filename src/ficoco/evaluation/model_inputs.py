@@ -8,7 +8,9 @@ lmms-eval plugin alike, so that both show a model the same pixels.
 * **Videos** (families in :func:`~ficoco.evaluation.video_frames.video_model_types`): the frames
   the family's processor convention picks (:mod:`.video_frames`), decoded with PyAV, placed before
   the question as one video placeholder; Qwen-VL processors get the frames' metadata and
-  ``do_sample_frames=False``. Any other family is refused in one line.
+  ``do_sample_frames=False``. The LLaVA video families' processors take one frame count per call
+  (:func:`~ficoco.evaluation.video_frames.frame_groups` splits a batch). Any other family is
+  refused in one line.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
 def read_frames(video: VideoFile, model_type: str, task: str, sample_id: str, max_frames: int | None = None) -> Frames:
-    """The frames of ``video`` a ``model_type`` model is shown (``(T, H, W, 3)`` uint8 with their indices)."""
+    """The frames of ``video`` a ``model_type`` model is shown (``(T, H, W, 3)`` uint8 with their
+    indices), in the order the family's rule gives them: a rule that shows a short video's frames
+    more than once (LLaVA-OneVision's 32, Video-LLaVA's 8, as decord's ``get_batch`` over
+    ``linspace`` indices does in their evaluations) gets each frame as often as it names it."""
     check_takes_video(model_type, task)
-    return video.read(task, sample_id, lambda info: sample_frames(model_type, info, max_frames))
+    frames = video.read(task, sample_id, lambda info: sample_frames(model_type, info, max_frames))
+    wanted = sample_frames(model_type, frames.info, max_frames)  # the info of the frames actually there
+    if tuple(wanted) == frames.indices:
+        return frames
+    position = {index: k for k, index in enumerate(frames.indices)}  # the reader decodes each frame once
+    return Frames(frames.pixels[[position[i] for i in wanted]], tuple(wanted), frames.info)
 
 
 def image_inputs(processor, questions: Sequence[str], images: Sequence[Sequence]) -> dict:

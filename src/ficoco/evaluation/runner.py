@@ -31,7 +31,7 @@ from .prompt_format import check_task_prompts
 from .records import Record
 from .report import csv_table, markdown_table, warnings
 from .tasks import REGISTRY, SCORERS, TASKS
-from .video_frames import check_takes_video
+from .video_frames import check_takes_video, frame_groups
 from .video_qa import check_verdict, judge_name, judge_question
 
 #: generation length per kind of task (short answers vs free-form)
@@ -160,7 +160,8 @@ def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: in
                  max_frames: int | None = None) -> list[str]:
     """Greedy answers to ``records`` in order: samples with images are batched by their number of
     images (decoder-side reductions need it alike in every row), video samples show the frames
-    their model's convention picks (:mod:`ficoco.evaluation.model_inputs`), at most ``max_frames``."""
+    their model's convention picks (:mod:`ficoco.evaluation.model_inputs`), at most ``max_frames``,
+    batched by frame count where the family's processor needs one count per call."""
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     groups: dict[object, list[int]] = {}
@@ -171,15 +172,19 @@ def answer_batch(model, processor, records: Sequence[Record], max_new_tokens: in
         else:
             images[i] = r.images() if hasattr(r, "images") else [r.image()]  # decoded once, here
             groups.setdefault(len(images[i]), []).append(i)
-    answers: list[str] = [""] * len(records)
+    jobs: list[tuple[list[int], dict]] = []  # (rows, processor outputs) per generate call
     for key, rows in groups.items():
         chosen = [records[i] for i in rows]
         if key == "video":
             model_type = getattr(model.config, "model_type", None)
             frames = [read_frames(r.video(), model_type, r.task, r.sample_id, max_frames) for r in chosen]
-            batch = video_inputs(processor, model_type, [r.question for r in chosen], frames)
+            for group in frame_groups(model_type, [len(f.indices) for f in frames]):
+                jobs.append(([rows[i] for i in group], video_inputs(
+                    processor, model_type, [chosen[i].question for i in group], [frames[i] for i in group])))
         else:
-            batch = image_inputs(processor, [r.question for r in chosen], [images[i] for i in rows])
+            jobs.append((rows, image_inputs(processor, [r.question for r in chosen], [images[i] for i in rows])))
+    answers: list[str] = [""] * len(records)
+    for rows, batch in jobs:
         batch = to_model(batch, model)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -300,6 +305,26 @@ def run_task(model, processor, task: str, records: Sequence[Record], variant: Va
                if any("ocr_reference" in r.meta for r in records) else {})}
 
 
+def check_video_variants(model, task: str, variants: Sequence[Variant]) -> None:
+    """``ValueError`` in one line, before anything is answered, when a variant's method cannot run
+    on ``model``'s videos (LLaVA-OneVision and LLaVA-NeXT-Video refuse reductions before the LLM on
+    videos): the method is attached, asked, and detached."""
+    for variant in variants:
+        method = variant.build()
+        if method is None:
+            continue
+        handle = attach(model, method)
+        try:
+            check = getattr(handle, "check_videos", None)  # only families that refuse some methods on videos
+            if check is not None:
+                try:
+                    check()
+                except ValueError as err:
+                    raise ValueError(f"{task} is a video benchmark: {err}") from None
+        finally:
+            handle.remove()
+
+
 def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Sequence[Variant], out_dir: str, *,
              batch_size: int = 8, judge=None, show_progress: bool = True, shard: Shard | None = None,
              log: Callable[[str], None] | None = None, video_judge=None, max_frames: int | None = None) -> dict | None:
@@ -311,13 +336,15 @@ def evaluate(model, processor, tasks: dict[str, Sequence[Record]], variants: Seq
     (:func:`~ficoco.evaluation.prompt_format.check_task_prompts`): mostly unknown words raise
     ``ValueError``. ``log`` receives the warnings: some unknown words, and every result where more
     than 10% of the answers could not be parsed (``results.md`` flags those cells too). A video
-    benchmark given a model that takes no video is refused first, in one line. ``judge`` /
+    benchmark given a model that takes no video, or a method the model cannot run on videos
+    (:func:`check_video_variants`), is refused first, in one line. ``judge`` /
     ``video_judge`` / ``max_frames``: see :func:`run_task`."""
     from tqdm.auto import tqdm
 
     for task in tasks:
         if TASKS[task].modality == "video":
             check_takes_video(getattr(model.config, "model_type", None), task)
+            check_video_variants(model, task, variants)
     shard = shard or Shard.current()
     check_task_prompts(processor.tokenizer, tasks, warn=log if shard.rank == 0 else None)
     out = Path(out_dir)

@@ -53,7 +53,8 @@ class VideoInfo:
 @dataclass(frozen=True)
 class Frames:
     """Frames read from a video: ``pixels`` ``(T, H, W, 3)`` uint8 RGB, the ``indices`` they have
-    in the video (0-based, increasing) and the video's :class:`VideoInfo`."""
+    in the video (0-based; increasing as :meth:`VideoFile.read` gives them, non-decreasing where a
+    model's frame rule shows a frame twice) and the video's :class:`VideoInfo`."""
 
     pixels: np.ndarray
     indices: tuple[int, ...]
