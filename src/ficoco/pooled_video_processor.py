@@ -53,10 +53,7 @@ class TorchLlavaNextVideoVideoProcessor(TorchVideoProcessor):
 
     transformers_class = "LlavaNextVideoVideoProcessor"
     family = "LLaVA-NeXT-Video"
-    defaults = MappingProxyType(dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3, do_resize=True,
-        do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN,
-        image_std=CLIP_STD))
+    # its defaults are the base's (transformers' CLIP-224 ones)
 
 
 def torch_llava_onevision_processor(image_processor, tokenizer, chat_template: str | None = None,

@@ -65,7 +65,8 @@ class TorchVideoProcessor:
     transformers_class: ClassVar[str] = "BaseVideoProcessor"
     #: the family named in error messages
     family: ClassVar[str] = "the model"
-    #: that class's defaults
+    #: that class's defaults; these (CLIP at 224: shortest edge, centre crop) are
+    #: ``VideoLlavaVideoProcessor``'s and ``LlavaNextVideoVideoProcessor``'s alike
     defaults: ClassVar[Mapping[str, object]] = MappingProxyType(dict(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3, do_resize=True,
         do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN,

@@ -21,11 +21,8 @@ tests/test_video_llava_processor.py compares the two where both exist.
 from __future__ import annotations
 
 from pathlib import Path
-from types import MappingProxyType
 
 from .torch_video_processor import (
-    CLIP_MEAN,
-    CLIP_STD,
     TorchVideoProcessor,
     load_torch_processor,
     save_torch_processor,
@@ -40,10 +37,7 @@ class TorchVideoLlavaVideoProcessor(TorchVideoProcessor):
 
     transformers_class = "VideoLlavaVideoProcessor"
     family = "Video-LLaVA"
-    defaults = MappingProxyType(dict(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3, do_resize=True,
-        do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN,
-        image_std=CLIP_STD))
+    # its defaults are the base's (transformers' CLIP-224 ones)
 
 
 def torch_video_llava_processor(image_processor, tokenizer, chat_template: str | None = None,
