@@ -322,6 +322,24 @@ def test_probe_statistics_many_candidates():
     close(probe.mean_logits, st["mean_logits"])
 
 
+def test_probe_without_candidates_takes_every_key_in_order():
+    """``candidates=None`` (an encoder's tokens, every key a candidate) gives the statistics of the
+    explicit ``arange`` candidates, without their column gathers."""
+    gen = torch.Generator().manual_seed(5)
+    b, n = 2, 23
+    q, k = torch.randn(b, n, H, D_HEAD, generator=gen), torch.randn(b, n, HK, D_HEAD, generator=gen)
+    bias = torch.randn(b, n, generator=gen)
+    every = AttentionProbe(q, k, 0.3, None, key_bias=bias)
+    explicit = AttentionProbe(q, k, 0.3, torch.arange(n).expand(b, n), key_bias=bias)
+    assert every.every_key and not explicit.every_key and every.num_candidates == n
+    rows = torch.stack([torch.randperm(n, generator=gen)[:7] for _ in range(b)])
+    for name in ("received_attention", "mean_logits", "mean_keys"):
+        assert_close(getattr(every, name), getattr(explicit, name), rtol=0, atol=0)
+    for average in ("probs", "logits"):
+        assert_close(every.attention_rows(rows, average), explicit.attention_rows(rows, average), rtol=0, atol=0)
+    assert_close(every.fused_heads.attention_rows(rows), explicit.fused_heads.attention_rows(rows), rtol=0, atol=0)
+
+
 def test_probe_missing_inputs_raise():
     s, _ = case("decoder_left", 0)
     with pytest.raises(ValueError):
