@@ -299,11 +299,13 @@ class AttentionProbe:
     @cached_property
     def received_attention(self) -> Tensor:
         """``[B, N]``: ``(1/N) sum_j A_ji`` over candidate queries ``j``. Needs every candidate row,
-        so it costs ``O(N^2 d)``; rows are processed in chunks of at most ``2**28`` logits (and at
-        least 64 rows) to bound memory, each chunk's rows summed before its candidate columns are
+        so it costs ``O(N^2 d)``; rows are processed in chunks of at most ``2**28`` values in memory
+        (per-head logits, or only the head-averaged rows on the fused path, whose logits stay in
+        registers) and at least 64 rows, each chunk's rows summed before its candidate columns are
         taken."""
         b, l, h, _ = self.queries.shape
-        rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
+        per_row = b * l if self._fused_rows(self.candidates) else b * h * l
+        rows_per_chunk = max(64, (1 << 28) // max(1, per_row))
         total = None
         for chunk in self.candidates.split(rows_per_chunk, dim=1):
             part = self.softmax_rows(chunk).sum(dim=1)  # [B, L]
