@@ -71,6 +71,19 @@ def test_frames_are_resized_padded_and_patched():
         processor([np.stack([_still(64)] * 2)], do_sample_frames=True)
 
 
+def test_saved_video_settings_are_read_where_transformers_reads_them(tmp_path):
+    """``processor_config.json``'s ``video_processor`` entry first, then
+    ``video_preprocessor_config.json``, then the image processor's ``preprocessor_config.json``."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 111}}))
+    assert TorchQwenVideoProcessor.from_folder(tmp_path, "qwen2_vl").size["shortest_edge"] == 111
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 222}}))
+    assert TorchQwenVideoProcessor.from_folder(tmp_path, "qwen2_vl").size["shortest_edge"] == 222
+    (tmp_path / "processor_config.json").write_text(json.dumps({"video_processor": {"max_pixels": 333}}))
+    loaded = TorchQwenVideoProcessor.from_folder(tmp_path, "qwen2_vl")
+    assert loaded.size["longest_edge"] == 333
+    assert loaded.size["shortest_edge"] == GENERATION_DEFAULTS["qwen2_vl"]["shortest_edge"]
+
+
 def test_the_qwen_proxy_processor_takes_videos_without_torchvision():
     """The processor ``load_processor`` gives the shipped Qwen2.5-VL proxy expands one video
     placeholder per LLM token and times the temporal patches by where the frames were."""

@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 
 from .qwen_video import TorchQwenVideoProcessor
+from .torch_video_processor import CHAT_TEMPLATE_FILE
 
 #: the processor class of each Qwen-VL generation, by ``config.model_type``
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                      "qwen3_vl": "Qwen3VLProcessor"}
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def _image_only_class(model_type: str) -> type:

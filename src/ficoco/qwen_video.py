@@ -27,7 +27,6 @@ processor's own video processor is used and this module is not; a test compares 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import MappingProxyType
@@ -35,14 +34,14 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from .torch_video_processor import CLIP_MEAN, CLIP_STD, saved_video_config
 from .video_pixels import as_frames, video_list
 
 #: the defaults of transformers' video processor of each generation (class attributes), used where
 #: a checkpoint's configuration does not set them
 _QWEN2_VIDEO = MappingProxyType(dict(
     patch_size=14, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 28 * 28, longest_edge=28 * 28 * 768,
-    image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
-    per_video_area=False))
+    image_mean=CLIP_MEAN, image_std=CLIP_STD, per_video_area=False))
 _QWEN3_VIDEO = MappingProxyType(dict(
     patch_size=16, temporal_patch_size=2, merge_size=2, shortest_edge=128 * 32 * 32, longest_edge=32 * 32 * 768,
     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), per_video_area=True))
@@ -98,27 +97,23 @@ class TorchQwenVideoProcessor:
 
     @classmethod
     def from_folder(cls, folder: str | Path, model_type: str) -> "TorchQwenVideoProcessor":
-        """The video preprocessing of the checkpoint in ``folder``: its
-        ``video_preprocessor_config.json``, else (as transformers loads a checkpoint saved without
-        one) its ``preprocessor_config.json``, over the generation's defaults."""
+        """The video preprocessing of the checkpoint in ``folder``, read where transformers reads it
+        (:func:`~ficoco.torch_video_processor.saved_video_config`: ``processor_config.json``'s
+        ``video_processor``, else ``video_preprocessor_config.json``, else the image processor's
+        ``preprocessor_config.json``), over the generation's defaults."""
         try:
             settings = dict(GENERATION_DEFAULTS[model_type])
         except KeyError:
             raise ValueError(f"no Qwen-VL video preprocessing for model type {model_type!r}; one of "
                              f"{', '.join(GENERATION_DEFAULTS)}") from None
-        folder = Path(folder)
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            path = folder / name
-            if path.is_file():
-                config = json.loads(path.read_text())
-                size = config.get("size") or {}
-                for key, alias in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
-                    value = size.get(key, config.get(alias))
-                    if value is not None:
-                        settings[key] = value
-                settings.update({k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size",
-                                                        "image_mean", "image_std") if config.get(k) is not None})
-                break
+        config = saved_video_config(folder)
+        size = config.get("size") or {}
+        for key, alias in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+            value = size.get(key, config.get(alias))
+            if value is not None:
+                settings[key] = value
+        settings.update({k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                                                "image_std") if config.get(k) is not None})
         return cls(**settings)
 
     def __repr__(self) -> str:

@@ -399,7 +399,8 @@ class AttentionProbe:
             keys = keys.repeat_interleave(h // keys.shape[2], dim=2)
         return AttentionProbe(
             self.queries.reshape(b, l, 1, h * d), keys.reshape(b, l, 1, h * d), (h * d) ** -0.5,
-            None if self.every_key else self.candidates, cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
+            None if self.every_key else self.candidates,
+            cls_index=self.cls_index, key_bias=self.key_bias, key_valid=self.key_valid, causal=self.causal,
             text_rows=self.text_rows, text_valid=self.text_valid, last_row=self.last_row,
             compile_backend=self.compile_backend,
         )
