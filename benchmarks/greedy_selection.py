@@ -4,7 +4,9 @@ kernel (stages/greedy_kernels.py), at the token counts of the bench presets, bat
     python benchmarks/greedy_selection.py --out greedy-selection.json
 
 Each row: the ``select`` call alone (similarity/kernel matrix + greedy loop), median of
-``--repeats`` CUDA-event timings after ``--warmup`` calls.
+``--repeats`` CUDA-event timings after ``--warmup`` calls. CDPruner's rows add its DPP kernel alone
+with one program per sample (``parts=1``, the kernel before the columns were shared) and with the
+columns shared by several programs (the default).
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import torch
 
 from ficoco.measure.bench import cuda_times, environment
 from ficoco.stages import FeatureProbe
-from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+from ficoco.stages.greedy_kernels import greedy_dpp
 from ficoco.stages.tokens import TokenGroup
 
 # (what, samples, tokens per sample, kept, feature width): the selection runs on the LLM's input
 SHAPES = [
     ("llava-1.5-7b 192", 8, 576, 192, 4096),
     ("llava-1.5-7b 64", 8, 576, 64, 4096),
+    ("llava-1.5-7b 192, batch 32", 32, 576, 192, 4096),
     ("llava-next-7b 128/crop", 40, 576, 128, 4096),
     ("video-llava-7b 64/frame", 64, 256, 64, 4096),
+    ("qwen2.5-vl-7b 1/2", 8, 1196, 598, 3584),
     ("qwen2.5-vl-7b 1/4", 8, 1196, 299, 3584),
     ("qwen2.5-vl-7b 1/8", 8, 1196, 150, 3584),
 ]
@@ -52,10 +57,25 @@ def main() -> None:
                                                               args.repeats))
             same = torch.equal(make(backend="torch").select(tokens, probe, kept),
                                make(backend="triton").select(tokens, probe, kept))
-            rows.append(dict(shape=what, method=method, batch=b, tokens=n, kept=kept, torch_ms=times["torch"],
-                             triton_ms=times["triton"], same_tokens=same))
-            print(f"{what:>24} {method:>8}: torch {times['torch']:8.2f} ms  triton {times['triton']:7.2f} ms  "
-                  f"x{times['torch'] / times['triton']:5.1f}  same tokens: {same}", flush=True)
+            row = dict(shape=what, method=method, batch=b, tokens=n, kept=kept, torch_ms=times["torch"],
+                       triton_ms=times["triton"], same_tokens=same)
+            extra = ""
+            if method == "cdpruner":
+                stage = make()
+                r = stage.relevance(tokens, probe)
+                kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
+                floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+                for parts in (1, None):
+                    row[f"dpp_kernel_ms_parts_{parts or 'auto'}"] = statistics.median(cuda_times(
+                        lambda: greedy_dpp(kernel, r, floor, kept, parts=parts), args.warmup, args.repeats))
+                row["same_tokens_parts_1"] = torch.equal(greedy_dpp(kernel, r, floor, kept, parts=1),
+                                                         greedy_dpp(kernel, r, floor, kept))
+                extra = (f"  DPP kernel alone: one program per sample {row['dpp_kernel_ms_parts_1']:6.2f} ms, "
+                         f"shared columns {row['dpp_kernel_ms_parts_auto']:6.2f} ms (same tokens: "
+                         f"{row['same_tokens_parts_1']})")
+            rows.append(row)
+            print(f"{what:>26} {method:>8}: torch {times['torch']:8.2f} ms  triton {times['triton']:7.2f} ms  "
+                  f"x{times['torch'] / times['triton']:5.1f}  same tokens: {same}{extra}", flush=True)
     with open(args.out, "w") as fh:
         json.dump({"environment": environment(), "warmup": args.warmup, "repeats": args.repeats, "rows": rows}, fh,
                   indent=1)

@@ -20,7 +20,8 @@ CHECK = textwrap.dedent('''
     import json, sys
     import torch
     from ficoco.stages import FeatureProbe
-    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
+    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+    from ficoco.stages.greedy_kernels import greedy_dpp
     from ficoco.stages.tokens import TokenGroup
 
     out = []
@@ -39,6 +40,15 @@ CHECK = textwrap.dedent('''
             slow = make("torch").select(tokens, probe, kept)
             fast = make("triton").select(tokens, probe, kept)
             row[name] = [slow.tolist(), fast.tolist()]
+        # the columns shared by several programs, one launch per step (the interpreter runs a
+        # launch's programs one after another, so the one-launch form would wait forever)
+        stage = ConditionalDPPFilter(theta=theta)
+        r = stage.relevance(tokens, probe)
+        kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
+        floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+        for parts in (2, 3):
+            row[f"cdpruner, {parts} parts"] = [row["cdpruner"][0], greedy_dpp(kernel, r, floor, kept, parts=parts,
+                                                                              stepwise=True).tolist()]
         out.append(row)
     print(json.dumps(out))
 ''')
@@ -77,3 +87,18 @@ def _tokens():
     from ficoco.stages.tokens import TokenGroup
 
     return TokenGroup.fresh(torch.randn(1, 6, 4), (2, 3))
+
+
+@needs_triton
+def test_dpp_columns_are_shared_only_where_the_rows_are_large():
+    """How many programs share a sample's DPP columns (each step's wait pays only for large rows;
+    the grid must stay resident: at most processors // batch)."""
+    from ficoco.stages.greedy_kernels import column_parts
+
+    h200 = 132
+    assert column_parts(8, 1196, 598, h200) == 16  # Qwen2.5-VL at 1/2: 132 // 8
+    assert column_parts(1, 1196, 150, h200) == 19  # ceil(1196 / 64) columns of at least 64
+    assert column_parts(8, 576, 192, h200) == 9
+    assert column_parts(8, 576, 64, h200) == 1  # small rows: one program per sample
+    assert column_parts(40, 576, 128, h200) == 1  # LLaVA-NeXT's crops: small rows
+    assert column_parts(200, 1196, 598, h200) == 1  # more samples than processors
