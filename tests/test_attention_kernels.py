@@ -17,7 +17,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 CHECK = textwrap.dedent('''
     import json, sys
     import torch
-    from ficoco.stages.attention_kernels import head_mean_softmax_rows
+    from ficoco.stages.attention_kernels import head_mean_softmax_column_sums, head_mean_softmax_rows
     from ficoco.stages.probe import head_mean_softmax
 
     out = []
@@ -38,8 +38,11 @@ CHECK = textwrap.dedent('''
         if key_valid is not None:
             logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
         slow = head_mean_softmax(logits)
+        columns = head_mean_softmax_column_sums(q, k, key_bias, key_valid)  # [B, L]: the rows' sums
         out.append({"shape": list(fast.shape), "dtype": str(fast.dtype), "error": (fast - slow).abs().max().item(),
-                    "row_sums": fast.sum(-1).flatten().tolist(), "finite": bool(fast.isfinite().all())})
+                    "row_sums": fast.sum(-1).flatten().tolist(), "finite": bool(fast.isfinite().all()),
+                    "columns_shape": list(columns.shape),
+                    "columns_error": (columns - slow.sum(dim=1)).abs().max().item()})
     print(json.dumps(out))
 ''')
 
@@ -55,10 +58,13 @@ CASES = [
 
 @needs_triton
 def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
+    """The rows, and their sums over rows (the attention each key receives) without the rows."""
     rows = run_interpreted(CHECK, CASES)
     for (b, h, hk, r, l, d, dtype, bias, valid), row in zip(CASES, rows):
         assert row["shape"] == [b, r, l] and row["dtype"] == "torch.float32" and row["finite"]
         assert row["error"] < (1e-6 if dtype == "float32" else 1e-3), (dtype, row["error"])
+        assert row["columns_shape"] == [b, l]
+        assert row["columns_error"] < r * (1e-6 if dtype == "float32" else 1e-3), (dtype, row["columns_error"])
         sums = row["row_sums"]
         if valid:  # the last sample's rows see no key: zero, the others sum to one
             assert all(abs(x) < 1e-6 for x in sums[-r:]) and all(abs(x - 1) < 1e-4 for x in sums[:-r])

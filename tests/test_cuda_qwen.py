@@ -125,6 +125,15 @@ def test_cuda_triton_softmax_rows_at_the_tower_size():
     fast, slow = fused.softmax_rows(rows), eager.softmax_rows(rows)
     assert (fast - exact).abs().max() <= (slow - exact).abs().max()
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-3)
+    # the attention each key receives from every row (EViT without [CLS]): column sums on the fused
+    # path, no [B, L, L] map; against float32 rows summed chunk by chunk
+    received = torch.zeros(b, l, device="cuda")
+    for chunk in candidates.split(512, dim=1):
+        logits = torch.einsum("brhd,blhd->bhrl", gather_rows(q.float(), chunk) * scale, k.float())
+        logits = (logits + bias[:, None, None]).masked_fill(~valid[:, None, None], float("-inf"))
+        received += head_mean_softmax(logits[:, :, None]).sum(dim=1)
+    torch.testing.assert_close(fused.received_attention, received / l, rtol=1e-3, atol=1e-8)
+    assert (fused.received_attention - received / l).abs().max() <= (eager.received_attention - received / l).abs().max()
 
 
 @pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])

@@ -87,7 +87,7 @@ class InputSide:
         self.stage, self.removed, self.grid, self.leading = stage, removed, grid, leading
         self.image_token_id, self.embed, self.token_state, self.record = image_token_id, embed, token_state, record
         self.crops_per_run = crops_per_run
-        self.prompt: tuple[Tensor, Tensor | None, int] | None = None
+        self.prompt: tuple[Tensor, Tensor | None, int, tuple[Tensor, Tensor, Tensor] | None] | None = None
         self.last: InputTrace | None = None
         self.active = None
 
@@ -105,15 +105,23 @@ class InputSide:
             # prompt's last query row may attend to exactly its real keys, whichever side pads
             row = attention_mask[:, 0, -1, :input_ids.shape[1]]
             attention_mask = (row == 0) if row.is_floating_point() else row.bool()
-        self.prompt = None if input_ids is None else (input_ids, attention_mask, per_run)
+        if input_ids is None:
+            self.prompt = None
+            return
+        # finding the instruction's tokens makes the host wait for the GPU once (their count): a
+        # filter that reads them finds them now, before the encoder is queued, rather than after
+        # it, where the GPU would sit idle while the host launches the rest of the reduction
+        found = (instruction_rows(input_ids, attention_mask, self.image_token_id)
+                 if self.stage.reduction.filter.reads_instruction else None)
+        self.prompt = (input_ids, attention_mask, per_run, found)
 
     def _probe(self, images: int, dtype) -> FeatureProbe:
         if self.prompt is None:
             return FeatureProbe()
-        (input_ids, attention_mask, per_run), self.prompt = self.prompt, None
+        (input_ids, attention_mask, per_run, found), self.prompt = self.prompt, None
 
         def instruction() -> tuple[Tensor, Tensor]:
-            samples, rows, valid = instruction_rows(input_ids, attention_mask, self.image_token_id)
+            samples, rows, valid = found or instruction_rows(input_ids, attention_mask, self.image_token_id)
             if self.crops_per_run is not None:  # every crop of an image reads its run's instruction
                 crops = torch.tensor(self.crops_per_run(input_ids), device=samples.device)
                 if crops.numel() == samples.numel():

@@ -10,7 +10,10 @@ of matmul work. Here, as flash attention does, the logits live only in registers
 1. :func:`_row_logsumexp`: one program per (sample, head, block of rows) streams the keys and
    keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32;
 2. :func:`_head_mean_probs`: one program per (sample, block of rows, block of keys) recomputes the
-   logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written.
+   logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written,
+   or, for the attention each key receives (EViT without [CLS]), only its sum over the block's
+   rows (:func:`head_mean_softmax_column_sums`: at Qwen2.5-VL's tower, batch 8, that skips writing
+   and re-reading a 730 MB ``[B, R, L]`` map per reducing block).
 
 The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, and
 are not rounded to half precision before the softmax (the PyTorch path rounds them, as a matmul
@@ -91,8 +94,10 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 @triton.jit
 def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
                      key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
-    """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``."""
+                     BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr,
+                     COLUMN_SUMS: tl.constexpr):
+    """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``; with ``COLUMN_SUMS`` only each
+    block of rows' sum of them, ``out[b, r // BLOCK_ROWS, l]``."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     keys = tl.program_id(2) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
@@ -106,8 +111,12 @@ def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows
                          HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         lse = tl.load(lse_ptr + (b * heads + h) * n_rows + rows, mask=rows < n_rows, other=float("inf"))
         acc += tl.exp2(s - lse[:, None])
-    tl.store(out_ptr + b * n_rows * n_keys + rows[:, None] * n_keys + keys[None, :], acc / heads,
-             mask=(rows[:, None] < n_rows) & (keys[None, :] < n_keys))
+    if COLUMN_SUMS:  # rows past the end have lse = +inf: they add zero
+        tl.store(out_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * n_keys + keys, tl.sum(acc, 0) / heads,
+                 mask=keys < n_keys)
+    else:
+        tl.store(out_ptr + b * n_rows * n_keys + rows[:, None] * n_keys + keys[None, :], acc / heads,
+                 mask=(rows[:, None] < n_rows) & (keys[None, :] < n_keys))
 
 
 def channel_blocks(d: int) -> tuple[int, int]:
@@ -133,6 +142,20 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     Returns:
         ``[B, R, L]`` float32; rows that see no key are zero.
     """
+    return _head_mean(queries, keys, key_bias, key_valid, column_sums=False)
+
+
+def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
+                                  key_valid: Tensor | None = None) -> Tensor:
+    """``[B, L]`` float32: :func:`head_mean_softmax_rows` summed over its rows (the attention each
+    key receives from the query rows, EViT's statistic without [CLS]), with neither the logits nor
+    the rows in memory: each block of rows writes its sums, ``[B, R / 64, L]``, added up after in
+    a fixed order (deterministic, unlike atomic adds). Arguments as there."""
+    return _head_mean(queries, keys, key_bias, key_valid, column_sums=True).sum(dim=1)
+
+
+def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None,
+               column_sums: bool) -> Tensor:
     b, h, r, d = queries.shape
     hk, n_keys = keys.shape[1], keys.shape[2]
     if h % hk or keys.shape[0] != b or keys.shape[3] != d:
@@ -140,7 +163,8 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     if queries.dtype != keys.dtype:
         keys = keys.to(queries.dtype)
     queries, keys = queries.contiguous(), keys.contiguous()
-    out = torch.empty(b, r, n_keys, dtype=torch.float32, device=queries.device)
+    row_blocks = triton.cdiv(r, BLOCK_ROWS)
+    out = torch.empty(b, row_blocks if column_sums else r, n_keys, dtype=torch.float32, device=queries.device)
     if r == 0 or n_keys == 0 or b == 0:
         return out.zero_()
     dummy = torch.empty(1, device=queries.device)
@@ -150,8 +174,7 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     main, rest = channel_blocks(d)
     options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
                    BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
-    row_blocks = triton.cdiv(r, BLOCK_ROWS)
     _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
     _head_mean_probs[(b, row_blocks, triton.cdiv(n_keys, BLOCK_KEYS))](
-        queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, **options)
+        queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, COLUMN_SUMS=column_sums, **options)
     return out

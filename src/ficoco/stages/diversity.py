@@ -128,6 +128,7 @@ class ConditionalDPPFilter(SetSelectionFilter):
     theta: float | None = None
     eps: float = 1e-4
     backend: Backend = "auto"
+    reads_instruction = True  # a class attribute (no annotation), not a field
 
     def __post_init__(self) -> None:
         if self.theta is not None and not 0.0 < self.theta < 1.0:

@@ -25,6 +25,9 @@ class Filter(ABC):
     #: the filter decides how many tokens each sample keeps (PruMerge's outliers): a reduction
     #: then removes what :meth:`kept_counts` leaves, and takes no budget
     adaptive: bool = False
+    #: the filter reads the instruction after the image (``probe.text_embeddings``, CDPruner): an
+    #: adapter may then find the instruction's tokens before the encoder runs
+    reads_instruction: bool = False
 
     @property
     def keeps_order(self) -> bool:

@@ -299,13 +299,18 @@ class AttentionProbe:
     @cached_property
     def received_attention(self) -> Tensor:
         """``[B, N]``: ``(1/N) sum_j A_ji`` over candidate queries ``j``. Needs every candidate row,
-        so it costs ``O(N^2 d)``; rows are processed in chunks of at most ``2**28`` values in memory
-        (per-head logits, or only the head-averaged rows on the fused path, whose logits stay in
-        registers) and at least 64 rows, each chunk's rows summed before its candidate columns are
-        taken."""
+        so it costs ``O(N^2 d)``. On the fused path (Triton, see :meth:`softmax_rows`) neither the
+        logits nor the rows are in memory, only each 64-row block's column sums; elsewhere rows are
+        processed in chunks of at most ``2**28`` per-head logits in memory and at least 64 rows,
+        each chunk's rows summed before its candidate columns are taken."""
         b, l, h, _ = self.queries.shape
-        per_row = b * l if self._fused_rows(self.candidates) else b * h * l
-        rows_per_chunk = max(64, (1 << 28) // max(1, per_row))
+        if self._fused_rows(self.candidates):
+            from .attention_kernels import head_mean_softmax_column_sums
+
+            q = (self.query_rows(self.candidates) * self.scale).transpose(1, 2)  # [B, H, N, d], as _fused_softmax_rows
+            total = head_mean_softmax_column_sums(q, self.head_major_keys, self.key_bias, self.key_valid)
+            return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
+        rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
         for chunk in self.candidates.split(rows_per_chunk, dim=1):
             part = self.softmax_rows(chunk).sum(dim=1)  # [B, L]
