@@ -108,6 +108,8 @@ class InputSide:
         if input_ids is None:
             self.prompt = None
             return
+        if self.prompt is not None and self.prompt[0] is input_ids and self.prompt[1] is attention_mask:
+            return  # the same prompt again (the outer model's hook, then the inner model's)
         # finding the instruction's tokens makes the host wait for the GPU once (their count): a
         # filter that reads them finds them now, before the encoder is queued, rather than after
         # it, where the GPU would sit idle while the host launches the rest of the reduction
