@@ -19,7 +19,7 @@ import torch
 
 from ficoco.measure.bench import cuda_times, environment
 from ficoco.stages import FeatureProbe
-from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
 from ficoco.stages.greedy_kernels import greedy_dpp
 from ficoco.stages.tokens import TokenGroup
 
@@ -61,10 +61,7 @@ def main() -> None:
                        triton_ms=times["triton"], same_tokens=same)
             extra = ""
             if method == "cdpruner":
-                stage = make()
-                r = stage.relevance(tokens, probe)
-                kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
-                floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+                kernel, r, floor = make().dpp_inputs(tokens, probe)
                 for parts in (1, None):
                     row[f"dpp_kernel_ms_parts_{parts or 'auto'}"] = statistics.median(cuda_times(
                         lambda: greedy_dpp(kernel, r, floor, kept, parts=parts), args.warmup, args.repeats))

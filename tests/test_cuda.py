@@ -157,7 +157,7 @@ def test_cuda_greedy_kernels_equal_the_pytorch_loops(b, n, kept):
     are each a best one up to float32 rounding (sums in another order can flip a near-tie)."""
     pytest.importorskip("triton")
     from ficoco.stages import FeatureProbe
-    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
     from ficoco.stages.tokens import TokenGroup
 
     torch.manual_seed(n + kept)
@@ -172,9 +172,7 @@ def test_cuda_greedy_kernels_equal_the_pytorch_loops(b, n, kept):
     fast = stage.select(tokens, probe, kept)
     slow = ConditionalDPPFilter(backend="torch").select(tokens, probe, kept)
     agree = (fast == slow).float().mean().item()
-    r = stage.relevance(tokens, probe)
-    kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
-    floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+    kernel, r, floor = stage.dpp_inputs(tokens, probe)
     for row in range(b):
         assert fast[row].unique().numel() == kept
         _greedy_dpp_float64_check(kernel[row], r[row], floor[row].item(), fast[row])

@@ -20,7 +20,7 @@ CHECK = textwrap.dedent('''
     import json, sys
     import torch
     from ficoco.stages import FeatureProbe
-    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter, cosine_similarity_matrix
+    from ficoco.stages.diversity import ConditionalDPPFilter, MaxMinDiversityFilter
     from ficoco.stages.greedy_kernels import greedy_dpp
     from ficoco.stages.tokens import TokenGroup
 
@@ -42,10 +42,7 @@ CHECK = textwrap.dedent('''
             row[name] = [slow.tolist(), fast.tolist()]
         # the columns shared by several programs, one launch per step (the interpreter runs a
         # launch's programs one after another, so the one-launch form would wait forever)
-        stage = ConditionalDPPFilter(theta=theta)
-        r = stage.relevance(tokens, probe)
-        kernel = r[:, :, None] * cosine_similarity_matrix(x) * r[:, None, :]
-        floor = stage.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+        kernel, r, floor = ConditionalDPPFilter(theta=theta).dpp_inputs(tokens, probe)
         for parts in (2, 3):
             row[f"cdpruner, {parts} parts"] = [row["cdpruner"][0], greedy_dpp(kernel, r, floor, kept, parts=parts,
                                                                               stepwise=True).tolist()]

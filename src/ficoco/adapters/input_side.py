@@ -114,7 +114,7 @@ class InputSide:
         # filter that reads them finds them now, before the encoder is queued, rather than after
         # it, where the GPU would sit idle while the host launches the rest of the reduction
         found = (instruction_rows(input_ids, attention_mask, self.image_token_id)
-                 if self.stage.reduction.filter.reads_instruction else None)
+                 if self.removed and self.stage.reduction.filter.reads_instruction else None)
         self.prompt = (input_ids, attention_mask, per_run, found)
 
     def _probe(self, images: int, dtype) -> FeatureProbe:

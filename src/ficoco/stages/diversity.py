@@ -154,16 +154,21 @@ class ConditionalDPPFilter(SetSelectionFilter):
             r = torch.exp(self.theta / (2 * (1 - self.theta)) * r)
         return r
 
+    def dpp_inputs(self, tokens: TokenGroup, probe) -> tuple[Tensor, Tensor, Tensor]:
+        """``(kernel [B, N, N], relevance [B, N], floor [B])``: what the greedy MAP runs on, the
+        floor being ``eps`` times each sample's largest initial gain."""
+        r = self.relevance(tokens, probe)
+        kernel = r[:, :, None] * cosine_similarity_matrix(tokens.features) * r[:, None, :]
+        return kernel, r, self.eps * kernel.diagonal(dim1=1, dim2=2).amax(dim=1)
+
     def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
         b, n = tokens.batch_size, tokens.num_tokens
-        r = self.relevance(tokens, probe)
-        kernel = r[:, :, None] * cosine_similarity_matrix(tokens.features) * r[:, None, :]  # [B, N, N]
+        kernel, r, floor = self.dpp_inputs(tokens, probe)
         rows = torch.arange(b, device=kernel.device)
         gain = kernel.diagonal(dim1=1, dim2=2).clone()  # d_j^2
         factors = kernel.new_zeros(b, kept, n)  # c: one row per kept token
         chosen = torch.zeros(b, kept, dtype=torch.long, device=kernel.device)
         taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
-        floor = self.eps * gain.amax(dim=1)  # [B]
         if _use_triton(self.backend, kernel.device, n):
             from .greedy_kernels import greedy_dpp
 

@@ -11,7 +11,7 @@ those rows are large (Qwen-VL's 1,196 tokens) one program per sample is bound by
 there several programs share a sample's columns and meet at every step to agree on the pick
 (:func:`column_parts`). The steps and their tie rules are the PyTorch loops' (lowest index wins a tie), so
 both backends keep the same tokens up to float rounding of near-ties (tests/test_greedy_kernels.py
-compares them in Triton's interpreter on the CPU, tests/test_cuda_greedy.py on a GPU).
+compares them in Triton's interpreter on the CPU, tests/test_cuda.py on a GPU).
 
 This module imports Triton; :mod:`.diversity` imports it only when a CUDA tensor (or the
 interpreter) asks for it.
@@ -103,6 +103,13 @@ def _float_of(key):
 
 
 @triton.jit
+def _index_of(packed):
+    """The token index in a :func:`_best` key."""
+    low = tl.full((), 4294967295, tl.int64)
+    return low - (packed & low)
+
+
+@triton.jit
 def _best(value, index, taken):
     """The largest ``value`` of the lanes not ``taken``, lowest index first among equals, packed in
     one ``int64`` (value key in the high half, ``2**32 - 1 - index`` in the low half) so that one
@@ -169,8 +176,7 @@ def _greedy_dpp(kernel_ptr, relevance_ptr, floor_ptr, factors_ptr, chosen_ptr, b
             top_gain = _best(gain, offs, taken)
             top_relevance = _best(relevance, offs, taken)
         exhausted = (top_gain >> 32) <= floor_key
-        low = tl.full((), 4294967295, tl.int64)
-        pick = low - (tl.where(exhausted, top_relevance, top_gain) & low)
+        pick = _index_of(tl.where(exhausted, top_relevance, top_gain))
         tl.store(chosen_ptr + sample * kept + step, pick, mask=part == 0)
         pick_gain = tl.where(exhausted, floor, _float_of(top_gain >> 32))
         taken = taken | (offs == pick)
@@ -193,10 +199,9 @@ def _greedy_dpp(kernel_ptr, relevance_ptr, floor_ptr, factors_ptr, chosen_ptr, b
             if step + 1 < kept:
                 tl.atomic_max(best_gain + step + 1, _best(gain, offs, taken))
                 tl.atomic_max(best_relevance + step + 1, _best(relevance, offs, taken))
-    if not SYNC:
-        if SHARED:
-            tl.store(state_ptr + sample * n + offs, gain, mask=inside)
-            tl.store(taken_ptr + sample * n + offs, taken.to(tl.int8), mask=inside)
+    if SHARED and not SYNC:  # one launch per step: the next launch starts from here
+        tl.store(state_ptr + sample * n + offs, gain, mask=inside)
+        tl.store(taken_ptr + sample * n + offs, taken.to(tl.int8), mask=inside)
 
 
 def farthest_points(distance: Tensor, first: Tensor, kept: int) -> Tensor:
@@ -231,8 +236,10 @@ def greedy_dpp(kernel: Tensor, relevance: Tensor, floor: Tensor, kept: int, part
     shared = parts > 1 or stepwise
     slots = max(kept, 1)
     factors = torch.empty(b, slots, n, dtype=torch.float32, device=kernel.device)
-    best = torch.full((2, b, slots), torch.iinfo(torch.int64).min, dtype=torch.int64, device=kernel.device)
-    arrived = torch.zeros(b, dtype=torch.int32, device=kernel.device)
+    # scratch that only shared columns read (one program per sample passes placeholders)
+    best = (torch.full((2, b, slots), torch.iinfo(torch.int64).min, dtype=torch.int64, device=kernel.device)
+            if shared else chosen)
+    arrived = torch.zeros(b, dtype=torch.int32, device=kernel.device) if parts > 1 and not stepwise else chosen
     state = torch.empty(b, n, dtype=torch.float32, device=kernel.device) if stepwise else factors
     taken = torch.empty(b, n, dtype=torch.int8, device=kernel.device) if stepwise else chosen
     block = block_size(cols)

@@ -234,9 +234,13 @@ class AttentionProbe:
         (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_rows`)."""
         from .attention_kernels import head_mean_softmax_rows
 
-        # the scale goes into the query rows, as in _row_logits; heads ordered key head by key head
-        q = (self.query_rows(rows) * self.scale).transpose(1, 2)  # [B, H, R, d]
-        return head_mean_softmax_rows(q, self.head_major_keys, self.key_bias, self.key_valid)
+        return head_mean_softmax_rows(self._scaled_head_major_queries(rows), self.head_major_keys, self.key_bias,
+                                      self.key_valid)
+
+    def _scaled_head_major_queries(self, rows: Tensor) -> Tensor:
+        """``[B, H, R, d]`` the Triton kernels' query rows: the scale goes into them, as in
+        _row_logits; heads ordered key head by key head."""
+        return (self.query_rows(rows) * self.scale).transpose(1, 2)
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
         """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
@@ -307,7 +311,7 @@ class AttentionProbe:
         if self._fused_rows(self.candidates):
             from .attention_kernels import head_mean_softmax_column_sums
 
-            q = (self.query_rows(self.candidates) * self.scale).transpose(1, 2)  # [B, H, N, d], as _fused_softmax_rows
+            q = self._scaled_head_major_queries(self.candidates)
             total = head_mean_softmax_column_sums(q, self.head_major_keys, self.key_bias, self.key_valid)
             return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
         rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
