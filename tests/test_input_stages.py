@@ -199,10 +199,11 @@ def test_instruction_rows_match_a_token_by_token_walk():
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 6, (4, 30), generator=gen)
-    ids[0, 3:8] = ids[0, 15:20] = ids[1, 0:4] = ids[2, 10:14] = ids[3, 25:30] = 9  # image runs
+    ids[0, 3:8] = ids[0, 15:20] = ids[1, 0:4] = ids[2, 10:14] = ids[3, 20:25] = 9  # image runs
     mask = torch.ones_like(ids)
     mask[1, 24:] = 0  # right padding
     mask[2, :5] = 0  # left padding
+    mask[3, 27:] = 0  # right padding: two real tokens after the image
     samples, rows, valid = instruction_rows(ids, mask, 9)
     expected = []
     for b in range(4):
@@ -214,3 +215,19 @@ def test_instruction_rows_match_a_token_by_token_walk():
             expected.append((b, [i for i in range(end, stop) if mask[b, i]]))
     assert samples.tolist() == [b for b, _ in expected]
     assert [rows[i][valid[i]].tolist() for i in range(len(expected))] == [span for _, span in expected]
+
+
+def test_instruction_rows_refuse_an_image_with_no_text_after_it():
+    """An image that ends its prompt (only padding after it) gives a filter that reads the
+    instruction nothing to weigh by: one error naming the prompt, found on the host."""
+    from ficoco.adapters.input_side import instruction_rows
+
+    ids = torch.full((3, 12), 4)
+    ids[0, 2:5] = ids[1, 1:4] = ids[1, 8:11] = ids[2, 3:6] = 9
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # the second image of prompt 1 is followed only by padding
+    with pytest.raises(ValueError, match="the image in prompt 1 has no instruction text after it"):
+        instruction_rows(ids, mask, 9)
+    mask[1, 11:] = 1
+    assert instruction_rows(ids, mask, 9)[0].tolist() == [0, 1, 1, 2]
+

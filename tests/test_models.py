@@ -371,6 +371,25 @@ def test_resized_image_rejected(model, prompts):
             logits(model, small)
 
 
+def test_instruction_reading_filter_refuses_an_image_ending_its_prompt(model, prompts, images):
+    """CDPruner weighs each image's tokens by the text after it: a prompt that ends with its image
+    gets one error naming that prompt, raised before the encoder runs."""
+    from .conftest import batch_inputs as make
+    from .conftest import make_prompt
+
+    cut = make_prompt([5, 6], [])
+    inputs = make([prompts[0], cut], images[:2], side="right")
+    calls = []
+    probe = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    with ficoco.apply(model, build("cdpruner")):
+        with pytest.raises(ValueError, match="the image in prompt 1 has no instruction text after it"):
+            logits(model, inputs)
+        assert not calls  # refused before the encoder ran
+        probe.remove()
+        out = logits(model, make([prompts[0], prompts[1]], images[:2]))  # the handle is still usable
+        assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
 def test_double_attach_rejected(model):
     with ficoco.apply(model, "ficoco-v"):
         with pytest.raises(RuntimeError, match="already attached"):

@@ -413,6 +413,13 @@ def test_clear_errors(models, generation):
     # CDPruner reads the instruction after each image: the tower called on its own has none
     with ficoco.apply(model, "cdpruner", retain=0.5), pytest.raises(ValueError, match="no instruction tokens"):
         model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    # a prompt cut right after its image's placeholders: nothing to weigh the image's tokens by
+    one = sample_of(inputs, 0, generation)
+    end = int((one["input_ids"][0] == QWEN_TOKENS["image"]).nonzero().max()) + 1
+    cut = {**one, **{key: one[key][:, :end] for key in ("input_ids", "mm_token_type_ids", "attention_mask")}}
+    with ficoco.apply(model, "cdpruner", retain=0.5), \
+            pytest.raises(ValueError, match="the visual item in prompt 0 has no instruction text after it"):
+        logits(model, cut)
 
 
 # -- one attention call per tower block -------------------------------------------------------

@@ -39,7 +39,12 @@ def instruction_rows(input_ids: Tensor, attention_mask: Tensor | None, image_tok
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """For each image run of ``input_ids`` (``[B, L]``; runs counted row by row): ``(sample [I],
     rows [I, M], valid [I, M])``, the sequence columns of the text after that image up to the next
-    image or the end of its prompt (padding excluded)."""
+    image or the end of its prompt (padding excluded).
+
+    Raises:
+        ValueError: an image has no text after it (a filter reading the instruction has nothing to
+            weigh its tokens by); checked here, where the counts reach the host anyway.
+    """
     b, length = input_ids.shape
     is_image = input_ids == image_token_id
     real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
@@ -50,15 +55,21 @@ def instruction_rows(input_ids: Tensor, attention_mask: Tensor | None, image_tok
     text = ~is_image & real & (run > 0)
     owner = (earlier[:, None] + run - 1)[text]  # the image each text token follows, row-major
     columns = torch.arange(length, device=input_ids.device).expand(b, length)[text]
-    counts = torch.bincount(owner, minlength=int(per_row.sum()))  # one host sync, as the sizes need
-    images, width = counts.shape[0], int(counts.max()) if counts.numel() else 0
+    counts = torch.bincount(owner, minlength=int(per_row.sum()))
+    images = counts.shape[0]
+    fewest, width = torch.stack([counts.min(), counts.max()]).tolist() if images else (0, 0)  # one host read
+    if images and fewest == 0:
+        lacking = int((counts == 0).nonzero()[0, 0])
+        row = int(torch.searchsorted(per_row.cumsum(0), lacking, right=True))
+        raise ValueError(f"ficoco: the image in prompt {row} has no instruction text after it, and this method "
+                         f"weighs the visual tokens by that text")
     # owners never decrease in row-major order, so each image's text is one contiguous stretch
     place = torch.arange(owner.shape[0], device=owner.device) - (counts.cumsum(0) - counts)[owner]
     rows = torch.zeros(images, width, dtype=torch.long, device=input_ids.device)
     valid = torch.zeros(images, width, dtype=torch.bool, device=input_ids.device)
     rows[owner, place] = columns
     valid[owner, place] = True
-    sample = torch.repeat_interleave(torch.arange(b, device=input_ids.device), per_row)
+    sample = torch.repeat_interleave(torch.arange(b, device=input_ids.device), per_row, output_size=images)
     return sample, rows, valid
 
 

@@ -272,6 +272,10 @@ class QwenVLHandle(ReductionHandle):
             if not found:
                 found.update(self._instruction_columns(input_ids, mask, prompt_items))
             columns = found[token]
+            lacking = [i for i in items if not columns[i][1]]
+            if lacking:
+                raise ValueError(f"ficoco: the visual item in prompt {columns[lacking[0]][0]} has no instruction text "
+                                 f"after it, and this method weighs the visual tokens by that text")
             width = max(len(columns[i][1]) for i in items)
             rows = torch.zeros(len(items), width, dtype=torch.long, device=input_ids.device)
             valid = torch.zeros(len(items), width, dtype=torch.bool, device=input_ids.device)

@@ -489,7 +489,8 @@ class FeatureProbe:
     Args:
         text: returns ``(text_embeddings [B, M, D], text_valid [B, M] bool)``: the input embeddings
             of each image's instruction tokens (the text after the image in its prompt) and which
-            are real; ``None`` when the prompt came as embeddings.
+            are real, at least one per row (it raises ``ValueError`` for an image with no text
+            after it); ``None`` when the prompt came as embeddings.
     """
 
     def __init__(self, text: Callable[[], tuple[Tensor, Tensor]] | None = None) -> None:
