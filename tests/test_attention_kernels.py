@@ -17,7 +17,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 CHECK = textwrap.dedent('''
     import json, sys
     import torch
-    from ficoco.stages.attention_kernels import head_mean_softmax_column_sums, head_mean_softmax_rows
+    from ficoco.stages.attention_kernels import (head_mean_softmax_between, head_mean_softmax_column_sums,
+                                                 head_mean_softmax_rows)
     from ficoco.stages.probe import head_mean_softmax
 
     out = []
@@ -39,10 +40,20 @@ CHECK = textwrap.dedent('''
             logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
         slow = head_mean_softmax(logits)
         columns = head_mean_softmax_column_sums(q, k, key_bias, key_valid)  # [B, L]: the rows' sums
+        # some key columns only (per sample, unsorted), in groups of 4 where the rows form groups
+        group = 4 if r % 4 == 0 else 1
+        chosen = torch.stack([torch.randperm(l // 4)[: max(1, l // 8)] for _ in range(b)])  # [B, C / 4] groups
+        cols = (chosen[:, :, None] * 4 + torch.arange(4)).flatten(1) if group == 4 else chosen * 4 + 1
+        between = head_mean_softmax_between(q, k, cols, key_bias, key_valid, group)
+        picked = slow.gather(2, cols[:, None, :].expand(-1, r, -1))
+        if group > 1:
+            picked = picked.reshape(b, r // group, group, -1, group).mean(dim=2).sum(dim=-1)
         out.append({"shape": list(fast.shape), "dtype": str(fast.dtype), "error": (fast - slow).abs().max().item(),
                     "row_sums": fast.sum(-1).flatten().tolist(), "finite": bool(fast.isfinite().all()),
                     "columns_shape": list(columns.shape),
-                    "columns_error": (columns - slow.sum(dim=1)).abs().max().item()})
+                    "columns_error": (columns - slow.sum(dim=1)).abs().max().item(),
+                    "between_shape": list(between.shape), "expected_shape": list(picked.shape), "group": group,
+                    "between_error": (between - picked).abs().max().item()})
     print(json.dumps(out))
 ''')
 
@@ -53,18 +64,22 @@ CASES = [
     (3, 2, 2, 64, 64, 64, "float32", False, True),  # masked keys; the last sample sees none
     (2, 2, 1, 33, 100, 72, "float16", True, True),  # half precision in, float32 out
     (1, 2, 2, 20, 70, 96, "float32", False, False),  # channels in two products: 64 + 32
+    (2, 4, 2, 136, 400, 80, "float16", True, False),  # groups of 4 over three row blocks and two key blocks
 ]
 
 
 @needs_triton
 def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
-    """The rows, and their sums over rows (the attention each key receives) without the rows."""
+    """The rows; their sums over rows (the attention each key receives) without the rows; and the
+    rows at some key columns only, summed over groups of 4 rows and columns where they form them."""
     rows = run_interpreted(CHECK, CASES)
     for (b, h, hk, r, l, d, dtype, bias, valid), row in zip(CASES, rows):
         assert row["shape"] == [b, r, l] and row["dtype"] == "torch.float32" and row["finite"]
         assert row["error"] < (1e-6 if dtype == "float32" else 1e-3), (dtype, row["error"])
         assert row["columns_shape"] == [b, l]
         assert row["columns_error"] < r * (1e-6 if dtype == "float32" else 1e-3), (dtype, row["columns_error"])
+        assert row["between_shape"] == row["expected_shape"]
+        assert row["between_error"] < row["group"] * (1e-6 if dtype == "float32" else 1e-3), row["between_error"]
         sums = row["row_sums"]
         if valid:  # the last sample's rows see no key: zero, the others sum to one
             assert all(abs(x) < 1e-6 for x in sums[-r:]) and all(abs(x - 1) < 1e-4 for x in sums[:-r])

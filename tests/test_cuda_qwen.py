@@ -134,6 +134,22 @@ def test_cuda_triton_softmax_rows_at_the_tower_size():
         received += head_mean_softmax(logits[:, :, None]).sum(dim=1)
     torch.testing.assert_close(fused.received_attention, received / l, rtol=1e-3, atol=1e-8)
     assert (fused.received_attention - received / l).abs().max() <= (eager.received_attention - received / l).abs().max()
+    # merge groups' attention to some groups only (FiCoCo-V's correlation on Qwen): the float32
+    # rows at those columns, summed over groups, against the kernel's grouped columns
+    from ficoco.stages import GroupedProbe
+
+    groups = torch.stack([torch.randperm(l // 4, device="cuda") for _ in range(b)])
+    sources, targets = groups[:, :150], groups[:, 150:750]
+    expected = GroupedProbe(eager, 4).attention_rows(sources).gather(2, targets[:, None, :].expand(-1, 150, -1))
+    between = GroupedProbe(fused, 4).attention_between(sources, targets)
+    torch.testing.assert_close(between, expected, rtol=0, atol=4e-3)
+    exact_rows = torch.cat([head_mean_softmax(torch.einsum(
+        "brhd,blhd->bhrl", gather_rows(q.float(), (sources[:, c:c + 30, None] * 4 + torch.arange(4, device="cuda"))
+                                       .flatten(1)) * scale, k.float()).add(bias[:, None, None])
+        .masked_fill(~valid[:, None, None], float("-inf"))[:, :, None]) for c in range(0, 150, 30)], dim=1)
+    exact_between = exact_rows.reshape(b, 150, 4, l // 4, 4).mean(dim=2).sum(dim=-1).gather(
+        2, targets[:, None, :].expand(-1, 150, -1))
+    assert (between - exact_between).abs().max() <= (expected - exact_between).abs().max() + 1e-6
 
 
 @pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])

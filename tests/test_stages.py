@@ -35,6 +35,7 @@ from ficoco.stages import (
     FiCoCoVisionFilter,
     FilterResult,
     FuseCompress,
+    GroupedProbe,
     LastTokenAttentionFilter,
     NoCorrelate,
     RandomFilter,
@@ -289,6 +290,32 @@ def test_probe_statistics_match_full_attention_map(kind, seed):
     cand = s.candidates.tolist()
     expected = [[[ref.attn[b][cand[b][r]][cand[b][j]] for j in range(s.n)] for r in rows[b]] for b in range(s.batch)]
     close(probe.attention_rows(torch.tensor(rows)), expected)
+    # attention_between: the same rows at some candidate columns only
+    cols = [rng.sample(range(s.n), 4) for _ in range(s.batch)]
+    close(probe.attention_between(torch.tensor(rows), torch.tensor(cols)),
+          [[[expected[b][r][j] for j in cols[b]] for r in range(6)] for b in range(s.batch)])
+
+
+def test_grouped_attention_between_is_the_grouped_rows_at_those_groups():
+    """A merge group's attention to some groups (FiCoCo-V's correlation on Qwen-VL): the mean over
+    its sub-token rows of their sum over each target group's sub-token keys, i.e. the grouped
+    rows gathered at the target groups, written out here entry by entry."""
+    gen = torch.Generator().manual_seed(3)
+    b, groups, g = 2, 9, 4
+    q = torch.randn(b, groups * g, H, D_HEAD, generator=gen)
+    k = torch.randn(b, groups * g, HK, D_HEAD, generator=gen)
+    probe = AttentionProbe(q, k, 0.3, None)
+    grouped = GroupedProbe(probe, g)
+    rows = torch.stack([torch.randperm(groups, generator=gen)[:3] for _ in range(b)])
+    cols = torch.stack([torch.randperm(groups, generator=gen)[:5] for _ in range(b)])
+    every = torch.arange(groups * g).expand(b, -1)
+    full = probe.attention_rows(every)  # [B, L, L]
+    expected = torch.tensor([[[sum(full[i, rows[i, r] * g + a, cols[i, c] * g + e].item() for e in range(g)
+                                   for a in range(g)) / g for c in range(5)] for r in range(3)] for i in range(b)],
+                            dtype=torch.float64)
+    close(grouped.attention_between(rows, cols), expected)
+    assert_close(grouped.attention_between(rows, cols),
+                 grouped.attention_rows(rows).gather(2, cols[:, None, :].expand(-1, 3, -1)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ("decoder_left", "decoder_right"))

@@ -95,9 +95,11 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
                      key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                      BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr,
-                     COLUMN_SUMS: tl.constexpr):
+                     COLUMN_SUMS: tl.constexpr, GROUP: tl.constexpr):
     """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``; with ``COLUMN_SUMS`` only each
-    block of rows' sum of them, ``out[b, r // BLOCK_ROWS, l]``."""
+    block of rows' sum of them, ``out[b, r // BLOCK_ROWS, l]``; with ``GROUP`` > 1 (rows and keys
+    in consecutive groups of ``GROUP``) the mean over each row group of the sum over each key
+    group, ``out[b, r // GROUP, l // GROUP]``."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     keys = tl.program_id(2) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
@@ -114,6 +116,14 @@ def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows
     if COLUMN_SUMS:  # rows past the end have lse = +inf: they add zero
         tl.store(out_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * n_keys + keys, tl.sum(acc, 0) / heads,
                  mask=keys < n_keys)
+    elif GROUP > 1:  # rows and keys past the end add zero; a block holds whole groups
+        grouped = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_ROWS // GROUP, GROUP, BLOCK_KEYS // GROUP, GROUP]), 3), 1)
+        group_rows = tl.program_id(1) * (BLOCK_ROWS // GROUP) + tl.arange(0, BLOCK_ROWS // GROUP)
+        group_keys = tl.program_id(2) * (BLOCK_KEYS // GROUP) + tl.arange(0, BLOCK_KEYS // GROUP)
+        n_group_rows, n_group_keys = n_rows // GROUP, n_keys // GROUP
+        tl.store(out_ptr + b * n_group_rows * n_group_keys + group_rows[:, None] * n_group_keys + group_keys[None, :],
+                 grouped / (heads * GROUP),
+                 mask=(group_rows[:, None] < n_group_rows) & (group_keys[None, :] < n_group_keys))
     else:
         tl.store(out_ptr + b * n_rows * n_keys + rows[:, None] * n_keys + keys[None, :], acc / heads,
                  mask=(rows[:, None] < n_rows) & (keys[None, :] < n_keys))
@@ -145,6 +155,25 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     return _head_mean(queries, keys, key_bias, key_valid, column_sums=False)
 
 
+def head_mean_softmax_between(queries: Tensor, keys: Tensor, columns: Tensor, key_bias: Tensor | None = None,
+                              key_valid: Tensor | None = None, group: int = 1) -> Tensor:
+    """:func:`head_mean_softmax_rows` at the key columns ``columns`` only, optionally summed over
+    groups: the softmax still runs over every key (the first kernel's row log-sum-exp), but the
+    probabilities are formed for the chosen keys alone, so their cost scales with ``C``, not ``L``.
+
+    Args:
+        queries, keys, key_bias, key_valid: as :func:`head_mean_softmax_rows`.
+        columns: ``[B, C]`` key indices.
+        group: with ``g`` > 1, rows and columns come in consecutive groups of ``g`` (``R`` and ``C``
+            multiples of ``g``; BLOCK sizes too): the mean over each row group of the sum over each
+            column group (the attention of one merged token to another, Qwen-VL's 2x2 merge
+            groups), with no ``[B, R, C]`` map in memory.
+    Returns:
+        ``[B, R / g, C / g]`` float32.
+    """
+    return _head_mean(queries, keys, key_bias, key_valid, column_sums=False, columns=columns, group=group)
+
+
 def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
                                   key_valid: Tensor | None = None) -> Tensor:
     """``[B, L]`` float32: :func:`head_mean_softmax_rows` summed over its rows (the attention each
@@ -155,17 +184,21 @@ def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tenso
 
 
 def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None,
-               column_sums: bool) -> Tensor:
+               column_sums: bool, columns: Tensor | None = None, group: int = 1) -> Tensor:
     b, h, r, d = queries.shape
     hk, n_keys = keys.shape[1], keys.shape[2]
     if h % hk or keys.shape[0] != b or keys.shape[3] != d:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match")
+    out_keys = n_keys if columns is None else columns.shape[1]
+    if group < 1 or r % group or out_keys % group or BLOCK_ROWS % group or BLOCK_KEYS % group:
+        raise ValueError(f"{r} rows and {out_keys} columns do not form groups of {group}")
     if queries.dtype != keys.dtype:
         keys = keys.to(queries.dtype)
     queries, keys = queries.contiguous(), keys.contiguous()
     row_blocks = triton.cdiv(r, BLOCK_ROWS)
-    out = torch.empty(b, row_blocks if column_sums else r, n_keys, dtype=torch.float32, device=queries.device)
-    if r == 0 or n_keys == 0 or b == 0:
+    shape = (b, row_blocks, out_keys) if column_sums else (b, r // group, out_keys // group)
+    out = torch.empty(shape, dtype=torch.float32, device=queries.device)
+    if r == 0 or out_keys == 0 or b == 0:
         return out.zero_()
     dummy = torch.empty(1, device=queries.device)
     bias = dummy if key_bias is None else key_bias.float().contiguous()
@@ -175,6 +208,10 @@ def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid
     options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
                    BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
     _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
-    _head_mean_probs[(b, row_blocks, triton.cdiv(n_keys, BLOCK_KEYS))](
-        queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, COLUMN_SUMS=column_sums, **options)
+    if columns is not None:  # the second kernel reads the chosen keys only (the softmax's sum had them all)
+        keys = keys.gather(2, columns[:, None, :, None].expand(-1, hk, -1, d))
+        bias = bias if key_bias is None else bias.gather(1, columns)
+        valid = valid if key_valid is None else valid.gather(1, columns)
+    _head_mean_probs[(b, row_blocks, triton.cdiv(out_keys, BLOCK_KEYS))](
+        queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, COLUMN_SUMS=column_sums, GROUP=group, **options)
     return out

@@ -36,12 +36,13 @@ def _normalized_rows(weights: Tensor) -> Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weight: Tensor, share: Tensor) -> TokenGroup:
+def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weight: Tensor | None,
+           share: Tensor) -> TokenGroup:
     """``x_j <- (w_j x_j + sum_i a_ij x_i) / (w_j + sum_i a_ij)``.
 
     Args:
         weights: ``a``, ``[B, r, T]`` weight of source ``i``'s features in target ``j``.
-        self_weight: ``w``, ``[B, T]`` weight of each target's own features.
+        self_weight: ``w``, ``[B, T]`` weight of each target's own features; ``None`` for 1.
         share: ``[B, r, T]`` fraction of source ``i`` that target ``j`` absorbs (rows sum to 1);
             sizes grow by ``sum_i share_ij * size_i``.
     """
@@ -49,14 +50,18 @@ def _merge(targets: TokenGroup, sources: TokenGroup, weights: Tensor, self_weigh
     if x_s.dtype in (torch.float16, torch.bfloat16):
         # the product in the features' own precision with float32 accumulation, as the model's
         # matmuls run (float32 operands would make it a float32 GEMM over every target and source,
-        # although each source reaches only a few targets); its one rounding is the features' own
-        incoming = (weights.transpose(1, 2).to(x_s.dtype) @ x_s).float()  # [B, T, D]
+        # although each source reaches only a few targets); on a GPU its output stays in float32
+        # (no rounding to the features' dtype and back), elsewhere it is rounded once
+        w_t = weights.transpose(1, 2).to(x_s.dtype)
+        incoming = torch.bmm(w_t, x_s, out_dtype=torch.float32) if x_s.is_cuda else (w_t @ x_s).float()  # [B, T, D]
     else:
         incoming = weights.transpose(1, 2).float() @ x_s.float()
     mass = weights.sum(dim=1)  # [B, T]
-    # a float32 copy of the targets, updated in place (no further [B, T, D] temporaries)
-    merged = targets.features.to(torch.float32, copy=True).mul_(self_weight[..., None])
-    merged = merged.add_(incoming).div_((self_weight + mass)[..., None])
+    # the targets are added into the product's fresh float32 output: no float32 copy of them
+    if self_weight is None:
+        merged = incoming.add_(targets.features).div_((mass + 1)[..., None])
+    else:
+        merged = incoming.add_(targets.features.float() * self_weight[..., None]).div_((self_weight + mass)[..., None])
     sizes = targets.sizes + (share.transpose(1, 2) @ sources.sizes[..., None].float())[..., 0]
     return TokenGroup(merged.to(targets.features.dtype), sizes, targets.positions, targets.grid)
 
@@ -68,7 +73,7 @@ class SelfPreservingCompress(Compress):
 
     def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
         alpha = _normalized_rows(correlation.weights)
-        return _merge(targets, sources, alpha, torch.ones_like(targets.sizes), alpha)
+        return _merge(targets, sources, alpha, None, alpha)
 
 
 @dataclass
@@ -78,7 +83,7 @@ class AveragingCompress(Compress):
 
     def __call__(self, targets: TokenGroup, sources: TokenGroup, correlation: Correlation) -> TokenGroup:
         chosen = (correlation.weights > 0).float()
-        return _merge(targets, sources, chosen, torch.ones_like(targets.sizes), _normalized_rows(chosen))
+        return _merge(targets, sources, chosen, None, _normalized_rows(chosen))
 
 
 @dataclass

@@ -126,11 +126,8 @@ class AttentionQuantileCorrelate(Correlate):
                              f"got {self.correlation_map!r}")
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
-        if self.correlation_map == "mean_softmax":  # the plain call, which any probe-like object answers
-            rows = probe.attention_rows(split.sources)
-        else:
-            rows = probe.attention_rows(split.sources, "logits")
-        c = gather_cols(rows, split.targets)
+        average = "probs" if self.correlation_map == "mean_softmax" else "logits"
+        c = attention_between(probe, split.sources, split.targets, average)
         return Correlation(_choose_targets(c, self.eps, self.fixed_k, split.receivers))
 
 
@@ -148,7 +145,7 @@ class TextMediatedQuantileCorrelate(Correlate):
         _check_fixed_k(self.fixed_k)
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
-        direct = gather_cols(probe.attention_rows(split.sources), split.targets)
+        direct = attention_between(probe, split.sources, split.targets)
         text = probe.text_attention  # [B, M, N]
         t_src = text.gather(2, split.sources[:, None, :].expand(-1, text.shape[1], -1))
         t_tgt = text.gather(2, split.targets[:, None, :].expand(-1, text.shape[1], -1))
@@ -255,6 +252,17 @@ class NoCorrelate(Correlate):
 
     def __call__(self, tokens: TokenGroup, probe: AttentionProbe, split: FilterResult) -> Correlation:
         return Correlation(None)
+
+
+def attention_between(probe, rows: Tensor, cols: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
+    """``[B, r, T]``: the attention of candidates ``rows`` (``[B, r]``) to candidates ``cols``
+    (``[B, T]``), softmax over all keys: the probe's own ``attention_between`` where it has one
+    (which may form only these columns), else its full rows gathered at ``cols``."""
+    between = getattr(probe, "attention_between", None)
+    if between is not None:
+        return between(rows, cols, average)
+    full = probe.attention_rows(rows) if average == "probs" else probe.attention_rows(rows, average)
+    return gather_cols(full, cols)
 
 
 def gather_cols(rows: Tensor, cols: Tensor) -> Tensor:

@@ -164,15 +164,15 @@ class ConditionalDPPFilter(SetSelectionFilter):
     def select(self, tokens: TokenGroup, probe, kept: int) -> Tensor:
         b, n = tokens.batch_size, tokens.num_tokens
         kernel, r, floor = self.dpp_inputs(tokens, probe)
+        if _use_triton(self.backend, kernel.device, n):
+            from .greedy_kernels import greedy_dpp
+
+            return greedy_dpp(kernel, r, floor, kept)
         rows = torch.arange(b, device=kernel.device)
         gain = kernel.diagonal(dim1=1, dim2=2).clone()  # d_j^2
         factors = kernel.new_zeros(b, kept, n)  # c: one row per kept token
         chosen = torch.zeros(b, kept, dtype=torch.long, device=kernel.device)
         taken = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
-        if _use_triton(self.backend, kernel.device, n):
-            from .greedy_kernels import greedy_dpp
-
-            return greedy_dpp(kernel, r, floor, kept)
         for step in range(kept):
             best = gain.masked_fill(taken, float("-inf")).amax(dim=1)
             exhausted = (best <= floor)[:, None]

@@ -300,6 +300,33 @@ class AttentionProbe:
         return self._candidate_columns(self.softmax_rows(rows if self.every_key else self.candidates.gather(1, rows),
                                                          average))
 
+    def attention_between(self, rows: Tensor, columns: Tensor, average: Literal["probs", "logits"] = "probs",
+                          group: int = 1) -> Tensor:
+        """``[B, R / g, C / g]``: :meth:`attention_rows` of candidates ``rows`` (``[B, R]``) at the
+        candidates ``columns`` (``[B, C]``) only, the softmax still over all keys. With ``group``
+        ``g`` > 1 the rows and columns come in consecutive groups of ``g``: the mean over each row
+        group of the sum over each column group (see :class:`GroupedProbe`).
+
+        On the fused path (:meth:`_fused_rows`) the probabilities are formed for these columns
+        alone and summed over groups in registers
+        (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_between`): a correlation with
+        the kept tokens costs ``O(R * C)`` after the row sums instead of writing ``[B, R, L]``."""
+        from .attention_kernels import BLOCK_ROWS
+
+        b, r, c = rows.shape[0], rows.shape[1], columns.shape[1]
+        if average == "probs" and BLOCK_ROWS % group == 0 and self._fused_rows(rows):
+            from .attention_kernels import head_mean_softmax_between
+
+            sequence_rows = rows if self.every_key else self.candidates.gather(1, rows)
+            sequence_columns = columns if self.every_key else self.candidates.gather(1, columns)
+            return head_mean_softmax_between(self._scaled_head_major_queries(sequence_rows), self.head_major_keys,
+                                             sequence_columns, self.key_bias, self.key_valid, group)
+        full = self.attention_rows(rows, average)
+        between = full.gather(2, columns[:, None, :].expand(-1, r, -1))  # [B, R, C]
+        if group == 1:
+            return between
+        return between.reshape(b, r // group, group, c // group, group).mean(dim=2).sum(dim=-1)
+
     @cached_property
     def received_attention(self) -> Tensor:
         """``[B, N]``: ``(1/N) sum_j A_ji`` over candidate queries ``j``. Needs every candidate row,
@@ -466,13 +493,21 @@ class GroupedProbe:
     def received_attention(self) -> Tensor:
         return self._grouped(self.probe.received_attention).sum(dim=2)
 
+    def _sub_tokens(self, groups: Tensor) -> Tensor:
+        """``[B, r]`` group indices → ``[B, r * g]`` their sub-tokens, group by group."""
+        b, r = groups.shape
+        return (groups[:, :, None] * self.size + torch.arange(self.size, device=groups.device)).reshape(b, r * self.size)
+
     def attention_rows(self, rows: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
         """``[B, r, N]``: attention of the groups ``rows`` (``[B, r]`` group indices) to every group
         (``average`` as in :meth:`AttentionProbe.softmax_rows`, for each sub-token row)."""
         b, r = rows.shape
-        sub = (rows[:, :, None] * self.size + torch.arange(self.size, device=rows.device)).reshape(b, r * self.size)
-        a = self.probe.attention_rows(sub, average)  # [B, r * g, N * g]
+        a = self.probe.attention_rows(self._sub_tokens(rows), average)  # [B, r * g, N * g]
         return a.reshape(b, r, self.size, -1, self.size).mean(dim=2).sum(dim=-1)
+
+    def attention_between(self, rows: Tensor, columns: Tensor, average: Literal["probs", "logits"] = "probs") -> Tensor:
+        """``[B, r, c]``: :meth:`attention_rows` at the groups ``columns`` (``[B, c]``) only."""
+        return self.probe.attention_between(self._sub_tokens(rows), self._sub_tokens(columns), average, self.size)
 
     def __getattr__(self, name: str):
         # text and last-token statistics exist only inside the LLM, where tokens are not grouped
