@@ -152,31 +152,6 @@ def test_cuda_triton_softmax_rows_at_the_tower_size():
     assert (between - exact_between).abs().max() <= (expected - exact_between).abs().max() + 1e-6
 
 
-def test_cuda_flash_row_sums_give_the_triton_rows():
-    """Without key bias or mask the rows' log-sum-exp comes from PyTorch's flash attention: the
-    rows, the grouped columns and the column sums equal float32 PyTorch as closely as the Triton
-    statistic does, and each row still sums to one."""
-    from ficoco.stages import attention_kernels as kernels
-    from ficoco.stages.probe import head_mean_softmax
-
-    torch.manual_seed(1)
-    b, h, r, l, d = 2, 16, 136, 1200, 80
-    q = torch.randn(b, h, r, d, device="cuda", dtype=torch.bfloat16) * 0.12
-    k = torch.randn(b, h, l, d, device="cuda", dtype=torch.bfloat16)
-    flash = kernels._flash_row_logsumexp(q, k)
-    assert flash is not None and flash.shape == (b, h, r)
-    exact = head_mean_softmax(torch.matmul(q.float(), k.float().transpose(-1, -2))[:, :, None])  # [B, R, L]
-    rows = kernels.head_mean_softmax_rows(q, k)
-    torch.testing.assert_close(rows, exact, rtol=0, atol=1e-4)
-    torch.testing.assert_close(rows.sum(-1), torch.ones(b, r, device="cuda"), rtol=0, atol=1e-4)
-    columns = torch.stack([torch.randperm(l // 4, device="cuda")[:100] for _ in range(b)])
-    sub = (columns[:, :, None] * 4 + torch.arange(4, device="cuda")).flatten(1)
-    between = kernels.head_mean_softmax_between(q, k, sub, group=4)
-    expected = exact.gather(2, sub[:, None, :].expand(-1, r, -1)).reshape(b, r // 4, 4, 100, 4).mean(2).sum(-1)
-    torch.testing.assert_close(between, expected, rtol=0, atol=4e-4)
-    torch.testing.assert_close(kernels.head_mean_softmax_column_sums(q, k), exact.sum(1), rtol=1e-3, atol=1e-5)
-
-
 @pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])
 def test_cuda_compiled_blocks_with_reductions(cuda_model, key):
     """Compiled blocks (and the reductions' compiled statistics) give what the eager one-call path gives."""

@@ -8,16 +8,12 @@ that tensor is 1.5 GB in bf16 and those passes cost ~4.8 ms per reducing block, 
 of matmul work. Here, as flash attention does, the logits live only in registers:
 
 1. :func:`_row_logsumexp`: one program per (sample, head, block of rows) streams the keys and
-   keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32; on a GPU
-   with neither key bias nor key mask, PyTorch's flash attention returns the same statistic
-   faster (:func:`_flash_row_logsumexp`);
+   keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32;
 2. :func:`_head_mean_probs`: one program per (sample, block of rows, block of keys) recomputes the
    logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written,
    or, for the attention each key receives (EViT without [CLS]), only its sum over the block's
    rows (:func:`head_mean_softmax_column_sums`: at Qwen2.5-VL's tower, batch 8, that skips writing
-   and re-reading a 730 MB ``[B, R, L]`` map per reducing block), or only some keys' columns,
-   summed over merge groups (:func:`head_mean_softmax_between`: FiCoCo-V's correlation of the
-   discarded groups with the kept ones on Qwen-VL).
+   and re-reading a 730 MB ``[B, R, L]`` map per reducing block).
 
 The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, and
 are not rounded to half precision before the softmax (the PyTorch path rounds them, as a matmul
@@ -37,7 +33,6 @@ from torch import Tensor
 
 BLOCK_ROWS = 64
 BLOCK_KEYS = 64
-LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -208,13 +203,11 @@ def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid
     dummy = torch.empty(1, device=queries.device)
     bias = dummy if key_bias is None else key_bias.float().contiguous()
     valid = dummy if key_valid is None else key_valid.to(torch.int8).contiguous()
+    lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
     main, rest = channel_blocks(d)
     options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
                    BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
-    lse = _flash_row_logsumexp(queries, keys) if key_bias is None and key_valid is None else None
-    if lse is None:
-        lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
-        _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
+    _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
     if columns is not None:  # the second kernel reads the chosen keys only (the softmax's sum had them all)
         keys = keys.gather(2, columns[:, None, :, None].expand(-1, hk, -1, d))
         bias = bias if key_bias is None else bias.gather(1, columns)
@@ -222,22 +215,3 @@ def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid
     _head_mean_probs[(b, row_blocks, triton.cdiv(out_keys, BLOCK_KEYS))](
         queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, COLUMN_SUMS=column_sums, GROUP=group, **options)
     return out
-
-
-def _flash_row_logsumexp(queries: Tensor, keys: Tensor) -> Tensor | None:
-    """``[B, H, R]`` base-2 row log-sum-exp from PyTorch's flash attention (its softmax statistic,
-    which it returns beside the output), or ``None`` where that kernel does not apply (not CUDA
-    half precision, grouped-query heads, a head width it lacks). Flash attention reads the keys
-    once per block of rows on tensor cores, several times faster than :func:`_row_logsumexp`; the
-    values it returns (the keys again, as any ``V`` will do) are dropped. No bias or mask: the
-    caller checks."""
-    b, h, r, d = queries.shape
-    if (not queries.is_cuda or queries.dtype not in (torch.float16, torch.bfloat16) or keys.shape[1] != h
-            or d % 8 or d > 256):
-        return None
-    try:
-        lse = torch.ops.aten._scaled_dot_product_flash_attention(queries, keys, keys, scale=1.0)[1]
-    except RuntimeError:  # no flash kernel for this device or shape
-        return None
-    return (lse[..., :r].float() * LOG2_E).contiguous()
-

@@ -50,21 +50,8 @@ def quantile_targets(c: Tensor, eps: float, allowed: Tensor | None = None) -> Te
         c = c.masked_fill(~allowed[:, None, :], float("nan"))
         tau = torch.nanquantile(c, eps, dim=-1, keepdim=True)
     else:
-        tau = upper_quantile(c, eps)
+        tau = torch.quantile(c, eps, dim=-1, keepdim=True)
     return _kept_or_first_allowed(c, c >= tau, allowed)  # NaN compares False: disallowed targets drop out
-
-
-def upper_quantile(c: Tensor, q: float) -> Tensor:
-    """``torch.quantile(c, q, dim=-1, keepdim=True)`` (linear interpolation), equal to it bit for
-    bit, from the row's top ``n - floor(q (n - 1))`` values instead of a sort of the whole row: at
-    FiCoCo's ``q = 0.998`` that is its 2-4 largest. ``c``: float32 without NaN, ``[..., n]``."""
-    n = c.shape[-1]
-    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)  # float32, as torch.quantile computes it
-    below = int(rank)
-    above = min(below + int(float(rank) > below), n - 1)
-    top = c.topk(n - below, dim=-1).values  # descending: ascending place p is top[n - 1 - p]
-    low, high = top[..., n - 1 - below:n - below], top[..., n - 1 - above:n - above]
-    return torch.lerp(low, high, float(rank - below))
 
 
 def _kept_or_first_allowed(c: Tensor, keep: Tensor, allowed: Tensor | None) -> Tensor:
