@@ -21,6 +21,15 @@ CHECK = textwrap.dedent('''
                                                  head_mean_softmax_rows)
     from ficoco.stages.probe import head_mean_softmax
 
+    def logits_of(q, k, key_bias, key_valid, b, h, hk, r, l, d):
+        """[B, Hk, G, R, L] float32 logits of float32 queries, with bias and mask."""
+        logits = torch.matmul(q.view(b, hk, h // hk * r, d), k.float().transpose(-1, -2)).view(b, hk, h // hk, r, l)
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, None, None, :]
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
+        return logits
+
     out = []
     for seed, (b, h, hk, r, l, d, dtype, bias, valid) in enumerate(json.loads(sys.argv[1])):
         torch.manual_seed(seed)
@@ -33,18 +42,22 @@ CHECK = textwrap.dedent('''
             key_valid = torch.rand(b, l) > 0.3
             key_valid[-1] = False  # a sample whose rows see no key: zero rows
         fast = head_mean_softmax_rows(q, k, key_bias, key_valid)
-        logits = torch.matmul(q.float().view(b, hk, h // hk * r, d), k.float().transpose(-1, -2)).view(b, hk, h // hk, r, l)
-        if key_bias is not None:
-            logits = logits + key_bias[:, None, None, None, :]
-        if key_valid is not None:
-            logits = logits.masked_fill(~key_valid[:, None, None, None, :], float("-inf"))
-        slow = head_mean_softmax(logits)
+        slow = head_mean_softmax(logits_of(q.float(), k, key_bias, key_valid, b, h, hk, r, l, d))
         columns = head_mean_softmax_column_sums(q, k, key_bias, key_valid)  # [B, L]: the rows' sums
         # some key columns only (per sample, unsorted), in groups of 4 where the rows form groups
         group = 4 if r % 4 == 0 else 1
         chosen = torch.stack([torch.randperm(l // 4)[: max(1, l // 8)] for _ in range(b)])  # [B, C / 4] groups
         cols = (chosen[:, :, None] * 4 + torch.arange(4)).flatten(1) if group == 4 else chosen * 4 + 1
         between = head_mean_softmax_between(q, k, cols, key_bias, key_valid, group)
+        # the scale applied in the kernel (unscaled queries), and the rows' log-sum-exp handed in
+        # (natural log, as flash attention returns it): the first pass skipped, the same rows
+        scale = 0.37
+        scaled = logits_of(q.float() / scale * scale, k, key_bias, key_valid, b, h, hk, r, l, d)
+        lse = torch.logsumexp(scaled, dim=-1).flatten(1, 2)  # [B, H, R]; -inf for rows that see nothing
+        given = head_mean_softmax_rows((q.float() / scale).to(dtype), k, key_bias, key_valid, scale=scale,
+                                       row_logsumexp=lse)
+        expected_given = head_mean_softmax(logits_of((q.float() / scale).to(dtype).float() * scale, k, key_bias,
+                                                     key_valid, b, h, hk, r, l, d))
         picked = slow.gather(2, cols[:, None, :].expand(-1, r, -1))
         if group > 1:
             picked = picked.reshape(b, r // group, group, -1, group).mean(dim=2).sum(dim=-1)
@@ -53,7 +66,8 @@ CHECK = textwrap.dedent('''
                     "columns_shape": list(columns.shape),
                     "columns_error": (columns - slow.sum(dim=1)).abs().max().item(),
                     "between_shape": list(between.shape), "expected_shape": list(picked.shape), "group": group,
-                    "between_error": (between - picked).abs().max().item()})
+                    "between_error": (between - picked).abs().max().item(),
+                    "given_error": (given - expected_given).abs().max().item()})
     print(json.dumps(out))
 ''')
 
@@ -80,6 +94,7 @@ def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
         assert row["columns_error"] < r * (1e-6 if dtype == "float32" else 1e-3), (dtype, row["columns_error"])
         assert row["between_shape"] == row["expected_shape"]
         assert row["between_error"] < row["group"] * (1e-6 if dtype == "float32" else 1e-3), row["between_error"]
+        assert row["given_error"] < (1e-5 if dtype == "float32" else 1e-3), (dtype, row["given_error"])
         sums = row["row_sums"]
         if valid:  # the last sample's rows see no key: zero, the others sum to one
             assert all(abs(x) < 1e-6 for x in sums[-r:]) and all(abs(x - 1) < 1e-4 for x in sums[:-r])

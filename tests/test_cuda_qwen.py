@@ -152,6 +152,71 @@ def test_cuda_triton_softmax_rows_at_the_tower_size():
     assert (between - exact_between).abs().max() <= (expected - exact_between).abs().max() + 1e-6
 
 
+def test_cuda_one_call_attention_hands_over_row_logsumexp():
+    """Asked through its keyword, the one-call attention hands each row's log-sum-exp over its
+    segment ([H, S], natural log, the scale included) to the caller, and its output is unchanged."""
+    from ficoco.adapters.varlen import ROW_LOGSUMEXP_KWARG, varlen_attention
+
+    torch.manual_seed(2)
+    h, d, cuts = 4, 80, [0, 100, 137, 201]
+    q, k, v = (torch.randn(1, h, cuts[-1], d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor(cuts, device="cuda", dtype=torch.int32)
+    scale = d ** -0.5
+    given = []
+    out, _ = varlen_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100, scaling=scale,
+                              **{ROW_LOGSUMEXP_KWARG: given.append})
+    plain, _ = varlen_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100, scaling=scale)
+    assert torch.equal(out, plain)
+    assert len(given) == 1 and given[0].shape == (h, cuts[-1]) and given[0].dtype == torch.float32
+    expected = torch.cat([torch.logsumexp(q[0, :, a:b].float() @ k[0, :, a:b].float().transpose(-1, -2) * scale, dim=-1)
+                          for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
+    torch.testing.assert_close(given[0], expected, rtol=0, atol=1e-3)
+
+
+def test_cuda_statistics_from_the_attentions_row_logsumexp():
+    """A probe handed the attention's row log-sum-exp skips the kernels' first pass and gives the
+    rows, the grouped columns and the received attention of a probe that computes it."""
+    from ficoco.stages import AttentionProbe, GroupedProbe
+
+    torch.manual_seed(3)
+    b, l, h, d = 2, 1600, 16, 80
+    q = torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+    lse = torch.logsumexp(torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * scale, dim=-1)  # [B, H, L]
+    given = AttentionProbe(q, k, scale, None, row_logsumexp=lse, compile_backend="inductor")
+    computed = AttentionProbe(q, k, scale, None, compile_backend="inductor")
+    rows = torch.stack([torch.randperm(l, device="cuda")[:300] for _ in range(b)])
+    torch.testing.assert_close(given.softmax_rows(rows), computed.softmax_rows(rows), rtol=0, atol=2e-4)
+    torch.testing.assert_close(given.received_attention, computed.received_attention, rtol=1e-3, atol=1e-7)
+    groups = torch.stack([torch.randperm(l // 4, device="cuda") for _ in range(b)])
+    torch.testing.assert_close(GroupedProbe(given, 4).attention_between(groups[:, :100], groups[:, 100:300]),
+                               GroupedProbe(computed, 4).attention_between(groups[:, :100], groups[:, 100:300]),
+                               rtol=0, atol=4e-4)
+
+
+@pytest.mark.parametrize("key", ["ficoco-v", "evit"])
+def test_cuda_reductions_reuse_the_blocks_row_logsumexp(key, monkeypatch):
+    """In bf16 on the compiled one-call path, every reducing block hands its attention's row
+    log-sum-exp to the reduction, and the budget holds."""
+    from ficoco.adapters.packed_vision import PackedVisionSide
+
+    handed = []
+    keep = PackedVisionSide._keep_row_logsumexp
+    monkeypatch.setattr(PackedVisionSide, "_keep_row_logsumexp",
+                        lambda self, lse: (handed.append(tuple(lse.shape)), keep(self, lse))[1])
+    model = tiny_qwen_vl("qwen2_5_vl").to("cuda", torch.bfloat16)
+    inputs = _to(image_batch("qwen2_5_vl"), "cuda", torch.bfloat16)
+    with ficoco.apply(model, build(key), record=True) as handle, torch.inference_mode(), \
+            ficoco.fast_vision_attention(model, compile_blocks=True):
+        logits = model(**inputs).logits
+        reducing = len(handle.vision_trace.steps)
+        blocks = len(handle.vision.blocks)
+    heads = model.config.vision_config.num_heads
+    assert reducing >= 1 and len(handed) == blocks and all(shape[0] == heads for shape in handed)
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("key", ["ficoco-v", "evit", "tome"])
 def test_cuda_compiled_blocks_with_reductions(cuda_model, key):
     """Compiled blocks (and the reductions' compiled statistics) give what the eager one-call path gives."""

@@ -43,7 +43,7 @@ from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
 from ..stages.probe import compiled
 from .hooks import HookSet
-from .varlen import STATISTICS_BACKEND_ATTRIBUTE
+from .varlen import ROW_LOGSUMEXP_KWARG, STATISTICS_BACKEND_ATTRIBUTE
 
 _SENTINEL = object()
 
@@ -169,6 +169,7 @@ class PackedVisionSide:
         self.rope: tuple[Tensor, Tensor] | None = None  # the tower's rotary tables, original order
         self.block_rope: tuple[Tensor, Tensor] | None = None
         self.qkv: Tensor | None = None
+        self.row_logsumexp: Tensor | None = None  # [H, S] from the reducing block's own attention
         self.pending_keep: Tensor | None = None
         self.reduced = False
         self.stage_kwargs: dict[bool, tuple] = {}
@@ -187,6 +188,7 @@ class PackedVisionSide:
                 hooks.pre(block, self._block_inputs(index), with_kwargs=True)
             if index in self.blocks:
                 hooks.post(block.attn.qkv, self._keep_qkv)
+                hooks.pre(block.attn, self._ask_row_logsumexp, with_kwargs=True)
                 reduce = self._reducer(index, block.attn)
                 if self.stage.reduce_at == "output":
                     hooks.post(block, self._on_output(reduce), prepend=True)
@@ -329,6 +331,20 @@ class PackedVisionSide:
         if self.groups is not None:
             self.qkv = output
 
+    def _ask_row_logsumexp(self, module, args, kwargs):
+        """Before a reducing block's attention: ask ficoco's one-call attention to hand over each
+        row's log-sum-exp, which its kernel computes anyway (the statistics' softmax denominators:
+        their first pass over the keys is then skipped). Reducing blocks attend over whole frames,
+        as the statistics do."""
+        if self.groups is None or not self._one_call_attention():
+            return None
+        self.row_logsumexp = None
+        kwargs[ROW_LOGSUMEXP_KWARG] = self._keep_row_logsumexp
+        return args, kwargs
+
+    def _keep_row_logsumexp(self, lse: Tensor) -> None:
+        self.row_logsumexp = lse
+
     def _reducer(self, index: int, attn: nn.Module):
         def reduce_after_attention(module, args) -> None:
             if self.groups is None:
@@ -340,7 +356,10 @@ class PackedVisionSide:
             # vLLM's towers carry a batch axis of one ([S, 1, D]): a view, so writes reach the stream
             residual = residual.view(-1, residual.shape[-1])
             qkv, self.qkv = self.qkv, None
+            row_logsumexp, self.row_logsumexp = self.row_logsumexp, None
             s, width = residual.shape
+            if row_logsumexp is not None and row_logsumexp.shape[1] != s:
+                row_logsumexp = None
             heads, scaling = self._attention_shape(attn)
             qkv = qkv.view(s, 3, heads, -1)
             q, k = qkv[:, 0], qkv[:, 1]
@@ -362,6 +381,8 @@ class PackedVisionSide:
                 q_rows, k_rows = q[rows], k[rows]
                 probe = AttentionProbe(q_rows, k_rows, scaling, None,  # every row a candidate
                                        rope=self._rotation(q_rows, k_rows, cos, sin),
+                                       row_logsumexp=None if row_logsumexp is None else
+                                       row_logsumexp[:, rows].transpose(0, 1),  # [n, H, rows]
                                        compile_backend=getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None))
                 tokens = TokenGroup(residual[rows].reshape(n, count, self.group * width), groups.size[group_index],
                                     groups.grid_position[group_index], side)

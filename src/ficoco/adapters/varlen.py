@@ -52,6 +52,31 @@ def _native_varlen():
     return varlen_attn
 
 
+#: a keyword a caller may pass through the tower's attention module to this attention: a function
+#: that receives each query row's log-sum-exp, ``[H, S]`` float32 (natural log, over the row's
+#: segment), where the native kernel computed it anyway (a reduction's statistics reuse it)
+ROW_LOGSUMEXP_KWARG = "ficoco_keep_row_logsumexp"
+
+
+def _logsumexp_request():
+    """``AuxRequest(lse=True)`` where this torch's variable-length attention can return it."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:
+        return None
+    return AuxRequest(lse=True)
+
+
+def _heads_by_tokens(lse: Tensor, heads: int, total: int) -> Tensor | None:
+    """The kernel's log-sum-exp as ``[H, S]`` float32 (it is ``[H, S]``; a layout this does not
+    recognise gives ``None``, and the statistics then compute it themselves)."""
+    if tuple(lse.shape) == (heads, total):
+        return lse.float()
+    if tuple(lse.shape) == (total, heads):
+        return lse.float().t()
+    return None
+
+
 def segment_layout(cu_seqlens: Tensor, total: int, longest: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(segment, position, key_valid)`` of ``total`` packed tokens cut at ``cu_seqlens``: each
     token's segment and place in it, and ``[segments, longest]`` which padded places are real."""
@@ -90,9 +115,18 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     total, heads, dim = q.shape
     longest = int(max_length_q)
     native = _native_varlen()
+    keep_logsumexp = kwargs.get(ROW_LOGSUMEXP_KWARG)
     if use_native and native is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seq_lens_q.to(torch.int32)
-        out = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling)
+        request = _logsumexp_request() if keep_logsumexp is not None else None
+        if request is None:
+            out = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling)
+            return out[None], None
+        out, lse = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling,
+                          return_aux=request)
+        lse = _heads_by_tokens(lse, heads, total)
+        if lse is not None:
+            keep_logsumexp(lse)
         return out[None], None
     segments = cu_seq_lens_q.shape[0] - 1
     if segments * longest == total:  # equal segments (images of one size): a plain batch, no mask

@@ -8,15 +8,18 @@ that tensor is 1.5 GB in bf16 and those passes cost ~4.8 ms per reducing block, 
 of matmul work. Here, as flash attention does, the logits live only in registers:
 
 1. :func:`_row_logsumexp`: one program per (sample, head, block of rows) streams the keys and
-   keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32;
+   keeps a running maximum and sum: ``lse[b, h, r]`` (base 2), ``[B, H, R]`` float32. Skipped
+   where the caller hands the statistic in (``row_logsumexp``): the layer's own flash attention
+   computed it for every row (Qwen-VL's towers on ficoco's one-call attention hand it over);
 2. :func:`_head_mean_probs`: one program per (sample, block of rows, block of keys) recomputes the
    logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written,
    or, for the attention each key receives (EViT without [CLS]), only its sum over the block's
    rows (:func:`head_mean_softmax_column_sums`: at Qwen2.5-VL's tower, batch 8, that skips writing
    and re-reading a 730 MB ``[B, R, L]`` map per reducing block).
 
-The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, and
-are not rounded to half precision before the softmax (the PyTorch path rounds them, as a matmul
+The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, are
+scaled in float32 (``scale``) as flash attention scales them, and are not rounded to half
+precision before the softmax (the PyTorch path rounds them, as a matmul
 in the model's dtype returns them), so the two agree to that rounding. Rows that see no key (all
 masked) are zero, as in :meth:`~ficoco.stages.AttentionProbe.softmax_rows`.
 
@@ -33,6 +36,7 @@ from torch import Tensor
 
 BLOCK_ROWS = 64
 BLOCK_KEYS = 64
+LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -47,16 +51,17 @@ def _partial_dot(q_ptr, k_ptr, rows, keys, d_offs, n_rows, n_keys, head_dim):
 
 
 @triton.jit
-def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, n_rows, n_keys, head_dim,
+def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, n_rows, n_keys, head_dim, scale,
                  HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
-    """``[BLOCK_ROWS, BLOCK_KEYS]`` float32 logits in base 2 (``q . k * log2(e)`` + bias), masked
+    """``[BLOCK_ROWS, BLOCK_KEYS]`` float32 logits in base 2 (``(q . k * scale + bias) * log2(e)``,
+    ``scale`` given already multiplied by ``log2(e)``), masked
     keys and keys past the end at ``-inf``. ``q_ptr`` / ``k_ptr`` point at this sample's head.
     The channels go in two products, ``BLOCK_D`` then ``BLOCK_REST`` (powers of two; 64 + 16 for
     Qwen's 80-wide heads), rather than one padded to the next power of two (128: 60% more work)."""
     s = _partial_dot(q_ptr, k_ptr, rows, keys, tl.arange(0, BLOCK_D), n_rows, n_keys, head_dim)
     if BLOCK_REST > 0:
         s += _partial_dot(q_ptr, k_ptr, rows, keys, BLOCK_D + tl.arange(0, BLOCK_REST), n_rows, n_keys, head_dim)
-    s = s * 1.4426950408889634  # log2(e): the softmax runs in base 2
+    s = s * scale  # in float32, as flash attention scales its products (the softmax runs in base 2)
     inside = keys < n_keys
     if HAS_BIAS:
         s += tl.load(bias_ptr + keys, mask=inside, other=0.0)[None, :] * 1.4426950408889634
@@ -66,7 +71,7 @@ def _logits_tile(q_ptr, k_ptr, bias_ptr, valid_ptr, rows, keys, n_rows, n_keys, 
 
 
 @triton.jit
-def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, head_dim, heads, key_heads,
+def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, head_dim, heads, key_heads, scale,
                    HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                    BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
     """``lse[b, h, r] = log2 sum_l exp2(s[b, h, r, l])``; ``+inf`` for a row that sees no key (so
@@ -81,7 +86,7 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
     total = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     for start in range(0, n_keys, BLOCK_KEYS):
         keys = start + tl.arange(0, BLOCK_KEYS)
-        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim,
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim, scale,
                          HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         new_m = tl.maximum(m, tl.max(s, 1))
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # no key seen yet: nothing to rescale
@@ -93,7 +98,7 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 
 @triton.jit
 def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
-                     key_heads, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                     key_heads, scale, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                      BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr,
                      COLUMN_SUMS: tl.constexpr, GROUP: tl.constexpr):
     """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``; with ``COLUMN_SUMS`` only each
@@ -109,7 +114,7 @@ def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows
     for h in range(0, heads):
         q_head = q_ptr + (b * heads + h) * n_rows * head_dim
         k_head = k_ptr + (b * key_heads + h // group) * n_keys * head_dim
-        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim,
+        s = _logits_tile(q_head, k_head, bias_row, valid_row, rows, keys, n_rows, n_keys, head_dim, scale,
                          HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         lse = tl.load(lse_ptr + (b * heads + h) * n_rows + rows, mask=rows < n_rows, other=float("inf"))
         acc += tl.exp2(s - lse[:, None])
@@ -141,28 +146,34 @@ def channel_blocks(d: int) -> tuple[int, int]:
 
 
 def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
-                           key_valid: Tensor | None = None) -> Tensor:
+                           key_valid: Tensor | None = None, *, scale: float = 1.0,
+                           row_logsumexp: Tensor | None = None) -> Tensor:
     """The mean over heads of each head's softmax row, without the logits in memory.
 
     Args:
-        queries: ``[B, H, R, d]`` query rows, already multiplied by the softmax scale.
+        queries: ``[B, H, R, d]`` query rows.
         keys: ``[B, Hk, L, d]`` keys (``H`` a multiple of ``Hk``: grouped-query attention).
         key_bias: ``[B, L]`` added to every logit of a key (proportional attention's ``log size``).
         key_valid: ``[B, L]`` bool, ``False`` for keys no query may see.
+        scale: the softmax scale, applied to each product in float32 (1: queries already scaled).
+        row_logsumexp: ``[B, H, R]`` float32, each row's ``log sum_l exp(logit)`` (natural log,
+            over every key, as the attention itself computed it: flash attention returns it); given,
+            the first kernel is skipped.
     Returns:
         ``[B, R, L]`` float32; rows that see no key are zero.
     """
-    return _head_mean(queries, keys, key_bias, key_valid, column_sums=False)
+    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=False)
 
 
 def head_mean_softmax_between(queries: Tensor, keys: Tensor, columns: Tensor, key_bias: Tensor | None = None,
-                              key_valid: Tensor | None = None, group: int = 1) -> Tensor:
+                              key_valid: Tensor | None = None, group: int = 1, *, scale: float = 1.0,
+                              row_logsumexp: Tensor | None = None) -> Tensor:
     """:func:`head_mean_softmax_rows` at the key columns ``columns`` only, optionally summed over
-    groups: the softmax still runs over every key (the first kernel's row log-sum-exp), but the
-    probabilities are formed for the chosen keys alone, so their cost scales with ``C``, not ``L``.
+    groups: the softmax still runs over every key (the row log-sum-exp), but the probabilities are
+    formed for the chosen keys alone, so their cost scales with ``C``, not ``L``.
 
     Args:
-        queries, keys, key_bias, key_valid: as :func:`head_mean_softmax_rows`.
+        queries, keys, key_bias, key_valid, scale, row_logsumexp: as :func:`head_mean_softmax_rows`.
         columns: ``[B, C]`` key indices.
         group: with ``g`` > 1, rows and columns come in consecutive groups of ``g`` (``R`` and ``C``
             multiples of ``g``; BLOCK sizes too): the mean over each row group of the sum over each
@@ -171,24 +182,29 @@ def head_mean_softmax_between(queries: Tensor, keys: Tensor, columns: Tensor, ke
     Returns:
         ``[B, R / g, C / g]`` float32.
     """
-    return _head_mean(queries, keys, key_bias, key_valid, column_sums=False, columns=columns, group=group)
+    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=False, columns=columns,
+                      group=group)
 
 
 def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
-                                  key_valid: Tensor | None = None) -> Tensor:
+                                  key_valid: Tensor | None = None, *, scale: float = 1.0,
+                                  row_logsumexp: Tensor | None = None) -> Tensor:
     """``[B, L]`` float32: :func:`head_mean_softmax_rows` summed over its rows (the attention each
     key receives from the query rows, EViT's statistic without [CLS]), with neither the logits nor
     the rows in memory: each block of rows writes its sums, ``[B, R / 64, L]``, added up after in
     a fixed order (deterministic, unlike atomic adds). Arguments as there."""
-    return _head_mean(queries, keys, key_bias, key_valid, column_sums=True).sum(dim=1)
+    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=True).sum(dim=1)
 
 
-def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None,
-               column_sums: bool, columns: Tensor | None = None, group: int = 1) -> Tensor:
+def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None, scale: float,
+               row_logsumexp: Tensor | None, column_sums: bool, columns: Tensor | None = None,
+               group: int = 1) -> Tensor:
     b, h, r, d = queries.shape
     hk, n_keys = keys.shape[1], keys.shape[2]
     if h % hk or keys.shape[0] != b or keys.shape[3] != d:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match")
+    if row_logsumexp is not None and tuple(row_logsumexp.shape) != (b, h, r):
+        raise ValueError(f"row_logsumexp {tuple(row_logsumexp.shape)} is not [B, H, R] = {(b, h, r)}")
     out_keys = n_keys if columns is None else columns.shape[1]
     if group < 1 or r % group or out_keys % group or BLOCK_ROWS % group or BLOCK_KEYS % group:
         raise ValueError(f"{r} rows and {out_keys} columns do not form groups of {group}")
@@ -203,15 +219,20 @@ def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid
     dummy = torch.empty(1, device=queries.device)
     bias = dummy if key_bias is None else key_bias.float().contiguous()
     valid = dummy if key_valid is None else key_valid.to(torch.int8).contiguous()
-    lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
     main, rest = channel_blocks(d)
     options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
                    BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
-    _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, **options)
+    scale2 = float(scale) * LOG2_E
+    if row_logsumexp is None:
+        lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
+        _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, scale2, **options)
+    else:  # base 2, as the kernels take it; a row that saw no key (-inf) gives zero probabilities
+        lse = (row_logsumexp.float() * LOG2_E).nan_to_num(nan=float("inf"), neginf=float("inf")).contiguous()
     if columns is not None:  # the second kernel reads the chosen keys only (the softmax's sum had them all)
         keys = keys.gather(2, columns[:, None, :, None].expand(-1, hk, -1, d))
         bias = bias if key_bias is None else bias.gather(1, columns)
         valid = valid if key_valid is None else valid.gather(1, columns)
     _head_mean_probs[(b, row_blocks, triton.cdiv(out_keys, BLOCK_KEYS))](
-        queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, COLUMN_SUMS=column_sums, GROUP=group, **options)
+        queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, scale2, COLUMN_SUMS=column_sums, GROUP=group,
+        **options)
     return out

@@ -78,6 +78,10 @@ class AttentionProbe:
             (SparseVLM's raters, :class:`~ficoco.stages.TextRaters`).
         rater_valid: ``[B, R]`` bool, which of ``rater_rows`` are real (samples have different
             numbers of raters); a sample with none is rated by its ``last_row``.
+        row_logsumexp: ``[B, H, L]`` float32, each query row's ``log sum_l exp(q . k_l * scale)``
+            over every key, natural log, as the layer's own attention computed it (flash attention
+            returns it beside its output); only for attention without key bias or mask. The fused
+            statistics then skip their first pass over the keys.
         compile_backend: the fast statistics path, on CUDA: head-averaged softmax rows of
             non-causal attention as the Triton kernels of :mod:`.attention_kernels` (the logits
             never in memory; where Triton is installed), else as
@@ -106,6 +110,7 @@ class AttentionProbe:
         hidden_weight: Tensor | None = None,
         rater_rows: Tensor | None = None,
         rater_valid: Tensor | None = None,
+        row_logsumexp: Tensor | None = None,
         compile_backend: str | None = None,
     ) -> None:
         b, l, h, d = queries.shape
@@ -123,6 +128,10 @@ class AttentionProbe:
         self.hidden, self.hidden_weight = hidden, hidden_weight
         self.rater_rows, self.rater_valid = rater_rows, rater_valid
         self.compile_backend = compile_backend
+        if row_logsumexp is not None and (key_bias is not None or key_valid is not None or causal):
+            raise ValueError("row_logsumexp is the attention's own row statistic: only for attention without key "
+                             "bias, key mask or causal mask")
+        self.row_logsumexp = row_logsumexp
         if attended_keys is not None:
             self.__dict__["head_major_keys"] = attended_keys  # pre-fills the cached property
 
@@ -234,13 +243,21 @@ class AttentionProbe:
         (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_rows`)."""
         from .attention_kernels import head_mean_softmax_rows
 
-        return head_mean_softmax_rows(self._scaled_head_major_queries(rows), self.head_major_keys, self.key_bias,
-                                      self.key_valid)
+        return head_mean_softmax_rows(*self._kernel_queries(rows), **self._kernel_keys(rows))
 
-    def _scaled_head_major_queries(self, rows: Tensor) -> Tensor:
-        """``[B, H, R, d]`` the Triton kernels' query rows: the scale goes into them, as in
-        _row_logits; heads ordered key head by key head."""
-        return (self.query_rows(rows) * self.scale).transpose(1, 2)
+    def _kernel_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(queries [B, H, R, d], keys [B, Hk, L, d])`` for the Triton kernels at sequence rows
+        ``rows``; heads ordered key head by key head."""
+        return self.query_rows(rows).transpose(1, 2), self.head_major_keys
+
+    def _kernel_keys(self, rows: Tensor) -> dict:
+        """The kernels' keyword arguments for the query rows ``rows``: bias, mask, the scale (applied
+        to each product in float32, as the attention did) and, where the layer's attention handed
+        it over, the rows' log-sum-exp (the kernels' first pass then skipped)."""
+        lse = None
+        if self.row_logsumexp is not None:
+            lse = self.row_logsumexp.gather(2, rows[:, None, :].expand(-1, self.row_logsumexp.shape[1], -1))
+        return dict(key_bias=self.key_bias, key_valid=self.key_valid, scale=self.scale, row_logsumexp=lse)
 
     def _candidate_columns(self, rows_probs: Tensor) -> Tensor:
         """``[B, R, L]`` → ``[B, R, N]``: keep the columns of the candidates."""
@@ -319,8 +336,8 @@ class AttentionProbe:
 
             sequence_rows = rows if self.every_key else self.candidates.gather(1, rows)
             sequence_columns = columns if self.every_key else self.candidates.gather(1, columns)
-            return head_mean_softmax_between(self._scaled_head_major_queries(sequence_rows), self.head_major_keys,
-                                             sequence_columns, self.key_bias, self.key_valid, group)
+            return head_mean_softmax_between(*self._kernel_queries(sequence_rows), sequence_columns, group=group,
+                                             **self._kernel_keys(sequence_rows))
         full = self.attention_rows(rows, average)
         between = full.gather(2, columns[:, None, :].expand(-1, r, -1))  # [B, R, C]
         if group == 1:
@@ -338,8 +355,8 @@ class AttentionProbe:
         if self._fused_rows(self.candidates):
             from .attention_kernels import head_mean_softmax_column_sums
 
-            q = self._scaled_head_major_queries(self.candidates)
-            total = head_mean_softmax_column_sums(q, self.head_major_keys, self.key_bias, self.key_valid)
+            total = head_mean_softmax_column_sums(*self._kernel_queries(self.candidates),
+                                                  **self._kernel_keys(self.candidates))
             return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
         rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
