@@ -1203,3 +1203,22 @@ def test_probe_rotates_only_where_needed_and_consistently():
     rows = torch.tensor([[0, 4], [3, 1]])
     torch.testing.assert_close(lazy.attention_rows(rows), eager.attention_rows(rows))
     assert not torch.allclose(eager.mean_logits, AttentionProbe(q, k, 0.4, cand, **common).mean_logits)
+
+
+def test_statistics_on_the_cpu_never_import_triton(monkeypatch):
+    """Triton is only a test extra: without it, the probe's statistics (the correlation at the kept
+    columns included) run in PyTorch and never import the Triton kernels' module."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" now fails
+    monkeypatch.delitem(sys.modules, "ficoco.stages.attention_kernels", raising=False)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 16, H, D_HEAD, generator=gen), torch.randn(2, 16, HK, D_HEAD, generator=gen)
+    probe = AttentionProbe(q, k, 0.3, None, compile_backend="inductor")
+    rows, cols = torch.tensor([[0, 5], [3, 1]]), torch.tensor([[2, 7, 9], [4, 0, 8]])
+    assert probe.attention_between(rows, cols).shape == (2, 2, 3)
+    assert GroupedProbe(probe, 4).attention_between(torch.tensor([[0], [2]]), torch.tensor([[1, 3], [0, 1]])).shape \
+        == (2, 1, 2)
+    assert probe.received_attention.shape == (2, 16) and probe.softmax_rows(rows).shape == (2, 2, 16)
+    assert "ficoco.stages.attention_kernels" not in sys.modules
+

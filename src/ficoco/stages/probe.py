@@ -243,14 +243,14 @@ class AttentionProbe:
         (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_rows`)."""
         from .attention_kernels import head_mean_softmax_rows
 
-        return head_mean_softmax_rows(*self._kernel_queries(rows), **self._kernel_keys(rows))
+        return head_mean_softmax_rows(*self._kernel_operands(rows), **self._kernel_options(rows))
 
-    def _kernel_queries(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _kernel_operands(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``(queries [B, H, R, d], keys [B, Hk, L, d])`` for the Triton kernels at sequence rows
         ``rows``; heads ordered key head by key head."""
         return self.query_rows(rows).transpose(1, 2), self.head_major_keys
 
-    def _kernel_keys(self, rows: Tensor) -> dict:
+    def _kernel_options(self, rows: Tensor) -> dict:
         """The kernels' keyword arguments for the query rows ``rows``: bias, mask, the scale (applied
         to each product in float32, as the attention did) and, where the layer's attention handed
         it over, the rows' log-sum-exp (the kernels' first pass then skipped)."""
@@ -328,16 +328,15 @@ class AttentionProbe:
         alone and summed over groups in registers
         (:func:`~ficoco.stages.attention_kernels.head_mean_softmax_between`): a correlation with
         the kept tokens costs ``O(R * C)`` after the row sums instead of writing ``[B, R, L]``."""
-        from .attention_kernels import BLOCK_ROWS
-
         b, r, c = rows.shape[0], rows.shape[1], columns.shape[1]
-        if average == "probs" and BLOCK_ROWS % group == 0 and self._fused_rows(rows):
-            from .attention_kernels import head_mean_softmax_between
+        if average == "probs" and self._fused_rows(rows):  # only then is Triton imported
+            from .attention_kernels import BLOCK_ROWS, head_mean_softmax_between
 
-            sequence_rows = rows if self.every_key else self.candidates.gather(1, rows)
-            sequence_columns = columns if self.every_key else self.candidates.gather(1, columns)
-            return head_mean_softmax_between(*self._kernel_queries(sequence_rows), sequence_columns, group=group,
-                                             **self._kernel_keys(sequence_rows))
+            if BLOCK_ROWS % group == 0:
+                sequence_rows = rows if self.every_key else self.candidates.gather(1, rows)
+                sequence_columns = columns if self.every_key else self.candidates.gather(1, columns)
+                return head_mean_softmax_between(*self._kernel_operands(sequence_rows), sequence_columns, group=group,
+                                                 **self._kernel_options(sequence_rows))
         full = self.attention_rows(rows, average)
         between = full.gather(2, columns[:, None, :].expand(-1, r, -1))  # [B, R, C]
         if group == 1:
@@ -355,8 +354,8 @@ class AttentionProbe:
         if self._fused_rows(self.candidates):
             from .attention_kernels import head_mean_softmax_column_sums
 
-            total = head_mean_softmax_column_sums(*self._kernel_queries(self.candidates),
-                                                  **self._kernel_keys(self.candidates))
+            total = head_mean_softmax_column_sums(*self._kernel_operands(self.candidates),
+                                                  **self._kernel_options(self.candidates))
             return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
         rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
