@@ -1,9 +1,11 @@
-"""A small owner of PyTorch hook handles, so that detaching removes exactly what was attached."""
+"""Hook handles the adapters own (detaching removes exactly what was attached) and the small tensor
+helpers they share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -42,3 +44,13 @@ def write_rows(hidden: Tensor, rows: Tensor, values: Tensor) -> None:
     Used on a layer's residual stream between attention and MLP: the layer keeps a reference to the
     same tensor as its MLP residual, so merged tokens flow through the rest of the layer."""
     hidden.scatter_(1, rows[..., None].expand(-1, -1, hidden.shape[-1]), values.to(hidden.dtype))
+
+
+def host_to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """``values`` as a tensor on ``device`` without waiting for the device: a CUDA copy from
+    pageable memory makes PyTorch synchronise the stream, a pinned non-blocking one does not. In the
+    middle of the tower that wait would let the GPU run dry while Python prepares the next kernels."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..methods import InputReduction
 from ..stages import FeatureProbe, ReductionResult, TokenGroup
+from .hooks import host_to_device
 
 
 @dataclass
@@ -136,7 +137,7 @@ class InputSide:
         def instruction() -> tuple[Tensor, Tensor]:
             samples, rows, valid = found or instruction_rows(input_ids, attention_mask, self.image_token_id)
             if self.crops_per_run is not None:  # every crop of an image reads its run's instruction
-                crops = torch.tensor(self.crops_per_run(input_ids), device=samples.device)
+                crops = host_to_device(self.crops_per_run(input_ids), samples.device)
                 if crops.numel() == samples.numel():
                     samples, rows, valid = (x.repeat_interleave(crops, dim=0) for x in (samples, rows, valid))
                 if samples.numel() != images:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..methods import Method, ModelGeometry, ResolvedPlan
 from .anyres import LLM_GRID, AnyresLayout, anyres_layout
 from .handle import ReductionHandle
+from .hooks import host_to_device
 from .input_side import InputSide
 from .inputs import cut_prompt_inputs, run_keep_mask
 from .language import LanguageSide
@@ -287,7 +288,7 @@ class LlavaNextHandle(ReductionHandle):
                 packed.append(crops.flatten(0, 1)[order])
                 state.append((index, trace.sizes[rows].flatten().to(crops.device)[order]))
             self._packed = state
-            lengths = torch.tensor([x.shape[0] for x in packed], dtype=torch.long, device=features[0].device)
+            lengths = host_to_device([x.shape[0] for x in packed], features[0].device)
             return packed, lengths
 
         return pack_image_features

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..methods import InputReduction
 from ..stages import FeatureProbe, ReductionResult, TokenGroup
+from .hooks import host_to_device
 from .packed_vision import PackedTrace
 
 #: ``instruction(items)``: ``(text [F, M, D], valid [F, M])``, the input embeddings of the
@@ -133,7 +134,7 @@ class PackedInputSide:
         items = [index for index, _, _ in members]
         x = torch.stack([features[i][s] for i, s in zip(items, take)])  # [F, count, D]
         raster = torch.stack([rasters[i][s] for i, s in zip(items, take)])  # [F, count]
-        frame = torch.tensor([f for _, _, f in members], device=raster.device)
+        frame = host_to_device([f for _, _, f in members], raster.device)
         tokens = TokenGroup(x, torch.stack([sizes[i][s] for i, s in zip(items, take)]),
                             raster - frame[:, None] * per_frame, side)
         probe = FeatureProbe(None if instruction is None else lambda: instruction(items))

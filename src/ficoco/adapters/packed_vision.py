@@ -42,20 +42,10 @@ from torch import Tensor, nn
 from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
 from ..stages.probe import compiled
-from .hooks import HookSet
+from .hooks import HookSet, host_to_device
 from .varlen import ROW_LOGSUMEXP_KWARG, STATISTICS_BACKEND_ATTRIBUTE
 
 _SENTINEL = object()
-
-
-def host_to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
-    """``values`` as a tensor on ``device`` without waiting for the device: a CUDA copy from
-    pageable memory makes PyTorch synchronise the stream, a pinned non-blocking one does not. In the
-    middle of the tower that wait would let the GPU run dry while Python prepares the next kernels."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

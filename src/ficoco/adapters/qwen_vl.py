@@ -40,6 +40,7 @@ from .handle import ReductionHandle
 from .inputs import cut_tokens, run_keep_mask
 from .language import LanguageSide
 from .packed_input import PackedInputSide
+from .hooks import host_to_device
 from .packed_vision import PackedVisionSide, frame_sizes
 
 _PER_TOKEN_INPUTS = ("attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
@@ -277,12 +278,13 @@ class QwenVLHandle(ReductionHandle):
                 raise ValueError(f"ficoco: the visual item in prompt {columns[lacking[0]][0]} has no instruction text "
                                  f"after it, and this method weighs the visual tokens by that text")
             width = max(len(columns[i][1]) for i in items)
-            rows = torch.zeros(len(items), width, dtype=torch.long, device=input_ids.device)
-            valid = torch.zeros(len(items), width, dtype=torch.bool, device=input_ids.device)
-            samples = torch.tensor([columns[i][0] for i in items], device=input_ids.device)
-            for row, i in enumerate(items):
-                rows[row, :len(columns[i][1])] = torch.tensor(columns[i][1], dtype=torch.long)
-                valid[row, :len(columns[i][1])] = True
+            # laid out on the host and copied once, without waiting for the device (this runs
+            # after the tower, where a wait would leave the GPU idle)
+            padded = [columns[i][1] + [-1] * (width - len(columns[i][1])) for i in items]
+            table = host_to_device([[columns[i][0] for i in items], *zip(*padded)], input_ids.device)  # [1 + M, F]
+            samples, rows = table[0], table[1:].t()
+            valid = rows >= 0
+            rows = rows.clamp_min(0)
             with torch.no_grad():
                 text = embed(input_ids[samples[:, None], rows])  # [F, M, D]
             return text, valid

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..methods import VisionReduction
 from ..stages import NO_POSITION, AttentionProbe, ReductionResult, TokenGroup
 from ..stages.tokens import gather_rows
-from .hooks import HookSet, replace_hidden_output, write_rows
+from .hooks import HookSet, host_to_device, replace_hidden_output, write_rows
 
 
 @dataclass
@@ -227,7 +227,7 @@ class VisionSide:
                 if self.record:
                     self.steps.append((index, result))
             if self.stage.adaptive:
-                self.counts = torch.tensor([order.shape[1] - self.offset for order in orders], device=residual.device)
+                self.counts = host_to_device([order.shape[1] - self.offset for order in orders], residual.device)
             width = max(order.shape[1] for order in orders)
             for i, (rows, result) in enumerate(parts):
                 pad = width - orders[i].shape[1]
