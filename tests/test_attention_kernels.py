@@ -56,6 +56,10 @@ CHECK = textwrap.dedent('''
         lse = torch.logsumexp(scaled, dim=-1).flatten(1, 2)  # [B, H, R]; -inf for rows that see nothing
         given = head_mean_softmax_rows((q.float() / scale).to(dtype), k, key_bias, key_valid, scale=scale,
                                        row_logsumexp=lse)
+        # as the probe passes them: strided views of [B, R, H, d] queries and [B, L, Hk, d] keys
+        sequence_major = (q.float() / scale).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        given_columns = head_mean_softmax_column_sums(sequence_major, k.transpose(1, 2).contiguous().transpose(1, 2),
+                                                      key_bias, key_valid, scale=scale, row_logsumexp=lse)
         expected_given = head_mean_softmax(logits_of((q.float() / scale).to(dtype).float() * scale, k, key_bias,
                                                      key_valid, b, h, hk, r, l, d))
         picked = slow.gather(2, cols[:, None, :].expand(-1, r, -1))
@@ -67,7 +71,8 @@ CHECK = textwrap.dedent('''
                     "columns_error": (columns - slow.sum(dim=1)).abs().max().item(),
                     "between_shape": list(between.shape), "expected_shape": list(picked.shape), "group": group,
                     "between_error": (between - picked).abs().max().item(),
-                    "given_error": (given - expected_given).abs().max().item()})
+                    "given_error": (given - expected_given).abs().max().item(),
+                    "given_columns_error": (given_columns - expected_given.sum(dim=1)).abs().max().item()})
     print(json.dumps(out))
 ''')
 
@@ -79,6 +84,7 @@ CASES = [
     (2, 2, 1, 33, 100, 72, "float16", True, True),  # half precision in, float32 out
     (1, 2, 2, 20, 70, 96, "float32", False, False),  # channels in two products: 64 + 32
     (2, 4, 2, 136, 400, 80, "float16", True, False),  # groups of 4 over three row blocks and two key blocks
+    (1, 2, 2, 200, 300, 80, "float32", False, True),  # received attention: keys past one block of 128, rows of 64
 ]
 
 
@@ -95,6 +101,7 @@ def test_triton_head_mean_softmax_rows_equal_pytorch_softmax():
         assert row["between_shape"] == row["expected_shape"]
         assert row["between_error"] < row["group"] * (1e-6 if dtype == "float32" else 1e-3), row["between_error"]
         assert row["given_error"] < (1e-5 if dtype == "float32" else 1e-3), (dtype, row["given_error"])
+        assert row["given_columns_error"] < r * (1e-5 if dtype == "float32" else 1e-3), row["given_columns_error"]
         sums = row["row_sums"]
         if valid:  # the last sample's rows see no key: zero, the others sum to one
             assert all(abs(x) < 1e-6 for x in sums[-r:]) and all(abs(x - 1) < 1e-4 for x in sums[:-r])

@@ -1,4 +1,4 @@
-"""Head-averaged softmax rows without the per-head logits in memory: two Triton kernels.
+"""Head-averaged softmax rows without the per-head logits in memory: Triton kernels.
 
 Why: the probe's most common statistic, ``mean_h softmax(q_h K_h^T)`` for some query rows
 (FiCoCo-V's correlation of the discarded tokens, EViT's received attention), formed in PyTorch
@@ -12,10 +12,15 @@ of matmul work. Here, as flash attention does, the logits live only in registers
    where the caller hands the statistic in (``row_logsumexp``): the layer's own flash attention
    computed it for every row (Qwen-VL's towers on ficoco's one-call attention hand it over);
 2. :func:`_head_mean_probs`: one program per (sample, block of rows, block of keys) recomputes the
-   logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written,
-   or, for the attention each key receives (EViT without [CLS]), only its sum over the block's
-   rows (:func:`head_mean_softmax_column_sums`: at Qwen2.5-VL's tower, batch 8, that skips writing
-   and re-reading a 730 MB ``[B, R, L]`` map per reducing block).
+   logits head by head and adds ``exp2(s - lse)``; only the ``[B, R, L]`` float32 mean is written
+   (or, for :func:`head_mean_softmax_between`, its entries at some key columns, summed over merge
+   groups);
+3. :func:`_received_columns`, for the attention each key receives (EViT without [CLS],
+   :func:`head_mean_softmax_column_sums`): one program per (sample, head, block of keys) keeps its
+   keys and streams every row past them, adding ``exp2(s - lse)`` into per-key sums, so that the
+   ``[B, R, L]`` map (730 MB per reducing block at Qwen2.5-VL's tower, batch 8) is never written,
+   each key is read once and each query row once per 128 keys (a layout of 64 x 64 tiles, as in
+   2., reads both for every tile: four times the bytes per probability).
 
 The logits accumulate in float32 from the inputs' dtype, as the attention's own products do, are
 scaled in float32 (``scale``) as flash attention scales them, and are not rounded to half
@@ -29,6 +34,8 @@ path (or the interpreter in tests).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +43,21 @@ from torch import Tensor
 
 BLOCK_ROWS = 64
 BLOCK_KEYS = 64
+
+
+class ReceivedTiles(NamedTuple):
+    """The launch of :func:`_received_columns`: each program holds ``keys`` keys and streams the
+    rows past them ``rows`` at a time, with ``warps`` warps and ``stages`` pipelined loads."""
+
+    rows: int = 64
+    keys: int = 128
+    warps: int = 8
+    stages: int = 3
+
+
+# chosen on an H200 at Qwen2.5-VL-7B's tower sizes (benchmarks/received_attention_kernel.py,
+# docs/benchmarks.md "Eighth session")
+RECEIVED_TILES = ReceivedTiles()
 LOG2_E = 1.4426950408889634
 
 
@@ -97,12 +119,56 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 
 
 @triton.jit
+def _received_columns(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
+                      key_heads, scale, q_batch, q_head, q_row, k_batch, k_head, k_row, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                      BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
+    """``out[b, h, l] = sum_r exp2(s[b, h, r, l] - lse[b, h, r])``: the attention key ``l``
+    receives from every row, per head. One program per (sample, head, block of keys) holds its
+    keys and streams the rows past them, so that each key is read once and each row once per block
+    of keys: the transposed loop of flash attention, with a column sum where that has a row sum.
+    Queries and keys are read through their strides (``q_batch, q_head, q_row``; channels
+    contiguous), so the probe's ``[B, L, H, d]`` tensors need no head-major copy."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    keys = tl.program_id(1) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
+    inside = keys < n_keys
+    k_start = k_ptr + b * k_batch + (h // (heads // key_heads)) * k_head
+    q_start = q_ptr + b * q_batch + h * q_head
+    d_main = tl.arange(0, BLOCK_D)
+    keys_main = tl.load(k_start + keys[None, :] * k_row + d_main[:, None],
+                        mask=inside[None, :] & (d_main[:, None] < head_dim), other=0.0)  # [BLOCK_D, BLOCK_KEYS]
+    if BLOCK_REST > 0:
+        d_rest = BLOCK_D + tl.arange(0, BLOCK_REST)
+        keys_rest = tl.load(k_start + keys[None, :] * k_row + d_rest[:, None],
+                            mask=inside[None, :] & (d_rest[:, None] < head_dim), other=0.0)
+    bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * n_keys + keys, mask=inside, other=0.0) * 1.4426950408889634
+    acc = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        row_inside = rows < n_rows
+        q = tl.load(q_start + rows[:, None] * q_row + d_main[None, :],
+                    mask=row_inside[:, None] & (d_main[None, :] < head_dim), other=0.0)
+        s = tl.dot(q, keys_main, input_precision="ieee")  # "ieee": no TF32 for float32 input
+        if BLOCK_REST > 0:
+            q = tl.load(q_start + rows[:, None] * q_row + d_rest[None, :],
+                        mask=row_inside[:, None] & (d_rest[None, :] < head_dim), other=0.0)
+            s += tl.dot(q, keys_rest, input_precision="ieee")
+        lse = tl.load(lse_ptr + bh * n_rows + rows, mask=row_inside, other=float("inf"))  # rows past the end: 0
+        acc += tl.sum(tl.exp2(s * scale + bias[None, :] - lse[:, None]), 0)
+    seen = inside
+    if HAS_VALID:  # a masked key gets no attention (its logits were -inf in the softmax)
+        seen = seen & (tl.load(valid_ptr + b * n_keys + keys, mask=inside, other=0) != 0)
+    tl.store(out_ptr + bh * n_keys + keys, tl.where(seen, acc, 0.0), mask=inside)
+
+
+@triton.jit
 def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
                      key_heads, scale, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                      BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr,
-                     COLUMN_SUMS: tl.constexpr, GROUP: tl.constexpr):
-    """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``; with ``COLUMN_SUMS`` only each
-    block of rows' sum of them, ``out[b, r // BLOCK_ROWS, l]``; with ``GROUP`` > 1 (rows and keys
+                     GROUP: tl.constexpr):
+    """``out[b, r, l] = mean_h exp2(s[b, h, r, l] - lse[b, h, r])``; with ``GROUP`` > 1 (rows and keys
     in consecutive groups of ``GROUP``) the mean over each row group of the sum over each key
     group, ``out[b, r // GROUP, l // GROUP]``."""
     b = tl.program_id(0).to(tl.int64)
@@ -118,10 +184,7 @@ def _head_mean_probs(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows
                          HAS_BIAS, HAS_VALID, BLOCK_D, BLOCK_REST)
         lse = tl.load(lse_ptr + (b * heads + h) * n_rows + rows, mask=rows < n_rows, other=float("inf"))
         acc += tl.exp2(s - lse[:, None])
-    if COLUMN_SUMS:  # rows past the end have lse = +inf: they add zero
-        tl.store(out_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * n_keys + keys, tl.sum(acc, 0) / heads,
-                 mask=keys < n_keys)
-    elif GROUP > 1:  # rows and keys past the end add zero; a block holds whole groups
+    if GROUP > 1:  # rows and keys past the end add zero; a block holds whole groups
         grouped = tl.sum(tl.sum(tl.reshape(acc, [BLOCK_ROWS // GROUP, GROUP, BLOCK_KEYS // GROUP, GROUP]), 3), 1)
         group_rows = tl.program_id(1) * (BLOCK_ROWS // GROUP) + tl.arange(0, BLOCK_ROWS // GROUP)
         group_keys = tl.program_id(2) * (BLOCK_KEYS // GROUP) + tl.arange(0, BLOCK_KEYS // GROUP)
@@ -162,7 +225,7 @@ def head_mean_softmax_rows(queries: Tensor, keys: Tensor, key_bias: Tensor | Non
     Returns:
         ``[B, R, L]`` float32; rows that see no key are zero.
     """
-    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=False)
+    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp)
 
 
 def head_mean_softmax_between(queries: Tensor, keys: Tensor, columns: Tensor, key_bias: Tensor | None = None,
@@ -182,57 +245,98 @@ def head_mean_softmax_between(queries: Tensor, keys: Tensor, columns: Tensor, ke
     Returns:
         ``[B, R / g, C / g]`` float32.
     """
-    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=False, columns=columns,
-                      group=group)
+    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, columns=columns, group=group)
 
 
 def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tensor | None = None,
                                   key_valid: Tensor | None = None, *, scale: float = 1.0,
-                                  row_logsumexp: Tensor | None = None) -> Tensor:
+                                  row_logsumexp: Tensor | None = None,
+                                  tiles: ReceivedTiles = RECEIVED_TILES) -> Tensor:
     """``[B, L]`` float32: :func:`head_mean_softmax_rows` summed over its rows (the attention each
     key receives from the query rows, EViT's statistic without [CLS]), with neither the logits nor
-    the rows in memory: each block of rows writes its sums, ``[B, R / 64, L]``, added up after in
-    a fixed order (deterministic, unlike atomic adds). Arguments as there."""
-    return _head_mean(queries, keys, key_bias, key_valid, scale, row_logsumexp, column_sums=True).sum(dim=1)
-
-
-def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None, scale: float,
-               row_logsumexp: Tensor | None, column_sums: bool, columns: Tensor | None = None,
-               group: int = 1) -> Tensor:
+    the rows in memory. Each head's sums, ``[B, H, L]``, are written whole by one program per block
+    of keys (:func:`_received_columns`) and averaged after in a fixed order (deterministic, unlike
+    atomic adds). Arguments as there; queries and keys may be strided views (channels contiguous);
+    ``tiles``: the kernel's launch (powers of two; ``rows`` and ``keys`` at least 16).
+    """
+    queries, keys, options = _checked(queries, keys, key_bias, key_valid, row_logsumexp)
     b, h, r, d = queries.shape
     hk, n_keys = keys.shape[1], keys.shape[2]
+    if r == 0 or n_keys == 0 or b == 0:
+        return torch.zeros(b, n_keys, dtype=torch.float32, device=queries.device)
+    # strided operands, not copies (channels must be contiguous); the row log-sum-exp pass, where it
+    # runs, reads contiguous ones
+    queries = queries if queries.stride(-1) == 1 and row_logsumexp is not None else queries.contiguous()
+    keys = keys if keys.stride(-1) == 1 and row_logsumexp is not None else keys.contiguous()
+    bias, valid, lse = _key_terms(queries, keys, key_bias, key_valid, scale, row_logsumexp, options)
+    out = torch.empty(b, h, n_keys, dtype=torch.float32, device=queries.device)
+    _received_columns[(b * h, triton.cdiv(n_keys, tiles.keys))](
+        queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, float(scale) * LOG2_E,
+        queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        **dict(options, BLOCK_ROWS=tiles.rows, BLOCK_KEYS=tiles.keys), num_warps=tiles.warps, num_stages=tiles.stages)
+    return out.sum(dim=1) / h
+
+
+def _operands(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None,
+              row_logsumexp: Tensor | None) -> tuple[Tensor, Tensor, dict]:
+    """The checked, contiguous ``(queries, keys)`` in one dtype and the kernels' shared options."""
+    queries, keys, options = _checked(queries, keys, key_bias, key_valid, row_logsumexp)
+    return queries.contiguous(), keys.contiguous(), options
+
+
+def _checked(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None,
+             row_logsumexp: Tensor | None) -> tuple[Tensor, Tensor, dict]:
+    """``(queries, keys)`` in one dtype after the shape checks, and the kernels' shared options."""
+    b, h, r, d = queries.shape
+    hk = keys.shape[1]
     if h % hk or keys.shape[0] != b or keys.shape[3] != d:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match")
     if row_logsumexp is not None and tuple(row_logsumexp.shape) != (b, h, r):
         raise ValueError(f"row_logsumexp {tuple(row_logsumexp.shape)} is not [B, H, R] = {(b, h, r)}")
-    out_keys = n_keys if columns is None else columns.shape[1]
-    if group < 1 or r % group or out_keys % group or BLOCK_ROWS % group or BLOCK_KEYS % group:
-        raise ValueError(f"{r} rows and {out_keys} columns do not form groups of {group}")
     if queries.dtype != keys.dtype:
         keys = keys.to(queries.dtype)
-    queries, keys = queries.contiguous(), keys.contiguous()
-    row_blocks = triton.cdiv(r, BLOCK_ROWS)
-    shape = (b, row_blocks, out_keys) if column_sums else (b, r // group, out_keys // group)
-    out = torch.empty(shape, dtype=torch.float32, device=queries.device)
-    if r == 0 or out_keys == 0 or b == 0:
-        return out.zero_()
+    main, rest = channel_blocks(d)
+    options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_D=main, BLOCK_REST=rest)
+    return queries, keys, options
+
+
+def _key_terms(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None, scale: float,
+               row_logsumexp: Tensor | None, options: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``(bias, valid, lse)`` as the kernels read them: the key bias in float32 and the key mask in
+    int8 (a one-element placeholder where absent), and each row's log-sum-exp in base 2, ``[B, H, R]``,
+    computed by :func:`_row_logsumexp` unless the caller handed it in."""
+    b, h, r, d = queries.shape
+    hk, n_keys = keys.shape[1], keys.shape[2]
     dummy = torch.empty(1, device=queries.device)
     bias = dummy if key_bias is None else key_bias.float().contiguous()
     valid = dummy if key_valid is None else key_valid.to(torch.int8).contiguous()
-    main, rest = channel_blocks(d)
-    options = dict(HAS_BIAS=key_bias is not None, HAS_VALID=key_valid is not None, BLOCK_ROWS=BLOCK_ROWS,
-                   BLOCK_KEYS=BLOCK_KEYS, BLOCK_D=main, BLOCK_REST=rest)
-    scale2 = float(scale) * LOG2_E
     if row_logsumexp is None:
         lse = torch.empty(b, h, r, dtype=torch.float32, device=queries.device)
-        _row_logsumexp[(b * h, row_blocks)](queries, keys, bias, valid, lse, r, n_keys, d, h, hk, scale2, **options)
+        _row_logsumexp[(b * h, triton.cdiv(r, BLOCK_ROWS))](
+            queries, keys, bias, valid, lse, r, n_keys, d, h, hk, float(scale) * LOG2_E, BLOCK_ROWS=BLOCK_ROWS,
+            BLOCK_KEYS=BLOCK_KEYS, **options)
     else:  # base 2, as the kernels take it; a row that saw no key (-inf) gives zero probabilities
         lse = (row_logsumexp.float() * LOG2_E).nan_to_num(nan=float("inf"), neginf=float("inf")).contiguous()
+    return bias, valid, lse
+
+
+def _head_mean(queries: Tensor, keys: Tensor, key_bias: Tensor | None, key_valid: Tensor | None, scale: float,
+               row_logsumexp: Tensor | None, columns: Tensor | None = None, group: int = 1) -> Tensor:
+    queries, keys, options = _operands(queries, keys, key_bias, key_valid, row_logsumexp)
+    b, h, r, d = queries.shape
+    hk, n_keys = keys.shape[1], keys.shape[2]
+    out_keys = n_keys if columns is None else columns.shape[1]
+    if group < 1 or r % group or out_keys % group or BLOCK_ROWS % group or BLOCK_KEYS % group:
+        raise ValueError(f"{r} rows and {out_keys} columns do not form groups of {group}")
+    out = torch.empty(b, r // group, out_keys // group, dtype=torch.float32, device=queries.device)
+    if r == 0 or out_keys == 0 or b == 0:
+        return out.zero_()
+    bias, valid, lse = _key_terms(queries, keys, key_bias, key_valid, scale, row_logsumexp, options)
     if columns is not None:  # the second kernel reads the chosen keys only (the softmax's sum had them all)
         keys = keys.gather(2, columns[:, None, :, None].expand(-1, hk, -1, d))
         bias = bias if key_bias is None else bias.gather(1, columns)
         valid = valid if key_valid is None else valid.gather(1, columns)
-    _head_mean_probs[(b, row_blocks, triton.cdiv(out_keys, BLOCK_KEYS))](
-        queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, scale2, COLUMN_SUMS=column_sums, GROUP=group,
-        **options)
+    _head_mean_probs[(b, triton.cdiv(r, BLOCK_ROWS), triton.cdiv(out_keys, BLOCK_KEYS))](
+        queries, keys, bias, valid, lse, out, r, out_keys, d, h, hk, float(scale) * LOG2_E, GROUP=group,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_KEYS=BLOCK_KEYS, **options)
     return out

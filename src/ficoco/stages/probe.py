@@ -160,10 +160,14 @@ class AttentionProbe:
         return torch.arange(self.queries.shape[1], device=self.queries.device)
 
     @cached_property
+    def _attended_keys(self) -> Tensor:
+        """``[B, L, Hk, d]`` keys as the attention saw them (rotated once; not a copy without RoPE)."""
+        return self.keys if self.rope is None else self.rope(self.keys, None)
+
+    @cached_property
     def head_major_keys(self) -> Tensor:
         """``[B, Hk, L, d]`` keys as the attention saw them (contiguous, ready for matmul)."""
-        keys = self.keys if self.rope is None else self.rope(self.keys, None)
-        return keys.transpose(1, 2).contiguous()
+        return self._attended_keys.transpose(1, 2).contiguous()
 
     @property
     def rotated_keys(self) -> Tensor:
@@ -250,12 +254,13 @@ class AttentionProbe:
         ``rows``; heads ordered key head by key head."""
         return self.query_rows(rows).transpose(1, 2), self.head_major_keys
 
-    def _kernel_options(self, rows: Tensor) -> dict:
-        """The kernels' keyword arguments for the query rows ``rows``: bias, mask, the scale (applied
-        to each product in float32, as the attention did) and, where the layer's attention handed
-        it over, the rows' log-sum-exp (the kernels' first pass then skipped)."""
-        lse = None
-        if self.row_logsumexp is not None:
+    def _kernel_options(self, rows: Tensor | None) -> dict:
+        """The kernels' keyword arguments for the query rows ``rows`` (``None``: every row, in
+        order): bias, mask, the scale (applied to each product in float32, as the attention did)
+        and, where the layer's attention handed it over, the rows' log-sum-exp (the kernels' first
+        pass then skipped)."""
+        lse = self.row_logsumexp
+        if lse is not None and rows is not None:
             lse = self.row_logsumexp.gather(2, rows[:, None, :].expand(-1, self.row_logsumexp.shape[1], -1))
         return dict(key_bias=self.key_bias, key_valid=self.key_valid, scale=self.scale, row_logsumexp=lse)
 
@@ -354,8 +359,14 @@ class AttentionProbe:
         if self._fused_rows(self.candidates):
             from .attention_kernels import head_mean_softmax_column_sums
 
-            total = head_mean_softmax_column_sums(*self._kernel_operands(self.candidates),
-                                                  **self._kernel_options(self.candidates))
+            if self.every_key:  # every row, in order: the queries and statistic as they are, no gathered copies
+                keys = self.__dict__.get("head_major_keys")  # a contiguous copy if one was made, else a view
+                keys = self._attended_keys.transpose(1, 2) if keys is None else keys
+                total = head_mean_softmax_column_sums(self.rotated_queries.transpose(1, 2), keys,
+                                                      **self._kernel_options(None))
+            else:
+                total = head_mean_softmax_column_sums(*self._kernel_operands(self.candidates),
+                                                      **self._kernel_options(self.candidates))
             return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
         rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
