@@ -153,9 +153,10 @@ def test_cuda_triton_softmax_rows_at_the_tower_size():
 
 
 def test_cuda_one_call_attention_hands_over_row_logsumexp():
-    """Asked through its keyword, the one-call attention hands each row's log-sum-exp over its
-    segment ([H, S], natural log, the scale included) to the caller, and its output is unchanged."""
-    from ficoco.adapters.varlen import ROW_LOGSUMEXP_KWARG, varlen_attention
+    """Asked through its keyword, the one-call attention hands the caller its queries and keys
+    ([S, H, d], as it used them) and each row's log-sum-exp over its segment ([H, S], natural log,
+    the scale included), and its output is unchanged."""
+    from ficoco.adapters.varlen import ATTENTION_INPUTS_KWARG, varlen_attention
 
     torch.manual_seed(2)
     h, d, cuts = 4, 80, [0, 100, 137, 201]
@@ -164,13 +165,16 @@ def test_cuda_one_call_attention_hands_over_row_logsumexp():
     scale = d ** -0.5
     given = []
     out, _ = varlen_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100, scaling=scale,
-                              **{ROW_LOGSUMEXP_KWARG: given.append})
+                              **{ATTENTION_INPUTS_KWARG: lambda *inputs: given.append(inputs)})
     plain, _ = varlen_attention(None, q, k, v, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=100, scaling=scale)
     assert torch.equal(out, plain)
-    assert len(given) == 1 and given[0].shape == (h, cuts[-1]) and given[0].dtype == torch.float32
+    assert len(given) == 1
+    query, key, lse = given[0]
+    assert torch.equal(query, q[0].transpose(0, 1)) and torch.equal(key, k[0].transpose(0, 1))
+    assert lse.shape == (h, cuts[-1]) and lse.dtype == torch.float32
     expected = torch.cat([torch.logsumexp(q[0, :, a:b].float() @ k[0, :, a:b].float().transpose(-1, -2) * scale, dim=-1)
                           for a, b in zip(cuts[:-1], cuts[1:])], dim=1)
-    torch.testing.assert_close(given[0], expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(lse, expected, rtol=0, atol=1e-3)
 
 
 def test_cuda_statistics_from_the_attentions_row_logsumexp():
@@ -197,14 +201,14 @@ def test_cuda_statistics_from_the_attentions_row_logsumexp():
 
 @pytest.mark.parametrize("key", ["ficoco-v", "evit"])
 def test_cuda_reductions_reuse_the_blocks_row_logsumexp(key, monkeypatch):
-    """In bf16 on the compiled one-call path, every reducing block hands its attention's row
-    log-sum-exp to the reduction, and the budget holds."""
+    """In bf16 on the compiled one-call path, every reducing block hands its attention's rotated
+    queries and keys and its row log-sum-exp to the reduction, and the budget holds."""
     from ficoco.adapters.packed_vision import PackedVisionSide
 
     handed = []
-    keep = PackedVisionSide._keep_row_logsumexp
-    monkeypatch.setattr(PackedVisionSide, "_keep_row_logsumexp",
-                        lambda self, lse: (handed.append(tuple(lse.shape)), keep(self, lse))[1])
+    keep = PackedVisionSide._keep_attention_inputs
+    monkeypatch.setattr(PackedVisionSide, "_keep_attention_inputs",
+                        lambda self, q, k, lse: (handed.append(tuple(lse.shape)), keep(self, q, k, lse))[1])
     model = tiny_qwen_vl("qwen2_5_vl").to("cuda", torch.bfloat16)
     inputs = _to(image_batch("qwen2_5_vl"), "cuda", torch.bfloat16)
     with ficoco.apply(model, build(key), record=True) as handle, torch.inference_mode(), \

@@ -428,15 +428,22 @@ def test_clear_errors(models, generation):
 @pytest.mark.parametrize("key", ["vanilla", "ficoco-v", "tome", "ficoco-vl", "visionzip"])
 def test_one_call_vision_attention_equals_the_stock_path(models, generation, key):
     """The tower's attention in one call per block (all images, all windows) gives the stock
-    per-segment loop's outputs, with or without a reduction attached, and switches back."""
+    per-segment loop's outputs, with or without a reduction attached, and switches back. With a
+    reduction, every reducing block hands the statistics its attention's rotated queries and keys
+    (the stock path rotates the projections' own)."""
+    from ficoco.adapters.packed_vision import PackedVisionSide
     from ficoco.adapters.varlen import ATTENTION_NAME, fast_vision_attention
 
     model = models[generation]
     inputs = image_batch(generation)
     handle = ficoco.attach(model, build(key)) if key != "vanilla" else None
+    handed = []
+    keep = PackedVisionSide._keep_attention_inputs
     try:
         stock = logits(model, inputs)
-        with fast_vision_attention(model):
+        with fast_vision_attention(model), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(PackedVisionSide, "_keep_attention_inputs",
+                          lambda self, q, k, lse: (handed.append(q.shape), keep(self, q, k, lse))[1])
             assert model.model.visual.config._attn_implementation == ATTENTION_NAME
             fast = logits(model, inputs)
     finally:
@@ -444,6 +451,8 @@ def test_one_call_vision_attention_equals_the_stock_path(models, generation, key
             handle.remove()
     assert model.model.visual.config._attn_implementation == "sdpa"
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+    reducing = handle.vision.blocks if handle is not None and handle.vision is not None else ()
+    assert len(handed) == len(reducing)
 
 
 @pytest.mark.parametrize("key", ["ficoco-v", "evit"])

@@ -43,7 +43,7 @@ from ..methods import VisionReduction
 from ..stages import AttentionProbe, GroupedProbe, ReductionResult, TokenGroup
 from ..stages.probe import compiled
 from .hooks import HookSet, host_to_device
-from .varlen import ROW_LOGSUMEXP_KWARG, STATISTICS_BACKEND_ATTRIBUTE
+from .varlen import ATTENTION_INPUTS_KWARG, STATISTICS_BACKEND_ATTRIBUTE
 
 _SENTINEL = object()
 
@@ -81,6 +81,14 @@ def frame_sizes(grids: list[tuple[int, int, int]], merge: int) -> list[tuple[int
     """``(item, frame, tokens)`` of every attention segment: the towers attend within one frame
     (temporal patch) of one item, so that is the unit a reduction works on."""
     return [(item, frame, (h // merge) * (w // merge)) for item, (t, h, w) in enumerate(grids) for frame in range(t)]
+
+
+def _frame_rows(x: Tensor, rows: Tensor, first: int | None) -> Tensor:
+    """``x[rows]``, ``[n, R, ...]`` for ``x`` ``[S, ...]`` and ``rows`` ``[n, R]``; a view of the
+    slice when the rows are the ``n * R`` consecutive rows from ``first`` (not ``None``)."""
+    if first is None:
+        return x[rows]
+    return x.narrow(0, first, rows.numel()).view(*rows.shape, *x.shape[1:])
 
 
 @dataclass
@@ -159,7 +167,9 @@ class PackedVisionSide:
         self.rope: tuple[Tensor, Tensor] | None = None  # the tower's rotary tables, original order
         self.block_rope: tuple[Tensor, Tensor] | None = None
         self.qkv: Tensor | None = None
-        self.row_logsumexp: Tensor | None = None  # [H, S] from the reducing block's own attention
+        # from the reducing block's own attention: its rotated queries and keys, [S, H, d] each, and
+        # each row's log-sum-exp, [H, S] (or None)
+        self.attended: tuple[Tensor, Tensor, Tensor | None] | None = None
         self.pending_keep: Tensor | None = None
         self.reduced = False
         self.stage_kwargs: dict[bool, tuple] = {}
@@ -178,7 +188,7 @@ class PackedVisionSide:
                 hooks.pre(block, self._block_inputs(index), with_kwargs=True)
             if index in self.blocks:
                 hooks.post(block.attn.qkv, self._keep_qkv)
-                hooks.pre(block.attn, self._ask_row_logsumexp, with_kwargs=True)
+                hooks.pre(block.attn, self._ask_attention_inputs, with_kwargs=True)
                 reduce = self._reducer(index, block.attn)
                 if self.stage.reduce_at == "output":
                     hooks.post(block, self._on_output(reduce), prepend=True)
@@ -321,19 +331,20 @@ class PackedVisionSide:
         if self.groups is not None:
             self.qkv = output
 
-    def _ask_row_logsumexp(self, module, args, kwargs):
-        """Before a reducing block's attention: ask ficoco's one-call attention to hand over each
-        row's log-sum-exp, which its kernel computes anyway (the statistics' softmax denominators:
-        their first pass over the keys is then skipped). Reducing blocks attend over whole frames,
-        as the statistics do."""
+    def _ask_attention_inputs(self, module, args, kwargs):
+        """Before a reducing block's attention: ask ficoco's one-call attention to hand over its
+        rotated queries and keys (the statistics then neither gather nor rotate their own) and
+        each row's log-sum-exp, which its kernel computes anyway (the statistics' softmax
+        denominators: their first pass over the keys is then skipped). Reducing blocks attend over
+        whole frames, as the statistics do."""
         if self.groups is None or not self._one_call_attention():
             return None
-        self.row_logsumexp = None
-        kwargs[ROW_LOGSUMEXP_KWARG] = self._keep_row_logsumexp
+        self.attended = None
+        kwargs[ATTENTION_INPUTS_KWARG] = self._keep_attention_inputs
         return args, kwargs
 
-    def _keep_row_logsumexp(self, lse: Tensor) -> None:
-        self.row_logsumexp = lse
+    def _keep_attention_inputs(self, query: Tensor, key: Tensor, row_logsumexp: Tensor | None) -> None:
+        self.attended = (query, key, row_logsumexp)
 
     def _reducer(self, index: int, attn: nn.Module):
         def reduce_after_attention(module, args) -> None:
@@ -346,13 +357,15 @@ class PackedVisionSide:
             # vLLM's towers carry a batch axis of one ([S, 1, D]): a view, so writes reach the stream
             residual = residual.view(-1, residual.shape[-1])
             qkv, self.qkv = self.qkv, None
-            row_logsumexp, self.row_logsumexp = self.row_logsumexp, None
+            attended, self.attended = self.attended, None
             s, width = residual.shape
-            if row_logsumexp is not None and row_logsumexp.shape[1] != s:
-                row_logsumexp = None
             heads, scaling = self._attention_shape(attn)
-            qkv = qkv.view(s, 3, heads, -1)
-            q, k = qkv[:, 0], qkv[:, 1]
+            if attended is not None and attended[0].shape[0] == s:  # rotated by the block: used as they are
+                q, k, row_logsumexp = attended
+                rotated = True
+            else:
+                qkv = qkv.view(s, 3, heads, -1)
+                q, k, row_logsumexp, rotated = qkv[:, 0], qkv[:, 1], None, False
             groups, device = self.groups, residual.device
             counts = list(self.frame_counts)
             starts = [0, *accumulate(counts[:-1])]
@@ -367,15 +380,20 @@ class PackedVisionSide:
                 group_index = host_to_device([starts[f] for f in frames], device)[:, None] \
                     + torch.arange(count, device=device)  # [n, G]
                 rows = (group_index[..., None] * self.group + torch.arange(self.group, device=device)).flatten(1)
-                cos, sin = (x.index_select(0, rows.flatten()).view(n, rows.shape[1], -1) for x in self.block_rope)
-                q_rows, k_rows = q[rows], k[rows]
+                # consecutive frames are one slice of the sequence: views, not gathered copies
+                first = starts[frames[0]] * self.group if frames == list(range(frames[0], frames[0] + n)) else None
+                q_rows, k_rows = _frame_rows(q, rows, first), _frame_rows(k, rows, first)
+                rope = None
+                if not rotated:
+                    cos, sin = (_frame_rows(x, rows, first) for x in self.block_rope)
+                    rope = self._rotation(q_rows, k_rows, cos, sin)
+                bucket_logsumexp = None if row_logsumexp is None else \
+                    _frame_rows(row_logsumexp.t(), rows, first).transpose(1, 2)  # [n, H, rows]
                 probe = AttentionProbe(q_rows, k_rows, scaling, None,  # every row a candidate
-                                       rope=self._rotation(q_rows, k_rows, cos, sin),
-                                       row_logsumexp=None if row_logsumexp is None else
-                                       row_logsumexp[:, rows].transpose(0, 1),  # [n, H, rows]
+                                       rope=rope, row_logsumexp=bucket_logsumexp,
                                        compile_backend=getattr(self.tower, STATISTICS_BACKEND_ATTRIBUTE, None))
-                tokens = TokenGroup(residual[rows].reshape(n, count, self.group * width), groups.size[group_index],
-                                    groups.grid_position[group_index], side)
+                tokens = TokenGroup(_frame_rows(residual, rows, first).reshape(n, count, self.group * width),
+                                    groups.size[group_index], groups.grid_position[group_index], side)
                 result = self.stage.reduction(tokens, GroupedProbe(probe, self.group), removed)
                 results.append(result)
                 slots = result.kept if result.new_token_slot is None else \

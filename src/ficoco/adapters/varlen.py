@@ -53,9 +53,11 @@ def _native_varlen():
 
 
 #: a keyword a caller may pass through the tower's attention module to this attention: a function
-#: that receives each query row's log-sum-exp, ``[H, S]`` float32 (natural log, over the row's
-#: segment), where the native kernel computed it anyway (a reduction's statistics reuse it)
-ROW_LOGSUMEXP_KWARG = "ficoco_keep_row_logsumexp"
+#: ``keep(query, key, row_logsumexp)`` that receives the queries and keys exactly as the attention
+#: used them, ``[S, H, d]`` each (RoPE applied: no copy), and each query row's log-sum-exp,
+#: ``[H, S]`` float32 (natural log, over the row's segment) where the native kernel computed it
+#: anyway, else ``None``. A reduction's statistics reuse all three rather than recompute them.
+ATTENTION_INPUTS_KWARG = "ficoco_keep_attention_inputs"
 
 
 def _logsumexp_request():
@@ -115,19 +117,20 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     total, heads, dim = q.shape
     longest = int(max_length_q)
     native = _native_varlen()
-    keep_logsumexp = kwargs.get(ROW_LOGSUMEXP_KWARG)
+    keep_inputs = kwargs.get(ATTENTION_INPUTS_KWARG)
     if use_native and native is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seq_lens_q.to(torch.int32)
-        request = _logsumexp_request() if keep_logsumexp is not None else None
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        request = _logsumexp_request() if keep_inputs is not None else None
         if request is None:
-            out = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling)
-            return out[None], None
-        out, lse = native(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling,
-                          return_aux=request)
-        lse = _heads_by_tokens(lse, heads, total)
-        if lse is not None:
-            keep_logsumexp(lse)
+            if keep_inputs is not None:
+                keep_inputs(q, k, None)
+            return native(q, k, v, cu, cu, longest, longest, scale=scaling)[None], None
+        out, lse = native(q, k, v, cu, cu, longest, longest, scale=scaling, return_aux=request)
+        keep_inputs(q, k, _heads_by_tokens(lse, heads, total))
         return out[None], None
+    if keep_inputs is not None:
+        keep_inputs(q, k, None)
     segments = cu_seq_lens_q.shape[0] - 1
     if segments * longest == total:  # equal segments (images of one size): a plain batch, no mask
         batched = [x.reshape(segments, longest, heads, dim).transpose(1, 2) for x in (q, k, v)]

@@ -50,7 +50,7 @@ class ReceivedTiles(NamedTuple):
     rows past them ``rows`` at a time, with ``warps`` warps and ``stages`` pipelined loads;
     ``keys_major``: its products laid out ``[keys, rows]``."""
 
-    rows: int = 128
+    rows: int = 64
     keys: int = 128
     warps: int = 4
     stages: int = 3
