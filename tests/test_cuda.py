@@ -102,6 +102,34 @@ def test_graphed_language_steps_match_eager(cuda_model, images, prompts, key):
     assert torch.equal(gen, eager_gen)
 
 
+@pytest.mark.parametrize("key", ["pool", "divprune", "cdpruner"])
+def test_graphed_input_reduction_matches_eager(cuda_model, images, prompts, key):
+    """The reduction of the projected tokens replayed as a CUDA graph keeps what the eager hook
+    keeps (positions, sizes, logits); a second batch shape (and instruction length) captures a new
+    graph; generate() runs through it; removing it restores the eager hook."""
+    inputs = _to(batch_inputs(prompts, images), "cuda")
+    single = _to(batch_inputs(prompts[:1], images[:1]), "cuda")
+    with ficoco.apply(cuda_model, build(key)) as handle, torch.inference_mode():
+        eager = cuda_model(**inputs).logits
+        eager_positions, eager_sizes = handle.input.last.positions.clone(), handle.input.last.sizes.clone()
+        eager_single = cuda_model(**single).logits
+        eager_gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with ficoco.graph_input_reduction(handle) as graphed:
+            first = cuda_model(**inputs).logits
+            again = cuda_model(**inputs).logits  # a replay
+            assert len(graphed.captured) == 1
+            assert torch.equal(handle.input.last.positions, eager_positions)
+            assert torch.equal(handle.input.last.sizes, eager_sizes)
+            graphed_single = cuda_model(**single).logits
+            assert len(graphed.captured) == 2
+            gen = cuda_model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert handle.input.step_graphs is None
+    for graphed_logits in (first, again):
+        torch.testing.assert_close(graphed_logits, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed_single, eager_single, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen, eager_gen)
+
+
 def _greedy_dpp_float64_check(kernel, relevance, floor, chosen, rtol=1e-4, atol=None):
     """Replays CDPruner's greedy MAP in float64 along ``chosen`` (one sample) and checks each pick
     is a best one up to float32 rounding: its gain within ``rtol`` of the largest (or, once the

@@ -231,3 +231,17 @@ def test_instruction_rows_refuse_an_image_with_no_text_after_it():
     mask[1, 11:] = 1
     assert instruction_rows(ids, mask, 9)[0].tolist() == [0, 1, 1, 2]
 
+
+
+def test_graph_input_reduction_needs_an_input_reduction(model):
+    """Only a method that reduces the projected tokens has a reduction to replay as CUDA graphs; the
+    graphed part attaches to it (here, on the CPU, calls would run eagerly) and detaches."""
+    with ficoco.apply(model, ficoco.get_method("ficoco-v", retain=100)) as handle, \
+            pytest.raises(ValueError, match="nothing to graph"):
+        ficoco.graph_input_reduction(handle)
+    with ficoco.apply(model, ficoco.get_method("cdpruner", retain=100)) as handle:
+        with ficoco.graph_input_reduction(handle) as graphed:
+            assert handle.input.step_graphs is graphed.calls
+            with pytest.raises(RuntimeError, match="already graphed"):
+                ficoco.graph_input_reduction(handle)
+        assert handle.input.step_graphs is None

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "ReductionHandle": "adapters", "apply": "adapters", "attach": "adapters", "graph_language_steps": "adapters",
-    "fast_vision_attention": "adapters",
+    "fast_vision_attention": "adapters", "graph_input_reduction": "adapters",
     "graph_vision_tower": "adapters", "LanguageReduction": "methods", "Method": "methods",
     "VisionReduction": "methods", "available_methods": "methods", "get_method": "methods",
     "TokenReduction": "stages",
@@ -43,6 +43,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from .adapters import ReductionHandle, apply, attach, fast_vision_attention, graph_language_steps, graph_vision_tower
+    from .adapters import (
+        ReductionHandle,
+        apply,
+        attach,
+        fast_vision_attention,
+        graph_input_reduction,
+        graph_language_steps,
+        graph_vision_tower,
+    )
     from .methods import LanguageReduction, Method, VisionReduction, available_methods, get_method
     from .stages import TokenReduction

@@ -344,7 +344,8 @@ def run(model_path: str, image_path: str, question: str, method_name: str, retai
 @click.option("--rounds", type=int, default=5, show_default=True,
               help="Spread the repeats over this many interleaved rounds of all variants.")
 @click.option("--flops/--no-flops", "with_flops", default=True, help="Also count FLOPs with FlopCounterMode.")
-@click.option("--graph-vision", is_flag=True, help="Replay the vision tower as CUDA graphs (every variant).")
+@click.option("--graph-vision", is_flag=True,
+              help="Replay the vision tower, and a reduction of the projected tokens, as CUDA graphs (every variant).")
 @click.option("--graph-steps", is_flag=True,
               help="Replay each decoder-side reduction step as a CUDA graph (FiCoCo-L, FastV, FiCoCo-VL).")
 @click.option("--static-cache", is_flag=True,

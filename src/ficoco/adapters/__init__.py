@@ -7,12 +7,20 @@ videos in ``pooled_video.py``, ``video_llava.py``, ``qwen_vl.py``) behind :class
 encoder-side reductions, ``language.py`` decoder-side ones.
 """
 
-from .cuda_graph import GraphedLanguageSteps, GraphedVisionTower, graph_language_steps, graph_vision_tower
+from .cuda_graph import (
+    GraphedInputReduction,
+    GraphedLanguageSteps,
+    GraphedVisionTower,
+    graph_input_reduction,
+    graph_language_steps,
+    graph_vision_tower,
+)
 from .families import FAMILIES, apply, attach, family_of, family_of_model_type
 from .handle import ReductionHandle
 from .varlen import FastVisionAttention, fast_vision_attention
 
 __all__ = [
-    "FAMILIES", "FastVisionAttention", "GraphedLanguageSteps", "GraphedVisionTower", "ReductionHandle", "apply", "attach", "family_of",
-    "family_of_model_type", "fast_vision_attention", "graph_language_steps", "graph_vision_tower",
+    "FAMILIES", "FastVisionAttention", "GraphedInputReduction", "GraphedLanguageSteps", "GraphedVisionTower",
+    "ReductionHandle", "apply", "attach", "family_of", "family_of_model_type", "fast_vision_attention",
+    "graph_input_reduction", "graph_language_steps", "graph_vision_tower",
 ]

@@ -12,6 +12,9 @@ schedule, so they can be captured once and replayed:
 - each decoder-side reduction step (:func:`graph_language_steps`): the scoring, correlation and
   merging between one decoder layer's attention and its MLP, a pure function of that layer's
   hidden states, queries, keys and RoPE tables. The decoder layers themselves run as usual.
+- an LLM-input reduction (:func:`graph_input_reduction`): pooling, DivPrune or CDPruner on the
+  projector's output, a pure function of the projected tokens and (CDPruner) the instruction's
+  embeddings; one graph per batch and instruction length. The projector itself runs as usual.
 
 One graph is captured per (shapes, dtypes, options) on first use.
 """
@@ -213,3 +216,33 @@ def graph_language_steps(handle) -> GraphedLanguageSteps:
     if language_side is None:
         raise ValueError(f"method {handle.method.name!r} does not reduce inside the LLM decoder: nothing to graph")
     return GraphedLanguageSteps(language_side)
+
+
+class GraphedInputReduction(_GraphedPart):
+    """Makes an attached LLM-input reduction (LLaVA's projector hook) replay as a CUDA graph.
+
+    One graph per (images, tokens, instruction length); inputs on the CPU, calls with autograd
+    enabled, ``record=True`` attachments and filters that decide their counts on the host run
+    eagerly. Use as a context manager or call :meth:`remove` (before detaching the method).
+    """
+
+    def __init__(self, input_side, warmup: int = 2) -> None:
+        if input_side.step_graphs is not None:
+            raise RuntimeError("this attachment's input reduction is already graphed")
+        self.input_side = input_side
+        self.calls = CapturedCalls(warmup)  # copies out: the trace keeps positions and sizes past the call
+        input_side.step_graphs = self.calls
+
+    def remove(self) -> None:
+        if self.input_side.step_graphs is self.calls:
+            self.input_side.step_graphs = None
+        self.calls.clear()
+
+
+def graph_input_reduction(handle) -> GraphedInputReduction:
+    """Replay the LLM-input reduction of ``handle`` (from :func:`ficoco.attach`) as CUDA graphs."""
+    input_side = getattr(handle, "input", None)
+    if input_side is None or not hasattr(input_side, "step_graphs"):
+        raise ValueError(f"method {handle.method.name!r} has no LLM-input reduction on a projector hook: "
+                         "nothing to graph")
+    return GraphedInputReduction(input_side)

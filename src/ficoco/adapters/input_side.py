@@ -102,6 +102,7 @@ class InputSide:
         self.prompt: tuple[Tensor, Tensor | None, int, tuple[Tensor, Tensor, Tensor] | None] | None = None
         self.last: InputTrace | None = None
         self.active = None
+        self.step_graphs = None  # a CapturedCalls while graph_input_reduction is in effect
 
     def install(self, hooks, projector: nn.Module, active=None) -> None:
         """Reduce ``projector``'s outputs; ``active()``, when given, says whether this call's are
@@ -160,11 +161,38 @@ class InputSide:
         features = output[:, self.leading:]
         images, n, _ = features.shape
         state = self.token_state(images, n, features.device) if self.token_state is not None else None
-        if state is None:
+        sizes, positions = (None, None) if state is None else state
+        probe = self._probe(images, features.dtype)
+        reduction = self.stage.reduction
+        text, valid = (probe.text_embeddings, probe.text_valid) if reduction.filter.reads_instruction else (None, None)
+        graphs = self.step_graphs
+        # a filter that decides its counts reads them on the host, and a prompt without instruction
+        # text raises in the stage: those run eagerly
+        if graphs is not None and features.is_cuda and not self.record and not torch.is_grad_enabled() \
+                and not (reduction.adaptive or reduction.decides_removals) \
+                and (text is not None or not reduction.filter.reads_instruction):
+            kept, positions, sizes = graphs((self.removed, self.grid), self._reduction_step, features, text, valid,
+                                            sizes, positions)
+            result = None
+        else:
+            kept, positions, sizes, result = self._reduction_step(features, text, valid, sizes, positions,
+                                                                  with_result=True)
+        self.last = InputTrace(positions, sizes, result if self.record else None)
+        kept = kept.to(output.dtype)
+        return torch.cat([output[:, :self.leading], kept], dim=1) if self.leading else kept
+
+    def _reduction_step(self, features: Tensor, text: Tensor | None, valid: Tensor | None, sizes: Tensor | None,
+                        positions: Tensor | None, with_result: bool = False):
+        """The reduction as a pure function of its tensors (what :func:`graph_input_reduction`
+        captures): ``features`` ``[I, N, D]``, the instruction's embeddings ``text`` ``[I, M, D]``
+        and ``valid`` ``[I, M]`` (``None`` for a filter that does not read them), the tokens'
+        ``sizes`` and ``positions`` ``[I, N]`` (``None``: fresh patches). Returns the survivors'
+        ``(features, positions, sizes)``, and the :class:`ReductionResult` with ``with_result``."""
+        if sizes is None:
             tokens = TokenGroup.fresh(features, self.grid)
         else:
-            tokens = TokenGroup(features, state[0], state[1], self.grid)
-        result = self.stage.reduction(tokens, self._probe(images, features.dtype), self.removed)
-        self.last = InputTrace(result.tokens.positions, result.tokens.sizes, result if self.record else None)
-        kept = result.tokens.features.to(output.dtype)
-        return torch.cat([output[:, :self.leading], kept], dim=1) if self.leading else kept
+            tokens = TokenGroup(features, sizes, positions, self.grid)
+        probe = FeatureProbe(None if text is None else (lambda: (text, valid)))
+        result = self.stage.reduction(tokens, probe, self.removed)
+        out = (result.tokens.features, result.tokens.positions, result.tokens.sizes)
+        return (*out, result) if with_result else out

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..adapters import attach, graph_language_steps, graph_vision_tower
+from ..adapters import attach, graph_input_reduction, graph_language_steps, graph_vision_tower
 from ..methods import Method, get_method
 from ..methods.baselines import oracle
 from . import bench_models, budget
@@ -237,6 +237,9 @@ def run(
             for label, retain, method in variant_list:
                 handle = attach(model, method) if method is not None else None
                 graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
+                # the vision side's other part: a reduction of the projected tokens, replayed as graphs too
+                input_graphs = (graph_input_reduction(handle) if graph_vision and handle is not None
+                                and hasattr(handle.input, "step_graphs") else None)
                 step_graphs = (graph_language_steps(handle)
                                if graph_steps and handle is not None and handle.language is not None else None)
                 try:
@@ -274,6 +277,8 @@ def run(
                 finally:
                     if step_graphs is not None:
                         step_graphs.remove()
+                    if input_graphs is not None:
+                        input_graphs.remove()
                     if graphed is not None:
                         graphed.remove()
                     if handle is not None:
