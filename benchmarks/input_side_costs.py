@@ -12,7 +12,13 @@ Per method it prints:
   projector): what the host spends launching the reduction;
 - ``hook kernels``: the GPU time of the kernels that hook launched (one profiled call, after every
   timing: a profiler session leaves later launches slower);
-- ``host reads``: device-to-host copies and stream synchronisations inside the hook.
+- ``host reads``: device-to-host copies and stream synchronisations inside the hook;
+- ``prompt host``: the host's time to find the instruction's tokens in the prompt before the
+  encoder is queued (``remember_prompt``; methods that read the instruction), during which the
+  GPU has nothing to do.
+
+``--graph-vision`` replays the tower and the reduction of the projected tokens as CUDA graphs, as
+``ficoco bench --graph-vision`` does.
 
 Where the vision side is launch-bound, a reduction costs about its host time, not its kernels'.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch.autograd import DeviceType
@@ -81,7 +87,9 @@ def main() -> None:
     parser.add_argument("--retain", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--graph-vision", action="store_true", help="the tower and the input reduction as CUDA graphs")
     args = parser.parse_args()
+    attached.graph = args.graph_vision
     model = bench.random_model("llava-1.5-7b")
     inputs = attached.inputs = bench.make_inputs(args.batch, 64, "cuda", torch.bfloat16)
     projector = model.model.multi_modal_projector
@@ -91,6 +99,16 @@ def main() -> None:
     for name in names:
         with attached(model, name, args.retain) as (handle, prompt), torch.inference_mode():
             timer = HookTimer(projector)
+            prompt_times: list[float] = []
+            if handle.input is not None:  # an instance attribute over the method, removed below
+                remember = handle.input.remember_prompt
+
+                def timed_remember(*a, **k):
+                    start = time.perf_counter()
+                    remember(*a, **k)
+                    prompt_times.append((time.perf_counter() - start) * 1e3)
+
+                handle.input.remember_prompt = timed_remember
             try:
                 launches: list[float] = []
 
@@ -102,9 +120,12 @@ def main() -> None:
 
                 times = bench.cuda_times(vision, 3, args.repeats)
                 host = statistics.median(timer.times[-args.repeats:]) if timer.times else float("nan")
-                rows[name] = [statistics.median(times), statistics.median(launches[-args.repeats:]), host]
+                prompt_ms = statistics.median(prompt_times[-args.repeats:]) if prompt_times else float("nan")
+                rows[name] = [statistics.median(times), statistics.median(launches[-args.repeats:]), host, prompt_ms]
             finally:
                 timer.remove()
+                if handle.input is not None:
+                    del handle.input.remember_prompt
     for name in names:
         with attached(model, name, args.retain) as (handle, prompt), torch.inference_mode():
             timer = HookTimer(projector)
@@ -117,15 +138,21 @@ def main() -> None:
                 rows[name] += list(hook_profile(prof.events()))
             finally:
                 timer.remove()
-    print(f"{'method':>12} {'vision':>9} {'launch':>9} {'hook host':>10} {'hook kernels':>13} {'host reads':>11}")
-    for name, (vision_ms, launch_ms, host, kernels, reads) in rows.items():
-        print(f"{name:>12} {vision_ms:7.2f}ms {launch_ms:7.2f}ms {host:8.2f}ms {kernels:11.2f}ms {reads:11d}")
+    print(f"{'method':>12} {'vision':>9} {'launch':>9} {'hook host':>10} {'prompt host':>12} {'hook kernels':>13} "
+          f"{'host reads':>11}")
+    for name, (vision_ms, launch_ms, host, prompt_ms, kernels, reads) in rows.items():
+        print(f"{name:>12} {vision_ms:7.2f}ms {launch_ms:7.2f}ms {host:8.2f}ms {prompt_ms:10.2f}ms {kernels:11.2f}ms "
+              f"{reads:11d}")
 
 
 @contextmanager
 def attached(model, name: str, retain: int):
     method = oracle(retain) if name == "oracle" else ficoco.get_method(name, retain=retain)
-    with ficoco.apply(model, method) as handle:
+    with ficoco.apply(model, method) as handle, ExitStack() as graphs:
+        if attached.graph:  # after attaching: the tower's graph captures the hooks
+            graphs.enter_context(ficoco.graph_vision_tower(model))
+            if handle.input is not None:
+                graphs.enter_context(ficoco.graph_input_reduction(handle))
         inputs = attached.inputs
         yield handle, (handle.prepare_inputs(**inputs) if handle.input is not None else None)
 
