@@ -33,7 +33,7 @@ def test_variants_pair_decoder_methods_with_their_schedule_oracle():
 
 
 @pytest.mark.parametrize("name", ["ficoco-v", "ficoco-l", "ficoco-vl", "tome", "evit", "fastv", "pdrop", "dart",
-                                  "sparsevlm", "visionzip"])
+                                  "sparsevlm", "visionzip", "cdpruner", "divprune", "pool"])
 @pytest.mark.parametrize("patches", [576, 2880, 1196])
 def test_the_oracle_resolves_the_methods_schedule_on_any_geometry(name, patches):
     """The oracle swaps only the stages, so its plan equals the method's whatever the token count
@@ -51,9 +51,24 @@ def test_the_oracle_resolves_the_methods_schedule_on_any_geometry(name, patches)
     except ValueError:
         return  # the method cannot run here (ToMe's half limit): neither is its oracle asked to
     plan = twin.plan(geometry)
-    assert (plan.vision, plan.language, plan.llm_final_visual) == (expected.vision, expected.language,
-                                                                   expected.llm_final_visual)
+    assert (plan.vision, plan.language, plan.input_removed, plan.llm_final_visual) == (
+        expected.vision, expected.language, expected.input_removed, expected.llm_final_visual)
     assert twin.name == f"oracle[{name}]"
+    # an LLM-input method's floor truncates the projected tokens, where the method acts
+    assert (twin.input is None) == (method.input is None) and (twin.vision is None) == (method.vision is None)
+
+
+def test_llm_input_methods_get_their_own_oracle_in_the_bench():
+    """On LLaVA an LLM-input method is timed against the projected tokens truncated (its own floor:
+    the projector runs on every patch) as well as the plain oracle; a resolution control has none."""
+    from ficoco.methods import get_method
+    from ficoco.methods.baselines import oracle
+
+    labels = [label for label, _, _ in bench.variants([64], ["cdpruner", "topk"], budget.geometry(llava_1_5_7b()),
+                                                      log=lambda _: None)]
+    assert labels == ["vanilla", "oracle", "oracle[cdpruner]", "cdpruner", "topk"]
+    with pytest.raises(ValueError, match="has no truncation oracle"):
+        oracle(like=get_method("downsample", retain=64))
 
 
 def test_an_adaptive_count_has_no_oracle():

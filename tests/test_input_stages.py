@@ -245,3 +245,19 @@ def test_graph_input_reduction_needs_an_input_reduction(model):
             with pytest.raises(RuntimeError, match="already graphed"):
                 ficoco.graph_input_reduction(handle)
         assert handle.input.step_graphs is None
+
+
+def test_the_llm_input_oracle_truncates_the_projected_tokens(model, images, prompts):
+    """``oracle(like=<LLM-input method>)`` hands the LLM the first ``retain`` projected tokens of
+    each image: the method's floor, with the projector run on every patch as the method runs it."""
+    from ficoco.methods.baselines import oracle
+
+    from .conftest import batch_inputs
+
+    inputs = batch_inputs(prompts, images)
+    with ficoco.apply(model, oracle(like=ficoco.get_method("cdpruner", retain=100))) as handle, \
+            torch.inference_mode():
+        out = model(**inputs).logits
+        positions = handle.input.last.positions
+    assert out.shape[1] == inputs["input_ids"].shape[1] - (576 - 100)
+    assert torch.equal(positions, torch.arange(100).expand(len(prompts), -1))

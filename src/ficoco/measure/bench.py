@@ -6,8 +6,9 @@ on the GPU. All variants run in one process on one model, so ratios are taken si
 
 - ``vanilla``: no reduction (576 visual tokens per image or crop, 256 patches per frame);
 - ``oracle``: the LLM is simply fed ``retain`` visual tokens per view (truncation at the feature
-  layer, no scoring work); for decoder-side methods also ``oracle[method]``: the method's own
-  per-layer schedule with truncation instead of scoring, the floor for that schedule;
+  layer, no scoring work); for decoder-side and LLM-input methods also ``oracle[method]``: the
+  method's own schedule with truncation instead of scoring, the floor for that schedule (for an
+  LLM-input method the projected tokens are truncated, so the projector runs on every patch);
 - every method at each retained count (per image, per crop of LLaVA-NeXT, per frame of
   Video-LLaVA, whose frames also hand on their [CLS]).
 
@@ -116,12 +117,13 @@ def _kv_bytes(cache) -> int:
 
 def variants(retains: Sequence[int | float], methods: Sequence[str], geometry, log: Callable[[str], None] = print,
              *, vanilla_retain: int | float | None = None,
-             own_oracle: Callable[[Method], bool] = lambda method: method.language is not None,
+             own_oracle: Callable[[Method], bool] = lambda method: method.language is not None or method.input is not None,
              ) -> list[tuple[str, int | float, Method | None]]:
     """``(label, retain, method)`` for vanilla (``retain``: ``vanilla_retain``, default
     ``geometry``'s patches per view), the oracles and every method; a method for which
-    ``own_oracle`` holds (default: it reduces inside the LLM) gets ``oracle[name]``, its own
-    per-layer schedule with truncation. A method that cannot run at a budget on this geometry
+    ``own_oracle`` holds (default: it reduces inside the LLM or on the projected tokens) gets
+    ``oracle[name]``, its own schedule with truncation (for an LLM-input method: the projected
+    tokens truncated, so the projector still runs on every patch). A method that cannot run at a budget on this geometry
     (ToMe past half the tokens of a layer, say) is skipped and said, so one refusal does not lose
     the whole run."""
     out: list[tuple[str, int | float, Method | None]] = [

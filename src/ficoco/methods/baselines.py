@@ -120,8 +120,13 @@ def oracle(retain: int | None = 192, *, like: Method | None = None) -> Method:
         raise ValueError(f"{like.name} decides its count per image at run time: there is no fixed schedule to copy")
     vision = replace(like.vision, reduction=trivial, proportional_attention=False) if like.vision else None
     language = replace(like.language, reduction=trivial, raters=None) if like.language else None
-    return Method(f"oracle[{like.name}]", vision=vision, language=language, vision_fraction=like.vision_fraction,
-                  description="truncation oracle")
+    # an LLM-input method's floor truncates the projected tokens: the projector still sees them all
+    llm_input = replace(like.input, reduction=trivial) if like.input else None
+    if vision is None and language is None and llm_input is None:
+        raise ValueError(f"{like.name} reduces no tokens on a schedule (resolution or view reduction): it has no "
+                         "truncation oracle")
+    return Method(f"oracle[{like.name}]", vision=vision, language=language, input=llm_input,
+                  vision_fraction=like.vision_fraction, description="truncation oracle")
 
 
 def topk(retain: int | None = 192, *, layer: int = -1) -> Method:
