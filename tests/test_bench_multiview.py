@@ -139,7 +139,8 @@ def test_a_whole_run_on_the_tiny_model(monkeypatch, preset, retain, kept, method
     """Every variant's prefill, vision side and generation run for real on the tiny model of the
     preset's geometry, fed the preset's own inputs: an encoder-side method (FiCoCo-V), a decoder-side
     one (FastV) with its oracle, and on Video-LLaVA an LLM-input method reading each video's
-    instruction (CDPruner: the frames' prompt handed to the bare vision side).
+    instruction (CDPruner: the frames' prompt handed to the bare vision side) with its oracle (the
+    projected frames truncated).
     The KV cache after prefill holds exactly the prompt the reduction leaves."""
     model, tokens = _tiny(preset)
     ran: list[str] = []
@@ -147,8 +148,8 @@ def test_a_whole_run_on_the_tiny_model(monkeypatch, preset, retain, kept, method
     result = bench.run(preset, batches=[1], retains=[retain], methods=methods, generate_tokens=[1],
                        generate_batch=1, text_tokens=64, warmup=0, repeats=1, rounds=1, log=lambda _: None,
                        graph_vision=preset == "llava-next-7b")  # on the CPU the graphed tower runs eagerly
-    labels = ["vanilla", "oracle", *[x for name in methods for x in ([f"oracle[{name}]"] if name == "fastv" else [])
-                                      + [name]]]
+    labels = ["vanilla", "oracle", *[x for name in methods
+                                      for x in ([f"oracle[{name}]"] if name in ("fastv", "cdpruner") else []) + [name]]]
     full = bench_models.visual_placeholders(preset)
     assert [(r["variant"], r["batch"]) for r in result["prefill"]] == [(v, 1) for v in labels]
     assert [r["variant"] for r in result["generate"]] == labels
