@@ -187,7 +187,24 @@ def graph_vision_tower(model: nn.Module, warmup: int = 2) -> GraphedVisionTower:
     return GraphedVisionTower(tower, warmup)
 
 
-class GraphedLanguageSteps(_GraphedPart):
+class _GraphedSteps(_GraphedPart):
+    """A reduction side of an attachment (its ``step_graphs`` slot) replaying its steps through
+    one :class:`CapturedCalls` while this is in effect."""
+
+    def __init__(self, side, what: str, warmup: int, clone: bool) -> None:
+        if side.step_graphs is not None:
+            raise RuntimeError(f"this attachment's {what} is already graphed")
+        self.side = side
+        self.calls = CapturedCalls(warmup, clone=clone)
+        side.step_graphs = self.calls
+
+    def remove(self) -> None:
+        if self.side.step_graphs is self.calls:
+            self.side.step_graphs = None
+        self.calls.clear()
+
+
+class GraphedLanguageSteps(_GraphedSteps):
     """Makes an attached decoder-side reduction replay each reduction step as a CUDA graph.
 
     One graph per (decoder layer, batch shape); prefill inputs on the CPU, calls with autograd
@@ -196,18 +213,9 @@ class GraphedLanguageSteps(_GraphedPart):
     """
 
     def __init__(self, language_side, warmup: int = 2) -> None:
-        if language_side.step_graphs is not None:
-            raise RuntimeError("this attachment's decoder steps are already graphed")
-        self.language_side = language_side
         # the step's outputs are consumed (written into the residual stream, gathered into the
         # bookkeeping) before the same layer's graph replays again, so they need no copy
-        self.calls = CapturedCalls(warmup, clone=False)
-        language_side.step_graphs = self.calls
-
-    def remove(self) -> None:
-        if self.language_side.step_graphs is self.calls:
-            self.language_side.step_graphs = None
-        self.calls.clear()
+        super().__init__(language_side, "decoder steps", warmup, clone=False)
 
 
 def graph_language_steps(handle) -> GraphedLanguageSteps:
@@ -218,7 +226,7 @@ def graph_language_steps(handle) -> GraphedLanguageSteps:
     return GraphedLanguageSteps(language_side)
 
 
-class GraphedInputReduction(_GraphedPart):
+class GraphedInputReduction(_GraphedSteps):
     """Makes an attached LLM-input reduction (LLaVA's projector hook) replay as a CUDA graph.
 
     One graph per (images, tokens, instruction length); inputs on the CPU, calls with autograd
@@ -227,16 +235,8 @@ class GraphedInputReduction(_GraphedPart):
     """
 
     def __init__(self, input_side, warmup: int = 2) -> None:
-        if input_side.step_graphs is not None:
-            raise RuntimeError("this attachment's input reduction is already graphed")
-        self.input_side = input_side
-        self.calls = CapturedCalls(warmup)  # copies out: the trace keeps positions and sizes past the call
-        input_side.step_graphs = self.calls
-
-    def remove(self) -> None:
-        if self.input_side.step_graphs is self.calls:
-            self.input_side.step_graphs = None
-        self.calls.clear()
+        # copies out: the trace keeps positions and sizes past the call
+        super().__init__(input_side, "input reduction", warmup, clone=True)
 
 
 def graph_input_reduction(handle) -> GraphedInputReduction:
