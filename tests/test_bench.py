@@ -199,10 +199,11 @@ def test_qwen_variants_and_inputs():
     assert labels[:7] == [("vanilla", 1.0), ("oracle", 0.25), ("oracle[ficoco-v]", 0.25), ("ficoco-v", 0.25),
                           ("oracle[tome]", 0.25), ("tome", 0.25), ("oracle[fastv]", 0.25)]
     assert ("tome", 0.125) not in labels and "ToMe merges at most half" in skipped[0]  # 3 full-attention blocks
-    # methods that reduce only the LLM's input or the resolution have no schedule of their own to copy
+    # an LLM-input method's own oracle truncates the merger's tokens; a resolution control has none
     plain = [label for label, _, _ in bench_qwen.variants([0.25], ["pool", "cdpruner", "downsample", "dart"],
                                                           budget.geometry(shape), skipped.append)]
-    assert plain == ["vanilla", "oracle", "pool", "cdpruner", "downsample", "oracle[dart]", "dart"]
+    assert plain == ["vanilla", "oracle", "oracle[pool]", "pool", "oracle[cdpruner]", "cdpruner", "downsample",
+                     "oracle[dart]", "dart"]
     inputs = bench_qwen.make_inputs(shape, 2, 64, "cpu", torch.float32)
     assert inputs["input_ids"].shape == (2, 64 + 1196) and int((inputs["input_ids"] == 151655).sum()) == 2 * 1196
     assert inputs["pixel_values"].shape == (2 * 4784, 3 * 2 * 14 * 14)

@@ -632,3 +632,22 @@ def test_decoder_probe_sees_the_attention_the_model_computes(generation, name, o
             torch.testing.assert_close(-scores[:visual.shape[0]], expected, rtol=1e-5, atol=1e-6)
             checked += 1
     assert checked
+
+
+@pytest.mark.parametrize("key", ["pool", "divprune", "cdpruner"])
+def test_llm_input_oracle_keeps_each_frames_first_tokens(models, generation, key):
+    """``oracle(like=<LLM-input method>)`` (the bench's floor for it) hands the LLM the same number
+    of each image's merged tokens as the method, the first ones of each frame, with no scoring."""
+    from ficoco.methods.baselines import oracle
+
+    model, inputs = models[generation], image_batch(generation)
+    method = ficoco.get_method(key, **METHODS[key])
+    with ficoco.apply(model, method) as handle, torch.inference_mode():
+        expected = model(**inputs).logits.shape
+        counts = [k.numel() for k in handle.input_trace.kept]
+    with ficoco.apply(model, oracle(like=method)) as handle, torch.inference_mode():
+        out = model(**inputs).logits
+        kept = handle.input_trace.kept
+    assert out.shape == expected and torch.isfinite(out).all()
+    assert [k.numel() for k in kept] == counts
+    assert all(torch.equal(k.flatten().sort().values, torch.arange(k.numel())) for k in kept)

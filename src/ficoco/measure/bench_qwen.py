@@ -137,11 +137,12 @@ class QwenMeasurement:
 def variants(shares: Sequence[float], methods: Sequence[str], geometry, log: Callable[[str], None]
              ) -> list[tuple[str, float, Method | None]]:
     """``(label, share, method)`` for vanilla, the oracles and every method (:func:`.bench.variants`).
-    A method reducing in the tower or the LLM gets ``oracle[name]``; methods that reduce only the
-    LLM's input or the image's resolution compare with the plain oracle, the LLM fed the same
-    count of tokens."""
+    A method reducing in the tower, at the LLM's input or in the LLM gets ``oracle[name]`` (at the
+    input: the merger's tokens truncated, the whole tower still run); a method that reduces the
+    image's resolution compares with the plain oracle, the LLM fed the same count of tokens."""
     return bench_variants(shares, methods, geometry, log, vanilla_retain=1.0,
-                          own_oracle=lambda method: method.vision is not None or method.language is not None)
+                          own_oracle=lambda method: any(x is not None for x in (method.vision, method.input,
+                                                                                  method.language)))
 
 
 def run(
