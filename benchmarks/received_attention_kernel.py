@@ -57,7 +57,7 @@ def main() -> None:
         older = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(older)
     sweep = [] if args.no_sweep else [ReceivedTiles(*t) for t in itertools.product(
-        (64, 128), (64, 128, 256), (4, 8), (3, 4), (True, False)) if ReceivedTiles(*t) != RECEIVED_TILES]
+        (32, 64, 128), (64, 128, 256), (4, 8), (3, 4)) if ReceivedTiles(*t) != RECEIVED_TILES]
 
     def median(fn) -> float:
         return statistics.median(cuda_times(fn, args.warmup, args.repeats))
@@ -96,8 +96,7 @@ def main() -> None:
         rows.append(row)
         extra = f"  before {row['compare_ms']:6.3f} ms" if older is not None else ""
         if best:
-            layout = "keys x rows" if best["keys_major"] else "rows x keys"
-            extra += (f"  best tiles {best['rows']}x{best['keys']} w{best['warps']} s{best['stages']} {layout} "
+            extra += (f"  best tiles {best['rows']}x{best['keys']} w{best['warps']} s{best['stages']} "
                       f"{best['ms']:6.3f} ms")
         print(f"{n:5d} tokens: attention {row['attention_ms']:6.3f} ms  received {row['kernel_ms']:6.3f} ms "
               f"(own lse {row['kernel_own_lse_ms']:6.3f}){extra}  error {row['relative_error']:.1e}", flush=True)

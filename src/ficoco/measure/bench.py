@@ -117,15 +117,16 @@ def _kv_bytes(cache) -> int:
 
 def variants(retains: Sequence[int | float], methods: Sequence[str], geometry, log: Callable[[str], None] = print,
              *, vanilla_retain: int | float | None = None,
-             own_oracle: Callable[[Method], bool] = lambda method: method.language is not None or method.input is not None,
+             own_oracle: Callable[[Method], bool] = lambda method: method.language is not None
+             or method.input is not None,
              ) -> list[tuple[str, int | float, Method | None]]:
     """``(label, retain, method)`` for vanilla (``retain``: ``vanilla_retain``, default
     ``geometry``'s patches per view), the oracles and every method; a method for which
     ``own_oracle`` holds (default: it reduces inside the LLM or on the projected tokens) gets
     ``oracle[name]``, its own schedule with truncation (for an LLM-input method: the projected
-    tokens truncated, so the projector still runs on every patch). A method that cannot run at a budget on this geometry
-    (ToMe past half the tokens of a layer, say) is skipped and said, so one refusal does not lose
-    the whole run."""
+    tokens truncated, so the projector still runs on every patch). A method that cannot run at a
+    budget on this geometry (ToMe past half the tokens of a layer, say) is skipped and said, so one
+    refusal does not lose the whole run."""
     out: list[tuple[str, int | float, Method | None]] = [
         ("vanilla", geometry.num_patches if vanilla_retain is None else vanilla_retain, None)]
     for retain in retains:
@@ -241,7 +242,7 @@ def run(
                 graphed = graph_vision_tower(model) if graph_vision else None  # after attaching: captures the hooks
                 # the vision side's other part: a reduction of the projected tokens, replayed as graphs too
                 input_graphs = (graph_input_reduction(handle) if graph_vision and handle is not None
-                                and hasattr(handle.input, "step_graphs") else None)
+                                and handle.input is not None else None)
                 step_graphs = (graph_language_steps(handle)
                                if graph_steps and handle is not None and handle.language is not None else None)
                 try:

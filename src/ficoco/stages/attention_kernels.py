@@ -47,18 +47,16 @@ BLOCK_KEYS = 64
 
 class ReceivedTiles(NamedTuple):
     """The launch of :func:`_received_columns`: each program holds ``keys`` keys and streams the
-    rows past them ``rows`` at a time, with ``warps`` warps and ``stages`` pipelined loads;
-    ``keys_major``: its products laid out ``[keys, rows]``."""
+    rows past them ``rows`` at a time, with ``warps`` warps and ``stages`` pipelined loads."""
 
     rows: int = 64
     keys: int = 128
     warps: int = 4
     stages: int = 3
-    keys_major: bool = True
 
 
 # chosen on an H200 at Qwen2.5-VL-7B's tower sizes (benchmarks/received_attention_kernel.py,
-# docs/benchmarks.md "Eighth session")
+# docs/benchmarks/log/session-8.md)
 RECEIVED_TILES = ReceivedTiles()
 LOG2_E = 1.4426950408889634
 
@@ -124,15 +122,16 @@ def _row_logsumexp(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, n_rows, n_keys, h
 def _received_columns(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_rows, n_keys, head_dim, heads,
                       key_heads, scale, q_batch, q_head, q_row, k_batch, k_head, k_row, HAS_BIAS: tl.constexpr,
                       HAS_VALID: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr, KEYS_MAJOR: tl.constexpr):
+                      BLOCK_D: tl.constexpr, BLOCK_REST: tl.constexpr):
     """``out[b, h, l] = sum_r exp2(s[b, h, r, l] - lse[b, h, r])``: the attention key ``l``
     receives from every row, per head. One program per (sample, head, block of keys) holds its
     keys and streams the rows past them, so that each key is read once and each row once per block
     of keys: the transposed loop of flash attention, with a column sum where that has a row sum.
-    ``KEYS_MAJOR``: the products come out ``[keys, rows]`` (keys as the product's rows, whose sums
-    stay within a few threads, as flash attention's row sums do) rather than ``[rows, keys]``.
-    Queries and keys are read through their strides (``q_batch, q_head, q_row``; channels
-    contiguous), so the probe's ``[B, L, H, d]`` tensors need no head-major copy."""
+    The products come out ``[keys, rows]``, keys as the product's rows, so that each key's sum
+    stays within a few threads as flash attention's row sums do (laid out ``[rows, keys]`` the
+    same loop measured 1.2x slower on an H200). Queries and keys are read through their
+    strides (``q_batch, q_head, q_row``; channels contiguous), so the probe's ``[B, L, H, d]``
+    tensors need no head-major copy."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // heads, bh % heads
     keys = tl.program_id(1) * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
@@ -140,20 +139,12 @@ def _received_columns(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_row
     k_start = k_ptr + b * k_batch + (h // (heads // key_heads)) * k_head
     q_start = q_ptr + b * q_batch + h * q_head
     d_main = tl.arange(0, BLOCK_D)
-    if KEYS_MAJOR:  # [BLOCK_KEYS, channels]
-        keys_main = tl.load(k_start + keys[:, None] * k_row + d_main[None, :],
-                            mask=inside[:, None] & (d_main[None, :] < head_dim), other=0.0)
-    else:  # [channels, BLOCK_KEYS]
-        keys_main = tl.load(k_start + keys[None, :] * k_row + d_main[:, None],
-                            mask=inside[None, :] & (d_main[:, None] < head_dim), other=0.0)
+    keys_main = tl.load(k_start + keys[:, None] * k_row + d_main[None, :],
+                        mask=inside[:, None] & (d_main[None, :] < head_dim), other=0.0)  # [BLOCK_KEYS, channels]
     if BLOCK_REST > 0:
         d_rest = BLOCK_D + tl.arange(0, BLOCK_REST)
-        if KEYS_MAJOR:
-            keys_rest = tl.load(k_start + keys[:, None] * k_row + d_rest[None, :],
-                                mask=inside[:, None] & (d_rest[None, :] < head_dim), other=0.0)
-        else:
-            keys_rest = tl.load(k_start + keys[None, :] * k_row + d_rest[:, None],
-                                mask=inside[None, :] & (d_rest[:, None] < head_dim), other=0.0)
+        keys_rest = tl.load(k_start + keys[:, None] * k_row + d_rest[None, :],
+                            mask=inside[:, None] & (d_rest[None, :] < head_dim), other=0.0)
     bias = tl.zeros([BLOCK_KEYS], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * n_keys + keys, mask=inside, other=0.0) * 1.4426950408889634
@@ -162,25 +153,14 @@ def _received_columns(q_ptr, k_ptr, bias_ptr, valid_ptr, lse_ptr, out_ptr, n_row
         rows = start + tl.arange(0, BLOCK_ROWS)
         row_inside = rows < n_rows
         lse = tl.load(lse_ptr + bh * n_rows + rows, mask=row_inside, other=float("inf"))  # rows past the end: 0
-        # "ieee": no TF32 for float32 input
-        if KEYS_MAJOR:
-            q = tl.load(q_start + rows[None, :] * q_row + d_main[:, None],
-                        mask=row_inside[None, :] & (d_main[:, None] < head_dim), other=0.0)  # [channels, rows]
-            s = tl.dot(keys_main, q, input_precision="ieee")
-            if BLOCK_REST > 0:
-                q = tl.load(q_start + rows[None, :] * q_row + d_rest[:, None],
-                            mask=row_inside[None, :] & (d_rest[:, None] < head_dim), other=0.0)
-                s += tl.dot(keys_rest, q, input_precision="ieee")
-            acc += tl.sum(tl.exp2(s * scale + bias[:, None] - lse[None, :]), 1)
-        else:
-            q = tl.load(q_start + rows[:, None] * q_row + d_main[None, :],
-                        mask=row_inside[:, None] & (d_main[None, :] < head_dim), other=0.0)  # [rows, channels]
-            s = tl.dot(q, keys_main, input_precision="ieee")
-            if BLOCK_REST > 0:
-                q = tl.load(q_start + rows[:, None] * q_row + d_rest[None, :],
-                            mask=row_inside[:, None] & (d_rest[None, :] < head_dim), other=0.0)
-                s += tl.dot(q, keys_rest, input_precision="ieee")
-            acc += tl.sum(tl.exp2(s * scale + bias[None, :] - lse[:, None]), 0)
+        q = tl.load(q_start + rows[None, :] * q_row + d_main[:, None],
+                    mask=row_inside[None, :] & (d_main[:, None] < head_dim), other=0.0)  # [channels, rows]
+        s = tl.dot(keys_main, q, input_precision="ieee")  # "ieee": no TF32 for float32 input
+        if BLOCK_REST > 0:
+            q = tl.load(q_start + rows[None, :] * q_row + d_rest[:, None],
+                        mask=row_inside[None, :] & (d_rest[:, None] < head_dim), other=0.0)
+            s += tl.dot(keys_rest, q, input_precision="ieee")
+        acc += tl.sum(tl.exp2(s * scale + bias[:, None] - lse[None, :]), 1)
     seen = inside
     if HAS_VALID:  # a masked key gets no attention (its logits were -inf in the softmax)
         seen = seen & (tl.load(valid_ptr + b * n_keys + keys, mask=inside, other=0) != 0)
@@ -297,8 +277,7 @@ def head_mean_softmax_column_sums(queries: Tensor, keys: Tensor, key_bias: Tenso
     _received_columns[(b * h, triton.cdiv(n_keys, tiles.keys))](
         queries, keys, bias, valid, lse, out, r, n_keys, d, h, hk, float(scale) * LOG2_E,
         queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        **dict(options, BLOCK_ROWS=tiles.rows, BLOCK_KEYS=tiles.keys, KEYS_MAJOR=tiles.keys_major), num_warps=tiles.warps,
-        num_stages=tiles.stages)
+        **dict(options, BLOCK_ROWS=tiles.rows, BLOCK_KEYS=tiles.keys), num_warps=tiles.warps, num_stages=tiles.stages)
     return out.sum(dim=1) / h
 
 

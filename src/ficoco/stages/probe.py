@@ -249,10 +249,15 @@ class AttentionProbe:
 
         return head_mean_softmax_rows(*self._kernel_operands(rows), **self._kernel_options(rows))
 
-    def _kernel_operands(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _kernel_operands(self, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(queries [B, H, R, d], keys [B, Hk, L, d])`` for the Triton kernels at sequence rows
-        ``rows``; heads ordered key head by key head."""
-        return self.query_rows(rows).transpose(1, 2), self.head_major_keys
+        ``rows``; heads ordered key head by key head. ``rows=None``: every row in order, both as
+        views of the rotated tensors (no gathered or head-major copy is made for the kernel that
+        reads strides, :func:`~ficoco.stages.attention_kernels.head_mean_softmax_column_sums`)."""
+        if rows is not None:
+            return self.query_rows(rows).transpose(1, 2), self.head_major_keys
+        keys = self.__dict__.get("head_major_keys")  # the contiguous copy where one was made already
+        return self.rotated_queries.transpose(1, 2), (self._attended_keys.transpose(1, 2) if keys is None else keys)
 
     def _kernel_options(self, rows: Tensor | None) -> dict:
         """The kernels' keyword arguments for the query rows ``rows`` (``None``: every row, in
@@ -359,14 +364,8 @@ class AttentionProbe:
         if self._fused_rows(self.candidates):
             from .attention_kernels import head_mean_softmax_column_sums
 
-            if self.every_key:  # every row, in order: the queries and statistic as they are, no gathered copies
-                keys = self.__dict__.get("head_major_keys")  # a contiguous copy if one was made, else a view
-                keys = self._attended_keys.transpose(1, 2) if keys is None else keys
-                total = head_mean_softmax_column_sums(self.rotated_queries.transpose(1, 2), keys,
-                                                      **self._kernel_options(None))
-            else:
-                total = head_mean_softmax_column_sums(*self._kernel_operands(self.candidates),
-                                                      **self._kernel_options(self.candidates))
+            rows = None if self.every_key else self.candidates  # every row in order: views, no copies
+            total = head_mean_softmax_column_sums(*self._kernel_operands(rows), **self._kernel_options(rows))
             return (total if self.every_key else total.gather(1, self.candidates)) / self.num_candidates
         rows_per_chunk = max(64, (1 << 28) // max(1, b * h * l))
         total = None
